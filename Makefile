@@ -1,0 +1,33 @@
+# The README's two commands: `make repro` (set up, then run the pipeline on the embedded sample
+# corpus) and `make test` (set up, then lint and the test suite). Setup runs again only when
+# pyproject.toml or constraints.txt change.
+
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup repro test lint clean
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first and alone, pinned: a resolver left to itself fetches the newest CUDA build.
+	$(BIN)/pip install --disable-pip-version-check -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install --disable-pip-version-check -q -c constraints.txt -e ".[dev]"
+	@if $(BIN)/pip list 2>/dev/null | grep -qi '^nvidia-'; then \
+		echo "error: CUDA packages (nvidia-*) were installed on a CPU setup; see README"; exit 1; fi
+	touch $@
+
+repro: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vasa.config import Params, load_params
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO.parent / "shared" / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def params() -> Params:
+    return load_params(REPO / "params.yaml")
+
+
+@pytest.fixture(scope="session")
+def sample_corpus(params: Params, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default sample corpus (params.yaml), generated once per test session."""
+    from preprocessing.sample.corpus import write_corpus
+
+    out = tmp_path_factory.mktemp("sample")
+    write_corpus(params.sample, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    if not FIXTURES.is_dir():
+        pytest.skip(f"real-media fixtures not found at {FIXTURES} (they live beside the checkout, not in it)")
+    return FIXTURES

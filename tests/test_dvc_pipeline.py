@@ -1,0 +1,46 @@
+"""`dvc repro` on a copy of the project: the pipeline runs, and a second run has nothing to do."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def _run(args: list[str], cwd: Path) -> str:
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def test_dvc_repro_twice(tmp_path):
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for name in listed:
+        source = REPO / name
+        if source.is_file() and not name.startswith("data/"):
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, tmp_path / name)
+    _run(["git", "init", "-q"], tmp_path)
+    dvc = [sys.executable, "-m", "dvc"]
+    _run([*dvc, "repro"], tmp_path)
+    index = tmp_path / "data" / "sample" / "index.json"
+    assert index.is_file()
+    second = _run([*dvc, "repro"], tmp_path)
+    assert "Data and pipelines are up to date" in second
+    assert "Running stage" not in second
+    assert "up to date" in _run([*dvc, "status"], tmp_path)
