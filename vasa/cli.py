@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vasa.config import ConfigError, Params, load_params
+from vasa.errors import InputError
 
 Handler = Callable[[argparse.Namespace, Params], int]
 
@@ -41,7 +42,55 @@ def _add_sample(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return parser
 
 
-STAGES = (_add_sample,)
+def _ingest(args: argparse.Namespace, params: Params) -> int:
+    from flows.ingest import run
+
+    run(
+        params.ingest,
+        args.out,
+        sample_dir=args.sample_dir,
+        local_dir=args.local_dir,
+        local_csv=args.local_csv,
+        voxceleb_dirs=args.voxceleb_dir,
+        downloads_dir=args.downloads,
+    )
+    return 0
+
+
+def _add_ingest(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "ingest",
+        help="turn the configured sources into media files plus one provenance manifest",
+        description=(
+            "Run the Prefect flow `ingest` (flows/ingest.py): read every source named in params "
+            "`ingest.sources` (sample, local, voxceleb2, youtube), download and extract archives "
+            "(resumable, verified, zip-slip safe; credentials from the environment variables named in "
+            "params), and write OUT/manifest.parquet: one row per clip with speaker, source, licence, "
+            "sha256, duration, fps, split and status. Bad inputs become rows with a status and a reason; "
+            "re-running adds new clips and keeps the ones already ingested."
+        ),
+    )
+    parser.add_argument("--out", type=Path, required=True, help="output folder: manifest.parquet, extracted media")
+    parser.add_argument("--sample-dir", type=Path, help="the embedded sample corpus (source `sample`)")
+    parser.add_argument("--local-dir", type=Path, help="folder of talking-head videos (source `local`)")
+    parser.add_argument("--local-csv", type=Path, help="CSV with per-file speaker id, licence, source URL")
+    parser.add_argument(
+        "--voxceleb-dir",
+        type=Path,
+        action="append",
+        default=[],
+        help="an already extracted VoxCeleb2 tree (repeatable; sources `voxceleb2` and `youtube`)",
+    )
+    parser.add_argument(
+        "--downloads",
+        type=Path,
+        help="where archive parts and YouTube videos go (default OUT/downloads); partial downloads resume",
+    )
+    parser.set_defaults(handler=_ingest)
+    return parser
+
+
+STAGES = (_add_sample, _add_ingest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(title="stages", metavar="STAGE", required=True)
+    sub = parser.add_subparsers(title="stages", dest="stage", metavar="STAGE", required=True)
     for add in STAGES:
         add(sub)
     return parser
@@ -65,13 +114,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Prefect's API calls, one line each
     try:
         params = load_params(args.params)
     except ConfigError as err:
         print(f"vasa: {err}", file=sys.stderr)
         return 2
     handler: Handler = args.handler
-    return handler(args, params)
+    try:
+        return handler(args, params)
+    except InputError as err:
+        print(f"vasa {args.stage}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

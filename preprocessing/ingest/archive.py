@@ -1,0 +1,161 @@
+"""Joining split archives and extracting zips without trusting their member names.
+
+VoxCeleb2 ships its dev set as `vox2_dev_mp4_partaa … partai`, byte ranges of one zip that are
+joined with `cat` (REFERENCE.md §3). Archives come from mirrors, so extraction refuses members
+that would land outside the destination (zip-slip), symlinks and special files, and records
+why instead of crashing. Outputs appear under their final name only when complete, and members
+already on disk are skipped, so a killed extraction resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import stat
+import zipfile
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+log = logging.getLogger(__name__)
+
+_COPY_BYTES = 8 << 20
+_DRIVE = re.compile(r"[A-Za-z]:")
+# Never follow a symlink planted at a partial path; O_NOFOLLOW does not exist on Windows.
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+
+
+class UnsafeArchiveError(ValueError):
+    """A member name that would write outside the destination directory."""
+
+
+class ArchiveError(ValueError):
+    """The archive itself is unreadable (not a zip, truncated, corrupt central directory)."""
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    """What an extraction produced: files on disk, and members refused with the reason."""
+
+    extracted: tuple[Path, ...]  # files written or already present, sorted
+    rejected: tuple[tuple[str, str], ...]  # (member name, reason), sorted
+
+
+def join_parts(parts: Sequence[Path], dest: Path) -> Path:
+    """Concatenate `parts` in the given order into `dest` (like `cat partaa partab > x.zip`)."""
+    if not parts:
+        raise ValueError("join_parts needs at least one part")
+    for part in parts:
+        if not Path(part).is_file():
+            raise FileNotFoundError(f"archive part not found: {part}")
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(dest.name + ".partial")
+    with partial.open("wb") as out:
+        for part in parts:
+            with Path(part).open("rb") as src:
+                shutil.copyfileobj(src, out, _COPY_BYTES)
+    os.replace(partial, dest)
+    return dest
+
+
+def safe_member_path(dest: Path, member_name: str) -> Path:
+    """Where `member_name` goes under `dest`; raises UnsafeArchiveError if that is not inside `dest`.
+
+    Backslashes count as separators, since Windows-made zips use them and Windows honours them.
+    """
+    name = member_name.replace("\\", "/")
+    if not name.strip("/") or "\0" in name:
+        raise UnsafeArchiveError(f"empty or invalid member name {member_name!r}")
+    if name.startswith("/"):
+        raise UnsafeArchiveError(f"absolute member path {member_name!r}")
+    if _DRIVE.match(name):
+        raise UnsafeArchiveError(f"drive letter in member path {member_name!r}")
+    relative = PurePosixPath(name)
+    if ".." in relative.parts:
+        raise UnsafeArchiveError(f"'..' in member path {member_name!r}")
+    if not relative.parts:
+        raise UnsafeArchiveError(f"empty or invalid member name {member_name!r}")
+    target = Path(dest).joinpath(*relative.parts)
+    # Catches symlinks already inside dest that point out of it.
+    root = Path(dest).resolve()
+    if not target.resolve().is_relative_to(root):
+        raise UnsafeArchiveError(f"member path {member_name!r} resolves outside {dest}")
+    return target
+
+
+def extract_zip(archive: Path, dest: Path) -> ExtractResult:
+    """Extract the regular files and directories of `archive` into `dest`, refusing unsafe members.
+
+    Refused members (zip-slip paths, symlinks, devices, fifos, encrypted or corrupt data) are not written and
+    are listed in `rejected` with the reason. A member whose file already exists with the right
+    size counts as extracted without being rewritten. Raises ArchiveError if `archive` is not a
+    readable zip.
+    """
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    extracted: list[Path] = []
+    rejected: list[tuple[str, str]] = []
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                outcome = _extract_member(zf, info, dest)
+                if isinstance(outcome, Path):
+                    extracted.append(outcome)
+                elif outcome is not None:
+                    log.warning("%s: refused member %r: %s", archive, info.filename, outcome)
+                    rejected.append((info.filename, outcome))
+    except zipfile.BadZipFile as err:
+        raise ArchiveError(f"{archive}: not a readable zip archive ({err})") from err
+    return ExtractResult(extracted=tuple(sorted(extracted)), rejected=tuple(sorted(rejected)))
+
+
+def _extract_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path) -> Path | str | None:
+    """Extract one member: its file path, None for a directory, or the reason it was refused."""
+    try:
+        target = safe_member_path(dest, info.filename)
+    except UnsafeArchiveError as err:
+        return f"unsafe path: {err}"
+    # The upper 16 bits hold the Unix mode for zips made on Unix; zero (no type) elsewhere.
+    mode = info.external_attr >> 16
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    if info.is_dir() or stat.S_ISDIR(mode):
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as err:
+            return f"path conflict: {err.strerror}"
+        return None
+    if stat.S_IFMT(mode) not in (0, stat.S_IFREG):
+        return f"not a regular file (type {stat.S_IFMT(mode):#o})"
+    if info.flag_bits & 0x1:
+        return "encrypted"
+    if _present(target, info.file_size):
+        return target
+    partial = target.with_name(target.name + ".partial")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with zf.open(info) as src, os.fdopen(os.open(partial, _CREATE_FLAGS, 0o644), "wb") as out:
+            shutil.copyfileobj(src, out, _COPY_BYTES)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as err:
+        partial.unlink(missing_ok=True)
+        return f"corrupt member data: {err}"
+    except NotImplementedError as err:  # compression method zipfile cannot decode
+        partial.unlink(missing_ok=True)
+        return f"unsupported: {err}"
+    except (FileExistsError, NotADirectoryError, IsADirectoryError) as err:
+        return f"path conflict: {err.strerror}"
+    os.replace(partial, target)
+    return target
+
+
+def _present(target: Path, size: int) -> bool:
+    """True if a previous run already wrote `target` (a regular file, not a symlink) with `size` bytes."""
+    try:
+        info = target.lstat()
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_size == size
