@@ -22,11 +22,13 @@ def write_mp4(
     audio: np.ndarray | None = None,
     sample_rate: int = 16000,
     crf: int = 18,
+    preset: str = "medium",
 ) -> None:
     """Encode `frames` (T, H, W, 3) uint8 RGB and optional mono `audio` (N,) float32 in [-1, 1].
 
-    H and W must be even (yuv420p). The file is written to a temporary name and renamed, so a
-    killed run never leaves a truncated mp4 under the final name.
+    H and W must be even (yuv420p). `crf` and `preset` are libx264's quality and speed knobs. The
+    file is written to a temporary name and renamed, so a killed run never leaves a truncated mp4
+    under the final name.
     """
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
@@ -40,7 +42,7 @@ def write_mp4(
         video.width, video.height = frames.shape[2], frames.shape[1]
         video.pix_fmt = "yuv420p"
         video.thread_count = 1
-        video.options = {"crf": str(crf), "preset": "medium", "flags": "+bitexact"}
+        video.options = {"crf": str(crf), "preset": preset, "flags": "+bitexact"}
         if audio is not None:
             sound = container.add_stream("aac", rate=sample_rate)
             sound.layout = "mono"

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,8 @@ import pytest
 from vasa.config import Params, load_params
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures"
+# The real-media fixtures live beside the checkout (../shared/fixtures); VASA_FIXTURES overrides.
+FIXTURES = Path(os.environ.get("VASA_FIXTURES", REPO.parent / "shared" / "fixtures"))
 
 
 @pytest.fixture(scope="session")

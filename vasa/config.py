@@ -159,11 +159,85 @@ class IngestConfig(Section):
         return self
 
 
+class FaceConfig(Section):
+    """MediaPipe FaceMesh tracking, track splitting and the aligned crop."""
+
+    min_detection_confidence: float = Field(ge=0, le=1)
+    min_tracking_confidence: float = Field(ge=0, le=1)
+    min_face_px: float = Field(gt=0)  # face height (forehead to chin) in source pixels
+    max_jump: float = Field(gt=0)  # per-frame move of the face centre, in face heights: a cut
+    smooth_frames: int = Field(ge=1)  # moving-average window of the crop transform
+    crop_scale: float = Field(gt=1)  # crop side / face height
+
+
+class AudioFeatureConfig(Section):
+    """Log-mel (librosa) aligned to video frames, optionally a pretrained speech encoder."""
+
+    n_mels: int = Field(ge=8)
+    n_fft: int = Field(ge=64)
+    hop_length: int = Field(ge=1)  # samples; sample_rate / fps must be a multiple of it
+    fmin: float = Field(ge=0)
+    fmax: float = Field(gt=0)
+    encoder_dir: str | None  # local wav2vec2/HuBERT directory (transformers format); None = log-mel only
+
+
+class FilterConfig(Section):
+    """Quality filters; a clip failing one is recorded with the reason and left out of the shards."""
+
+    min_seconds: float = Field(gt=0)
+    min_sharpness: float = Field(ge=0)  # median variance of the Laplacian of the grey crops
+    max_abs_yaw_deg: float = Field(gt=0)
+    max_abs_pitch_deg: float = Field(gt=0)
+    max_av_offset: int = Field(ge=0)  # |VoxCeleb "Offset"| in frames
+
+
+class ShardConfig(Section):
+    """Clips go to bucket = first `bucket_hex_digits` of their key, split into shards of at most
+    `max_clips_per_shard`: adding clips rebuilds only the buckets they fall in."""
+
+    bucket_hex_digits: int = Field(ge=0, le=4)
+    max_clips_per_shard: int = Field(ge=1)
+
+
+class RunnerConfig(Section):
+    """Where per-clip work runs: threads or processes here, or a Dask cluster (prefect-dask)."""
+
+    kind: str = Field(pattern=r"^(threads|processes|dask)$")
+    workers: int = Field(ge=1)
+    dask_address: str | None  # scheduler address; None with kind=dask starts a LocalCluster
+
+
+class PreprocessConfig(Section):
+    """Stage `preprocess`: manifest -> webdataset shards of crops, pose, gaze and audio features."""
+
+    fps: int = Field(gt=0)
+    sample_rate: int = Field(gt=0)
+    crop_size: int = Field(ge=32)
+    crop_crf: int = Field(ge=0, le=51)  # libx264 quality of the crop videos in the shards
+    crop_preset: str = Field(pattern=r"^(ultrafast|superfast|veryfast|faster|fast|medium|slow|slower|veryslow)$")
+    face: FaceConfig
+    audio: AudioFeatureConfig
+    filters: FilterConfig
+    shards: ShardConfig
+    runner: RunnerConfig
+
+    @model_validator(mode="after")
+    def _check(self) -> PreprocessConfig:
+        per_frame = self.sample_rate / self.fps
+        if per_frame != int(per_frame) or per_frame % self.audio.hop_length:
+            raise ValueError(
+                f"sample_rate / fps = {per_frame} samples per video frame must be a whole multiple of "
+                f"audio.hop_length ({self.audio.hop_length})"
+            )
+        return self
+
+
 class Params(Section):
     """The whole of params.yaml."""
 
     sample: SampleConfig
     ingest: IngestConfig
+    preprocess: PreprocessConfig
 
 
 def load_params(path: str | Path) -> Params:
