@@ -131,7 +131,7 @@ def task_runner(cfg: RunnerConfig) -> TaskRunner:
 
 
 @flow(name="preprocess", log_prints=True)
-def preprocess_flow(cfg: PreprocessConfig, manifest_path: Path, out_dir: Path, cache: Path, batch: int = 4) -> dict:
+def preprocess_flow(cfg: PreprocessConfig, manifest_path: Path, out_dir: Path, cache: Path) -> dict:
     """Process every ok clip of the manifest (cached), then write the shards, stats and index."""
     rows = manifest.read_manifest(manifest_path)
     usable = [row for row in rows if row["status"] == manifest.OK and row["split"] in ("train", "test")]
@@ -144,6 +144,7 @@ def preprocess_flow(cfg: PreprocessConfig, manifest_path: Path, out_dir: Path, c
     digests = {row["key"]: input_digest(row, cfg, code) for row in usable}
     todo = [row for row in usable if cached_outcome(cache, row["key"], digests[row["key"]]) is None]
     print(f"{len(usable)} usable clips, {len(todo)} to process, {len(usable) - len(todo)} cached")
+    batch = cfg.runner.clips_per_task
     batches = [todo[i : i + batch] for i in range(0, len(todo), batch)]
     futures = process_batch.map(
         batches, unmapped(cfg), unmapped(cache), [[digests[r["key"]] for r in b] for b in batches]

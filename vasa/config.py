@@ -204,6 +204,7 @@ class RunnerConfig(Section):
 
     kind: str = Field(pattern=r"^(threads|processes|dask)$")
     workers: int = Field(ge=1)
+    clips_per_task: int = Field(ge=1)  # clips per Prefect task: fewer tasks, less scheduling overhead
     dask_address: str | None  # scheduler address; None with kind=dask starts a LocalCluster
 
 
