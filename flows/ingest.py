@@ -116,7 +116,7 @@ def ingest_voxceleb(cfg: IngestConfig, out_dir: Path, downloads: Path, extracted
             rows += extract_archive(path, vox_root / Path(archive.name).stem)  # one folder per archive
         roots.append(vox_root)
     for root in roots:
-        found, tracks = voxceleb.scan(root, cfg.voxceleb2.licence, frozenset(cfg.holdout_speakers))
+        found, tracks = voxceleb.scan(root, cfg.voxceleb2.licence)
         if "voxceleb2" in cfg.sources:
             rows += voxceleb.media_rows(found)
         if "youtube" in cfg.sources:
@@ -215,6 +215,8 @@ def ingest_flow(
         rows += sources.scan_local(_required(local_dir, "local", "--local-dir"), cfg.local, local_csv)
     if {"voxceleb2", "youtube"} & set(cfg.sources):
         rows += ingest_voxceleb(cfg, out_dir, downloads_dir or out_dir / "downloads", voxceleb_dirs or [])
+    # Held-out speakers are test data whatever their source: never trained on.
+    rows = [row | {"split": "test"} if row["speaker_id"] in cfg.holdout_speakers else row for row in rows]
     manifest_path = out_dir / MANIFEST_NAME
     existing = {row["clip_id"]: row for row in manifest.read_manifest(manifest_path)}
     probed = probe_rows(rows, existing, cfg.probe_batch)

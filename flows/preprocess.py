@@ -12,8 +12,9 @@ outcome and an input digest of media sha256, params and code), so a killed run r
 stopped and a re-run with new clips processes only those. Shards are then planned from the set of
 samples (`preprocessing.shards`) and only shards whose content changed are rewritten.
 
-Outputs in OUT: `shard-*.tar`, `shard-*.stats.json`, `index.json` (samples per shard, for loaders),
-`failures.parquet` (every clip or segment left out, with status and reason).
+Outputs in OUT: `<split>-<bucket>-<part>.tar` shards (train and test apart: held-out speakers never
+share a shard with training data), `.stats.json` beside each, `index.json` (samples per shard and
+split, for loaders), `failures.parquet` (every clip or segment left out, with status and reason).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ FAILURE_SCHEMA = pa.schema(
         ("status", pa.string()),
         ("reason", pa.string()),
         ("detail", pa.string()),
+        ("split", pa.string()),
     ]
 )
 
@@ -134,9 +136,16 @@ def task_runner(cfg: RunnerConfig) -> TaskRunner:
 def preprocess_flow(cfg: PreprocessConfig, manifest_path: Path, out_dir: Path, cache: Path) -> dict:
     """Process every ok clip of the manifest (cached), then write the shards, stats and index."""
     rows = manifest.read_manifest(manifest_path)
-    usable = [row for row in rows if row["status"] == manifest.OK and row["split"] in ("train", "test")]
+    usable = [row for row in rows if row["status"] == manifest.OK]
     skipped = [
-        {"clip_id": r["clip_id"], "key": r["key"], "status": "ingest", "reason": r["status"], "detail": r["error"]}
+        {
+            "clip_id": r["clip_id"],
+            "key": r["key"],
+            "status": "ingest",
+            "reason": r["status"],
+            "detail": r["error"],
+            "split": r["split"],
+        }
         for r in rows
         if r["status"] != manifest.OK
     ]
@@ -155,19 +164,51 @@ def preprocess_flow(cfg: PreprocessConfig, manifest_path: Path, out_dir: Path, c
     return write_outputs(cfg, usable, digests, skipped, cache, out_dir)
 
 
-def write_outputs(cfg, usable, digests, skipped, cache: Path, out_dir: Path) -> dict:
+def write_outputs(
+    cfg: PreprocessConfig, usable: list[dict], digests: dict[str, str], skipped: list[dict], cache: Path, out_dir: Path
+) -> dict:
+    """Shards per split (train and test never share a shard: held-out speakers stay out of training
+    data), their stats, index.json and failures.parquet."""
     out_dir.mkdir(parents=True, exist_ok=True)
     records = {row["key"]: cached_outcome(cache, row["key"], digests[row["key"]]) for row in usable}
     failures = skipped + [f for record in records.values() for f in record["failures"]]
-    sample_info = {s["key"]: (clip_key, s) for clip_key, r in records.items() for s in r["samples"]}
-    plan = shards.plan_shards(list(sample_info), cfg.shards)
+    written: set[Path] = set()
+    summary: dict = {"splits": {}}
+    for split in sorted({row["split"] for row in usable}):
+        clips = {row["key"]: records[row["key"]] for row in usable if row["split"] == split}
+        split_failures = [f for f in failures if f["split"] == split]
+        index = _write_split(cfg, split, clips, split_failures, cache, out_dir)
+        written |= {out_dir / entry["shard"] for entry in index}
+        summary["splits"][split] = {
+            "shards": index,
+            "samples": sum(e["samples"] for e in index),
+            "frames": sum(e["frames"] for e in index),
+        }
+    for stale in sorted(set(out_dir.glob("*.tar")) - written):
+        stale.unlink()
+        stale.with_name(stale.name.replace(".tar", ".stats.json")).unlink(missing_ok=True)
+    summary["failures_by_reason"] = dict(sorted(Counter(f["reason"] for f in failures).items()))
+    shards.write_json(out_dir / "index.json", summary)
+    table = pa.Table.from_pylist(sorted(failures, key=lambda f: (f["key"], f["reason"])), schema=FAILURE_SCHEMA)
+    pq.write_table(table, out_dir / "failures.parquet", compression="zstd")
+    counts = {split: (s["samples"], len(s["shards"])) for split, s in summary["splits"].items()}
+    print(f"(samples, shards) by split: {counts}; left out: {summary['failures_by_reason']}")
+    return summary
+
+
+def _write_split(
+    cfg: PreprocessConfig, split: str, records: dict[str, dict], failures: list[dict], cache: Path, out_dir: Path
+) -> list[dict]:
+    """Write the shards of one split whose content changed; returns their index entries."""
+    sample_clip = {s["key"]: clip_key for clip_key, record in records.items() for s in record["samples"]}
+    plan = shards.plan_shards(list(sample_clip), cfg.shards, prefix=split)
     failures_by_shard: dict[str | None, list[dict]] = {}
     for failure in failures:
         failures_by_shard.setdefault(shards.shard_for(plan, failure["key"], cfg.shards), []).append(failure)
     index = []
     for name, keys in plan.items():
         wanted = set(keys)
-        clip_keys = sorted({sample_info[k][0] for k in keys})
+        clip_keys = sorted({sample_clip[k] for k in keys})
         samples = [s for ck in clip_keys for s in load_samples(cache, ck, records[ck]) if s.key in wanted]
         stats = shards.shard_stats(name, samples, failures_by_shard.get(name, []))
         tar_path, stats_path = out_dir / f"{name}.tar", out_dir / f"{name}.stats.json"
@@ -178,23 +219,7 @@ def write_outputs(cfg, usable, digests, skipped, cache: Path, out_dir: Path) -> 
         stats["tar_bytes"] = tar_path.stat().st_size
         shards.write_json(stats_path, stats)
         index.append({"shard": f"{name}.tar", "samples": stats["samples"], "frames": stats["frames"]})
-    for stale in sorted(set(out_dir.glob("shard-*.tar")) - {out_dir / e["shard"] for e in index}):
-        stale.unlink()
-        stale.with_name(stale.name.replace(".tar", ".stats.json")).unlink(missing_ok=True)
-    summary = {
-        "shards": index,
-        "samples": sum(e["samples"] for e in index),
-        "frames": sum(e["frames"] for e in index),
-        "failures_by_reason": dict(sorted(Counter(f["reason"] for f in failures).items())),
-    }
-    shards.write_json(out_dir / "index.json", summary)
-    table = pa.Table.from_pylist(sorted(failures, key=lambda f: (f["key"], f["reason"])), schema=FAILURE_SCHEMA)
-    pq.write_table(table, out_dir / "failures.parquet", compression="zstd")
-    print(
-        f"{summary['samples']} samples, {summary['frames']} frames in {len(index)} shards; "
-        f"left out: {summary['failures_by_reason']}"
-    )
-    return summary
+    return index
 
 
 def run(cfg: PreprocessConfig, manifest_path: Path, out_dir: Path, cache: Path) -> dict:

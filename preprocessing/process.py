@@ -124,7 +124,14 @@ def _process_segment(row, cfg: PreprocessConfig, clip, track, start: int, end: i
 
 
 def _failure(row: dict, status: str, reason: str, detail: str, key: str | None = None) -> dict:
-    return {"clip_id": row["clip_id"], "key": key or row["key"], "status": status, "reason": reason, "detail": detail}
+    return {
+        "clip_id": row["clip_id"],
+        "key": key or row["key"],
+        "status": status,
+        "reason": reason,
+        "detail": detail,
+        "split": row["split"],
+    }
 
 
 def _npy(array: np.ndarray) -> bytes:

@@ -44,15 +44,15 @@ def bucket_of(key: str, digits: int) -> str:
     return key[:digits]
 
 
-def plan_shards(keys: list[str], cfg: ShardConfig) -> dict[str, list[str]]:
-    """Shard name -> the sorted sample keys it holds."""
+def plan_shards(keys: list[str], cfg: ShardConfig, prefix: str) -> dict[str, list[str]]:
+    """Shard name (`<prefix>-<bucket>-<part>`) -> the sorted sample keys it holds."""
     buckets: dict[str, list[str]] = {}
     for key in sorted(keys):
         buckets.setdefault(bucket_of(key, cfg.bucket_hex_digits), []).append(key)
     plan = {}
     for bucket, members in sorted(buckets.items()):
         for part, start in enumerate(range(0, len(members), cfg.max_clips_per_shard)):
-            plan[f"shard-{bucket or 'all'}-{part:04d}"] = members[start : start + cfg.max_clips_per_shard]
+            plan[f"{prefix}-{bucket or 'all'}-{part:04d}"] = members[start : start + cfg.max_clips_per_shard]
     return plan
 
 

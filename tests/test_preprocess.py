@@ -43,12 +43,12 @@ def _cfg(params, **runner):
 
 
 def _samples(out: Path) -> list[dict]:
-    urls = [str(p) for p in sorted(out.glob("shard-*.tar"))]
+    urls = [str(p) for p in sorted(out.glob("*.tar"))]
     return list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
 
 
 def _tars(out: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(out.glob("shard-*"))} | {
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*-*-*"))} | {
         "index.json": (out / "index.json").read_bytes()
     }
 
@@ -56,7 +56,7 @@ def _tars(out: Path) -> dict[str, bytes]:
 def test_sample_corpus_shards_are_complete_and_reproducible(params, sample_manifest, tmp_path):
     cfg = _cfg(params)
     summary = run_preprocess(cfg, sample_manifest, tmp_path / "a", tmp_path / "cache_a")
-    assert summary["samples"] == 8 and summary["failures_by_reason"] == {}
+    assert summary["splits"]["train"]["samples"] == 8 and summary["failures_by_reason"] == {}
     samples = _samples(tmp_path / "a")
     assert len(samples) == 8
     k = 4  # 16 kHz / 25 fps / hop 160
@@ -84,7 +84,7 @@ def test_killed_run_resumes_to_the_same_shards(params, sample_manifest, tmp_path
     manifest.write_manifest(half, rows[:4])
     run_preprocess(cfg, half, tmp_path / "resumed", tmp_path / "cache")
     (tmp_path / "resumed" / "index.json").unlink()
-    first_tar = next((tmp_path / "resumed").glob("shard-*.tar"))
+    first_tar = next((tmp_path / "resumed").glob("*.tar"))
     first_tar.write_bytes(first_tar.read_bytes()[:1000])
     (tmp_path / "resumed" / "stray.tar.partial").write_bytes(b"junk")
     run_preprocess(cfg, sample_manifest, tmp_path / "resumed", tmp_path / "cache")
@@ -98,9 +98,9 @@ def test_new_clips_rebuild_only_their_shards(params, sample_manifest, tmp_path):
     manifest.write_manifest(first, rows[:6])
     out = tmp_path / "out"
     run_preprocess(cfg, first, out, tmp_path / "cache")
-    before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.tar")}
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
     run_preprocess(cfg, sample_manifest, out, tmp_path / "cache")
-    after = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.tar")}
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
     digits = cfg.shards.bucket_hex_digits
     new_buckets = {row["key"][:digits] for row in rows[6:]}
     for name, mtime in before.items():
@@ -128,6 +128,7 @@ def test_bad_inputs_are_recorded_and_good_clips_land(params, prefect_harness, sa
     folder.mkdir()
     good = sorted(sample_corpus.glob("*.mp4"))[0]
     shutil.copy(good, folder / "good.mp4")
+    shutil.copy(sorted(sample_corpus.glob("*.mp4"))[-1], folder / "held.mp4")  # speaker "held": held out
     data = good.read_bytes()
     (folder / "truncated.mp4").write_bytes(data[: len(data) // 2])
     (folder / "zero.mp4").write_bytes(b"")
@@ -141,7 +142,8 @@ def test_bad_inputs_are_recorded_and_good_clips_land(params, prefect_harness, sa
         frame.sample_rate, frame.pts = 16000, 0
         container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
-    run_ingest(params.ingest.replace(sources=["local"]), tmp_path / "ingest", local_dir=folder)
+    ingest = params.ingest.replace(sources=["local"], holdout_speakers=["held"])
+    run_ingest(ingest, tmp_path / "ingest", local_dir=folder)
     out = tmp_path / "shards"
     summary = run_preprocess(_cfg(params), tmp_path / "ingest" / MANIFEST_NAME, out, tmp_path / "cache")
     failures = pd.read_parquet(out / "failures.parquet").set_index("clip_id")
@@ -152,8 +154,13 @@ def test_bad_inputs_are_recorded_and_good_clips_land(params, prefect_harness, sa
     assert failures.loc["local:no_face.mp4", "reason"] == "no_face"
     assert failures.loc["local:two_faces.mp4", "reason"] == "multiple_faces"
     assert failures.loc["local:one_frame.mp4", "reason"] == "too_short"
-    assert summary["samples"] == 1
-    assert json.loads(_samples(out)[0]["json"])["provenance"]["clip_id"] == "local:good.mp4"
+    assert summary["splits"]["train"]["samples"] == 1 and summary["splits"]["test"]["samples"] == 1
+    by_shard = {
+        p.name: {json.loads(s["json"])["provenance"]["clip_id"] for s in wds.WebDataset(str(p), shardshuffle=False)}
+        for p in out.glob("*.tar")
+    }
+    assert {c for name, ids in by_shard.items() if name.startswith("train-") for c in ids} == {"local:good.mp4"}
+    assert {c for name, ids in by_shard.items() if name.startswith("test-") for c in ids} == {"local:held.mp4"}
     stats = [json.loads(p.read_text()) for p in out.glob("*.stats.json")]
     assert sum(s["failed_clips"] for s in stats) <= len(failures)
 

@@ -133,8 +133,9 @@ def write_manifest(path: str | Path, rows: Iterable[dict]) -> None:
 
 
 def merge(existing: Iterable[dict], fresh: Iterable[dict]) -> list[dict]:
-    """Existing rows win unless the fresh row describes changed media (other sha256 or size) or
-    turns a failure into a success; rows never disappear (an audit must see every clip ever ingested).
+    """Existing rows win unless the fresh row describes changed media (other sha256 or size), a
+    changed split, or turns a failure into a success; rows never disappear (an audit must see every
+    clip ever ingested).
     """
     merged = {row["clip_id"]: row for row in existing}
     for row in fresh:
@@ -146,5 +147,7 @@ def merge(existing: Iterable[dict], fresh: Iterable[dict]) -> list[dict]:
 
 def _changed(old: dict, new: dict) -> bool:
     if (old["sha256"], old["size_bytes"]) != (new["sha256"], new["size_bytes"]):
+        return True
+    if old["split"] != new["split"]:  # a speaker newly held out must leave training at once
         return True
     return old["status"] != OK and new["status"] == OK

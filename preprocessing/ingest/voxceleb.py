@@ -169,12 +169,12 @@ def find_files(root: Path, folder: str, suffix: str) -> dict[str, Path]:
     return dict(sorted(found.items()))
 
 
-def scan(root: Path, licence: str, holdout_speakers: frozenset[str]) -> tuple[list[dict], dict[str, Track]]:
+def scan(root: Path, licence: str) -> tuple[list[dict], dict[str, Track]]:
     """Manifest rows (before probing) for every VoxCeleb2 mp4 and metadata file under `root`.
 
     Returns (rows, tracks by clip_id): a row for every utterance with media or metadata (those
     with metadata only have status missing_media; see `media_rows`). Speakers seen under a test
-    folder, and `holdout_speakers`, go to split "test" wherever they appear: the standard held-out
+    folder go to split "test" wherever they appear: the standard held-out
     identities are never trained on.
     """
     rows: dict[str, dict] = {}
@@ -196,7 +196,7 @@ def scan(root: Path, licence: str, holdout_speakers: frozenset[str]) -> tuple[li
             by_clip[utterance.clip_id] = (utterance, path)
     media, metadata = found["mp4"], found["txt"]
     everything = [u for u, _ in (*media.values(), *metadata.values())]
-    test_speakers = holdout_speakers | {u.speaker_id for u in everything if u.split == "test"}
+    test_speakers = {u.speaker_id for u in everything if u.split == "test"}
     tracks: dict[str, Track] = {}
     for clip_id, (utterance, _) in sorted({**metadata, **media}.items()):
         row = manifest.new_row(
