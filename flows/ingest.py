@@ -42,10 +42,11 @@ def download_archive(archive: ArchiveConfig, downloads: Path, vox: VoxCeleb2Conf
         name = Path(part.url.rstrip("/")).name or f"{archive.name}.part{number:02d}"
         remote = RemoteFile(url=part.url, name=name, size=part.size, md5=part.md5)
         parts.append(download(remote, downloads, auth=auth))
+    joined = downloads / archive.name
     if len(parts) == 1 and parts[0].name == archive.name:
         joined = parts[0]
-    else:
-        joined = join_parts(parts, downloads / archive.name)
+    elif not joined.exists() or joined.stat().st_size != sum(p.stat().st_size for p in parts):
+        join_parts(parts, joined)  # hundreds of GB for the dev set: join once, not on every run
     if archive.md5 and file_digest(joined, "md5") != archive.md5.lower():
         joined.unlink()
         raise ChecksumError(f"{archive.name}: md5 of the joined parts does not match params")
