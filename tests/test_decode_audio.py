@@ -15,21 +15,10 @@ import pytest
 from preprocessing import audio, decode
 from preprocessing.decode import DecodeError, frame_indices, load_clip
 from preprocessing.media import write_mp4
+from scripts.build_face_template import SOURCES
 from vasa.config import Params
 
-VIDEOS = [
-    "vid01_sadtalker_WDA_KatieHill_000.mp4",
-    "vid02_sadtalker_WDA_AlexandriaOcasioCortez_000.mp4",
-    "vid03_retalking_face1.mp4",
-    "vid04_retalking_face2.mp4",
-    "vid05_retalking_face5.mp4",
-    "vid06_liveportrait_d20.mp4",
-    "vox2_517600055.mp4",
-    "vox2_620900105.mp4",
-    "vox2_681100216.mp4",
-    "vox2_731200067.mp4",
-    "vox2_796100172.mp4",
-]
+VIDEOS = SOURCES  # every real fixture video (the list the face template is built from)
 VFR = "vid03_retalking_face1.mp4"  # r_frame_rate 30, average 22.13: frames dropped from a 30 fps grid
 FPS, RATE = 25, 16000
 
