@@ -11,7 +11,6 @@ read inside the download task, so they never become flow parameters (which Prefe
 
 from __future__ import annotations
 
-import logging
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -22,8 +21,6 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from preprocessing.ingest import manifest, probe, sources, voxceleb
 from vasa.config import ArchiveConfig, IngestConfig, VoxCeleb2Config, YoutubeConfig
-
-log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.parquet"
 PROBED_STATUSES = (manifest.OK, manifest.BAD_METADATA)  # rows whose media is hashed and inspected

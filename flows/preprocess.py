@@ -33,6 +33,7 @@ from prefect import flow, task, unmapped
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from preprocessing import shards
+from preprocessing.files import read_json, write_json
 from preprocessing.ingest import manifest
 from preprocessing.shards import Sample
 from vasa.config import PreprocessConfig, RunnerConfig
@@ -81,7 +82,7 @@ def _cache_paths(cache: Path, key: str) -> tuple[Path, Path]:
 def cached_outcome(cache: Path, key: str, digest: str) -> dict | None:
     """The cached outcome of a clip if it was made from the same inputs, else None."""
     tar_path, json_path = _cache_paths(cache, key)
-    record = shards.read_stats(json_path)
+    record = read_json(json_path)
     if record is None or record.get("input_digest") != digest or not tar_path.exists():
         return None
     return record
@@ -104,7 +105,7 @@ def process_batch(rows: list[dict], cfg: PreprocessConfig, cache: Path, digests:
             "failures": outcome.failures,
             "frame_rejections": outcome.frame_rejections,
         }
-        shards.write_json(json_path, record)
+        write_json(json_path, record)
     return [row["key"] for row in rows]
 
 
@@ -151,7 +152,8 @@ def preprocess_flow(cfg: PreprocessConfig, manifest_path: Path, out_dir: Path, c
     ]
     code = code_digest()
     digests = {row["key"]: input_digest(row, cfg, code) for row in usable}
-    todo = [row for row in usable if cached_outcome(cache, row["key"], digests[row["key"]]) is None]
+    records = {row["key"]: cached_outcome(cache, row["key"], digests[row["key"]]) for row in usable}
+    todo = [row for row in usable if records[row["key"]] is None]
     print(f"{len(usable)} usable clips, {len(todo)} to process, {len(usable) - len(todo)} cached")
     batch = cfg.runner.clips_per_task
     batches = [todo[i : i + batch] for i in range(0, len(todo), batch)]
@@ -161,16 +163,16 @@ def preprocess_flow(cfg: PreprocessConfig, manifest_path: Path, out_dir: Path, c
     futures.wait()
     for future in futures:
         future.result()  # a crashed worker is a bug, not a clip status: surface it
-    return write_outputs(cfg, usable, digests, skipped, cache, out_dir)
+    records |= {row["key"]: cached_outcome(cache, row["key"], digests[row["key"]]) for row in todo}
+    return write_outputs(cfg, usable, records, skipped, cache, out_dir)
 
 
 def write_outputs(
-    cfg: PreprocessConfig, usable: list[dict], digests: dict[str, str], skipped: list[dict], cache: Path, out_dir: Path
+    cfg: PreprocessConfig, usable: list[dict], records: dict[str, dict], skipped: list[dict], cache: Path, out_dir: Path
 ) -> dict:
     """Shards per split (train and test never share a shard: held-out speakers stay out of training
     data), their stats, index.json and failures.parquet."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    records = {row["key"]: cached_outcome(cache, row["key"], digests[row["key"]]) for row in usable}
     failures = skipped + [f for record in records.values() for f in record["failures"]]
     written: set[Path] = set()
     summary: dict = {"splits": {}}
@@ -188,7 +190,7 @@ def write_outputs(
         stale.unlink()
         stale.with_name(stale.name.replace(".tar", ".stats.json")).unlink(missing_ok=True)
     summary["failures_by_reason"] = dict(sorted(Counter(f["reason"] for f in failures).items()))
-    shards.write_json(out_dir / "index.json", summary)
+    write_json(out_dir / "index.json", summary)
     table = pa.Table.from_pylist(sorted(failures, key=lambda f: (f["key"], f["reason"])), schema=FAILURE_SCHEMA)
     pq.write_table(table, out_dir / "failures.parquet", compression="zstd")
     counts = {split: (s["samples"], len(s["shards"])) for split, s in summary["splits"].items()}
@@ -212,12 +214,12 @@ def _write_split(
         samples = [s for ck in clip_keys for s in load_samples(cache, ck, records[ck]) if s.key in wanted]
         stats = shards.shard_stats(name, samples, failures_by_shard.get(name, []))
         tar_path, stats_path = out_dir / f"{name}.tar", out_dir / f"{name}.stats.json"
-        old = shards.read_stats(stats_path) or {}
+        old = read_json(stats_path) or {}
         intact = tar_path.exists() and tar_path.stat().st_size == old.get("tar_bytes")
         if old.get("members_sha256") != stats["members_sha256"] or not intact:
             shards.write_shard(tar_path, samples)
         stats["tar_bytes"] = tar_path.stat().st_size
-        shards.write_json(stats_path, stats)
+        write_json(stats_path, stats)
         index.append({"shard": f"{name}.tar", "samples": stats["samples"], "frames": stats["frames"]})
     return index
 

@@ -12,7 +12,6 @@ shards whose content would not change.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,16 +91,3 @@ def shard_stats(name: str, samples: list[Sample], failures: list[dict]) -> dict:
         "failures_by_reason": dict(sorted(Counter(f["reason"] for f in failures).items())),
         "members_sha256": hashlib.sha256("".join(s.digest() for s in samples).encode()).hexdigest(),
     }
-
-
-def read_stats(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import soxr
 
+from preprocessing.files import write_json
 from preprocessing.media import AAC_FRAME, write_mp4
 from preprocessing.sample import tts
 from preprocessing.sample.animate import FaceRig, motion_track, speech_envelope
@@ -181,8 +182,8 @@ def make_clip(plan: ClipPlan, cfg: SampleConfig, out_dir: Path) -> dict:
             "params": cfg.model_dump(mode="json", exclude={"identities", "workers", "clips_per_identity"}),
         },
     }
-    _write_json(out_dir / f"{plan.clip_id}.truth.json", {"clip_id": plan.clip_id, "fps": cfg.fps} | track.as_dict())
-    _write_json(out_dir / f"{plan.clip_id}.json", record)
+    write_json(out_dir / f"{plan.clip_id}.truth.json", {"clip_id": plan.clip_id, "fps": cfg.fps} | track.as_dict())
+    write_json(out_dir / f"{plan.clip_id}.json", record)
     return record
 
 
@@ -212,7 +213,7 @@ def write_corpus(cfg: SampleConfig, out_dir: str | Path) -> list[dict]:
         "params": cfg.model_dump(mode="json"),
         "clips": [{k: clip[k] for k in ("clip_id", "file", "sha256", "speaker_id", "duration_s")} for clip in clips],
     }
-    _write_json(out_dir / INDEX_NAME, index)
+    write_json(out_dir / INDEX_NAME, index)
     return clips
 
 
@@ -229,9 +230,3 @@ def _existing_record(out_dir: Path, plan: ClipPlan, cfg: SampleConfig) -> dict |
 
 def _own_version() -> str:
     return metadata.version("vasa-pipeline")
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
