@@ -233,12 +233,70 @@ class PreprocessConfig(Section):
         return self
 
 
+class TrainConfig(Section):
+    """The shared training engine (vasa/training): optimisation, EMA, logging and checkpoint cadence.
+
+    `batch_size` is per process and micro-step: the global batch is batch_size x processes x grad_accum.
+    Reused by stage 1, stage 2 and the evaluation networks.
+    """
+
+    steps: int = Field(ge=1)  # optimiser steps (each = grad_accum micro-batches per process)
+    batch_size: int = Field(ge=1)
+    grad_accum: int = Field(ge=1)
+    lr: float = Field(gt=0)  # peak AdamW learning rate (times the task's per-module lr_scale)
+    betas: tuple[float, float]
+    weight_decay: float = Field(ge=0)
+    warmup_steps: int = Field(ge=0)  # linear warm-up from 0, then cosine decay to min_lr_ratio x lr
+    min_lr_ratio: float = Field(ge=0, le=1)
+    clip_norm: float = Field(ge=0)  # max global gradient norm per module; 0 = no clipping
+    ema_decay: float = Field(ge=0, lt=1)
+    precision: str = Field(pattern=r"^(auto|fp32|bf16|fp16)$")  # auto: bf16 on a GPU that has it, else fp32
+    seed: int = Field(ge=0)
+    log_every: int = Field(ge=1)  # steps between DVCLive metric rows
+    image_every: int = Field(ge=1)  # steps between PNG grids
+    checkpoint_every: int = Field(ge=1)  # steps between resumable states; also the data-epoch length
+    keep_checkpoints: int = Field(ge=1)  # newest resumable states kept on disk
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if not all(0 <= beta < 1 for beta in self.betas):
+            raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds steps ({self.steps})")
+        return self
+
+
+class LatentDataConfig(Section):
+    """Stage-1 loader (vasa/data.py): frame pairs from the train shards, held-out frames for evaluation."""
+
+    shuffle_buffer: int = Field(ge=1)  # decoded clips held by each loader worker for shuffling
+    pairs_per_clip: int = Field(ge=1)  # source/driver pairs drawn from a clip each time it is decoded
+    min_frame_gap: int = Field(ge=0)  # frames between source and driver, at least
+    holdout_fraction: float = Field(ge=0, lt=0.5)  # last part of every train clip: never trained on, evaluated
+    eval_pairs: int = Field(ge=1)  # held-out pairs for the end-of-training PSNR vs the copy baseline
+    workers: int = Field(ge=0)  # DataLoader processes per training process (0 = decode in the trainer)
+
+
+class LatentLossConfig(Section):
+    """Placeholder for helper H5's stage-1 loss weights (H5 replaces this class and `train_latent.loss`)."""
+
+
+class TrainLatentConfig(Section):
+    """Stage `train_latent`: the disentangled face latent space (VASA-1 section 3.1)."""
+
+    model: str  # preset name in vasa.models.presets.LATENT_PRESETS
+    loss: LatentLossConfig
+    train: TrainConfig
+    data: LatentDataConfig
+
+
 class Params(Section):
     """The whole of params.yaml."""
 
     sample: SampleConfig
     ingest: IngestConfig
     preprocess: PreprocessConfig
+    train_latent: TrainLatentConfig
 
 
 def load_params(path: str | Path) -> Params:
