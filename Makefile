@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first and alone, pinned: a resolver left to itself fetches the newest CUDA build.
 	$(BIN)/pip install --disable-pip-version-check -q -c constraints.txt torch==2.13.0
 	$(BIN)/pip install --disable-pip-version-check -q -c constraints.txt -e ".[dev]"
-	@if $(BIN)/pip list 2>/dev/null | grep -qi '^nvidia-'; then \
+	@# nvidia-ml-py (pure-Python NVML bindings that dvclive needs) is not a CUDA package: allowed.
+	@if $(BIN)/pip list 2>/dev/null | grep -i '^nvidia-' | grep -qvi '^nvidia-ml-py '; then \
 		echo "error: CUDA packages (nvidia-*) were installed on a CPU setup; see README"; exit 1; fi
 	touch $@
 
