@@ -1,0 +1,286 @@
+"""The shared training engine (vasa/training) on a ToyTask: a tiny conv autoencoder + a tiny patch
+discriminator over synthetic batches, so the engine is tested apart from the real networks.
+
+Run as a module (`python -m tests.test_training_engine --out DIR --steps N ...`) it is also the
+training script that test_distributed.py launches under torchrun / accelerate and kills mid-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from vasa.config import TrainConfig
+from vasa.errors import InputError
+from vasa.training import checkpoint
+from vasa.training.ema import EMA
+from vasa.training.engine import TrainTask, train
+from vasa.training.schedule import lr_factor
+
+SIZE = 16  # synthetic image side
+
+
+class ToyTask:
+    """A 2-module GAN-shaped task: autoencoder "generator" (L1 + adversarial) and "discriminator" (hinge)."""
+
+    def __init__(self, adversarial: float = 0.1, width: int = 8):
+        self.adversarial = adversarial
+        self.width = width
+
+    def build(self) -> dict[str, nn.Module]:
+        w = self.width
+        generator = nn.Sequential(
+            nn.Conv2d(3, w, 3, padding=1), nn.SiLU(), nn.Conv2d(w, w, 3, stride=2, padding=1), nn.SiLU(),
+            nn.Upsample(scale_factor=2), nn.Conv2d(w, 3, 3, padding=1), nn.Tanh(),
+        )  # fmt: skip
+        discriminator = nn.Sequential(nn.Conv2d(3, w, 4, stride=2, padding=1), nn.LeakyReLU(0.2), nn.Conv2d(w, 1, 3))
+        return {"generator": generator, "discriminator": discriminator}
+
+    def update_order(self) -> list[str]:
+        return ["generator", "discriminator"]
+
+    def ema_modules(self) -> list[str]:
+        return ["generator"]
+
+    def loss(self, name, models, batch, scratch):
+        if name == "generator":
+            fake = models["generator"](batch["source"])
+            scratch["fake"] = fake.detach()
+            l1 = F.l1_loss(fake, batch["driver"])
+            adv = -models["discriminator"](fake).mean()
+            total = l1 + self.adversarial * adv
+            return total, {"loss/l1": l1.item(), "loss/g_adv": adv.item()}
+        real, fake = models["discriminator"](batch["driver"]), models["discriminator"](scratch["fake"])
+        hinge = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+        return hinge, {"loss/d_hinge": hinge.item()}
+
+    def images(self, models, batch):
+        fake = models["generator"](batch["source"][:2])
+        rows = torch.cat([batch["source"][:2], batch["driver"][:2], fake], dim=3)  # (2, 3, S, 3S)
+        grid = torch.cat(list(rows), dim=1)  # (3, 2S, 3S)
+        return ((grid.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+
+    def reconstruct(self, models, batch):
+        return models["generator"](batch["source"])
+
+    def describe(self) -> dict:
+        return {"task": "toy", "adversarial": self.adversarial, "width": self.width}
+
+
+def toy_batches(batch_size: int, seed: int):
+    """Batch source: a pure function of (seed, epoch, rank), so a resumed run sees the same data."""
+
+    def source(epoch: int, rank: int, world: int):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1_009 + rank)
+        while True:
+            base = torch.rand(batch_size, 3, 1, 1, generator=generator) * 2 - 1
+            ramp = torch.linspace(-0.5, 0.5, SIZE)
+            source = (base + ramp.view(1, 1, 1, SIZE) + 0.5 * ramp.view(1, 1, SIZE, 1)).clamp(-1, 1)
+            yield {"source": source, "driver": -source}  # a colour inversion: learnable by the toy
+
+    return source
+
+
+def toy_config(**changes) -> TrainConfig:
+    values = {
+        "steps": 6, "batch_size": 4, "grad_accum": 1, "lr": 3e-3, "betas": [0.5, 0.999], "weight_decay": 0.0,
+        "warmup_steps": 2, "min_lr_ratio": 0.1, "clip_norm": 1.0, "ema_decay": 0.9, "precision": "fp32",
+        "seed": 0, "log_every": 2, "image_every": 3, "checkpoint_every": 3, "keep_checkpoints": 2,
+    }  # fmt: skip
+    return TrainConfig.from_data(values | changes)
+
+
+def weights_digest(folder: Path) -> str:
+    """sha256 over the EMA output tensors (names and raw bytes)."""
+    weights, _ = checkpoint.load_weights(folder)
+    digest = hashlib.sha256()
+    for module in sorted(weights):
+        for key, tensor in sorted(weights[module].items()):
+            digest.update(f"{module}/{key}".encode() + tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def run_toy(out: Path, cfg: TrainConfig, resume: bool = False, deepspeed: dict | None = None):
+    torch.set_num_threads(1)
+    return train(
+        ToyTask(),
+        cfg,
+        toy_batches(cfg.batch_size, cfg.seed),
+        out,
+        meta={"params": {"toy": True}, "lineage": {"index_sha256": "0" * 64}},
+        resume=resume,
+        deepspeed=deepspeed,
+        progress=False,
+    )
+
+
+# ---------------------------------------------------------------- unit tests of the pieces
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    factors = [lr_factor(s, 100, 10, 0.1) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0) and factors[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))
+    with pytest.raises(ValueError):
+        lr_factor(0, 0, 0, 0.1)
+
+
+def test_ema_blends_and_round_trips():
+    module = nn.Linear(2, 1)
+    with torch.no_grad():
+        module.weight.fill_(0.0)
+    ema = EMA(module, decay=0.5)
+    with torch.no_grad():
+        module.weight.fill_(1.0)
+    ema.update(module)
+    assert torch.allclose(ema.shadow["weight"], torch.full((1, 2), 0.5))
+    other = EMA(nn.Linear(2, 1), decay=0.5)
+    other.load_state_dict(ema.state_dict())
+    assert torch.equal(other.shadow["weight"], ema.shadow["weight"])
+    with pytest.raises(ValueError):
+        other.load_state_dict({"weight": torch.zeros(1, 2)})
+
+
+def test_weights_round_trip_without_pickle_and_detect_tampering(tmp_path):
+    state = {"generator": {"w": torch.arange(6.0).view(2, 3)}}
+    checkpoint.write_weights(tmp_path, state, {"task": {"name": "x"}, "step": 3})
+    weights, meta = checkpoint.load_weights(tmp_path)
+    assert torch.equal(weights["generator"]["w"], state["generator"]["w"]) and meta["step"] == 3
+    first = (tmp_path / "generator.safetensors").read_bytes()
+    checkpoint.write_weights(tmp_path, state, {"task": {"name": "x"}, "step": 3})
+    assert (tmp_path / "generator.safetensors").read_bytes() == first  # same tensors -> same bytes
+    (tmp_path / "generator.safetensors").write_bytes(first[:-1] + bytes([first[-1] ^ 1]))
+    with pytest.raises(ValueError, match="sha256"):
+        checkpoint.load_weights(tmp_path)
+
+
+def test_toy_task_satisfies_the_protocol():
+    assert isinstance(ToyTask(), TrainTask)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def test_training_writes_ema_weights_metrics_grids_and_states(tmp_path):
+    result = run_toy(tmp_path, toy_config())
+    assert result.step == 6
+    weights, meta = checkpoint.load_weights(tmp_path / "model")
+    assert set(weights) == {"generator"} and meta["step"] == 6 and meta["task"]["task"] == "toy"
+    assert meta["lineage"]["index_sha256"] == "0" * 64
+    ema_generator = ToyTask().build()["generator"]
+    ema_generator.load_state_dict(weights["generator"])  # loads into a freshly built module
+    metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())
+    assert {"loss", "lr", "grad_norm"} <= set(metrics) and "l1" in metrics["loss"]
+    assert metrics["step"] == 6
+    assert sorted(p.name for p in (tmp_path / "images").glob("*.png")) == ["step_0000003.png", "step_0000006.png"]
+    assert [step for step, _ in checkpoint.complete_states(tmp_path / "checkpoints")] == [3, 6]
+
+
+def test_loss_falls_on_a_learnable_toy_problem(tmp_path):
+    cfg = toy_config(steps=60, log_every=60, image_every=60, checkpoint_every=60)
+    result = run_toy(tmp_path, cfg)
+    rows = (tmp_path / "live" / "plots" / "metrics" / "loss" / "l1.tsv").read_text().splitlines()
+    final = float(rows[-1].split("\t")[-1])
+    initial = toy_initial_l1(cfg)
+    assert final < 0.5 * initial, (initial, final, result.last_terms)
+
+
+def toy_initial_l1(cfg: TrainConfig) -> float:
+    torch.manual_seed(cfg.seed)
+    generator = ToyTask().build()["generator"]
+    batch = next(iter(toy_batches(cfg.batch_size, cfg.seed)(0, 0, 1)))
+    with torch.no_grad():
+        return F.l1_loss(generator(batch["source"]), batch["driver"]).item()
+
+
+def test_same_seed_gives_identical_weights_and_another_seed_does_not(tmp_path):
+    cfg = toy_config()
+    run_toy(tmp_path / "a", cfg)
+    run_toy(tmp_path / "b", cfg)
+    run_toy(tmp_path / "c", toy_config(seed=1))
+    assert weights_digest(tmp_path / "a" / "model") == weights_digest(tmp_path / "b" / "model")
+    assert weights_digest(tmp_path / "a" / "model") != weights_digest(tmp_path / "c" / "model")
+    first = (tmp_path / "a" / "model" / "model.json").read_bytes()
+    assert first == (tmp_path / "b" / "model" / "model.json").read_bytes()
+
+
+def test_resume_continues_from_the_latest_state_to_the_same_weights(tmp_path):
+    run_toy(tmp_path / "full", toy_config())
+    # Interrupted after the step-3 state: drop what a run killed at step 4 or 5 would not have.
+    partial = tmp_path / "cut"
+    run_toy(partial, toy_config())
+    import shutil
+
+    shutil.rmtree(checkpoint.state_dir(partial / "checkpoints", 6))
+    shutil.rmtree(partial / "model")
+    run_toy(partial, toy_config(), resume=True)
+    assert weights_digest(partial / "model") == weights_digest(tmp_path / "full" / "model")
+
+
+def test_a_second_run_into_the_same_folder_needs_resume(tmp_path):
+    run_toy(tmp_path, toy_config(steps=3, warmup_steps=1))
+    with pytest.raises(InputError, match="--resume"):
+        run_toy(tmp_path, toy_config(steps=3, warmup_steps=1))
+
+
+def test_resume_refuses_a_checkpoint_of_another_task(tmp_path):
+    run_toy(tmp_path, toy_config(steps=3, warmup_steps=1))
+    with pytest.raises(InputError, match="different task"):
+        torch.set_num_threads(1)
+        train(
+            ToyTask(width=4),
+            toy_config(steps=6),
+            toy_batches(4, 0),
+            tmp_path,
+            meta={},
+            resume=True,
+            progress=False,
+        )
+
+
+# ---------------------------------------------------------------- entry point for subprocess tests
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="train the ToyTask (used by tests/test_distributed.py)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--checkpoint-every", type=int, default=3)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--deepspeed", type=Path, help="DeepSpeed JSON (cluster/deepspeed/...)")
+    parser.add_argument("--step-delay", type=float, default=0.0, help="seconds of sleep per step (kill tests)")
+    args = parser.parse_args(argv)
+    cfg = toy_config(steps=args.steps, checkpoint_every=args.checkpoint_every, log_every=1, image_every=args.steps)
+    deepspeed = json.loads(args.deepspeed.read_text()) if args.deepspeed else None
+    batches = toy_batches(cfg.batch_size, cfg.seed)
+    if args.step_delay:
+        import time
+
+        def slow(epoch, rank, world):
+            for batch in batches(epoch, rank, world):
+                time.sleep(args.step_delay)
+                yield batch
+
+        source = slow
+    else:
+        source = batches
+    torch.set_num_threads(1)
+    result = train(ToyTask(), cfg, source, args.out, meta={}, resume=args.resume, deepspeed=deepspeed, progress=False)
+    # Every rank writes the digests of its own live parameters and its loss curve: the ranks must agree.
+    (args.out / f"rank{result.rank}.json").write_text(
+        json.dumps({"step": result.step, "digests": result.parameter_digests, "losses": result.loss_curve})
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,407 @@
+"""The training loop shared by every network of the project (stage 1, stage 2, evaluation networks).
+
+A stage supplies a `TrainTask` (its networks and losses) and a batch source; Accelerate owns devices
+and processes (one CPU, one GPU, N GPUs, many nodes: one code path), DeepSpeed ZeRO-2/3 comes in
+through a JSON config from cluster/deepspeed/, plain DDP otherwise. Each named module gets its own
+AdamW, stepped in `update_order()` (generator, then discriminator); while one module is updated the
+others are frozen (requires_grad off), so no gradient leaks between them. The loop adds gradient
+accumulation, clipping, bf16/fp16 autocast on GPU (fp32 on CPU), EMA, warm-up + cosine LR,
+checkpoints every N steps with `--resume`, DVCLive metrics, PNG grids and a progress bar.
+
+Determinism: parameters are initialised under `seed` (identical on every rank), then each rank is
+seeded `seed * world_size + rank` (DiT's convention). Batches come from `batches(epoch)` where one
+data epoch is `checkpoint_every` steps, so a run resumed from a checkpoint sees exactly the batches
+an uninterrupted run sees: on CPU the weights at step n are bit-identical.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from vasa.config import TrainConfig
+from vasa.errors import InputError
+from vasa.training import checkpoint
+from vasa.training.ema import EMA
+from vasa.training.schedule import lr_factor
+from vasa.training.tracking import Monitor
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, Tensor]
+BatchSource = Callable[[int, int, int], Iterable[Batch]]  # (epoch, rank, world_size) -> batches
+
+
+@runtime_checkable
+class TrainTask(Protocol):
+    """What a stage gives the engine (contract: /work/notes/stage1_interface.md).
+
+    Optional extras, looked up with getattr: `lr_scale(name) -> float` (per-module LR multiplier,
+    default 1) and `reconstruct(models, batch) -> Tensor (B, 3, S, S) in [-1, 1]` (the driver frame
+    rendered from the source's appearance with the driver's motion: used for held-out PSNR).
+    """
+
+    def build(self) -> dict[str, nn.Module]: ...
+
+    def update_order(self) -> list[str]: ...
+
+    def ema_modules(self) -> list[str]: ...
+
+    def loss(
+        self, name: str, models: dict[str, nn.Module], batch: Batch, scratch: dict
+    ) -> tuple[Tensor, dict[str, float]]: ...
+
+    def images(self, models: dict[str, nn.Module], batch: Batch) -> np.ndarray: ...
+
+    def describe(self) -> dict: ...
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Folders of one training run under its output folder."""
+
+    root: Path
+
+    @property
+    def states(self) -> Path:  # resumable states (Accelerate + EMA + engine.json)
+        return self.root / "checkpoints"
+
+    @property
+    def model(self) -> Path:  # the stage's output: EMA weights (safetensors) + model.json
+        return self.root / "model"
+
+    @property
+    def live(self) -> Path:  # DVCLive: metrics.json, plots/metrics/*.tsv
+        return self.root / "live"
+
+    @property
+    def images(self) -> Path:  # PNG grids
+        return self.root / "images"
+
+
+@dataclass
+class TrainResult:
+    step: int
+    rank: int
+    last_terms: dict[str, float]
+    loss_curve: list[dict[str, float]]  # this rank's loss terms at every step of this session
+    evaluation: dict[str, float]
+    parameter_digests: dict[str, str]  # sha256 of this rank's live parameters, per module
+    layout: RunLayout
+
+
+def resolve_precision(precision: str) -> str:
+    """Accelerate's mixed_precision for a TrainConfig.precision: autocast only where it pays (GPU)."""
+    if precision == "auto":
+        cuda = torch.cuda.is_available()
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    if precision in ("bf16", "fp16") and not torch.cuda.is_available():
+        raise InputError(f"precision {precision} needs a GPU; use fp32 or auto on CPU")
+    return {"fp32": "no"}.get(precision, precision)
+
+
+def deepspeed_settings(template: dict, cfg: TrainConfig, mixed_precision: str) -> dict:
+    """A DeepSpeed config with its "auto" fields filled from TrainConfig (batch, accumulation,
+    clipping, precision), so the JSON in cluster/deepspeed/ never repeats a value from params."""
+    ds = copy.deepcopy(template)
+    ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    ds["gradient_accumulation_steps"] = cfg.grad_accum
+    ds.pop("train_batch_size", None)  # DeepSpeed derives it: micro batch x accumulation x processes
+    ds["gradient_clipping"] = cfg.clip_norm
+    ds["bf16"] = {"enabled": mixed_precision == "bf16"}
+    ds["fp16"] = {"enabled": mixed_precision == "fp16"}
+    return ds
+
+
+def make_accelerator(cfg: TrainConfig, names: list[str], deepspeed: dict | None):
+    """One Accelerator for the run. On a machine without CUDA it is `cpu=True` with gloo (without
+    cpu=True, 2 launched processes train independently, silently: REFERENCE §5). With DeepSpeed,
+    one plugin per module (Accelerate's multi-model API), all from the same JSON."""
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    cpu = not torch.cuda.is_available()
+    # Frozen modules (see `_frozen`) take no gradient in another module's phase: DDP must treat
+    # their parameters as unused rather than wait for them.
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]
+    mixed = resolve_precision(cfg.precision)
+    plugins = None
+    if deepspeed is not None:
+        if cpu:  # DeepSpeed defaults to NCCL; on CPU it works over gloo (REFERENCE §5)
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        settings = deepspeed_settings(deepspeed, cfg, mixed)
+        plugins = {name: DeepSpeedPlugin(hf_ds_config=copy.deepcopy(settings)) for name in names}
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=mixed,
+        kwargs_handlers=handlers,
+        deepspeed_plugins=plugins,
+        step_scheduler_with_optimizer=False,
+    )
+
+
+@contextmanager
+def _frozen(models: dict[str, nn.Module], active: str) -> Iterator[None]:
+    """requires_grad off for every module but `active` (StyleGAN-style phase isolation)."""
+    saved = {}
+    for name, module in models.items():
+        if name != active:
+            for param in module.parameters():
+                saved[param] = param.requires_grad
+                param.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param, flag in saved.items():
+            param.requires_grad_(flag)
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+class _Run:
+    """State of one training run; `train()` below is the recipe that drives it."""
+
+    def __init__(self, task: TrainTask, cfg: TrainConfig, layout: RunLayout, deepspeed: dict | None):
+        self.task, self.cfg, self.layout = task, cfg, layout
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        modules = task.build()
+        self.order = list(task.update_order())
+        if sorted(self.order) != sorted(modules):
+            raise ValueError(f"update_order {self.order} must name each built module once: {sorted(modules)}")
+        self.accelerator = make_accelerator(cfg, self.order, deepspeed)
+        self.deepspeed = deepspeed is not None
+        self.models: dict[str, nn.Module] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.base_lr: dict[str, float] = {}
+        for name in self.order:
+            scale = getattr(task, "lr_scale", lambda _name: 1.0)(name)
+            self.base_lr[name] = cfg.lr * scale
+            optimizer = torch.optim.AdamW(
+                modules[name].parameters(), lr=self.base_lr[name], betas=cfg.betas, weight_decay=cfg.weight_decay
+            )
+            if self.deepspeed:
+                self.accelerator.state.select_deepspeed_plugin(name)
+            self.models[name], self.optimizers[name] = self.accelerator.prepare(modules[name], optimizer)
+        gather = None
+        if self.deepspeed and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            import deepspeed as ds
+
+            gather = ds.zero.GatheredParameters
+        self.ema = {
+            name: EMA(self.accelerator.unwrap_model(self.models[name]), cfg.ema_decay, gather)
+            for name in task.ema_modules()
+        }
+        self.step = 0
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    def engine_info(self) -> dict:
+        return {
+            "step": self.step,
+            "world_size": self.world,
+            "task": self.task.describe(),
+            "train": self.cfg.model_dump(mode="json"),
+            "deepspeed": self.deepspeed,
+        }
+
+    def save_state(self) -> None:
+        """A resumable state at the current step; written to `.partial`, renamed when complete."""
+        final = checkpoint.state_dir(self.layout.states, self.step)
+        partial = final.with_name(final.name + ".partial")
+        self.accelerator.save_state(str(partial), safe_serialization=True)
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            checkpoint.write_engine_state(partial, {n: e.state_dict() for n, e in self.ema.items()}, self.engine_info())
+            if final.exists():
+                import shutil
+
+                shutil.rmtree(final)
+            partial.rename(final)
+            checkpoint.prune_states(self.layout.states, self.cfg.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
+
+    def load_latest(self) -> None:
+        found = checkpoint.latest_state(self.layout.states)
+        if found is None:
+            log.info("no resumable state in %s: starting at step 0", self.layout.states)
+            return
+        step, folder = found
+        ema, info = checkpoint.read_engine_state(folder)
+        if info["task"] != self.task.describe():
+            raise InputError(
+                f"{folder}: the checkpoint was trained with a different task/preset:\n"
+                f"  checkpoint: {json.dumps(info['task'], sort_keys=True)}\n"
+                f"  now:        {json.dumps(self.task.describe(), sort_keys=True)}"
+            )
+        if info["world_size"] != self.world:
+            log.warning("resuming a %d-process state with %d processes", info["world_size"], self.world)
+        self.accelerator.load_state(str(folder))
+        for name, state in ema.items():
+            self.ema[name].load_state_dict({k: v.to(self.accelerator.device) for k, v in state.items()})
+        self.step = step
+        log.info("resumed from %s (step %d)", folder, step)
+
+    def set_lr(self) -> float:
+        factor = lr_factor(self.step, self.cfg.steps, self.cfg.warmup_steps, self.cfg.min_lr_ratio)
+        for name, optimizer in self.optimizers.items():
+            for group in optimizer.param_groups:
+                group["lr"] = self.base_lr[name] * factor
+        return factor
+
+    def train_step(self, micro: list[Batch]) -> dict[str, float]:
+        """One optimiser step of every module, in update order, over `grad_accum` micro-batches."""
+        terms: dict[str, float] = {}
+        scratch: list[dict] = [{} for _ in micro]
+        for name in self.order:
+            model, optimizer = self.models[name], self.optimizers[name]
+            if not self.deepspeed:
+                optimizer.zero_grad(set_to_none=True)
+            with _frozen(self.models, name):
+                for index, batch in enumerate(micro):
+                    last = index == len(micro) - 1
+                    sync = nullcontext() if last or self.deepspeed else self.accelerator.no_sync(model)
+                    with sync:
+                        loss, parts = self.task.loss(name, self.models, batch, scratch[index])
+                        if not torch.isfinite(loss):
+                            raise FloatingPointError(f"step {self.step}: non-finite {name} loss {loss.item()}")
+                        if self.deepspeed:
+                            model.backward(loss)  # the DeepSpeed engine scales by 1/grad_accum itself
+                            model.step()  # steps only at the accumulation boundary; clips per its config
+                        else:
+                            self.accelerator.backward(loss / len(micro))
+                    for key, value in parts.items():
+                        terms[key] = terms.get(key, 0.0) + float(value) / len(micro)
+            if not self.deepspeed:
+                if self.cfg.clip_norm > 0:
+                    norm = self.accelerator.clip_grad_norm_(model.parameters(), self.cfg.clip_norm)
+                    terms[f"grad_norm/{name}"] = float(norm)
+                optimizer.step()
+        for name, ema in self.ema.items():
+            ema.update(self.accelerator.unwrap_model(self.models[name]))
+        return terms
+
+    def grid(self, batch: Batch) -> np.ndarray:
+        plain = {name: self.accelerator.unwrap_model(model) for name, model in self.models.items()}
+        for module in plain.values():
+            module.eval()
+        with torch.no_grad():
+            grid = self.task.images(plain, batch)
+        for module in plain.values():
+            module.train()
+        return grid
+
+    def parameter_digests(self) -> dict[str, str]:
+        """sha256 of each module's parameters as this rank holds them (ranks of a DDP or ZeRO-1/2 run
+        must agree bit for bit)."""
+        digests = {}
+        for name, model in self.models.items():
+            digest = hashlib.sha256()
+            for key, value in sorted(self.accelerator.unwrap_model(model).state_dict().items()):
+                digest.update(key.encode() + value.detach().to("cpu", torch.float32).numpy().tobytes())
+            digests[name] = digest.hexdigest()
+        return digests
+
+    def ema_modules(self) -> dict[str, nn.Module]:
+        """Copies of the unwrapped modules holding the EMA weights, in eval mode (main process)."""
+        out = {}
+        for name, model in self.models.items():
+            module = copy.deepcopy(self.accelerator.unwrap_model(model))
+            if name in self.ema:
+                module.load_state_dict(self.ema[name].state_dict())
+            out[name] = module.eval()
+        return out
+
+
+def train(
+    task: TrainTask,
+    cfg: TrainConfig,
+    batches: BatchSource,
+    out: Path,
+    *,
+    meta: dict,
+    resume: bool,
+    deepspeed: dict | None = None,
+    evaluate: Callable[[dict[str, nn.Module]], dict[str, float]] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train `task` for `cfg.steps` optimiser steps and write the EMA weights to `out/model/`.
+
+    `batches(epoch, rank, world_size)` yields per-process batch dicts (tensors on CPU; moved here);
+    it is called again at every data epoch (`checkpoint_every` steps). `meta` (JSON-able: params,
+    lineage) goes into model.json. `evaluate(models)` runs on the main process with the EMA weights
+    after training; its figures go to DVCLive's metrics.json and the result.
+    """
+    layout = RunLayout(out)
+    run = _Run(task, cfg, layout, deepspeed)
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed * run.world + run.rank)  # per-rank randomness (noise, sampling)
+    if resume:
+        run.load_latest()  # restores weights, optimiser states and every rank's RNG state
+    elif checkpoint.latest_state(layout.states) is not None:
+        raise InputError(f"{layout.states} holds checkpoints of an earlier run: pass --resume, or use a new --out")
+    monitor = Monitor(layout.live, layout.images, cfg.steps, run.step, run.accelerator.is_main_process, progress)
+    images_per_step = cfg.batch_size * cfg.grad_accum * run.world
+    terms: dict[str, float] = {}
+    curve: list[dict[str, float]] = []
+    stream: Iterator[Batch] | None = None
+    log.info(
+        "training %s for %d steps on %d process(es), %s, global batch %d",
+        type(task).__name__, cfg.steps, run.world, run.accelerator.device, images_per_step,
+    )  # fmt: skip
+    while run.step < cfg.steps:
+        if stream is None or run.step % cfg.checkpoint_every == 0:
+            stream = iter(batches(run.step // cfg.checkpoint_every, run.rank, run.world))
+        micro = [_to_device(next(stream), run.accelerator.device) for _ in range(cfg.grad_accum)]
+        factor = run.set_lr()
+        terms = run.train_step(micro)
+        curve.append({k: v for k, v in terms.items() if k.startswith("loss")})
+        run.step += 1
+        monitor.step(images_per_step)
+        if run.step % cfg.log_every == 0 or run.step == cfg.steps:
+            memory = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+            monitor.log(run.step, {**terms, "lr": cfg.lr * factor}, memory)
+        if run.accelerator.is_main_process and (run.step % cfg.image_every == 0 or run.step == cfg.steps):
+            monitor.image(run.step, run.grid(micro[0]))
+        if run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps:
+            run.save_state()
+    evaluation: dict[str, float] = {}
+    if run.accelerator.is_main_process:
+        final = run.ema_modules()
+        if evaluate is not None:
+            evaluation = evaluate(final)
+            monitor.summary(evaluation)
+        info = {**meta, "task": task.describe(), "step": run.step, "ema_decay": cfg.ema_decay}
+        checkpoint.write_weights(layout.model, {n: final[n].state_dict() for n in run.ema}, info)
+    monitor.close()
+    digests = run.parameter_digests()
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
+    return TrainResult(
+        step=run.step,
+        rank=run.rank,
+        last_terms=terms,
+        loss_curve=curve,
+        evaluation=evaluation,
+        parameter_digests=digests,
+        layout=layout,
+    )
