@@ -95,7 +95,7 @@ def test_pyav_fallback_agrees_with_decord(name: str, fixtures_dir: Path, monkeyp
     def decord_fails(*args, **kwargs):
         raise decode._DecordFailed("simulated")
 
-    monkeypatch.setattr(decode, "_video_decord", decord_fails)
+    monkeypatch.setattr(decode._DecordFrames, "__init__", decord_fails)
     fallback = _load(fixtures_dir / name)
     assert (clip.backend, fallback.backend) == ("decord", "pyav")
     assert fallback.frames.shape == clip.frames.shape
@@ -107,7 +107,7 @@ def test_forced_decord_reports_its_failure(fixtures_dir: Path, monkeypatch) -> N
     def decord_fails(*args, **kwargs):
         raise decode._DecordFailed("boom")
 
-    monkeypatch.setattr(decode, "_video_decord", decord_fails)
+    monkeypatch.setattr(decode._DecordFrames, "__init__", decord_fails)
     with pytest.raises(DecodeError, match="decord cannot read the video: boom"):
         load_clip(fixtures_dir / VIDEOS[6], fps=FPS, sample_rate=RATE, backend="decord")
 

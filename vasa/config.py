@@ -208,6 +208,19 @@ class RunnerConfig(Section):
     dask_address: str | None  # scheduler address; None with kind=dask starts a LocalCluster
 
 
+class DecodeConfig(Section):
+    """How clips are decoded: a cap on the decoded resolution and the frames held at once."""
+
+    max_side: int | None = Field(ge=64)  # longer side of decoded frames, pixels (even); None = source size
+    chunk_frames: int = Field(ge=1)  # output frames decoded and held at once: memory ~ chunk x frame bytes
+
+    @model_validator(mode="after")
+    def _check(self) -> DecodeConfig:
+        if self.max_side is not None and self.max_side % 2:
+            raise ValueError(f"max_side must be even (H.264 yuv420p frame sizes), got {self.max_side}")
+        return self
+
+
 class PreprocessConfig(Section):
     """Stage `preprocess`: manifest -> webdataset shards of crops, pose, gaze and audio features."""
 
@@ -216,6 +229,7 @@ class PreprocessConfig(Section):
     crop_size: int = Field(ge=32)
     crop_crf: int = Field(ge=0, le=51)  # libx264 quality of the crop videos in the shards
     crop_preset: str = Field(pattern=r"^(ultrafast|superfast|veryfast|faster|fast|medium|slow|slower|veryslow)$")
+    decode: DecodeConfig
     face: FaceConfig
     audio: AudioFeatureConfig
     filters: FilterConfig
