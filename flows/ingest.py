@@ -3,15 +3,21 @@
     vasa ingest --out data/ingest --sample-dir data/sample [--local-dir DIR --local-csv CSV]
                 [--voxceleb-dir DIR ...] [--downloads DIR]
 
-Network steps (archive parts, YouTube references) are Prefect tasks with retries; a failed part
-or an unavailable video becomes a manifest row with its status, never a crash. Credentials come
-from the environment variables named in params (`ingest.voxceleb2.user_env`/`password_env`) and are
-read inside the download task, so they never become flow parameters (which Prefect stores).
+The flow only wires tasks; the logic lives in preprocessing/ingest/. One bad item never stops
+the run: a failed part, a corrupt archive, an unavailable video or an unreadable file becomes a
+manifest row with its status and reason, and the other sources' rows still land.
+
+Secrets stay out of Prefect's database: its flow and task parameters are stored there, so the flow
+receives the config with every download URL redacted (`download.redact_url`), and `run` keeps the
+real URLs (user-info, signed query tokens) in this process only, for the download task to use.
+Credentials from the environment variables named in params (`ingest.voxceleb2.user_env` /
+`password_env`) and `${VAR}` references in part URLs are read inside the download task.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,26 +25,46 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from preprocessing.ingest import manifest, probe, sources, voxceleb
-from vasa.config import ArchiveConfig, IngestConfig, VoxCeleb2Config, YoutubeConfig
+from preprocessing.ingest import incremental, manifest, probe, sources, splits, voxceleb
+from vasa.config import ArchiveConfig, IngestConfig, YoutubeConfig
 
 MANIFEST_NAME = "manifest.parquet"
-PROBED_STATUSES = (manifest.OK, manifest.BAD_METADATA)  # rows whose media is hashed and inspected
+STATE_NAME = "probe_state.json"  # (size, mtime) of each file when it was hashed: see incremental.py
+
+# (archive name, part number) -> the part's URL as configured, secrets included. Filled by `run`
+# for the flow's duration; never a flow or task parameter (Prefect stores those).
+_REAL_URLS: dict[tuple[str, int], str] = {}
+_REAL_URLS_LOCK = threading.Lock()
 
 
 @task
-def download_archive(archive: ArchiveConfig, downloads: Path, vox: VoxCeleb2Config) -> Path:
-    """Download every part (resuming), join them in order and verify the joined archive."""
+def download_archive(archive: ArchiveConfig, downloads: Path, user_env: str, password_env: str, budget: dict) -> Path:
+    """Download every part (resuming, transient errors retried within the deadline), join them in
+    order and verify the joined archive."""
     from preprocessing.ingest.archive import join_parts
-    from preprocessing.ingest.download import ChecksumError, RemoteFile, download, file_digest
+    from preprocessing.ingest.download import (
+        ChecksumError,
+        DownloadError,
+        RemoteFile,
+        download_with_retries,
+        expand_env,
+        file_digest,
+        url_file_name,
+    )
 
-    user, password = os.environ.get(vox.user_env), os.environ.get(vox.password_env)
+    user, password = os.environ.get(user_env), os.environ.get(password_env)
     auth = (user, password) if user and password else None
     parts = []
     for number, part in enumerate(archive.parts):
-        name = Path(part.url.rstrip("/")).name or f"{archive.name}.part{number:02d}"
-        remote = RemoteFile(url=part.url, name=name, size=part.size, md5=part.md5)
-        parts.append(download(remote, downloads, auth=auth))
+        with _REAL_URLS_LOCK:
+            url = _REAL_URLS.get((archive.name, number), part.url)
+        try:
+            url = expand_env(url, os.environ)
+        except KeyError as err:
+            raise DownloadError(str(err.args[0])) from None
+        name = url_file_name(url) or f"{archive.name}.part{number:02d}"
+        remote = RemoteFile(url=url, name=name, size=part.size, md5=part.md5)
+        parts.append(download_with_retries(remote, downloads, auth=auth, **budget))
     joined = downloads / archive.name
     if len(parts) == 1 and parts[0].name == archive.name:
         joined = parts[0]
@@ -51,22 +77,12 @@ def download_archive(archive: ArchiveConfig, downloads: Path, vox: VoxCeleb2Conf
 
 
 @task
-def extract_archive(archive_path: Path, dest: Path) -> list[dict]:
-    """Extract safely; rejected members (zip-slip, links, devices) come back as manifest rows."""
+def extract_archive(archive_path: Path, dest: Path, max_bytes: int, max_ratio: float) -> list[dict]:
+    """Extract safely; refused members (zip-slip, links, devices, duplicates, bombs) come back as rows."""
     from preprocessing.ingest.archive import extract_zip
 
-    result = extract_zip(archive_path, dest)
-    return [
-        manifest.new_row(
-            f"voxceleb2-archive:{archive_path.name}:{member}",
-            "voxceleb2",
-            speaker_id="",
-            licence="",
-            status=manifest.UNSAFE_MEMBER,
-            error=reason,
-        )
-        for member, reason in result.rejected
-    ]
+    result = extract_zip(archive_path, dest, max_total_bytes=max_bytes, max_ratio=max_ratio)
+    return voxceleb.rejected_member_rows(archive_path.name, result.rejected)
 
 
 @task
@@ -77,44 +93,46 @@ def fetch_youtube(youtube_id: str, dest: Path, cfg: YoutubeConfig) -> Path:
 
 
 @task
-def probe_batch(rows: list[dict]) -> list[dict]:
+def probe_batch(rows: list[dict]) -> list[tuple[dict, incremental.FileStamp | None]]:
+    """Probe each row's media; returns (row with media facts, the file's stamp taken BEFORE hashing,
+    so a file changed while it was read gets a newer mtime than recorded and is hashed again)."""
     probed = []
     for row in rows:
+        stamp = incremental.FileStamp.of(row["media_path"])
         fields = probe.probe_media(row["media_path"])
         if row["status"] != manifest.OK:  # keep the earlier verdict; still record the media facts
             fields.update(status=row["status"], error=row["error"])
-        probed.append(row | fields)
+        probed.append((row | fields, stamp))
     return probed
 
 
 def ingest_voxceleb(cfg: IngestConfig, out_dir: Path, downloads: Path, extracted: Sequence[Path]) -> list[dict]:
     """Download and extract the configured archives, then map every tree to manifest rows
     (VoxCeleb2 media and/or YouTube re-downloads, as the sources ask)."""
+    from preprocessing.ingest.archive import ArchiveError
+
+    vox = cfg.voxceleb2
     rows: list[dict] = []
     roots = list(extracted)
-    if cfg.voxceleb2.archives:
+    if vox.archives:
         vox_root = out_dir / "voxceleb2"
-        for archive in cfg.voxceleb2.archives:
+        budget = {"retries": vox.retries, "retry_delay_s": vox.retry_delay_s, "deadline_s": vox.part_deadline_s}
+        for archive in vox.archives:
             try:
-                path = download_archive.with_options(
-                    retries=cfg.voxceleb2.retries, retry_delay_seconds=cfg.voxceleb2.retry_delay_s
-                )(archive, downloads, cfg.voxceleb2)
-            except Exception as err:  # noqa: BLE001 - any failure after retries is a recorded status
-                rows.append(
-                    manifest.new_row(
-                        f"voxceleb2-archive:{archive.name}",
-                        "voxceleb2",
-                        speaker_id="",
-                        licence=cfg.voxceleb2.licence,
-                        status=manifest.DOWNLOAD_FAILED,
-                        error=f"{type(err).__name__}: {err}",
-                    )
-                )
+                path = download_archive(archive, downloads, vox.user_env, vox.password_env, budget)
+            except Exception as err:  # noqa: BLE001 - any failure is a recorded status (messages are redacted)
+                error = f"{type(err).__name__}: {err}"
+                rows.append(voxceleb.archive_row(archive.name, manifest.DOWNLOAD_FAILED, error, vox.licence))
                 continue
-            rows += extract_archive(path, vox_root / Path(archive.name).stem)  # one folder per archive
+            try:  # one folder per archive
+                dest = vox_root / Path(archive.name).stem
+                rows += extract_archive(path, dest, vox.max_extract_bytes, vox.max_compression_ratio)
+            except (ArchiveError, OSError) as err:
+                error = f"{type(err).__name__}: {err}"
+                rows.append(voxceleb.archive_row(archive.name, manifest.BAD_ARCHIVE, error, vox.licence))
         roots.append(vox_root)
     for root in roots:
-        found, tracks = voxceleb.scan(root, cfg.voxceleb2.licence)
+        found, tracks = voxceleb.scan(root, vox.licence)
         if "voxceleb2" in cfg.sources:
             rows += voxceleb.media_rows(found)
         if "youtube" in cfg.sources:
@@ -134,10 +152,8 @@ def ingest_youtube(cfg: IngestConfig, vox_rows: list[dict], tracks: dict, out_di
         track = tracks.get(vox_row["clip_id"])
         if track is None:
             continue
-        clip_id = vox_row["clip_id"].replace("voxceleb2:", "youtube:", 1)
-        target = out_dir / vox_row["speaker_id"] / vox_row["youtube_id"] / f"{vox_row['utterance']}.mp4"
-        carried = {k: vox_row[k] for k in manifest.IDENTITY_COLUMNS + manifest.TRACK_COLUMNS}
-        row = manifest.new_row(clip_id, "youtube", **carried, media_path=str(target))
+        row = voxceleb.youtube_row(vox_row, out_dir)
+        target = Path(row["media_path"])
         if track.units != "fraction":
             rows.append(row | {"status": manifest.BAD_METADATA, "error": "pixel boxes (VoxCeleb1): frame size unknown"})
             continue
@@ -171,29 +187,6 @@ def ingest_youtube(cfg: IngestConfig, vox_rows: list[dict], tracks: dict, out_di
     return rows
 
 
-def probe_rows(rows: list[dict], existing: dict[str, dict], batch: int) -> list[dict]:
-    """Hash and inspect media of new or changed rows; rows already ingested from the same file
-    (same path and size) keep their recorded fields, so re-runs touch nothing already ingested."""
-    done, todo = [], []
-    for row in rows:
-        old = existing.get(row["clip_id"])
-        if row["status"] not in PROBED_STATUSES or not row["media_path"]:
-            done.append(row)
-        elif old is not None and old["media_path"] == row["media_path"] and _same_size(row["media_path"], old):
-            done.append(old)
-        else:
-            todo.append(row)
-    futures = probe_batch.map([todo[i : i + batch] for i in range(0, len(todo), batch)])
-    return done + [row for future in futures for row in future.result()]
-
-
-def _same_size(path: str, old: dict) -> bool:
-    try:
-        return os.path.getsize(path) == old["size_bytes"]
-    except OSError:
-        return False
-
-
 @flow(name="ingest", log_prints=True)
 def ingest_flow(
     cfg: IngestConfig,
@@ -204,7 +197,8 @@ def ingest_flow(
     voxceleb_dirs: list[Path] | None = None,
     downloads_dir: Path | None = None,
 ) -> dict[str, int]:
-    """Ingest every configured source into `out_dir/manifest.parquet`; returns counts by status."""
+    """Ingest every configured source into `out_dir/manifest.parquet`; returns counts by status.
+    Call it through `run`, which keeps secrets out of these (stored) parameters."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     if "sample" in cfg.sources:
@@ -213,15 +207,24 @@ def ingest_flow(
         rows += sources.scan_local(_required(local_dir, "local", "--local-dir"), cfg.local, local_csv)
     if {"voxceleb2", "youtube"} & set(cfg.sources):
         rows += ingest_voxceleb(cfg, out_dir, downloads_dir or out_dir / "downloads", voxceleb_dirs or [])
-    # Held-out speakers are test data whatever their source: never trained on.
-    rows = [row | {"split": "test"} if row["speaker_id"] in cfg.holdout_speakers else row for row in rows]
-    manifest_path = out_dir / MANIFEST_NAME
-    existing = {row["clip_id"]: row for row in manifest.read_manifest(manifest_path)}
-    probed = probe_rows(rows, existing, cfg.probe_batch)
-    merged = manifest.merge(existing.values(), probed)
+    rows = splits.assign_splits(rows, cfg.holdout_speakers, cfg.val_fraction)
+
+    manifest_path, state_path = out_dir / MANIFEST_NAME, out_dir / STATE_NAME
+    existing = {row["clip_id"]: row for row in manifest.read_existing(manifest_path)}
+    state = incremental.read_state(state_path)
+    ready, todo = incremental.plan(rows, existing, state)
+    batches = [todo[i : i + cfg.probe_batch] for i in range(0, len(todo), cfg.probe_batch)]
+    probed = [pair for future in probe_batch.map(batches) for pair in future.result()]
+
+    merged = manifest.merge(existing.values(), ready + [row for row, _ in probed])
+    merged = incremental.mark_vanished(merged, {row["clip_id"] for row in rows})
+    merged = splits.assign_splits(merged, cfg.holdout_speakers, cfg.val_fraction)  # holdout changes reach kept rows
     manifest.write_manifest(manifest_path, merged)
+    stamps = {cid: incremental.FileStamp(e.get("size"), e.get("mtime_ns")) for cid, e in state.items()}
+    stamps.update((row["clip_id"], stamp) for row, stamp in probed)
+    incremental.write_state(state_path, merged, stamps)
     counts = dict(sorted(Counter(row["status"] for row in merged).items()))
-    print(f"manifest {manifest_path}: {len(merged)} clips, by status {counts}")
+    print(f"manifest {manifest_path}: {len(merged)} clips, by status {counts}, {len(todo)} probed this run")
     return counts
 
 
@@ -232,5 +235,38 @@ def _required(path: Path | None, source: str, option: str) -> Path:
 
 
 def run(cfg: IngestConfig, out_dir: Path, **paths) -> dict[str, int]:
-    """Run the flow with cfg.workers threads probing media; `paths` as for ingest_flow."""
-    return ingest_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=cfg.workers))(cfg, out_dir, **paths)
+    """Run the flow with cfg.workers threads probing media; `paths` as for ingest_flow.
+
+    Paths are made absolute first (the manifest stores media paths that resolve from anywhere),
+    and download URLs are redacted in the config the flow (and Prefect's database) sees.
+    """
+    from preprocessing.ingest.download import redact_url
+
+    out_dir = Path(out_dir).absolute()
+    paths = {name: _absolute(value) for name, value in paths.items()}
+    real = {
+        (archive.name, number): part.url
+        for archive in cfg.voxceleb2.archives
+        for number, part in enumerate(archive.parts)
+    }
+    archives = [
+        archive.model_dump(mode="json")
+        | {"parts": [part.model_dump(mode="json") | {"url": redact_url(part.url)} for part in archive.parts]}
+        for archive in cfg.voxceleb2.archives
+    ]
+    shown = cfg.replace(voxceleb2=cfg.voxceleb2.replace(archives=archives))
+    with _REAL_URLS_LOCK:
+        _REAL_URLS.update(real)
+    try:
+        runner = ThreadPoolTaskRunner(max_workers=cfg.workers)
+        return ingest_flow.with_options(task_runner=runner)(shown, out_dir, **paths)
+    finally:
+        with _REAL_URLS_LOCK:
+            for key in real:
+                _REAL_URLS.pop(key, None)
+
+
+def _absolute(value):
+    if isinstance(value, list):
+        return [Path(v).absolute() for v in value]
+    return Path(value).absolute() if value is not None else None

@@ -1,4 +1,9 @@
-"""Stage face: MediaPipe FaceMesh tracking, splitting a clip into single-face runs, aligned crops.
+"""Stage face: MediaPipe FaceMesh tracking, splitting a clip into single-face runs, crops.
+
+Two crop modes (params `preprocess.crop.mode`, frames defined in preprocessing/schema.py):
+`box`, one fixed axis-aligned square per segment, so head roll, translation and scale stay in the
+pixels as VASA-1's latent space needs them (arXiv 2404.10667 sec. 3.1: pose is one of the factors it
+disentangles from the video); and `aligned`, a smoothed similarity per frame that levels the eyes.
 
 Coordinates are continuous pixels of the source frame: (0, 0) is the top-left corner of the top-left
 pixel and (W, H) the bottom-right corner of the last one, i.e. MediaPipe's normalised coordinates
@@ -27,12 +32,23 @@ MOUTH_CORNERS = (61, 291)
 SEGMENT_REJECTS = ("no_face", "multiple_faces", "face_too_small", "track_jump", "too_short")
 
 
+MAX_FACES = 2  # the graph looks for at most two faces: enough to see a second person
+
+
 @dataclass(frozen=True)
 class FaceTrack:
     """FaceMesh output for one clip; landmarks are NaN wherever `faces != 1`."""
 
     landmarks: np.ndarray  # (T, 478, 3) float32 pixels: x, y in the frame, z = MediaPipe z * width
-    faces: np.ndarray  # (T,) int faces found in each frame (0, 1 or 2: the graph looks for at most 2)
+    faces: np.ndarray  # (T,) int faces counted in each frame (0, 1 or 2)
+    detections: np.ndarray | None = None  # (T, 2, 478, 3) float32 every detection as found, NaN-padded
+
+    @classmethod
+    def from_detections(cls, detections: np.ndarray, counts: np.ndarray) -> FaceTrack:
+        """The raw track: a frame has one face exactly when FaceMesh found one."""
+        counts = np.asarray(counts, dtype=np.int64)
+        landmarks = np.where((counts == 1)[:, None, None], detections[:, 0], np.nan).astype(np.float32)
+        return cls(landmarks=landmarks, faces=counts, detections=detections)
 
 
 class FaceMeshTracker:
@@ -53,8 +69,33 @@ class FaceMeshTracker:
             min_tracking_confidence=min_tracking_confidence,
         )
 
+    def reset(self) -> None:
+        """Forget the tracked faces: call before the first frame of each clip (see `track`)."""
+        self._mesh.reset()
+
+    def detect(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Detections in consecutive frames (T, H, W, 3) uint8 RGB, continuing from the last call.
+
+        Returns ((T, 2, 478, 3) float32 pixels NaN-padded, (T,) int faces found). Call it chunk by
+        chunk over a clip (after one `reset`): the tracking state carries across calls, so the result
+        equals one call over all frames.
+        """
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise ValueError(f"frames must be (T, H, W, 3) uint8 RGB, got {frames.shape} {frames.dtype}")
+        height, width = frames.shape[1:3]
+        scale = np.array([width, height, width], dtype=np.float32)
+        detections = np.full((len(frames), MAX_FACES, N_LANDMARKS, 3), np.nan, dtype=np.float32)
+        counts = np.zeros(len(frames), dtype=np.int64)
+        for index, frame in enumerate(frames):
+            found = self._mesh.process(np.ascontiguousarray(frame)).multi_face_landmarks or []
+            counts[index] = len(found)
+            for slot, face in enumerate(found[:MAX_FACES]):
+                detections[index, slot] = np.array([(p.x, p.y, p.z) for p in face.landmark], dtype=np.float32) * scale
+        return detections, counts
+
     def track(self, frames: np.ndarray) -> FaceTrack:
-        """Landmarks of every frame of one clip, `frames` (T, H, W, 3) uint8 RGB.
+        """Landmarks of every frame of one clip, `frames` (T, H, W, 3) uint8 RGB (raw face counts).
 
         The graph keeps the last frame's faces as tracking state, so without a reset the first
         frames of a clip are tracked from the previous clip's face positions (measured: landmarks
@@ -64,21 +105,8 @@ class FaceMeshTracker:
         solution adds 33333 us per frame to a counter that reset() does not rewind. The legacy face
         mesh graph has no timestamp-dependent smoothing, so variable frame timing (vid03) is moot.
         """
-        frames = np.asarray(frames)
-        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-            raise ValueError(f"frames must be (T, H, W, 3) uint8 RGB, got {frames.shape} {frames.dtype}")
-        height, width = frames.shape[1:3]
-        scale = np.array([width, height, width], dtype=np.float32)
-        self._mesh.reset()
-        landmarks = np.full((len(frames), N_LANDMARKS, 3), np.nan, dtype=np.float32)  # (T, 478, 3) pixels
-        faces = np.zeros(len(frames), dtype=np.int64)
-        for index, frame in enumerate(frames):
-            found = self._mesh.process(np.ascontiguousarray(frame)).multi_face_landmarks or []
-            faces[index] = len(found)
-            if len(found) == 1:
-                points = np.array([(p.x, p.y, p.z) for p in found[0].landmark], dtype=np.float32)
-                landmarks[index] = points * scale
-        return FaceTrack(landmarks=landmarks, faces=faces)
+        self.reset()
+        return FaceTrack.from_detections(*self.detect(frames))
 
 
 _local = threading.local()
@@ -115,14 +143,63 @@ def face_centre(landmarks: np.ndarray) -> np.ndarray:
     return (eyes + mouth) / 2
 
 
+def landmark_boxes(landmarks: np.ndarray) -> np.ndarray:
+    """(..., 4) x0, y0, x1, y1 pixels: the 2D bounding box of (..., 478, 2|3) landmarks (NaN stays NaN)."""
+    xy = landmarks[..., :2]
+    return np.concatenate([xy.min(axis=-2), xy.max(axis=-2)], axis=-1)
+
+
+def box_iou(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Intersection over union of (..., 4) boxes x0, y0, x1, y1 (NaN boxes give NaN)."""
+    low, high = np.maximum(first[..., :2], second[..., :2]), np.minimum(first[..., 2:], second[..., 2:])
+    inter = np.prod(np.clip(high - low, 0, None), axis=-1)
+    area = np.prod(first[..., 2:] - first[..., :2], axis=-1) + np.prod(second[..., 2:] - second[..., :2], axis=-1)
+    return inter / np.maximum(area - inter, 1e-9)
+
+
+def merge_duplicates(track: FaceTrack, min_iou: float) -> FaceTrack:
+    """One person is one face: a second detection whose box overlaps the other by IoU >= `min_iou`
+    is the same face found twice (FaceMesh in tracking mode does this when its detector re-finds a
+    face it already tracks: IoU 0.67-0.83 measured on a phone video), so the frame counts one face.
+    Of the pair, the one nearest the previous frame's face is kept, so the track does not hop
+    between the two. Detections that do not overlap stay two faces (a second person: VASA-1,
+    arXiv 2404.10667 sec. 4.1, drops clips with more than one). Pure: returns a new FaceTrack.
+    """
+    if track.detections is None:
+        raise ValueError("merge_duplicates needs the raw detections (FaceTrack.from_detections)")
+    detections, counts = track.detections, track.faces.copy()
+    landmarks = np.array(track.landmarks, copy=True)
+    boxes = landmark_boxes(detections)  # (T, 2, 4)
+    overlap = box_iou(boxes[:, 0], boxes[:, 1])  # (T,) NaN unless two faces
+    previous = None  # (2,) centre of the last frame with one face
+    for index in range(len(counts)):
+        if counts[index] == 2 and overlap[index] >= min_iou:
+            pick = 0
+            if previous is not None:
+                centres = face_centre(detections[index])  # (2, 2)
+                pick = int(np.argmin(np.linalg.norm(centres - previous, axis=-1)))
+            landmarks[index] = detections[index, pick]
+            counts[index] = 1
+        if counts[index] == 1:
+            previous = face_centre(landmarks[index : index + 1])[0]
+    return FaceTrack(landmarks=landmarks, faces=counts, detections=detections)
+
+
+BRIDGEABLE = ("no_face", "multiple_faces")
+
+
 def find_segments(track: FaceTrack, cfg: FaceConfig, min_frames: int) -> tuple[list[tuple[int, int]], dict[str, int]]:
     """Runs of usable frames, [(start, end_exclusive)], and frames left out per reason.
 
     A frame is usable with exactly one face at least `cfg.min_face_px` high. A move of the face
     centre by more than `cfg.max_jump` face heights from the previous usable frame is a cut or a
     tracker switch: that frame is dropped (its landmarks may still come from the old track) and a
-    new run starts after it. Runs shorter than `min_frames` are dropped as "too_short". Every frame
-    is either in a returned run or counted under exactly one reason of SEGMENT_REJECTS.
+    new run starts after it. A gap of at most `cfg.max_gap_frames` frames with no face or two faces
+    between usable frames, across which the face moves no more than `cfg.max_jump` face heights, is
+    bridged: its frames stay in the run with NaN landmarks (fill them with `fill_gaps`), so a missed
+    detection or a stray one does not cut the clip. Runs shorter than `min_frames` are dropped as
+    "too_short". Every frame is either in a returned run or counted under exactly one reason of
+    SEGMENT_REJECTS.
     """
     faces = np.asarray(track.faces)
     height = face_height(track.landmarks)  # (T,) pixels, NaN without one face
@@ -134,6 +211,7 @@ def find_segments(track: FaceTrack, cfg: FaceConfig, min_frames: int) -> tuple[l
     move = np.linalg.norm(np.diff(centre, axis=0), axis=-1) / height[1:]  # (T-1,) face heights
     jumped = np.concatenate([[False], (reason[:-1] == "") & (reason[1:] == "") & (move > cfg.max_jump)])
     reason[jumped] = "track_jump"
+    _bridge_gaps(reason, centre, height, cfg)
 
     segments = []
     start = None
@@ -148,6 +226,34 @@ def find_segments(track: FaceTrack, cfg: FaceConfig, min_frames: int) -> tuple[l
             start = None
     counts = {name: int(np.sum(reason == name)) for name in SEGMENT_REJECTS}
     return segments, counts
+
+
+def _bridge_gaps(reason: np.ndarray, centre: np.ndarray, height: np.ndarray, cfg: FaceConfig) -> None:
+    """Mark short no-face / two-face gaps between usable frames usable (in place), unless the face
+    jumped across the gap (a cut hidden by black frames stays a cut)."""
+    index = 0
+    while index < len(reason):
+        if reason[index] not in BRIDGEABLE:
+            index += 1
+            continue
+        end = index
+        while end < len(reason) and reason[end] in BRIDGEABLE:
+            end += 1
+        short = index > 0 and end < len(reason) and end - index <= cfg.max_gap_frames
+        if short and reason[index - 1] == "" and reason[end] == "":
+            move = np.linalg.norm(centre[end] - centre[index - 1]) / height[end]
+            if move <= cfg.max_jump:
+                reason[index:end] = ""
+        index = end
+
+
+def fill_gaps(landmarks: np.ndarray) -> np.ndarray:
+    """(T, 478, 3) landmarks with NaN frames (bridged gaps) linearly interpolated from their
+    neighbours, nearest at the ends. Raises ValueError when no frame has a face."""
+    flat = landmarks.reshape(len(landmarks), -1)
+    if np.isfinite(flat).all():
+        return landmarks
+    return _fill_gaps(flat).reshape(landmarks.shape).astype(landmarks.dtype)
 
 
 def smooth(x: np.ndarray, window: int) -> np.ndarray:
@@ -196,6 +302,61 @@ def crop_transforms(landmarks: np.ndarray, size: int, cfg: FaceConfig) -> np.nda
     return np.concatenate([linear, offset[:, :, None]], axis=2)
 
 
+def box_transform(
+    landmarks: np.ndarray, size: int, crop_scale: float, frame_hw: tuple[int, int] | None = None
+) -> np.ndarray:
+    """(2, 3) source pixels -> crop pixels of ONE axis-aligned square for a whole segment.
+
+    The box is centred on the median face centre; its side is `crop_scale` times a robust maximum
+    (95th percentile) of the face height, widened where the face moves further, so the face stays
+    inside: half the side covers the largest (98th percentile) move of the centre plus 0.6 face
+    heights. Given the frame size (H, W), a box that would stick out is first narrowed toward the
+    frame's shorter side (never below what keeps the face inside) and then shifted into the frame:
+    sources that are already face crops (VoxCeleb2's 224² tracks) would otherwise get a third of
+    every crop made of filled border. Corner and side are whole pixels, so cropping is an exact
+    sub-window and a resize. Frames without a face (NaN) are ignored; none at all raises ValueError.
+    """
+    height, centre = face_height(landmarks), face_centre(landmarks)  # (T,), (T, 2) pixels
+    valid = np.isfinite(height) & np.isfinite(centre).all(axis=1)
+    if not valid.any():
+        raise ValueError("no frame with a face: cannot place a crop")
+    tall = float(np.percentile(height[valid], 95))
+    middle = np.median(centre[valid], axis=0)
+    spread = float(np.percentile(np.abs(centre[valid] - middle), 98, axis=0).max())
+    needed = 2 * spread + 1.2 * tall  # keeps the face inside as it moves
+    side = max(crop_scale * tall, needed)
+    corner = middle - side / 2
+    if frame_hw is not None:
+        frame_h, frame_w = frame_hw
+        side = max(min(side, frame_h, frame_w), needed)
+        corner = middle - side / 2
+        # Shift into the frame along each axis where the box fits; centre it where it does not.
+        for axis, extent in ((0, frame_w), (1, frame_h)):
+            corner[axis] = np.clip(corner[axis], 0, extent - side) if side <= extent else (extent - side) / 2
+    side = max(2, round(side))
+    x0, y0 = np.round(corner)
+    scale = size / side
+    return np.array([[scale, 0.0, -scale * x0], [0.0, scale, -scale * y0]])
+
+
+def box_of(transform: np.ndarray, size: int) -> tuple[int, int, int]:
+    """(x0, y0, side) source pixels of the square an axis-aligned (2, 3) transform crops."""
+    scale = float(transform[0, 0])
+    return round(-transform[0, 2] / scale), round(-transform[1, 2] / scale), round(size / scale)
+
+
+def outside_fraction(transforms: np.ndarray, size: int, source_hw: tuple[int, int], grid: int = 32) -> np.ndarray:
+    """(T,) fraction of each crop's area that lies outside the source frame (H, W), from a grid of
+    grid x grid crop pixel centres mapped back into the source."""
+    centres = (np.arange(grid) + 0.5) * size / grid
+    points = np.stack(np.meshgrid(centres, centres), axis=-1).reshape(-1, 2)  # (G², 2) crop pixels
+    linear, offset = transforms[:, :, :2], transforms[:, :, 2]
+    source = np.einsum("tij,tnj->tni", np.linalg.inv(linear), points[None] - offset[:, None])  # (T, G², 2)
+    height, width = source_hw
+    inside = (source[..., 0] >= 0) & (source[..., 0] <= width) & (source[..., 1] >= 0) & (source[..., 1] <= height)
+    return 1.0 - inside.mean(axis=1)
+
+
 def transform_scale(transforms: np.ndarray) -> np.ndarray:
     """(T,) scale of each similarity transform (crop pixels per source pixel)."""
     return np.sqrt(np.abs(np.linalg.det(transforms[:, :, :2])))
@@ -211,8 +372,44 @@ def transform_points(points: np.ndarray, transforms: np.ndarray) -> np.ndarray:
     return mapped
 
 
-def apply_crops(frames: np.ndarray, transforms: np.ndarray, size: int) -> np.ndarray:
-    """(T, size, size, 3) uint8 crops of (T, H, W, 3) uint8 `frames`.
+BORDERS = {"replicate": cv2.BORDER_REPLICATE, "reflect": cv2.BORDER_REFLECT_101}
+
+
+def crop_box(frame: np.ndarray, box: tuple[int, int, int], size: int, border: str = "replicate") -> np.ndarray:
+    """(size, size, 3) uint8 crop of the square `box` = (x0, y0, side) source pixels of (H, W, 3) `frame`.
+
+    A sub-window and one resize (INTER_AREA when shrinking: an exact box filter, no aliasing;
+    INTER_CUBIC when enlarging), the cheap path of the fixed `box` crop. Parts of the box outside the
+    frame are filled by `border` (edge replication or reflection, never black: black wedges would be
+    learned as content).
+    """
+    x0, y0, side = box
+    height, width = frame.shape[:2]
+    left, top = max(x0, 0), max(y0, 0)
+    right, bottom = min(x0 + side, width), min(y0 + side, height)
+    if right <= left or bottom <= top:
+        raise ValueError(f"crop box {box} does not overlap the {width}x{height} frame")
+    region = frame[top:bottom, left:right]
+    pads = (top - y0, y0 + side - bottom, left - x0, x0 + side - right)
+    if any(pads):
+        region = cv2.copyMakeBorder(region, *pads, BORDERS[border])
+    if side == size:
+        return np.ascontiguousarray(region)
+    interpolation = cv2.INTER_AREA if side > size else cv2.INTER_CUBIC
+    return cv2.resize(region, (size, size), interpolation=interpolation)
+
+
+def crop_frame(frame: np.ndarray, transform: np.ndarray, size: int, border: str = "replicate") -> np.ndarray:
+    """(size, size, 3) crop of one (H, W, 3) frame by a (2, 3) source -> crop transform: the sub-window
+    path for an axis-aligned square with a whole-pixel corner and side, a warp otherwise."""
+    x0, y0, side = box_of(transform, size) if transform[0, 1] == 0 == transform[1, 0] else (0, 0, 0)
+    if side and np.allclose(transform, [[size / side, 0, -x0 * size / side], [0, size / side, -y0 * size / side]]):
+        return crop_box(frame, (x0, y0, side), size, border)
+    return _crop_one(frame, transform, size, border)
+
+
+def apply_crops(frames: np.ndarray, transforms: np.ndarray, size: int, border: str = "replicate") -> np.ndarray:
+    """(T, size, size, 3) uint8 crops of (T, H, W, 3) uint8 `frames` by (T, 2, 3) transforms.
 
     warpAffine has no area filter, and bilinear sampling of a 512² face into 128² aliases (hair,
     teeth, stubble shimmer from frame to frame). So when a crop shrinks, the region it covers is
@@ -222,11 +419,11 @@ def apply_crops(frames: np.ndarray, transforms: np.ndarray, size: int) -> np.nda
     """
     crops = np.empty((len(frames), size, size, 3), dtype=np.uint8)
     for index, (frame, transform) in enumerate(zip(frames, transforms, strict=True)):
-        crops[index] = _crop_one(frame, transform, size)
+        crops[index] = crop_frame(frame, transform, size, border)
     return crops
 
 
-def _crop_one(frame: np.ndarray, transform: np.ndarray, size: int) -> np.ndarray:
+def _crop_one(frame: np.ndarray, transform: np.ndarray, size: int, border: str) -> np.ndarray:
     linear, offset = transform[:, :2].astype(np.float64), transform[:, 2].astype(np.float64)
     scale = float(np.sqrt(abs(np.linalg.det(linear))))
     if scale < 1:
@@ -247,6 +444,4 @@ def _crop_one(frame: np.ndarray, transform: np.ndarray, size: int) -> np.ndarray
     # coordinates (pixel corners at integers), so shift by half a pixel on both sides.
     centred = offset + linear @ np.array([0.5, 0.5]) - 0.5
     matrix = np.concatenate([linear, centred[:, None]], axis=1)
-    return cv2.warpAffine(
-        frame, matrix, (size, size), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_CONSTANT, borderValue=0
-    )
+    return cv2.warpAffine(frame, matrix, (size, size), flags=cv2.INTER_CUBIC, borderMode=BORDERS[border])

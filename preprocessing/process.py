@@ -2,44 +2,48 @@
 
 `process_clip` takes a manifest row and the stage config and returns the training samples (one per
 usable face segment) and the failures, each with a reason. Nothing here writes files: the flow
-caches and shards the result. Any problem with the clip's media is a recorded failure, never an
-exception.
+caches and shards the result, and joins the manifest's provenance and split when it writes shards
+(so what is returned is derived from the media alone and never goes stale). No exception escapes:
+anything that goes wrong with one clip is a recorded failure, flagged `transient` when the
+environment caused it (missing file, permission, memory), so a cache does not keep it.
+
+Memory is bounded by the chunk size, not the clip length: the clip is decoded twice, chunk by chunk.
+Pass 1 tracks the face (FaceMesh state carried across chunks) and keeps only landmarks and a
+sharpness per frame; segments, crop boxes, pose and filters are decided from those; pass 2 decodes
+again and streams each accepted segment's crops into its own H.264 encoder.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
-import tempfile
+import re
+import wave
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from preprocessing import audio, face, filters, pose
-from preprocessing.decode import DecodeError, load_clip
-from preprocessing.media import write_mp4
+from preprocessing import audio, decode, face, filters, pose, schema
+from preprocessing.media import VideoWriter
 from preprocessing.shards import Sample
 from vasa.config import PreprocessConfig
 
-POSE_COLUMNS = ("yaw_deg", "pitch_deg", "roll_deg", "tx_px", "ty_px", "tz_px", "scale_px")
-PROVENANCE_COLUMNS = (
-    "clip_id",
-    "key",
-    "speaker_id",
-    "source_kind",
-    "source_url",
-    "youtube_id",
-    "utterance",
-    "licence",
-    "sha256",
-    "split",
-    "frame_start",
-    "frame_end",
-    "av_offset",
-)
 # Failure statuses: the media could not be used at all, or a segment was filtered out.
 ERROR, REJECTED = "error", "rejected"
+DECODE_ERROR, MISSING_MEDIA, UNREADABLE_MEDIA, INTERNAL_ERROR = (
+    "decode_error",
+    "missing_media",
+    "unreadable_media",
+    "internal_error",
+)
+# errno values of an OSError that say the environment (disk, mount, permissions, limits) failed,
+# not the media: such an outcome may heal on a re-run, so it must not be cached.
+ENVIRONMENT_ERRNOS = frozenset(
+    {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EIO, errno.ENOSPC, errno.ENOMEM, errno.EMFILE, errno.ENFILE}
+    | {errno.ESTALE, errno.EROFS, errno.ETIMEDOUT, errno.EAGAIN}
+)
+MAX_DETAIL = 500  # characters of a failure detail
 
 
 @dataclass
@@ -47,91 +51,273 @@ class Outcome:
     """What became of one clip: samples to shard and failures to report."""
 
     samples: list[Sample] = field(default_factory=list)
-    failures: list[dict] = field(default_factory=list)
-    frame_rejections: dict[str, int] = field(default_factory=dict)  # frames dropped per reason
+    failures: list[dict] = field(default_factory=list)  # clip_id, key, status, reason, detail
+    frame_rejections: dict[str, int] = field(default_factory=dict)  # frames left out per reason
+    transient: bool = False  # the failure came from the environment: do not cache this outcome
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """One face segment, decided from pass 1 (everything but its pixels)."""
+
+    start: int
+    end: int  # exclusive
+    transforms: np.ndarray  # (T, 2, 3) decoded pixels -> crop pixels
+    landmarks: np.ndarray  # (T, 478, 3) crop pixels, bridged frames interpolated
+    head: pose.Pose  # crop frame
+    meta: dict  # sample JSON fields measured from the landmarks
 
 
 def process_clip(row: dict, cfg: PreprocessConfig) -> Outcome:
-    outcome = Outcome()
+    """Samples and failures of one manifest row (needs clip_id, key, media_path, av_offset)."""
     try:
-        clip = load_clip(row["media_path"], fps=cfg.fps, sample_rate=cfg.sample_rate)
-    except DecodeError as err:
-        outcome.failures.append(_failure(row, ERROR, "decode_error", str(err)))
+        return _process(row, cfg)
+    except decode.DecodeError as err:
+        outcome = Outcome(transient=is_environmental(err.__cause__))
+        outcome.failures.append(_failure(row, ERROR, DECODE_ERROR, clean_detail(str(err))))
+        return outcome
+    # Anything else (an odd crop size, a MediaPipe or encoder error, out of memory) is a failure of
+    # this clip only: one bad item must never abort the run (issue 8 sec. 2). BaseExceptions such as
+    # KeyboardInterrupt still propagate.
+    except Exception as err:  # noqa: BLE001
+        outcome = Outcome(transient=is_environmental(err))
+        detail = f"{type(err).__name__}: {clean_detail(str(err))}"
+        outcome.failures.append(_failure(row, ERROR, INTERNAL_ERROR, detail))
+        return outcome
+
+
+def is_environmental(err: BaseException | None) -> bool:
+    """True when `err` (or what caused it) says the environment failed, not the clip."""
+    while err is not None:
+        if isinstance(err, MemoryError | FileNotFoundError | PermissionError):
+            return True
+        if isinstance(err, OSError) and err.errno in ENVIRONMENT_ERRNOS:
+            return True
+        err = err.__cause__
+    return False
+
+
+_VOLATILE = (
+    (re.compile(r"\[\d{1,2}:\d{2}:\d{2}(?:\.\d+)?\]\s*"), ""),  # decord/dmlc log stamps: [23:18:45]
+    (re.compile(r"\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}(?:[.,]\d+)?(?:Z|[+-]\d{2}:?\d{2})?"), "<time>"),
+    (re.compile(r"\b0x[0-9a-fA-F]{6,}\b"), "0x?"),  # object addresses
+    (re.compile(r"\s+"), " "),
+)
+
+
+def clean_detail(text: str) -> str:
+    """A failure detail without volatile text (wall-clock stamps, dates, memory addresses) and
+    collapsed whitespace, cut to MAX_DETAIL characters: the same failure gives the same bytes."""
+    for pattern, replacement in _VOLATILE:
+        text = pattern.sub(replacement, text)
+    text = text.strip()
+    return text if len(text) <= MAX_DETAIL else text[: MAX_DETAIL - 3] + "..."
+
+
+def _process(row: dict, cfg: PreprocessConfig) -> Outcome:
+    outcome = Outcome()
+    problem = _unreadable(row["media_path"])
+    if problem:
+        outcome.transient = True
+        outcome.failures.append(_failure(row, ERROR, *problem))
         return outcome
     min_frames = max(1, int(np.ceil(cfg.filters.min_seconds * cfg.fps)))
-    if len(clip.frames) < min_frames:
-        outcome.failures.append(_failure(row, REJECTED, filters.TOO_SHORT, f"{len(clip.frames)} frames"))
-        return outcome
-    track = face.get_tracker(cfg.face).track(clip.frames)
-    segments, rejected = face.find_segments(track, cfg.face, min_frames)
-    outcome.frame_rejections = {reason: count for reason, count in rejected.items() if count}
-    if not segments:
-        reason = max(rejected, key=lambda r: rejected[r]) if any(rejected.values()) else filters.TOO_SHORT
-        outcome.failures.append(_failure(row, REJECTED, reason, f"no usable face segment: {outcome.frame_rejections}"))
-        return outcome
-    for start, end in segments:
-        _process_segment(row, cfg, clip, track, start, end, outcome)
+    with decode.open_clip(
+        row["media_path"], fps=cfg.fps, sample_rate=cfg.sample_rate, max_side=cfg.decode.max_side
+    ) as reader:
+        if reader.n_frames < min_frames:
+            outcome.frame_rejections = {filters.TOO_SHORT: reader.n_frames}
+            detail = f"{reader.n_frames} frames < {min_frames} (min_seconds {cfg.filters.min_seconds})"
+            outcome.failures.append(_failure(row, REJECTED, filters.TOO_SHORT, detail))
+            return outcome
+        track, sharpness = _track(reader, cfg)  # pass 1
+        spans, rejected = face.find_segments(track, cfg.face, min_frames)
+        rejections = {reason: count for reason, count in rejected.items() if count}
+        segments = []
+        for start, end in spans:
+            segment = _plan_segment(cfg, reader, track.landmarks[start:end], sharpness[start:end], start, end)
+            problems = filters.segment_problems(
+                end - start,
+                cfg.fps,
+                segment.meta["sharpness"],
+                segment.head.yaw,
+                segment.head.pitch,
+                row.get("av_offset"),
+                segment.meta["outside_fraction"],
+                segment.meta["upscale"],
+                cfg.filters,
+            )
+            if problems:
+                reason = problems[0][0]
+                rejections[reason] = rejections.get(reason, 0) + end - start
+                detail = "; ".join(f"{name}: {text}" for name, text in problems)
+                outcome.failures.append(_failure(row, REJECTED, reason, detail, key=_key(row, start)))
+            else:
+                segments.append(segment)
+        outcome.frame_rejections = dict(sorted(rejections.items()))
+        if not spans:
+            reason = max(rejected, key=lambda r: rejected[r]) if any(rejected.values()) else filters.TOO_SHORT
+            detail = f"no usable face segment in {reader.n_frames} frames: {outcome.frame_rejections}"
+            outcome.failures.append(_failure(row, REJECTED, reason, detail))
+            return outcome
+        videos = _encode(reader, segments, cfg)  # pass 2
+        for segment, video in zip(segments, videos, strict=True):
+            outcome.samples.append(_sample(row, cfg, reader, segment, video, outcome.frame_rejections))
     return outcome
 
 
-def _process_segment(row, cfg: PreprocessConfig, clip, track, start: int, end: int, outcome: Outcome) -> None:
-    key = f"{row['key']}_{start:05d}"
-    landmarks = track.landmarks[start:end]  # (T, 478, 3) source pixels
-    transforms = face.crop_transforms(landmarks, cfg.crop_size, cfg.face)  # (T, 2, 3)
-    crops = face.apply_crops(clip.frames[start:end], transforms, cfg.crop_size)  # (T, S, S, 3)
-    head = pose.head_pose(landmarks)
-    problems = filters.segment_problems(
-        end - start, cfg.fps, filters.sharpness(crops), head.yaw, head.pitch, row.get("av_offset"), cfg.filters
-    )
-    if problems:
-        outcome.failures.append(_failure(row, REJECTED, problems[0], ", ".join(problems), key=key))
-        return
+def _unreadable(path: str) -> tuple[str, str] | None:
+    """(reason, detail) when the media file cannot be opened at all: a problem of the environment
+    (a path that no longer resolves, permissions), told apart from bad media before decoding."""
+    try:
+        with open(path, "rb") as handle:
+            handle.read(1)
+    except FileNotFoundError as err:
+        return MISSING_MEDIA, f"FileNotFoundError: {err.strerror}: {path}"
+    except OSError as err:
+        return UNREADABLE_MEDIA, f"{type(err).__name__}: {err.strerror}: {path}"
+    return None
+
+
+def _track(reader, cfg: PreprocessConfig) -> tuple[face.FaceTrack, np.ndarray]:
+    """Pass 1: FaceMesh over the clip chunk by chunk, duplicates merged -> (FaceTrack, (T,) sharpness).
+
+    Only landmarks (~11 KB a frame) are kept, never frames.
+    """
+    tracker = face.get_tracker(cfg.face)
+    tracker.reset()
+    n = reader.n_frames
+    detections = np.full((n, face.MAX_FACES, face.N_LANDMARKS, 3), np.nan, dtype=np.float32)
+    counts = np.zeros(n, dtype=np.int64)
+    sharpness = np.full(n, np.nan)  # (T,) variance of the Laplacian of the face at a fixed size
+    for start, frames in reader.chunks(cfg.decode.chunk_frames):
+        found, number = tracker.detect(frames)
+        detections[start : start + len(frames)], counts[start : start + len(frames)] = found, number
+        first = found[:, 0]  # (n, 478, 3): any detection measures the source's focus
+        heights, centres = face.face_height(first), face.face_centre(first)
+        for offset, frame in enumerate(frames):
+            if number[offset]:
+                sharpness[start + offset] = filters.face_sharpness(frame, centres[offset], heights[offset])
+    track = face.merge_duplicates(face.FaceTrack.from_detections(detections, counts), cfg.face.duplicate_iou)
+    return track, sharpness
+
+
+def _plan_segment(cfg: PreprocessConfig, reader, landmarks, sharpness, start: int, end: int) -> _Segment:
+    """Crop transforms, crop-frame landmarks and pose, and the measured quality of one segment."""
+    bridged = np.flatnonzero(~np.isfinite(landmarks).all(axis=(1, 2)))  # frames of bridged gaps
+    source = face.fill_gaps(landmarks)  # (T, 478, 3) decoded pixels
+    if cfg.crop.mode == "box":
+        box = face.box_transform(source, cfg.crop_size, cfg.face.crop_scale, (reader.height, reader.width))
+        transforms = np.repeat(box[None], end - start, axis=0)  # (T, 2, 3): one box for the segment
+    else:
+        transforms = face.crop_transforms(source, cfg.crop_size, cfg.face)
+    crop_landmarks = face.transform_points(source, transforms)  # (T, 478, 3) crop pixels
+    head = pose.head_pose(crop_landmarks)  # pose.npy is in the crop frame (schema.POSE_FRAME)
+    scale = face.transform_scale(transforms)  # (T,) crop pixels per decoded pixel
+    meta = {
+        "sharpness": round(float(np.nanmedian(sharpness)), 3) if np.isfinite(sharpness).any() else float("nan"),
+        "outside_fraction": round(
+            float(np.mean(face.outside_fraction(transforms, cfg.crop_size, (reader.height, reader.width)))), 4
+        ),
+        "upscale": round(float(np.median(scale)), 4),
+        "frames_bridged": bridged.tolist(),
+        # VASA-1's head distance d (sec. 3.2): face scale (eye-corner distance) relative to the decoded
+        # frame's shorter side; larger = closer to the camera. Independent of the crop.
+        "head_distance": round(float(np.nanmedian(head.scale / scale)) / min(reader.height, reader.width), 6),
+    }
+    return _Segment(start, end, transforms, crop_landmarks, head, meta)
+
+
+def _encode(reader, segments: list[_Segment], cfg: PreprocessConfig) -> list[bytes]:
+    """Pass 2: decode again and stream each segment's crops into its own encoder -> mp4 bytes each.
+
+    Segments are disjoint and in order, so at most one encoder is open at a time.
+    """
+    videos: list[bytes] = []
+    queue = list(segments)
+    writer, buffer, segment = None, None, None
+    try:
+        for start, frames in reader.chunks(cfg.decode.chunk_frames):
+            for index, frame in enumerate(frames, start):
+                if segment is None and queue and index == queue[0].start:
+                    segment, buffer = queue.pop(0), io.BytesIO()
+                    writer = VideoWriter(buffer, cfg.crop_size, cfg.crop_size, cfg.fps, cfg.crop_crf, cfg.crop_preset)
+                if segment is None:
+                    continue
+                writer.write(
+                    face.crop_frame(frame, segment.transforms[index - segment.start], cfg.crop_size, cfg.crop.border)
+                )
+                if index == segment.end - 1:
+                    writer.close()
+                    videos.append(buffer.getvalue())
+                    writer, segment = None, None
+            if segment is None and not queue:
+                break  # the rest of the clip is in no segment: stop decoding
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if len(videos) != len(segments):
+        if writer is not None:
+            writer.abort()
+        raise decode.DecodeError(f"the second decoding pass ended before frame {reader.n_frames} of the first")
+    return videos
+
+
+def _sample(row, cfg: PreprocessConfig, reader, segment: _Segment, video: bytes, frame_rejections) -> Sample:
+    start, end, head = segment.start, segment.end, segment.head
     hop = cfg.sample_rate // cfg.fps
-    sound = clip.audio[start * hop : end * hop]  # (T * hop,) float32
-    gaze = pose.gaze(landmarks, head)  # (T, 2) degrees
+    sound = reader.audio[start * hop : end * hop]  # (T * hop,) float32
+    gaze = pose.gaze(segment.landmarks, head)  # (T, 2) degrees, relative to the head
     pose_array = np.column_stack([head.yaw, head.pitch, head.roll, head.translation, head.scale]).astype(np.float32)
+    # crop.npy maps the ORIGINAL (upright) source pixels: decoded = scale * original when max_side capped it.
+    transforms = segment.transforms.astype(np.float64).copy()
+    transforms[:, :, :2] *= reader.scale
     members = {
-        "mp4": _mp4_bytes(crops, cfg),
-        "wav": _wav_bytes(sound, cfg.sample_rate),
-        "pose.npy": _npy(pose_array),  # (T, 7) POSE_COLUMNS
-        "landmarks.npy": _npy(face.transform_points(landmarks, transforms).astype(np.float16)),  # (T, 478, 3) crop px
-        "gaze.npy": _npy(gaze.astype(np.float32)),  # (T, 2) theta, phi degrees, relative to the head
-        "expression.npy": _npy(pose.expression(landmarks, head).astype(np.float32)),
-        "mel.npy": _npy(audio.log_mel(sound, cfg.sample_rate, cfg.fps, cfg.audio)),  # (T * k, n_mels)
+        schema.MP4: video,
+        schema.WAV: _wav_bytes(sound, cfg.sample_rate),
+        schema.POSE: _npy(pose_array),  # (T, 7) POSE_COLUMNS, crop frame
+        schema.CROP_TRANSFORM: _npy(transforms.astype(np.float32)),  # (T, 2, 3) source -> crop pixels
+        schema.LANDMARKS: _npy(segment.landmarks.astype(np.float16)),  # (T, 478, 3) crop pixels
+        schema.GAZE: _npy(gaze.astype(np.float32)),  # (T, 2) theta, phi degrees
+        schema.EXPRESSION: _npy(pose.expression(segment.landmarks, head).astype(np.float32)),
+        schema.MEL: _npy(audio.log_mel(sound, cfg.sample_rate, cfg.fps, cfg.audio)),  # (T * k, n_mels)
     }
     if cfg.audio.encoder_dir:
         encoder = audio.get_encoder(cfg.audio.encoder_dir)
-        members["speech.npy"] = _npy(encoder.encode(sound, cfg.sample_rate, cfg.fps))  # (T, D)
+        members[schema.SPEECH] = _npy(encoder.encode(sound, cfg.sample_rate, cfg.fps))  # (T, D)
+    key = _key(row, start)
     meta = {
+        "schema_version": schema.SCHEMA_VERSION,
         "key": key,
         "segment": [start, end],
         "n_frames": end - start,
         "fps": cfg.fps,
         "sample_rate": cfg.sample_rate,
         "crop_size": cfg.crop_size,
+        "crop_mode": cfg.crop.mode,
+        "crop_border": cfg.crop.border,
+        "pose_frame": schema.POSE_FRAME,
+        "pose_columns": list(schema.POSE_COLUMNS),
+        "gaze_columns": list(schema.GAZE_COLUMNS),
+        "expression_columns": list(schema.EXPRESSION_COLUMNS),
+        "source_size": [round(reader.width / reader.scale), round(reader.height / reader.scale)],
+        "decoded_size": [reader.width, reader.height],
         "mel_frames_per_video_frame": audio.mel_frames_per_video_frame(cfg.sample_rate, cfg.fps, cfg.audio.hop_length),
-        "pose_columns": list(POSE_COLUMNS),
-        "expression_columns": list(pose.EXPRESSION_COLUMNS),
         "main_gaze_deg": [round(float(v), 4) for v in pose.main_gaze(gaze)],
-        # VASA-1's head distance d: face scale (eye-corner distance, px) relative to the source frame's
-        # shorter side; larger = closer to the camera.
-        "head_distance": round(float(np.nanmedian(head.scale)) / min(clip.frames.shape[1:3]), 6),
-        "frames_rejected": outcome.frame_rejections,
-        "provenance": {column: row.get(column) for column in PROVENANCE_COLUMNS},
+        "frames_rejected": frame_rejections,
+        **segment.meta,
     }
-    members["json"] = json.dumps(meta, sort_keys=True, default=_plain).encode()
-    outcome.samples.append(Sample(key, members, frames=end - start, seconds=(end - start) / cfg.fps))
+    members[schema.JSON] = json.dumps(meta, sort_keys=True).encode()
+    return Sample(key, members, frames=end - start, seconds=(end - start) / cfg.fps)
+
+
+def _key(row: dict, start: int) -> str:
+    return f"{row['key']}_{start:05d}"
 
 
 def _failure(row: dict, status: str, reason: str, detail: str, key: str | None = None) -> dict:
-    return {
-        "clip_id": row["clip_id"],
-        "key": key or row["key"],
-        "status": status,
-        "reason": reason,
-        "detail": detail,
-        "split": row["split"],
-    }
+    return {"clip_id": row["clip_id"], "key": key or row["key"], "status": status, "reason": reason, "detail": detail}
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -142,8 +328,6 @@ def _npy(array: np.ndarray) -> bytes:
 
 def _wav_bytes(sound: np.ndarray, sample_rate: int) -> bytes:
     """16-bit PCM WAV (lossless for training, readable by every audio library)."""
-    import wave
-
     pcm = np.clip(np.round(sound * 32767), -32768, 32767).astype("<i2")
     buffer = io.BytesIO()
     with wave.open(buffer, "wb") as handle:
@@ -152,17 +336,3 @@ def _wav_bytes(sound: np.ndarray, sample_rate: int) -> bytes:
         handle.setframerate(sample_rate)
         handle.writeframes(pcm.tobytes())
     return buffer.getvalue()
-
-
-def _mp4_bytes(crops: np.ndarray, cfg: PreprocessConfig) -> bytes:
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "crop.mp4"
-        write_mp4(path, crops, cfg.fps, crf=cfg.crop_crf, preset=cfg.crop_preset)
-        return path.read_bytes()
-
-
-def _plain(value):
-    """JSON for numpy scalars in provenance (parquet ints come back as numpy types)."""
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -142,11 +142,17 @@ def test_find_segments_reasons_on_synthetic_track(face_cfg):
     landmarks[faces != 1] = np.nan
     landmarks[10] = template * 10 + [200, 200, 0]  # face far too small
     landmarks[30:] += [150, 0, 0]  # a cut: the face moves by ~0.8 face heights
-    segments, counts = find_segments(FaceTrack(landmarks=landmarks, faces=faces), face_cfg, min_frames=4)
+    track = FaceTrack(landmarks=landmarks, faces=faces)
+    segments, counts = find_segments(track, face_cfg.replace(max_gap_frames=0), min_frames=4)
     assert segments == [(0, 5), (11, 20), (21, 30), (31, 40)]
     assert counts == {"no_face": 2, "multiple_faces": 1, "face_too_small": 1, "track_jump": 1, "too_short": 3}
     assert set(counts) == set(SEGMENT_REJECTS)
     assert sum(counts.values()) + sum(end - start for start, end in segments) == 40
+    # With gaps of up to 2 frames bridged, the missed detections and the stray second face no longer
+    # cut the run; a too-small face and a cut still do.
+    segments, counts = find_segments(track, face_cfg.replace(max_gap_frames=2), min_frames=4)
+    assert segments == [(0, 10), (11, 30), (31, 40)]
+    assert counts == {"no_face": 0, "multiple_faces": 0, "face_too_small": 1, "track_jump": 1, "too_short": 0}
 
 
 # Crops

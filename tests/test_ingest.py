@@ -34,7 +34,7 @@ def metadata_text(speaker: str, youtube: str, first: int = 100, count: int = 20,
 def prefect_harness():
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=300):  # 2 busy cores can take minutes
         yield
 
 
@@ -43,7 +43,8 @@ def _config(params, **updates):
 
 
 def _manifest(out: Path) -> pd.DataFrame:
-    return pd.read_parquet(out / MANIFEST_NAME).set_index("clip_id")
+    """The manifest as read_manifest gives it (media paths absolute)."""
+    return pd.DataFrame(manifest.read_manifest(out / MANIFEST_NAME)).set_index("clip_id")
 
 
 def _talking_clip(path: Path, seconds: float = 1.0, audio: bool = True, size: int = 64) -> Path:
@@ -89,12 +90,12 @@ def test_manifest_is_sorted_typed_and_byte_stable(tmp_path):
         manifest.new_row("local:a", "local", speakr="s")
 
 
-def test_merge_keeps_old_rows_and_takes_changed_media():
-    old = manifest.new_row("local:a", "local", sha256="1", size_bytes=1)
+def test_merge_keeps_unseen_rows_and_takes_this_runs_view():
+    old = manifest.new_row("local:a", "local", sha256="1", size_bytes=1, licence="unknown")
     gone = manifest.new_row("local:gone", "local", sha256="9", size_bytes=9)
-    same = old | {"error": "re-probed"}
+    relicensed = old | {"licence": "CC-BY-4.0"}  # provenance from this run's CSV must not go stale
     changed = old | {"sha256": "2"}
-    assert manifest.merge([old, gone], [same]) == [old, gone]
+    assert manifest.merge([old, gone], [relicensed]) == [relicensed, gone]
     assert manifest.merge([old], [changed]) == [changed]
 
 

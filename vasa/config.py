@@ -166,8 +166,17 @@ class FaceConfig(Section):
     min_tracking_confidence: float = Field(ge=0, le=1)
     min_face_px: float = Field(gt=0)  # face height (forehead to chin) in source pixels
     max_jump: float = Field(gt=0)  # per-frame move of the face centre, in face heights: a cut
-    smooth_frames: int = Field(ge=1)  # moving-average window of the crop transform
+    smooth_frames: int = Field(ge=1)  # moving-average window of the `aligned` crop transform
     crop_scale: float = Field(gt=1)  # crop side / face height
+    duplicate_iou: float = Field(gt=0, le=1)  # two detections overlapping this much are one face
+    max_gap_frames: int = Field(ge=0)  # runs of up to this many frames without one face are bridged
+
+
+class CropConfig(Section):
+    """How a face segment becomes crop pixels (see preprocessing/schema.py for the frames)."""
+
+    mode: str = Field(pattern=r"^(box|aligned)$")  # box: one fixed box per segment; aligned: de-rotated
+    border: str = Field(pattern=r"^(replicate|reflect)$")  # fill of crop pixels outside the source frame
 
 
 class AudioFeatureConfig(Section):
@@ -180,12 +189,22 @@ class AudioFeatureConfig(Section):
     fmax: float = Field(gt=0)
     encoder_dir: str | None  # local wav2vec2/HuBERT directory (transformers format); None = log-mel only
 
+    @model_validator(mode="after")
+    def _check(self) -> AudioFeatureConfig:
+        if self.fmin >= self.fmax:
+            raise ValueError(f"fmin ({self.fmin}) must be below fmax ({self.fmax})")
+        if self.encoder_dir is not None and not Path(self.encoder_dir).is_dir():
+            raise ValueError(f"encoder_dir: {self.encoder_dir!r} is not a directory")
+        return self
+
 
 class FilterConfig(Section):
     """Quality filters; a clip failing one is recorded with the reason and left out of the shards."""
 
     min_seconds: float = Field(gt=0)
-    min_sharpness: float = Field(ge=0)  # median variance of the Laplacian of the grey crops
+    min_sharpness: float = Field(ge=0)  # median variance of the Laplacian of the face at a fixed size
+    max_outside_fraction: float = Field(ge=0, le=1)  # of the crop area outside the source frame
+    max_upscale: float = Field(gt=0)  # crop pixels per decoded source pixel
     max_abs_yaw_deg: float = Field(gt=0)
     max_abs_pitch_deg: float = Field(gt=0)
     max_av_offset: int = Field(ge=0)  # |VoxCeleb "Offset"| in frames
@@ -230,6 +249,7 @@ class PreprocessConfig(Section):
     crop_crf: int = Field(ge=0, le=51)  # libx264 quality of the crop videos in the shards
     crop_preset: str = Field(pattern=r"^(ultrafast|superfast|veryfast|faster|fast|medium|slow|slower|veryslow)$")
     decode: DecodeConfig
+    crop: CropConfig
     face: FaceConfig
     audio: AudioFeatureConfig
     filters: FilterConfig
@@ -238,6 +258,13 @@ class PreprocessConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> PreprocessConfig:
+        if self.crop_size % 2:
+            raise ValueError(f"crop_size must be even (H.264 yuv420p), got {self.crop_size}")
+        if self.audio.fmax > self.sample_rate / 2:
+            raise ValueError(
+                f"audio.fmax ({self.audio.fmax} Hz) is above the Nyquist frequency sample_rate / 2 "
+                f"({self.sample_rate / 2:g} Hz)"
+            )
         per_frame = self.sample_rate / self.fps
         if per_frame != int(per_frame) or per_frame % self.audio.hop_length:
             raise ValueError(

@@ -9,6 +9,7 @@ already on disk are skipped, so a killed extraction resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -16,6 +17,7 @@ import shutil
 import stat
 import zipfile
 import zlib
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -36,12 +38,16 @@ class ArchiveError(ValueError):
     """The archive itself is unreadable (not a zip, truncated, corrupt central directory)."""
 
 
+class ArchiveTooLargeError(ArchiveError):
+    """The members declare more bytes in total than the limit allows (a zip bomb); nothing was extracted."""
+
+
 @dataclass(frozen=True)
 class ExtractResult:
     """What an extraction produced: files on disk, and members refused with the reason."""
 
     extracted: tuple[Path, ...]  # files written or already present, sorted
-    rejected: tuple[tuple[str, str], ...]  # (member name, reason), sorted
+    rejected: tuple[tuple[str, str], ...]  # (member name, "#n" added to the n-th of equal names; reason), sorted
 
 
 def join_parts(parts: Sequence[Path], dest: Path) -> Path:
@@ -87,30 +93,64 @@ def safe_member_path(dest: Path, member_name: str) -> Path:
     return target
 
 
-def extract_zip(archive: Path, dest: Path) -> ExtractResult:
+def extract_zip(
+    archive: Path, dest: Path, *, max_total_bytes: int | None = None, max_ratio: float | None = None
+) -> ExtractResult:
     """Extract the regular files and directories of `archive` into `dest`, refusing unsafe members.
 
-    Refused members (zip-slip paths, symlinks, devices, fifos, encrypted or corrupt data) are not written and
-    are listed in `rejected` with the reason. A member whose file already exists with the right
-    size counts as extracted without being rewritten. Raises ArchiveError if `archive` is not a
-    readable zip.
+    Refused members (zip-slip paths, symlinks, devices, fifos, encrypted or corrupt data, a second
+    member landing on the same path, a file where a folder must go or the reverse, a member
+    inflating more than `max_ratio` times its compressed size) are not written and are listed in
+    `rejected` with the reason; the first of two duplicates is kept. A member whose file already
+    exists with the right size counts as extracted without being rewritten. Raises ArchiveError if
+    `archive` is not a readable zip and ArchiveTooLargeError, before writing anything, when its
+    members declare more than `max_total_bytes` in total. zipfile never inflates a member past its
+    declared size (it stops and fails the CRC), so the declared sizes bound what reaches the disk.
     """
     dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
     extracted: list[Path] = []
     rejected: list[tuple[str, str]] = []
     try:
         with zipfile.ZipFile(archive) as zf:
-            for info in zf.infolist():
-                outcome = _extract_member(zf, info, dest)
+            members = zf.infolist()
+            total = sum(info.file_size for info in members)
+            if max_total_bytes is not None and total > max_total_bytes:
+                raise ArchiveTooLargeError(
+                    f"{archive}: members declare {total} bytes in total, over the limit of {max_total_bytes}"
+                    " (params ingest.voxceleb2.max_extract_bytes); nothing extracted"
+                )
+            dest.mkdir(parents=True, exist_ok=True)
+            claimed: dict[str, str] = {}  # normalised target -> first member name
+            seen: Counter[str] = Counter()
+            for info in members:
+                outcome = _claim(info, claimed, max_ratio) or _extract_member(zf, info, dest)
+                seen[info.filename] += 1
                 if isinstance(outcome, Path):
                     extracted.append(outcome)
                 elif outcome is not None:
                     log.warning("%s: refused member %r: %s", archive, info.filename, outcome)
-                    rejected.append((info.filename, outcome))
+                    # The same name twice in one archive gets "#2": one manifest row per refused member.
+                    name = info.filename if seen[info.filename] == 1 else f"{info.filename}#{seen[info.filename]}"
+                    rejected.append((name, outcome))
     except zipfile.BadZipFile as err:
         raise ArchiveError(f"{archive}: not a readable zip archive ({err})") from err
-    return ExtractResult(extracted=tuple(sorted(extracted)), rejected=tuple(sorted(rejected)))
+    except (OSError, EOFError) as err:  # truncated mid-central-directory, unreadable file
+        raise ArchiveError(f"{archive}: cannot read archive ({type(err).__name__}: {err})") from err
+    return ExtractResult(extracted=tuple(sorted(set(extracted))), rejected=tuple(sorted(rejected)))
+
+
+def _claim(info: zipfile.ZipInfo, claimed: dict[str, str], max_ratio: float | None) -> str | None:
+    """Why `info` must not be extracted before looking at its data (duplicate, bomb), or None."""
+    key = PurePosixPath(info.filename.replace("\\", "/")).as_posix()  # "a//b", "./a/b" and "a\\b" are "a/b"
+    if key in claimed:
+        return f"duplicate member: {info.filename!r} lands where {claimed[key]!r} did (first kept)"
+    claimed[key] = info.filename
+    if max_ratio is not None and info.file_size > max(info.compress_size, 1) * max_ratio:
+        return (
+            f"compression ratio {info.file_size / max(info.compress_size, 1):.0f}:1 over the limit of"
+            f" {max_ratio:g}:1 (params ingest.voxceleb2.max_compression_ratio): a zip bomb?"
+        )
+    return None
 
 
 def _extract_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path) -> Path | str | None:
@@ -119,6 +159,8 @@ def _extract_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path) -> P
         target = safe_member_path(dest, info.filename)
     except UnsafeArchiveError as err:
         return f"unsafe path: {err}"
+    except OSError as err:  # resolving through a file where a folder should be, a link loop
+        return f"path conflict: {err.strerror or err}"
     # The upper 16 bits hold the Unix mode for zips made on Unix; zero (no type) elsewhere.
     mode = info.external_attr >> 16
     if stat.S_ISLNK(mode):
@@ -127,7 +169,7 @@ def _extract_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path) -> P
         try:
             target.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError) as err:
-            return f"path conflict: {err.strerror}"
+            return f"path conflict: {err.strerror} (a file of the archive is where this folder goes)"
         return None
     if stat.S_IFMT(mode) not in (0, stat.S_IFREG):
         return f"not a regular file (type {stat.S_IFMT(mode):#o})"
@@ -140,6 +182,7 @@ def _extract_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path) -> P
         target.parent.mkdir(parents=True, exist_ok=True)
         with zf.open(info) as src, os.fdopen(os.open(partial, _CREATE_FLAGS, 0o644), "wb") as out:
             shutil.copyfileobj(src, out, _COPY_BYTES)
+        os.replace(partial, target)
     except (zipfile.BadZipFile, zlib.error, EOFError) as err:
         partial.unlink(missing_ok=True)
         return f"corrupt member data: {err}"
@@ -147,8 +190,9 @@ def _extract_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path) -> P
         partial.unlink(missing_ok=True)
         return f"unsupported: {err}"
     except (FileExistsError, NotADirectoryError, IsADirectoryError) as err:
-        return f"path conflict: {err.strerror}"
-    os.replace(partial, target)
+        with contextlib.suppress(OSError):  # when its folder is a file, nothing was written there
+            partial.unlink(missing_ok=True)
+        return f"path conflict: {err.strerror} (a file and a folder of the archive share this path)"
     return target
 
 
@@ -156,6 +200,6 @@ def _present(target: Path, size: int) -> bool:
     """True if a previous run already wrote `target` (a regular file, not a symlink) with `size` bytes."""
     try:
         info = target.lstat()
-    except FileNotFoundError:
+    except OSError:  # absent, or a file where one of its folders should be
         return False
     return stat.S_ISREG(info.st_mode) and info.st_size == size

@@ -9,11 +9,16 @@ and written with a fixed schema, so the same inputs give a byte-identical file.
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from preprocessing.schema import SPLITS, TRAIN
+from vasa.errors import InputError
 
 # Status values. Anything but OK is excluded downstream and explained in `error`.
 OK = "ok"
@@ -22,7 +27,10 @@ NO_VIDEO = "no_video"  # e.g. an audio-only file
 MISSING_AUDIO = "missing_audio"  # a video without an audio track: useless for audio-driven training
 BAD_METADATA = "bad_metadata"  # unparsable metadata file or CSV row
 MISSING_MEDIA = "missing_media"  # metadata points at media that is not there
-UNSAFE_MEMBER = "unsafe_archive_member"  # zip-slip path, symlink or device in an archive
+UNSAFE_MEMBER = "unsafe_archive_member"  # zip-slip path, symlink, device or duplicate in an archive
+BAD_ARCHIVE = "bad_archive"  # a whole archive refused: unreadable, corrupt, or over the size limits (zip bomb)
+UNREADABLE_PATH = "unreadable_path"  # a source folder that cannot be listed (permission denied)
+SKIPPED_LINK = "skipped_link"  # a symlinked folder in a local source: not followed (loops, escapes)
 UNAVAILABLE = "unavailable"  # YouTube reference video gone or unreachable
 DOWNLOAD_FAILED = "download_failed"  # archive part failed after retries (or wrong checksum)
 STATUSES = (
@@ -33,6 +41,9 @@ STATUSES = (
     BAD_METADATA,
     MISSING_MEDIA,
     UNSAFE_MEMBER,
+    BAD_ARCHIVE,
+    UNREADABLE_PATH,
+    SKIPPED_LINK,
     UNAVAILABLE,
     DOWNLOAD_FAILED,
 )
@@ -46,8 +57,8 @@ SCHEMA = pa.schema(
         ("source_url", pa.string()),
         ("youtube_id", pa.string()),
         ("utterance", pa.string()),
-        ("media_path", pa.string()),
-        ("metadata_path", pa.string()),
+        ("media_path", pa.string()),  # stored relative to the manifest's folder, absolute once read
+        ("metadata_path", pa.string()),  # likewise
         ("frame_start", pa.int32()),  # first/last FRAME of the metadata track (25 fps, source video)
         ("frame_end", pa.int32()),
         ("track_frames", pa.int32()),
@@ -67,7 +78,7 @@ SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("audio_sample_rate", pa.int32()),
         ("audio_channels", pa.int32()),
-        ("split", pa.string()),  # train | test
+        ("split", pa.string()),  # schema.SPLITS: train | val | test (whole speakers)
         ("status", pa.string()),
         ("error", pa.string()),
     ]
@@ -88,35 +99,107 @@ TRACK_COLUMNS = (
 )
 
 
+PATH_COLUMNS = ("media_path", "metadata_path")
+_ESCAPED = re.compile(r"\\(\\|x[0-9a-f]{2})")
+
+
+class ManifestNotFoundError(InputError):
+    """The manifest file named does not exist (a mistyped path must never read as an empty manifest)."""
+
+
+def escape_text(text: str) -> str:
+    """A valid-UTF-8, reversible form of `text` (see `unescape_text`).
+
+    File names are bytes on POSIX; Python hands undecodable bytes over as lone surrogates
+    (surrogateescape), which parquet (UTF-8 only) cannot store. Each such byte becomes `\\xHH` and a
+    literal backslash becomes `\\\\`, so the original name is recovered exactly and every clean name
+    without a backslash is stored unchanged.
+    """
+    if "\\" not in text and not _has_surrogates(text):
+        return text
+    return "".join(
+        "\\\\" if c == "\\" else f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else c for c in text
+    )
+
+
+def unescape_text(text: str) -> str:
+    """Inverse of `escape_text`: `\\xHH` back to the surrogate of byte HH, `\\\\` back to one backslash."""
+    if "\\" not in text:
+        return text
+    return _ESCAPED.sub(lambda m: "\\" if m[1] == "\\" else chr(0xDC00 + int(m[1][1:], 16)), text)
+
+
+def printable(text: str) -> str:
+    """`text` made storable for free-text columns (errors, speakers): undecodable bytes as `\\xHH`."""
+    return (
+        text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") if _has_surrogates(text) else text
+    )
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def clip_key(clip_id: str) -> str:
     return hashlib.sha1(clip_id.encode()).hexdigest()[:16]
 
 
 def new_row(clip_id: str, source_kind: str, **fields) -> dict:
-    """A manifest row with every column present (None where unknown)."""
+    """A manifest row with every column present (None where unknown).
+
+    `clip_id` must already be valid UTF-8 (build it with `escape_text` from file names).
+    """
     unknown = set(fields) - set(COLUMNS)
     if unknown:
         raise KeyError(f"not manifest columns: {sorted(unknown)}")
     row = dict.fromkeys(COLUMNS)
-    row.update(clip_id=clip_id, key=clip_key(clip_id), source_kind=source_kind, status=OK, split="train")
+    row.update(clip_id=clip_id, key=clip_key(clip_id), source_kind=source_kind, status=OK, split=TRAIN)
     row.update(fields)
     return row
 
 
 def read_manifest(path: str | Path) -> list[dict]:
-    """Rows of an existing manifest; [] if there is none yet."""
+    """Rows of the manifest at `path`, with `media_path`/`metadata_path` as absolute paths.
+
+    Stored paths are relative to the manifest's folder (or absolute), so the manifest can be read
+    from any working directory and moved together with its media. Raises ManifestNotFoundError
+    if `path` does not exist, InputError if it is not a manifest of this version.
+    """
     path = Path(path)
-    if not path.exists():
-        return []
-    table = pq.read_table(path)
+    if not path.is_file():
+        raise ManifestNotFoundError(f"{path}: manifest not found (run `vasa ingest` first, or check the path)")
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as err:
+        raise InputError(f"{path}: not a readable parquet manifest: {err}") from None
     missing = set(COLUMNS) - set(table.column_names)
     if missing:
-        raise ValueError(f"{path}: not a manifest of this version, missing columns {sorted(missing)}")
-    return table.select(list(COLUMNS)).to_pylist()
+        raise InputError(f"{path}: not a manifest of this version, missing columns {sorted(missing)}")
+    base = path.parent.absolute()
+    rows = table.select(list(COLUMNS)).to_pylist()
+    for row in rows:
+        for column in PATH_COLUMNS:
+            if row[column]:
+                row[column] = os.path.normpath(base / unescape_text(row[column]))
+    return rows
+
+
+def read_existing(path: str | Path) -> list[dict]:
+    """`read_manifest`, or [] when there is no manifest yet (only for ingest, which creates it)."""
+    return read_manifest(path) if Path(path).exists() else []
 
 
 def write_manifest(path: str | Path, rows: Iterable[dict]) -> None:
-    """Write rows sorted by clip_id with the fixed schema, atomically (a killed run keeps the old file)."""
+    """Write rows sorted by clip_id with the fixed schema, atomically (a killed run keeps the old file).
+
+    Path columns are stored relative to the manifest's folder (escaped, see `escape_text`), so the
+    bytes do not depend on where the tree lives and `read_manifest` resolves them from anywhere.
+    """
+    path = Path(path)
     rows = sorted(rows, key=lambda row: row["clip_id"])
     ids = [row["clip_id"] for row in rows]
     if len(set(ids)) != len(ids):
@@ -124,30 +207,42 @@ def write_manifest(path: str | Path, rows: Iterable[dict]) -> None:
     bad = sorted({row["status"] for row in rows} - set(STATUSES))
     if bad:
         raise ValueError(f"unknown statuses {bad}")
-    table = pa.Table.from_pylist([{c: row[c] for c in COLUMNS} for row in rows], schema=SCHEMA)
-    path = Path(path)
+    splits = sorted({row["split"] for row in rows} - set(SPLITS))
+    if splits:
+        raise ValueError(f"unknown splits {splits}; expected one of {SPLITS}")
+    base = path.parent.absolute()
+    table = pa.Table.from_pylist([_stored(row, base) for row in rows], schema=SCHEMA)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     pq.write_table(table, tmp, compression="zstd", write_statistics=True)
     tmp.replace(path)
 
 
+def _stored(row: dict, base: Path) -> dict:
+    stored = {}
+    for column in COLUMNS:
+        value = row[column]
+        if column in PATH_COLUMNS and value:
+            value = escape_text(_relative(value, base))
+        elif isinstance(value, str):
+            value = printable(value)
+        stored[column] = value
+    return stored
+
+
+def _relative(value: str, base: Path) -> str:
+    absolute = os.path.abspath(value)
+    try:
+        return Path(os.path.relpath(absolute, base)).as_posix()
+    except ValueError:  # another drive (Windows): only an absolute path can name it
+        return absolute
+
+
 def merge(existing: Iterable[dict], fresh: Iterable[dict]) -> list[dict]:
-    """Existing rows win unless the fresh row describes changed media (other sha256 or size), a
-    changed split, or turns a failure into a success; rows never disappear (an audit must see every
-    clip ever ingested).
+    """Fresh rows (this run's view of a clip: provenance, split and media facts) replace existing
+    ones; rows not seen this run stay: rows never disappear (an audit must see every clip ever
+    ingested). See `incremental.mark_vanished` for rows whose media has gone since.
     """
     merged = {row["clip_id"]: row for row in existing}
-    for row in fresh:
-        old = merged.get(row["clip_id"])
-        if old is None or _changed(old, row):
-            merged[row["clip_id"]] = row
+    merged.update((row["clip_id"], row) for row in fresh)
     return list(merged.values())
-
-
-def _changed(old: dict, new: dict) -> bool:
-    if (old["sha256"], old["size_bytes"]) != (new["sha256"], new["size_bytes"]):
-        return True
-    if old["split"] != new["split"]:  # a speaker newly held out must leave training at once
-        return True
-    return old["status"] != OK and new["status"] == OK

@@ -19,6 +19,7 @@ VoxCeleb2 and pixels in VoxCeleb1 (told apart by their range). Column names carr
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -240,3 +241,34 @@ def _check_consistent(track: Track, utterance: Utterance) -> None:
     if (track.speaker_id, track.youtube_id) != (utterance.speaker_id, utterance.youtube_id):
         header = f"{track.speaker_id}/{track.youtube_id}"
         raise MetadataError(f"header says {header}, path says {utterance.speaker_id}/{utterance.youtube_id}")
+
+
+def archive_row(archive_name: str, status: str, error: str, licence: str) -> dict:
+    """The row standing for a whole archive that could not be used (download failed, corrupt, zip bomb)."""
+    return manifest.new_row(
+        f"voxceleb2-archive:{archive_name}", "voxceleb2", speaker_id="", licence=licence, status=status, error=error
+    )
+
+
+def rejected_member_rows(archive_name: str, rejected: Iterable[tuple[str, str]]) -> list[dict]:
+    """One `unsafe_archive_member` row per member refused by archive.extract_zip."""
+    return [
+        manifest.new_row(
+            f"voxceleb2-archive:{archive_name}:{manifest.escape_text(member)}",
+            "voxceleb2",
+            speaker_id="",
+            licence="",
+            status=manifest.UNSAFE_MEMBER,
+            error=manifest.printable(reason),
+        )
+        for member, reason in rejected
+    ]
+
+
+def youtube_row(vox_row: dict, out_dir: Path) -> dict:
+    """The row of the high-resolution re-cut of a VoxCeleb2 track (source `youtube`), before cutting:
+    identity and face track carried over, media at out_dir/<speaker>/<youtube id>/<utterance>.mp4."""
+    clip_id = vox_row["clip_id"].replace("voxceleb2:", "youtube:", 1)
+    target = out_dir / vox_row["speaker_id"] / vox_row["youtube_id"] / f"{vox_row['utterance']}.mp4"
+    carried = {k: vox_row[k] for k in manifest.IDENTITY_COLUMNS + manifest.TRACK_COLUMNS}
+    return manifest.new_row(clip_id, "youtube", **carried, media_path=str(target))
