@@ -92,13 +92,16 @@ SOURCE_KINDS = ("sample", "local", "voxceleb2", "youtube")
 class LocalSourceConfig(Section):
     """A folder of talking-head videos, with an optional CSV of per-file metadata."""
 
-    extensions: tuple[str, ...] = Field(min_length=1)
+    extensions: tuple[str, ...] = Field(min_length=1)  # ".mp4": with the dot, as Path.suffix gives
     csv_columns: dict[str, str]  # our field (file, speaker_id, licence, source_url) -> CSV column
     default_licence: str
-    split: str = Field(pattern=r"^(train|test)$")
+    split: str = Field(pattern=r"^(train|test)$")  # val is drawn from train speakers by ingest.val_fraction
 
     @model_validator(mode="after")
     def _check(self) -> LocalSourceConfig:
+        undotted = [e for e in self.extensions if not e.startswith(".") or len(e) < 2 or "/" in e]
+        if undotted:
+            raise ValueError(f"extensions must look like '.mp4' (a dot, then the suffix), got {undotted}")
         unknown = set(self.csv_columns) - {"file", "speaker_id", "licence", "source_url"}
         if unknown or "file" not in self.csv_columns:
             raise ValueError(
@@ -108,7 +111,7 @@ class LocalSourceConfig(Section):
 
 
 class RemotePartConfig(Section):
-    url: str  # http(s)://, file:// or a local path
+    url: str  # http(s)://, file:// or a local path; ${VAR} is replaced from the environment at download time
     md5: str | None
     size: int | None
 
@@ -126,8 +129,18 @@ class VoxCeleb2Config(Section):
     licence: str
     user_env: str  # names of the environment variables holding the credentials (never the values)
     password_env: str
-    retries: int = Field(ge=0)
+    retries: int = Field(ge=0)  # extra attempts after a transient failure (network, HTTP 5xx); never after 4xx/md5
     retry_delay_s: float = Field(ge=0)
+    part_deadline_s: float = Field(gt=0)  # wall-clock budget per part, all attempts included
+    max_extract_bytes: int = Field(gt=0)  # refuse an archive whose members declare more in total (zip bomb)
+    max_compression_ratio: float = Field(ge=1)  # refuse a member inflating more than this (zip bomb)
+
+    @model_validator(mode="after")
+    def _check(self) -> VoxCeleb2Config:
+        names = [archive.name for archive in self.archives]
+        if len(set(names)) != len(names):
+            raise ValueError(f"archive names must be unique (each is a file and a folder), got {names}")
+        return self
 
 
 class YoutubeConfig(Section):
@@ -145,6 +158,7 @@ class IngestConfig(Section):
 
     sources: tuple[str, ...] = Field(min_length=1)
     holdout_speakers: tuple[str, ...]  # always split "test", never trained on
+    val_fraction: float = Field(ge=0, lt=1)  # of the non-test speakers, chosen by a hash of the speaker id
     probe_batch: int = Field(ge=1)
     workers: int = Field(ge=1)
     local: LocalSourceConfig
@@ -350,15 +364,38 @@ def load_params(path: str | Path) -> Params:
     except OSError as err:
         raise ConfigError(f"{path}: cannot read params file: {err}") from None
     try:
+        duplicates = _duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader))
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if duplicates:
+        # PyYAML keeps the last of two equal keys silently: a value edited in the first copy would be ignored.
+        raise ConfigError("\n".join([f"{path}: invalid params", *duplicates]))
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     try:
         return Params.from_data(data)
     except ValidationError as err:
         raise ConfigError(_describe(path, err)) from None
+
+
+def _duplicate_keys(node: yaml.Node | None, prefix: str = "") -> list[str]:
+    """`  dotted.key: duplicate key (lines A and B)` for every mapping key given twice in the YAML tree."""
+    problems: list[str] = []
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "<complex key>"
+            dotted = f"{prefix}{key}"
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                problems.append(f"  {dotted}: duplicate key (lines {seen[key]} and {line})")
+            seen.setdefault(key, line)
+            problems += _duplicate_keys(value_node, f"{dotted}.")
+    elif isinstance(node, yaml.SequenceNode):
+        for number, item in enumerate(node.value):
+            problems += _duplicate_keys(item, f"{prefix}{number}.")
+    return problems
 
 
 def _describe(path: Path, err: ValidationError) -> str:
