@@ -85,3 +85,26 @@ PROVENANCE_COLUMNS = (
     "frame_end",
     "av_offset",
 )
+
+# Files of the preprocess output folder beside the shards. Shards are `<split>-<bucket>-<part>.tar`
+# with `<split>-<bucket>-<part>.stats.json` beside each; index.json lists them per split (the only
+# files the stage ever removes are the ones its previous index.json lists).
+INDEX_FILE = "index.json"
+FAILURES_FILE = "failures.parquet"
+STATS_SUFFIX = ".stats.json"
+# index.json: {"dataset": {DATASET_KEYS...}, "splits": {split: {"shards": [{"shard", "samples",
+# "frames"}], "samples", "frames"}}, "failures_by_reason": {reason: count}}
+DATASET_KEYS = (
+    "schema_version",  # SCHEMA_VERSION of the shards
+    "crop_size",  # crop side, pixels
+    "crop_mode",  # "box" (one fixed box per segment) | "aligned" (de-rotated per frame)
+    "pose_frame",  # POSE_FRAME
+    "fps",  # video frames per second
+    "sample_rate",  # audio samples per second
+    "mel_frames_per_video_frame",  # k in mel.npy's (T * k, n_mels)
+    "n_mels",
+    "manifest_sha256",  # sha256 of the manifest file the shards were made from
+    "splits",  # the splits that have shards, in SPLITS order
+)
+# failures.parquet: one row per clip or segment left out; every column a string.
+FAILURE_COLUMNS = ("clip_id", "key", "status", "reason", "detail", "split")

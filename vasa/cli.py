@@ -94,7 +94,8 @@ def _add_ingest(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def _preprocess(args: argparse.Namespace, params: Params) -> int:
     from flows.preprocess import run
 
-    run(params.preprocess, args.manifest, args.out, args.cache)
+    summary = run(params.preprocess, args.manifest, args.out, args.cache, allow_empty=args.allow_empty)
+    print(f"preprocess: {summary['processed']} clips processed, {summary['cached']} from the cache")
     return 0
 
 
@@ -107,14 +108,21 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "decode at a constant 25 fps and 16 kHz mono, track the face with MediaPipe FaceMesh, split "
             "on no/multiple/small faces and track jumps, make a stable aligned crop, estimate 3D head pose, "
             "gaze and an expression descriptor, compute log-mel features aligned to the frames, apply "
-            "quality filters, and write webdataset shards with per-shard stats, index.json and "
-            "failures.parquet. Runs on threads, processes or Dask (params `preprocess.runner`); finished "
-            "clips are cached so a killed or extended run resumes."
+            "quality filters, and write webdataset shards per split with per-shard stats, index.json and "
+            "failures.parquet, joining each clip's provenance from the manifest. Runs on threads, processes "
+            "or Dask (params `preprocess.runner`); finished clips are cached so a killed or extended run "
+            "resumes. A missing manifest, or a run that would leave no samples, exits 2 and changes nothing; "
+            "only files listed in OUT's previous index.json are ever removed."
         ),
     )
     parser.add_argument("--manifest", type=Path, required=True, help="the ingest manifest (manifest.parquet)")
     parser.add_argument("--out", type=Path, required=True, help="output folder for shards, stats, index")
     parser.add_argument("--cache", type=Path, required=True, help="per-clip cache (keep it between runs)")
+    parser.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="write an output with zero samples (by default such a run fails and leaves OUT untouched)",
+    )
     parser.set_defaults(handler=_preprocess)
     return parser
 

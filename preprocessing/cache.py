@@ -1,0 +1,165 @@
+"""The per-clip cache of stage `preprocess`: what was derived from a clip's media, and nothing else.
+
+Layout: `CACHE/<key[:2]>/<key>.tar` holds the clip's samples (webdataset members as `process_clip`
+made them) and `CACHE/<key[:2]>/<key>.json` its record: the input digest, each sample's key, frames
+and seconds, the media-derived failures and frame rejections, and the tar's size. The tar is written
+first and the record last (both atomically), so a record means "done" and a killed run resumes.
+
+Only media-derived results are cached. The record is keyed by `input_digest`: the media sha256, the
+clip key (it names the samples), the VoxCeleb A/V offset (a filter reads it), the params that shape
+samples and the code digest. Provenance (speaker, licence, source URL, split) is deliberately left
+out: it is joined from the manifest when shards are written (`preprocessing.writer`), so a licence
+or split change never leaves a stale value in a shard and never forces re-processing.
+
+Outcomes caused by the environment (missing file, permission denied, out of memory:
+`Outcome.transient`) are not cached, so a fixed environment heals them on the next run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Protocol
+
+from preprocessing.files import read_json, write_json
+from preprocessing.shards import Sample, write_shard
+from vasa.config import PreprocessConfig
+
+PREPROCESSING = Path(__file__).resolve().parent
+# Modules of preprocessing/ that never shape a cached clip (the shard writer reads the cache and the
+# manifest; ingest/ and sample/ are other stages). Every other top-level module is in the code digest,
+# so a new module imported by process.py can never be forgotten (tests/test_preprocess.py checks that
+# every module process.py imports, directly or not, is covered).
+NOT_IN_CODE_DIGEST = frozenset({"__init__.py", "writer.py"})
+# Installed packages whose version changes the bytes of a sample: the FaceMesh model and graph,
+# OpenCV's warps and resizes, numpy's maths, PyAV/libx264 encoding and decoding, librosa's mel
+# filters, decord's decoding, soxr's resampling (the sample corpus digests its packages the same way).
+VERSIONED_PACKAGES = ("mediapipe", "opencv-contrib-python", "numpy", "av", "librosa", "decord", "soxr")
+# Params sections that do not change what a clip yields (where it runs, how samples are sharded).
+NOT_SHAPING_PARAMS = frozenset({"runner", "shards"})
+
+
+class Outcome(Protocol):
+    """What `preprocessing.process.process_clip` returns (its `Outcome` dataclass)."""
+
+    samples: list[Sample]
+    failures: list[dict]
+    frame_rejections: dict[str, int]
+    transient: bool
+
+
+def code_modules() -> list[Path]:
+    """The files whose content is in the code digest: preprocessing/*.py (but NOT_IN_CODE_DIGEST) and
+    the assets (the face template), sorted."""
+    modules = [p for p in sorted(PREPROCESSING.glob("*.py")) if p.name not in NOT_IN_CODE_DIGEST]
+    return modules + sorted(p for p in (PREPROCESSING / "assets").glob("*") if p.is_file())
+
+
+def package_versions() -> dict[str, str]:
+    """Version of each VERSIONED_PACKAGES distribution ("absent" when not installed, e.g. decord on a
+    platform without wheels: then the PyAV fallback decodes, and the digest must say so)."""
+    versions = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+def code_digest() -> str:
+    """sha256 over the project version, the versions of the packages that shape the bytes, and the
+    content of every module and asset that shapes a cached clip: changed code invalidates the cache."""
+    digest = hashlib.sha256(metadata.version("vasa-pipeline").encode() + b"\0")
+    digest.update(json.dumps(package_versions(), sort_keys=True).encode())
+    for path in code_modules():
+        content = path.read_bytes()
+        digest.update(f"\0{path.relative_to(PREPROCESSING)}\0{len(content)}\0".encode() + content)
+    return digest.hexdigest()
+
+
+def input_digest(row: dict, cfg: PreprocessConfig, code: str) -> str:
+    """What a clip's cached outcome depends on, and nothing else (no provenance, no split)."""
+    payload = {
+        "sha256": row["sha256"],
+        "key": row["key"],  # names the samples (`<key>_<start>`)
+        "av_offset": row["av_offset"],  # filters.segment_problems rejects large A/V offsets
+        "params": cfg.model_dump(mode="json", exclude=set(NOT_SHAPING_PARAMS)),
+        "code": code,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def paths(cache: Path, key: str) -> tuple[Path, Path]:
+    """(samples tar, record JSON) of a clip; two hex levels keep folders small at VoxCeleb2 scale."""
+    folder = cache / key[:2]
+    return folder / f"{key}.tar", folder / f"{key}.json"
+
+
+def lookup(cache: Path, key: str, digest: str) -> dict | None:
+    """The cached record of a clip if it was made from the same inputs and its tar is intact, else
+    None (never seen, other inputs, or a damaged cache entry: then the clip is processed again)."""
+    tar_path, json_path = paths(cache, key)
+    record = read_json(json_path)
+    if record is None or record.get("input_digest") != digest:
+        return None
+    try:
+        intact = tar_path.stat().st_size == record.get("tar_bytes")
+    except OSError:
+        return None
+    return record if intact else None
+
+
+def make_record(key: str, digest: str, outcome: Outcome) -> dict:
+    """The JSON record of an outcome (without the sample bytes). Failures keep only media-derived
+    fields: `clip_id` and `split` are joined from the manifest when shards are written."""
+    return {
+        "key": key,
+        "input_digest": digest,
+        "samples": [{"key": s.key, "frames": s.frames, "seconds": s.seconds} for s in outcome.samples],
+        "failures": [{k: f[k] for k in ("key", "status", "reason", "detail")} for f in outcome.failures],
+        "frame_rejections": dict(outcome.frame_rejections),
+        "transient": bool(getattr(outcome, "transient", False)),
+    }
+
+
+def store(cache: Path, key: str, digest: str, outcome: Outcome) -> dict:
+    """Cache an outcome (tar, then the record that marks it done) and return its record. A transient
+    outcome is returned but not stored, and its samples are dropped: the clip is retried next run."""
+    record = make_record(key, digest, outcome)
+    if record["transient"]:
+        record["samples"] = []
+        return record
+    tar_path, json_path = paths(cache, key)
+    tar_path.parent.mkdir(parents=True, exist_ok=True)
+    write_shard(tar_path, outcome.samples)
+    record["tar_bytes"] = tar_path.stat().st_size
+    write_json(json_path, record)
+    return record
+
+
+class CacheError(RuntimeError):
+    """A cache entry does not hold what its record says (damaged or edited cache)."""
+
+
+def load_samples(cache: Path, key: str, record: dict) -> Iterator[Sample]:
+    """The samples of a cached clip, in key order, exactly as `process_clip` made them. Raises
+    CacheError when the tar and the record disagree."""
+    tar_path, _ = paths(cache, key)
+    sizes = {s["key"]: s for s in record["samples"]}
+    members: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(tar_path) as tar:
+            for info in tar.getmembers():
+                sample_key, _, ext = info.name.partition(".")
+                members.setdefault(sample_key, {})[ext] = tar.extractfile(info).read()
+    except (OSError, tarfile.TarError) as err:
+        raise CacheError(f"{tar_path}: unreadable cache entry ({err}); delete it to re-process the clip") from err
+    if set(members) != set(sizes):
+        raise CacheError(f"{tar_path}: holds samples {sorted(members)}, its record lists {sorted(sizes)}")
+    for sample_key in sorted(members):
+        yield Sample(sample_key, members[sample_key], sizes[sample_key]["frames"], sizes[sample_key]["seconds"])

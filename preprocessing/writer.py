@@ -1,0 +1,267 @@
+"""Writing the output of stage `preprocess`: cached clips + manifest -> shards, stats, index, failures.
+
+The per-clip cache (`preprocessing.cache`) holds only what came from the media. Here the manifest's
+provenance (schema.PROVENANCE_COLUMNS, split included) is joined into every sample's JSON and the
+split into every failure row, so the output is a function of (cache content, manifest) alone: a warm
+cache after a licence or split change gives the same bytes as a cold run.
+
+Shards are written per split (train, val and test never share a shard: held-out speakers stay out of
+training data). A shard is rewritten only when its content digest changed. Safety rules:
+
+- Nothing in OUT is touched before every sample and failure is known, and a run that would leave
+  zero samples fails (NoSamplesError, with the reasons) unless `allow_empty` is given.
+- The only files ever removed are the ones this stage's previous index.json lists (shards and their
+  stats), and only names of the stage's own pattern: an unrelated `my_backup.tar` is never touched.
+- index.json and failures.parquet are written atomically (temp + rename) with fixed content order,
+  so two runs from the same inputs give the same bytes; index.json is written last, as the marker of
+  a complete output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from preprocessing import cache, schema, shards
+from preprocessing.files import PARTIAL_SUFFIX, atomic_path, read_json, write_json
+from preprocessing.ingest import manifest
+from preprocessing.shards import Sample
+from vasa.config import PreprocessConfig
+from vasa.errors import InputError
+
+FAILURE_SCHEMA = pa.schema([(name, pa.string()) for name in schema.FAILURE_COLUMNS])
+# Statuses of failure rows: the clip never reached processing (its manifest status is the reason).
+INGEST_STATUS = "ingest"
+UNKNOWN_SPLIT = "unknown_split"
+# `<split>-<bucket hex or "all">-<4-digit part>.tar`: the only shard names the stage writes or removes.
+SHARD_NAME = re.compile(rf"^(?:{'|'.join(schema.SPLITS)})-(?:[0-9a-f]+|all)-[0-9]{{4}}\.tar$")
+
+
+class ManifestNotFoundError(InputError):
+    """The manifest path does not name a file (a mistyped --manifest must not read as empty)."""
+
+
+class NoSamplesError(InputError):
+    """The run would leave no samples at all; refused so a bad input cannot wipe the shards."""
+
+
+def require_manifest(path: Path) -> None:
+    """Raise ManifestNotFoundError unless `path` is a file."""
+    if not Path(path).is_file():
+        raise ManifestNotFoundError(f"manifest not found: {path} (nothing was read, written or removed)")
+
+
+def read_manifest(path: Path) -> tuple[list[dict], str]:
+    """The manifest's rows and the sha256 of its bytes (recorded in index.json's dataset block).
+    Raises ManifestNotFoundError when `path` is not a file."""
+    path = Path(path)
+    require_manifest(path)
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return manifest.read_manifest(path), digest.hexdigest()
+
+
+def select(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(rows to process, failure rows for the others): a clip whose ingest status is not ok, or whose
+    split is not one of schema.SPLITS, is recorded and left out."""
+    usable, left_out = [], []
+    for row in rows:
+        if row["status"] != manifest.OK:
+            left_out.append(_failure(row, INGEST_STATUS, row["status"], row["error"] or ""))
+        elif row["split"] not in schema.SPLITS:
+            left_out.append(
+                _failure(row, INGEST_STATUS, UNKNOWN_SPLIT, f"split {row['split']!r} not in {schema.SPLITS}")
+            )
+        else:
+            usable.append(row)
+    return usable, left_out
+
+
+def _failure(row: dict, status: str, reason: str, detail: str, key: str | None = None) -> dict:
+    return {
+        "clip_id": row["clip_id"],
+        "key": key or row["key"],
+        "status": status,
+        "reason": reason,
+        "detail": detail,
+        "split": row["split"],
+    }
+
+
+def provenance(row: dict) -> dict:
+    """The manifest fields every sample of a clip carries (schema.PROVENANCE_COLUMNS)."""
+    return {column: row.get(column) for column in schema.PROVENANCE_COLUMNS}
+
+
+def join_sample(sample: Sample, row: dict) -> Sample:
+    """The sample with the clip's current provenance and split joined into its JSON (replacing any
+    older copy), after checking that the sample really belongs to this clip."""
+    if not sample.key.startswith(f"{row['key']}_"):
+        raise cache.CacheError(f"sample {sample.key} is not a segment of clip {row['key']} ({row['clip_id']})")
+    meta = json.loads(sample.members[schema.JSON])
+    if meta.get("key", sample.key) != sample.key:
+        raise cache.CacheError(f"sample {sample.key}: its JSON names key {meta['key']}")
+    meta["provenance"] = provenance(row)
+    meta["split"] = row["split"]
+    members = sample.members | {schema.JSON: json.dumps(meta, sort_keys=True).encode()}
+    return Sample(sample.key, members, sample.frames, sample.seconds)
+
+
+def clip_failures(row: dict, record: dict) -> list[dict]:
+    """A processed clip's failures (media-derived, from the cache) with clip id and split joined."""
+    return [_failure(row, f["status"], f["reason"], f["detail"], key=f["key"]) for f in record["failures"]]
+
+
+def dataset_block(cfg: PreprocessConfig, manifest_sha256: str, splits: list[str]) -> dict:
+    """index.json's `dataset` block (schema.DATASET_KEYS): what a loader must know about the shards."""
+    from preprocessing.audio import mel_frames_per_video_frame
+
+    block = {
+        "schema_version": schema.SCHEMA_VERSION,
+        "crop_size": cfg.crop_size,
+        "crop_mode": cfg.crop.mode,
+        "pose_frame": schema.POSE_FRAME,
+        "fps": cfg.fps,
+        "sample_rate": cfg.sample_rate,
+        "mel_frames_per_video_frame": mel_frames_per_video_frame(cfg.sample_rate, cfg.fps, cfg.audio.hop_length),
+        "n_mels": cfg.audio.n_mels,
+        "manifest_sha256": manifest_sha256,
+        "splits": [split for split in schema.SPLITS if split in splits],
+    }
+    assert tuple(block) == schema.DATASET_KEYS, "dataset block and schema.DATASET_KEYS disagree"
+    return block
+
+
+def owned_files(out_dir: Path) -> set[Path]:
+    """Files the stage's previous run made in OUT, as its index.json lists them (shards + stats);
+    names not of the stage's own pattern are ignored, so an edited index cannot delete other files."""
+    index = read_json(out_dir / schema.INDEX_FILE) or {}
+    owned = set()
+    splits = index.get("splits")
+    for split in splits.values() if isinstance(splits, dict) else []:
+        for entry in split.get("shards", []) if isinstance(split, dict) else []:
+            name = entry.get("shard") if isinstance(entry, dict) else None
+            if isinstance(name, str) and SHARD_NAME.match(name):
+                owned |= {out_dir / name, out_dir / _stats_name(name)}
+    return owned
+
+
+def _stats_name(shard: str) -> str:
+    return shard.removesuffix(".tar") + schema.STATS_SUFFIX
+
+
+def write_outputs(
+    cfg: PreprocessConfig,
+    rows: list[dict],
+    records: dict[str, dict],
+    cache_dir: Path,
+    out_dir: Path,
+    manifest_sha256: str,
+    allow_empty: bool = False,
+) -> dict:
+    """Write shards per split, their stats, failures.parquet and index.json; returns the index.
+
+    `rows`: every manifest row; `records`: cache record per processed clip key (see
+    preprocessing.cache). Raises NoSamplesError, before touching OUT, when no sample would remain
+    and `allow_empty` is False.
+    """
+    usable, failures = select(rows)
+    unprocessed = [row["clip_id"] for row in usable if row["key"] not in records]
+    if unprocessed:  # a bug in the caller, not a clip status: never drop clips silently
+        raise ValueError(f"{len(unprocessed)} usable clips have no outcome, e.g. {unprocessed[:3]}")
+    for row in usable:
+        failures += clip_failures(row, records[row["key"]])
+    n_samples = sum(len(records[row["key"]]["samples"]) for row in usable)
+    reasons = dict(sorted(Counter(f["reason"] for f in failures).items()))
+    if n_samples == 0 and not allow_empty:
+        raise NoSamplesError(
+            f"no samples from {len(rows)} manifest rows (left out by reason: {reasons or 'none'}); "
+            f"nothing in {out_dir} was changed. Pass --allow-empty to write an empty output."
+        )
+    previous = owned_files(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    index: dict = {"splits": {}}
+    for split in schema.SPLITS:
+        clips = [row for row in usable if row["split"] == split]
+        if not any(records[row["key"]]["samples"] for row in clips):
+            continue
+        split_failures = [f for f in failures if f["split"] == split]
+        entries = _write_split(cfg, split, clips, records, split_failures, cache_dir, out_dir)
+        index["splits"][split] = {
+            "shards": entries,
+            "samples": sum(e["samples"] for e in entries),
+            "frames": sum(e["frames"] for e in entries),
+        }
+    written = {out_dir / e["shard"] for s in index["splits"].values() for e in s["shards"]}
+    written |= {out_dir / _stats_name(p.name) for p in written}
+    for stale in sorted(previous - written):
+        stale.unlink(missing_ok=True)
+    for partial in out_dir.glob(f"*{PARTIAL_SUFFIX}"):  # left by a killed run, of our own names only
+        if SHARD_NAME.match(partial.name.removesuffix(PARTIAL_SUFFIX)):
+            partial.unlink(missing_ok=True)
+    index["dataset"] = dataset_block(cfg, manifest_sha256, list(index["splits"]))
+    index["failures_by_reason"] = reasons
+    write_failures(out_dir / schema.FAILURES_FILE, failures)
+    write_json(out_dir / schema.INDEX_FILE, index)  # last: marks a complete output
+    return index
+
+
+def _write_split(
+    cfg: PreprocessConfig,
+    split: str,
+    clips: list[dict],
+    records: dict[str, dict],
+    failures: list[dict],
+    cache_dir: Path,
+    out_dir: Path,
+) -> list[dict]:
+    """Write the shards of one split whose content changed; returns their index entries."""
+    rows = {row["key"]: row for row in clips}
+    sample_clip = {s["key"]: key for key in rows for s in records[key]["samples"]}
+    plan = shards.plan_shards(list(sample_clip), cfg.shards, prefix=split)
+    failures_by_shard: dict[str | None, list[dict]] = {}
+    for failure in failures:
+        failures_by_shard.setdefault(shards.shard_for(plan, failure["key"], cfg.shards), []).append(failure)
+    entries = []
+    for name, keys in plan.items():
+        wanted = set(keys)
+        samples = [
+            join_sample(sample, rows[clip])
+            for clip in sorted({sample_clip[k] for k in keys})
+            for sample in cache.load_samples(cache_dir, clip, records[clip])
+            if sample.key in wanted
+        ]
+        stats = shards.shard_stats(name, samples, failures_by_shard.get(name, []))
+        tar_path, stats_path = out_dir / f"{name}.tar", out_dir / _stats_name(f"{name}.tar")
+        old = read_json(stats_path) or {}
+        intact = tar_path.is_file() and tar_path.stat().st_size == old.get("tar_bytes")
+        if old.get("members_sha256") != stats["members_sha256"] or not intact:
+            shards.write_shard(tar_path, samples)
+        stats["tar_bytes"] = tar_path.stat().st_size
+        if stats != old:
+            write_json(stats_path, stats)
+        entries.append({"shard": f"{name}.tar", "samples": stats["samples"], "frames": stats["frames"]})
+    return entries
+
+
+def write_failures(path: Path, failures: list[dict]) -> None:
+    """failures.parquet: schema.FAILURE_COLUMNS, rows in a total order, written atomically."""
+    rows = sorted(
+        ({column: _text(f.get(column)) for column in schema.FAILURE_COLUMNS} for f in failures),
+        key=lambda f: tuple(f[c] or "" for c in ("key", "reason", "status", "clip_id", "detail", "split")),
+    )
+    table = pa.Table.from_pylist(rows, schema=FAILURE_SCHEMA)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def _text(value) -> str | None:
+    return None if value is None else str(value)
