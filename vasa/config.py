@@ -333,7 +333,27 @@ class LatentDataConfig(Section):
 
 
 class LatentLossConfig(Section):
-    """Placeholder for helper H5's stage-1 loss weights (H5 replaces this class and `train_latent.loss`)."""
+    """Stage-1 loss weights and settings (vasa/losses.py, vasa/train_latent_task.py). A weight of 0 turns a
+    term off (and skips its computation where it has its own forward pass)."""
+
+    l1: float = Field(ge=0)  # multi-scale L1 reconstruction of the driver frame
+    l1_scales: int = Field(ge=1, le=5)  # full, 1/2, 1/4 ... resolution
+    perceptual: float = Field(ge=0)  # VGG19 feature L1; off (logged once) while perceptual_weights is None
+    perceptual_weights: str | None  # local safetensors of VGG19 `features` (torchvision keys); None = off
+    adversarial: float = Field(ge=0)  # hinge GAN, multi-scale PatchGAN
+    feature_matching: float = Field(ge=0)  # L1 between discriminator features of real and fake
+    pose: float = Field(ge=0)  # supervision of the motion encoder's head pose by the shards' pose
+    transfer: float = Field(ge=0)  # VASA-1 pairwise pose/dynamics transfer consistency
+    cross_identity: float = Field(ge=0)  # identity must survive re-rendering with another speaker's motion
+    identity: float = Field(ge=0)  # CosFace loss of the identity encoder on the speaker labels
+    cosface_margin: float = Field(ge=0, lt=1)  # CosFace m (cosine units)
+    cosface_scale: float = Field(gt=0)  # CosFace s
+
+    @model_validator(mode="after")
+    def _check(self) -> LatentLossConfig:
+        if self.cross_identity > 0 and self.identity == 0:
+            raise ValueError("cross_identity > 0 needs identity > 0: its judge is the identity encoder trained by it")
+        return self
 
 
 class TrainLatentConfig(Section):

@@ -1,0 +1,271 @@
+"""Stage-1 networks: shapes, ranges, warping geometry, gradients, and LatentTask learning on a fixed batch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from preprocessing.pose import euler_to_matrix
+from preprocessing.schema import POSE_COLUMNS
+from vasa.config import LatentLossConfig
+from vasa.models.discriminator import MultiScaleDiscriminator
+from vasa.models.face_latent import FaceLatent
+from vasa.models.motion_encoder import POSE_DIM, shard_pose_to_model
+from vasa.models.presets import LATENT_PRESETS, get_preset
+from vasa.models.warping import (
+    canonical_to_posed_grid,
+    identity_grid,
+    posed_to_canonical_grid,
+    rotation_matrix,
+    sample_volume,
+)
+from vasa.train_latent_task import LatentTask
+
+SMALL = 32  # tests run `tiny` at 32² (volume 16 x 8 x 8 x 8): same code paths, a quarter of the cost of 64²
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def loss_cfg(**changes) -> LatentLossConfig:
+    values = dict(
+        l1=10.0,
+        l1_scales=2,
+        perceptual=0.0,
+        perceptual_weights=None,
+        adversarial=0.1,
+        feature_matching=1.0,
+        pose=1.0,
+        transfer=2.0,
+        cross_identity=1.0,
+        identity=1.0,
+        cosface_margin=0.35,
+        cosface_scale=30.0,
+    )
+    return LatentLossConfig.from_data(values | changes)
+
+
+def synthetic_batch(batch: int, size: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Smooth random images (low-frequency noise, upsampled) in [-1, 1] and plausible crop-frame poses."""
+    g = torch.Generator().manual_seed(seed)
+
+    def images() -> torch.Tensor:
+        coarse = torch.rand(batch, 3, 4, 4, generator=g) * 2 - 1
+        return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+
+    def poses() -> torch.Tensor:
+        crop = 128
+        pose = torch.zeros(batch, len(POSE_COLUMNS))
+        pose[:, :3] = torch.randn(batch, 3, generator=g) * 10
+        pose[:, 3:5] = crop / 2 + torch.randn(batch, 2, generator=g) * 3
+        pose[:, 6] = crop * 0.25
+        return pose
+
+    return {
+        "source": images(),
+        "driver": images(),
+        "other": images(),
+        "source_pose": poses(),
+        "driver_pose": poses(),
+        "other_pose": poses(),
+        "speaker": torch.zeros(batch, dtype=torch.int64),
+        "other_speaker": torch.ones(batch, dtype=torch.int64),
+    }
+
+
+def n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# --- presets ---------------------------------------------------------------------------------------
+
+
+def test_presets_registry_and_validation() -> None:
+    assert set(LATENT_PRESETS) == {"tiny", "base"}
+    assert LATENT_PRESETS["base"].volume_shape == (96, 16, 64, 64)  # MegaPortraits/EMOPortraits at 512²
+    assert LATENT_PRESETS["base"].resolution == 512
+    assert get_preset("tiny", 128).volume_shape == (16, 8, 32, 32)
+    with pytest.raises(KeyError, match="known"):
+        get_preset("huge")
+    with pytest.raises(ValueError, match="not divisible"):
+        get_preset("tiny", 66)
+    assert json.loads(json.dumps(LATENT_PRESETS["tiny"].describe()))["name"] == "tiny"
+
+
+def test_tiny_shapes_and_ranges() -> None:
+    torch.manual_seed(0)
+    preset = get_preset("tiny")  # 64², the size params.yaml trains on the sample corpus
+    model = FaceLatent(preset, n_speakers=3)
+    x = synthetic_batch(2, preset.resolution)
+    with torch.no_grad():
+        code = model.encode(x["source"])
+        out = model(x["source"], x["driver"], x["other"], transfer=True, pose_swap=True)
+    assert code.volume.shape == (2, *preset.volume_shape)
+    assert code.z_id.shape == (2, preset.identity_dim)
+    torch.testing.assert_close(code.z_id.norm(dim=1), torch.ones(2))
+    assert code.pose.shape == (2, POSE_DIM) and code.dyn.shape == (2, preset.dynamics_dim)
+    for key in ("recon", "cross", "transfer_a", "transfer_b", "pose_swap"):
+        assert out[key].shape == (2, 3, 64, 64), key
+        assert out[key].min() >= -1 and out[key].max() <= 1, key
+    assert out["id_logits"].shape == (6, 3)
+    assert out["id_logits"].abs().max() <= 1 + 1e-5  # cosines
+
+
+def test_base_builds_at_paper_size_and_runs_small() -> None:
+    preset = get_preset("base")
+    generator, disc = FaceLatent(preset, n_speakers=16), MultiScaleDiscriminator(preset)
+    # Reported in docs/BENCHMARKS.md; VASA-1's latent model is said to be ~200 M, MegaPortraits' is larger.
+    assert 30e6 < n_params(generator) < 300e6
+    assert 1e6 < n_params(disc) < 50e6
+    small = preset.at_resolution(64)  # the same widths on a 8 x 8 volume side: a cheap forward
+    model = FaceLatent(small, n_speakers=4)
+    x = synthetic_batch(1, 64)
+    with torch.no_grad():
+        out = model(x["source"], x["driver"], x["other"], transfer=False)
+    assert out["recon"].shape == (1, 3, 64, 64)
+    assert out["recon"].abs().max() <= 1
+
+
+# --- warping geometry ------------------------------------------------------------------------------
+
+
+def zero_pose(batch: int = 1) -> torch.Tensor:
+    return torch.zeros(batch, POSE_DIM)  # angles 0, translation 0, log scale 0
+
+
+def test_identity_pose_reproduces_the_volume() -> None:
+    torch.manual_seed(0)
+    volume = torch.randn(2, 4, 6, 10, 12)
+    grid = identity_grid(6, 10, 12, volume.device, volume.dtype).expand(2, 6, 10, 12, 3)
+    for warp in (canonical_to_posed_grid, posed_to_canonical_grid):
+        torch.testing.assert_close(sample_volume(volume, warp(zero_pose(2), grid)), volume, atol=1e-5, rtol=0)
+
+
+def test_rotation_matches_the_pose_module_convention() -> None:
+    angles = torch.tensor([[20.0, -35.0, 50.0], [-70.0, 10.0, -5.0]])
+    expected = euler_to_matrix(angles[:, 0].numpy(), angles[:, 1].numpy(), angles[:, 2].numpy())
+    np.testing.assert_allclose(rotation_matrix(angles).numpy(), expected, atol=1e-6)
+
+
+def blob_volume(x: float, y: float, z: float, side: int = 17) -> torch.Tensor:
+    """(1, 1, side, side, side) Gaussian blob centred at (x, y, z) in volume units."""
+    grid = identity_grid(side, side, side, torch.device("cpu"), torch.float32)
+    d2 = ((grid - torch.tensor([x, y, z])) ** 2).sum(-1)
+    return torch.exp(-d2 / (2 * 0.12**2))[None, None]
+
+
+def centre_of_mass(volume: torch.Tensor) -> torch.Tensor:
+    """(x, y, z) centre of mass of a (1, 1, D, H, W) non-negative volume, in volume units."""
+    _, _, d, h, w = volume.shape
+    grid = identity_grid(d, h, w, volume.device, volume.dtype)
+    weights = volume[0, 0, ..., None]
+    return (grid * weights).sum((0, 1, 2)) / weights.sum()
+
+
+def pose_volume(volume: torch.Tensor, pose: torch.Tensor) -> torch.Tensor:
+    """The canonical volume rendered in `pose` (rigid part of WarpingGenerator.from_canonical)."""
+    _, _, d, h, w = volume.shape
+    grid = identity_grid(d, h, w, volume.device, volume.dtype)[None]
+    return sample_volume(volume, posed_to_canonical_grid(pose, grid))
+
+
+@pytest.mark.parametrize(
+    ("angles", "start", "end"),
+    [
+        # roll > 0 tilts the head clockwise in the image (y down): a point at image right drops.
+        ((0.0, 0.0, 90.0), (0.5, 0.0, 0.0), (0.0, 0.5, 0.0)),
+        # yaw > 0: the subject turns to their right, the nose (toward the camera, z < 0) goes image left.
+        ((90.0, 0.0, 0.0), (0.0, 0.0, -0.5), (-0.5, 0.0, 0.0)),
+        # pitch > 0: looks down, the nose goes toward the image bottom.
+        ((0.0, 90.0, 0.0), (0.0, 0.0, -0.5), (0.0, 0.5, 0.0)),
+    ],
+)
+def test_rigid_pose_moves_a_known_pattern(angles, start, end) -> None:
+    pose = zero_pose()
+    pose[0, :3] = torch.tensor(angles)
+    moved = centre_of_mass(pose_volume(blob_volume(*start), pose))
+    torch.testing.assert_close(moved, torch.tensor(end), atol=0.03, rtol=0)
+
+
+def test_translation_and_scale_move_and_grow_the_pattern() -> None:
+    pose = zero_pose()
+    pose[0, 3:6] = torch.tensor([0.25, -0.25, 0.0])
+    pose[0, 6] = np.log(1.5)
+    volume = blob_volume(0.2, 0.0, 0.0)
+    moved = pose_volume(volume, pose)
+    torch.testing.assert_close(centre_of_mass(moved), torch.tensor([0.2 * 1.5 + 0.25, -0.25, 0.0]), atol=0.03, rtol=0)
+    assert moved.sum() / volume.sum() == pytest.approx(1.5**3, rel=0.1)  # volume grows with s³
+
+
+def test_shard_pose_conversion() -> None:
+    crop = 256
+    pose = torch.tensor([[10.0, -5.0, 3.0, crop / 2, crop / 2 + crop / 4, 12.8, crop * 0.25]])
+    model_units = shard_pose_to_model(pose, crop, canonical_scale=0.25)
+    torch.testing.assert_close(model_units, torch.tensor([[10.0, -5.0, 3.0, 0.0, 0.5, 0.1, 0.0]]))
+
+
+# --- training ----------------------------------------------------------------------------------------
+
+
+def test_gradients_reach_every_generator_parameter() -> None:
+    torch.manual_seed(0)
+    task = LatentTask(loss_cfg(), get_preset("tiny", SMALL), n_speakers=2, crop_size=128)
+    models = task.build()
+    loss, terms = task.loss("generator", models, synthetic_batch(2, SMALL), {})
+    loss.backward()
+    missing = [n for n, p in models["generator"].named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"no gradient reaches {missing}"
+    assert {"generator/l1", "generator/pose", "generator/transfer", "generator/cross_identity"} <= set(terms)
+
+
+def test_discriminator_step_needs_the_generator_fake() -> None:
+    task = LatentTask(loss_cfg(), get_preset("tiny", SMALL), n_speakers=2, crop_size=128)
+    models = task.build()
+    batch = synthetic_batch(2, SMALL)
+    with pytest.raises(RuntimeError, match="fake"):
+        task.loss("discriminator", models, batch, {})
+    scratch: dict = {}
+    task.loss("generator", models, batch, scratch)
+    loss, terms = task.loss("discriminator", models, batch, scratch)
+    loss.backward()
+    assert all(p.grad is not None for p in models["discriminator"].parameters())
+    assert terms["discriminator/hinge"] > 0
+
+
+def test_task_validation_describe_and_images() -> None:
+    with pytest.raises(ValueError, match="crop_size"):
+        LatentTask(loss_cfg(), get_preset("tiny", SMALL), n_speakers=2)
+    with pytest.raises(ValueError, match="2 train speakers"):
+        LatentTask(loss_cfg(), get_preset("tiny", SMALL), n_speakers=1, crop_size=128)
+    task = LatentTask(loss_cfg(), get_preset("tiny", SMALL), n_speakers=2, crop_size=128)
+    info = task.describe()
+    assert info == json.loads(json.dumps(info)) and info["preset"]["name"] == "tiny"
+    grid = task.images(task.build(), synthetic_batch(2, SMALL))
+    assert grid.dtype == np.uint8 and grid.shape == (2 * SMALL, 5 * SMALL, 3)
+
+
+def test_latent_task_learns_a_fixed_batch_with_a_plain_loop() -> None:
+    """A hand-written loop (AdamW per module, generator then discriminator, as the engine does) lowers the
+    reconstruction loss of one fixed batch well below its start."""
+    torch.manual_seed(0)
+    task = LatentTask(loss_cfg(), get_preset("tiny", SMALL), n_speakers=2, crop_size=128)
+    models = task.build()
+    optims = {n: torch.optim.AdamW(m.parameters(), lr=2e-3, betas=(0.5, 0.999)) for n, m in models.items()}
+    batch = synthetic_batch(2, SMALL, seed=1)
+    history = []
+    for _ in range(8):
+        scratch: dict = {}
+        for name in task.update_order():
+            optims[name].zero_grad(set_to_none=True)
+            loss, terms = task.loss(name, models, batch, scratch)
+            loss.backward()
+            optims[name].step()
+            if name == "generator":
+                history.append(terms["generator/l1"])
+    assert all(np.isfinite(history))
+    assert min(history[-3:]) < 0.85 * history[0], history  # measured: 0.44 -> 0.34 after 8 steps

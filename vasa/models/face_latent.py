@@ -1,0 +1,111 @@
+"""The stage-1 face latent model (VASA-1 §3.1): encoders, warping generator and decoder assembled.
+
+A face image factors into a canonical appearance volume V_app, an identity code z_id, a head pose z_pose
+and facial dynamics z_dyn; any (V_app, z_id) can be re-rendered with any (z_pose, z_dyn). `forward`
+computes every rendering the stage-1 losses need in one call, so a DDP/DeepSpeed-wrapped model is only
+ever called, never reached into.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from vasa.models.appearance_encoder import AppearanceEncoder
+from vasa.models.decoder import Decoder
+from vasa.models.identity_encoder import CosFaceHead, IdentityEncoder
+from vasa.models.motion_encoder import MotionEncoder
+from vasa.models.presets import LatentPreset
+from vasa.models.warping import WarpingGenerator
+
+
+@dataclass(frozen=True)
+class FaceCode:
+    """One frame's latents: volume (B, C, D, H, W) in the frame's own pose, z_id (B, I) unit norm,
+    pose (B, 7) (see MotionEncoder), dyn (B, Z)."""
+
+    volume: torch.Tensor
+    z_id: torch.Tensor
+    pose: torch.Tensor
+    dyn: torch.Tensor
+
+
+class FaceLatent(nn.Module):
+    """Generator of stage 1: images (B, 3, S, S) in [-1, 1] -> renderings (B, 3, S, S) in [-1, 1]."""
+
+    def __init__(self, preset: LatentPreset, n_speakers: int) -> None:
+        super().__init__()
+        self.preset = preset
+        self.appearance = AppearanceEncoder(preset)
+        self.identity = IdentityEncoder(preset)
+        self.identity_head = CosFaceHead(preset.identity_dim, n_speakers)
+        self.motion = MotionEncoder(preset)
+        self.warping = WarpingGenerator(preset)
+        self.decoder = Decoder(preset)
+
+    def encode(self, image: torch.Tensor, appearance: bool = True) -> FaceCode:
+        """All latents of (B, 3, S, S) frames; `appearance=False` skips the (costly) volume (None)."""
+        pose, dyn = self.motion(image)
+        volume = self.appearance(image) if appearance else None
+        return FaceCode(volume=volume, z_id=self.identity(image), pose=pose, dyn=dyn)
+
+    def canonical(self, code: FaceCode) -> torch.Tensor:
+        """V_app of `code` moved to the canonical (pose- and dynamics-free) frame: (B, C, D, H, W)."""
+        return self.warping.to_canonical(code.volume, code.pose, code.dyn, code.z_id)
+
+    def render(
+        self, canonical: torch.Tensor, z_id: torch.Tensor, pose: torch.Tensor, dyn: torch.Tensor
+    ) -> torch.Tensor:
+        """Decode a canonical volume posed by (pose (B, 7), dyn (B, Z)): -> (B, 3, S, S) in [-1, 1]."""
+        return self.decoder(self.warping.from_canonical(canonical, pose, dyn, z_id))
+
+    def judge_identity(self, image: torch.Tensor) -> torch.Tensor:
+        """z_id of `image` through the identity encoder with its weights detached (stop-gradient judge):
+        gradients reach the image (the generator) but cannot bend the judge to agree."""
+        frozen = {name: p.detach() for name, p in self.identity.named_parameters()}
+        return functional_call(self.identity, frozen, (image,))
+
+    def forward(
+        self,
+        source: torch.Tensor,
+        driver: torch.Tensor,
+        other: torch.Tensor,
+        transfer: bool = True,
+        pose_swap: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Renderings and latents for one batch of frame triples, each (B, 3, S, S) in [-1, 1].
+
+        source, driver: two frames of one clip; other: a frame of another speaker. Returns
+          recon       source appearance with the driver's pose and dynamics (target: driver)
+          cross       source appearance with `other`'s pose and dynamics (cross-identity reenactment)
+          cross_id    z_id of `cross` by the stop-gradient judge (B, I)
+          transfer_a, transfer_b   (if transfer) VASA-1's pairwise transfer pair for frames i = source,
+                      j = driver: render(app_j, id_j, pose_i, dyn_j) and render(app_i, id_i, pose_i, dyn_j)
+          pose_swap   (if pose_swap) source appearance and dynamics with `other`'s head pose
+          id_logits   CosFace cosines (3B, n_speakers) of [source; driver; other]
+          source_pose, driver_pose, other_pose (B, 7); source_id (B, I)
+        """
+        src = self.encode(source)
+        drv = self.encode(driver, appearance=transfer)
+        oth = self.encode(other, appearance=False)
+        canon_src = self.canonical(src)
+        cross = self.render(canon_src, src.z_id, oth.pose, oth.dyn)
+        out = {
+            "recon": self.render(canon_src, src.z_id, drv.pose, drv.dyn),
+            "cross": cross,
+            "cross_id": self.judge_identity(cross),
+            "id_logits": self.identity_head(torch.cat([src.z_id, drv.z_id, oth.z_id])),
+            "source_pose": src.pose,
+            "driver_pose": drv.pose,
+            "other_pose": oth.pose,
+            "source_id": src.z_id,
+        }
+        if transfer:
+            out["transfer_a"] = self.render(self.canonical(drv), drv.z_id, src.pose, drv.dyn)
+            out["transfer_b"] = self.render(canon_src, src.z_id, src.pose, drv.dyn)
+        if pose_swap:
+            out["pose_swap"] = self.render(canon_src, src.z_id, oth.pose, src.dyn)
+        return out

@@ -1,0 +1,49 @@
+"""Motion encoder (VASA-1 §3.1 z_pose and z_dyn): a face image -> head pose and facial dynamics."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from preprocessing.schema import POSE_COLUMNS
+from vasa.models.layers import GlobalEncoder
+from vasa.models.presets import LatentPreset
+
+# z_pose columns, the model's units (see `vasa.models.warping` for how they move the volume).
+POSE_DIM = 7  # yaw, pitch, roll (degrees), tx, ty, tz (volume units, [-1, 1] spans the crop), log scale
+ANGLE_UNIT_DEG = 30.0  # network outputs angles / 30° so their scale matches the other columns at init
+
+
+class MotionEncoder(nn.Module):
+    """(B, 3, S, S) in [-1, 1] -> (z_pose (B, 7), z_dyn (B, dynamics_dim)).
+
+    z_pose = (yaw, pitch, roll in degrees with the project's sign convention (preprocessing/schema.py),
+    tx, ty, tz as fractions of the half crop side from the crop centre, log of the head scale relative to
+    the preset's canonical scale). z_dyn is unbounded (expression, lips, eyes, blinks).
+    """
+
+    def __init__(self, preset: LatentPreset) -> None:
+        super().__init__()
+        self.dynamics_dim = preset.dynamics_dim
+        self.encoder = GlobalEncoder(preset.motion_widths, POSE_DIM + preset.dynamics_dim)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.encoder(image)
+        raw_pose, z_dyn = h[:, :POSE_DIM], h[:, POSE_DIM:]
+        angles = raw_pose[:, :3] * ANGLE_UNIT_DEG
+        return torch.cat([angles, raw_pose[:, 3:]], dim=1), z_dyn
+
+
+def shard_pose_to_model(pose: torch.Tensor, crop_size: int, canonical_scale: float) -> torch.Tensor:
+    """Shard head pose (B, 7) in POSE_COLUMNS units (degrees, crop pixels) -> z_pose units (B, 7).
+
+    Angles stay in degrees; tx, ty become offsets of the template origin from the crop centre in half
+    crop sides, tz likewise (no centre); scale becomes log(scale_px / crop_size / canonical_scale).
+    """
+    col = {name: i for i, name in enumerate(POSE_COLUMNS)}
+    half = crop_size / 2
+    angles = pose[:, [col["yaw_deg"], col["pitch_deg"], col["roll_deg"]]]
+    txy = pose[:, [col["tx_px"], col["ty_px"]]] / half - 1
+    tz = pose[:, [col["tz_px"]]] / half
+    log_scale = torch.log(pose[:, [col["scale_px"]]].clamp_min(1e-6) / crop_size / canonical_scale)
+    return torch.cat([angles, txy, tz, log_scale], dim=1)
