@@ -193,3 +193,56 @@ def test_safe_member_path_rejects_a_symlinked_directory_pointing_outside(tmp_pat
 )
 def test_safe_member_path_keeps_safe_names_under_dest(tmp_path: Path, name: str, relative: str) -> None:
     assert safe_member_path(tmp_path, name) == tmp_path / relative
+
+
+@pytest.mark.parametrize("order", [("a", "a/b"), ("a/b", "a")], ids=["file-then-member", "member-then-file"])
+def test_a_file_and_a_folder_of_the_same_name_reject_the_second(tmp_path: Path, order: tuple[str, str]) -> None:
+    archive = tmp_path / "x.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for name in order:
+            zf.writestr(name, name.encode())
+        zf.writestr("keep.mp4", b"good")
+
+    for _ in range(2):  # and again on a re-run over what the first run left
+        result = extract_zip(archive, tmp_path / "out")
+        assert [name for name, _ in result.rejected] == [order[1]]
+        assert "path conflict" in result.rejected[0][1]
+        assert result.extracted == tuple(sorted([tmp_path / "out" / order[0], tmp_path / "out" / "keep.mp4"]))
+    assert (tmp_path / "out" / order[0]).read_bytes() == order[0].encode()
+
+
+def test_duplicate_members_keep_the_first_and_are_each_recorded(tmp_path: Path) -> None:
+    archive = tmp_path / "dup.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("id00001/abcdefghijk/00001.mp4", b"first")
+        zf.writestr("id00001/abcdefghijk/00001.mp4", b"second, longer")  # zipfile warns; the format allows it
+        zf.writestr("./id00001/abcdefghijk/00001.mp4", b"third")
+
+    result = extract_zip(archive, tmp_path / "out")
+
+    assert (tmp_path / "out" / "id00001/abcdefghijk/00001.mp4").read_bytes() == b"first"
+    names = [name for name, _ in result.rejected]
+    assert names == ["./id00001/abcdefghijk/00001.mp4", "id00001/abcdefghijk/00001.mp4#2"]  # unique row ids
+    assert all("duplicate member" in reason for _, reason in result.rejected)
+
+
+def test_zip_bomb_over_the_total_limit_extracts_nothing(tmp_path: Path) -> None:
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("a.bin", b"\0" * 2_000_000)
+        zf.writestr("b.bin", b"\0" * 2_000_000)
+
+    with pytest.raises(ArchiveError, match="4000000 bytes in total, over the limit of 3000000"):
+        extract_zip(archive, tmp_path / "out", max_total_bytes=3_000_000)
+    assert not (tmp_path / "out").exists()
+
+    # Under the total limit, the compression ratio (~1000:1 for zeros) still refuses each member.
+    result = extract_zip(archive, tmp_path / "out", max_total_bytes=5_000_000, max_ratio=100)
+    assert result.extracted == () and [name for name, _ in result.rejected] == ["a.bin", "b.bin"]
+    assert "compression ratio" in result.rejected[0][1]
+    assert _files(tmp_path / "out") == set()
+    # Ordinary media (mp4 hardly compresses) passes the same limits.
+    assert (
+        extract_zip(_zip(tmp_path / "ok.zip", MEMBERS), tmp_path / "ok", max_total_bytes=10**6, max_ratio=100).rejected
+        == ()
+    )

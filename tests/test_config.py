@@ -73,3 +73,39 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_params(bad)
+
+
+def test_duplicate_yaml_keys_are_rejected_naming_the_dotted_key(tmp_path):
+    text = (REPO / "params.yaml").read_text()
+    # A second `retries:` inside ingest.voxceleb2 would otherwise silently win over the first.
+    path = tmp_path / "params.yaml"
+    path.write_text(text.replace("    retries: 3", "    retries: 3\n    retries: 5", 1))
+    with pytest.raises(ConfigError, match=r"ingest\.voxceleb2\.retries: duplicate key \(lines \d+ and \d+\)"):
+        load_params(path)
+    path.write_text(text + "\nsample:\n  seed: 1\n")
+    with pytest.raises(ConfigError, match=r"  sample: duplicate key"):
+        load_params(path)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "key"),
+    [
+        (
+            lambda d: d["ingest"]["local"].update(extensions=["mp4"]),
+            r"ingest\.local.*extensions must look like '\.mp4'",
+        ),
+        (lambda d: d["ingest"].update(val_fraction=1.0), r"ingest\.val_fraction"),
+        (lambda d: d["ingest"]["voxceleb2"].update(max_extract_bytes=0), r"ingest\.voxceleb2\.max_extract_bytes"),
+        (lambda d: d["ingest"]["voxceleb2"].update(part_deadline_s=0), r"ingest\.voxceleb2\.part_deadline_s"),
+        (
+            lambda d: d["ingest"]["voxceleb2"].update(
+                archives=[{"name": "a.zip", "md5": None, "parts": [{"url": "/x", "md5": None, "size": None}]}] * 2
+            ),
+            r"ingest\.voxceleb2.*archive names must be unique",
+        ),
+    ],
+    ids=["extension-without-dot", "val-fraction-1", "zero-extract-limit", "zero-deadline", "same-archive-twice"],
+)
+def test_ingest_params_that_cannot_work_are_rejected(tmp_path, mutate, key):
+    with pytest.raises(ConfigError, match=key):
+        load_params(_write(tmp_path, mutate))

@@ -17,10 +17,15 @@ from preprocessing.ingest.archive import join_parts
 from preprocessing.ingest.download import (
     AuthError,
     ChecksumError,
+    DeadlineError,
     DownloadError,
     RemoteFile,
     download,
+    download_with_retries,
+    expand_env,
     file_digest,
+    redact_url,
+    url_file_name,
 )
 from tests.http_server import Server, running_server
 
@@ -256,3 +261,100 @@ def test_invalid_names_are_rejected(name: str) -> None:
 def test_unsupported_scheme_is_rejected() -> None:
     with pytest.raises(ValueError, match="ftp"):
         RemoteFile("ftp://example.org/x.zip", "x.zip")
+
+
+# --- retries only where another attempt can help; secrets never shown --------------------------
+
+
+class _Clock:
+    """A fake monotonic clock that sleeping advances: retry tests take no real time."""
+
+    def __init__(self) -> None:
+        self.now, self.slept = 0.0, []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def _retrying(remote: RemoteFile, dest: Path, clock: _Clock, **kwargs) -> Path:
+    options = {"retries": 3, "retry_delay_s": 10.0, "deadline_s": 3600.0} | kwargs
+    return download_with_retries(remote, dest, sleep=clock.sleep, clock=clock, **options)
+
+
+@pytest.mark.parametrize(
+    ("setup", "error"),
+    [
+        (lambda s: None, DownloadError),  # 404: the file is not there, asking again will not change that
+        (lambda s: setattr(s.state, "credentials", (USER, PASSWORD)), AuthError),  # 401
+        (lambda s: s.serve("/part", b"x" * 1000), ChecksumError),  # served, but the md5 is wrong
+    ],
+    ids=["404", "401", "wrong-md5"],
+)
+def test_permanent_failures_are_not_retried(server: Server, tmp_path: Path, setup, error) -> None:
+    setup(server)
+    clock = _Clock()
+
+    with pytest.raises(error) as excinfo:
+        _retrying(RemoteFile(server.base + "/part", "part", md5="0" * 32), tmp_path, clock)
+
+    assert not excinfo.value.transient
+    assert len(server.state.requests) == 1 and clock.slept == []  # one request, no waiting
+
+
+def test_transient_failures_are_retried_and_resume(server: Server, tmp_path: Path) -> None:
+    body = _payload(50_000)
+    remote = _remote(server.serve("/part", body), "part", body)
+    server.state.cut_after["/part"] = 20_000  # the first transfer is cut short
+    clock = _Clock()
+
+    assert _retrying(remote, tmp_path, clock, chunk_bytes=CHUNK).read_bytes() == body
+
+    assert clock.slept == [10.0]
+    assert [r.range is not None for r in server.state.requests] == [False, True], server.state.requests
+
+
+def test_deadline_stops_retrying_and_keeps_the_partial(tmp_path: Path) -> None:
+    with socket.socket() as sock:  # nothing listens here: every attempt fails with a connection error
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    (tmp_path / "part.partial").write_bytes(b"kept")
+    clock = _Clock()
+
+    with pytest.raises(DeadlineError, match="deadline of 25 s reached after 3 attempts"):
+        _retrying(RemoteFile(f"http://127.0.0.1:{port}/part", "part"), tmp_path, clock, retries=10, deadline_s=25)
+
+    assert clock.slept == [10.0, 10.0]
+    assert (tmp_path / "part.partial").read_bytes() == b"kept"
+
+
+def test_urls_are_redacted_and_named_without_secrets() -> None:
+    url = "https://vox:Pa55@mirror.example.org/data/vox2_dev_mp4_partaa?X-Amz-Signature=abc123&token=t0k#frag"
+    assert redact_url(url) == "https://mirror.example.org/data/vox2_dev_mp4_partaa?<redacted>#<redacted>"
+    assert url_file_name(url) == "vox2_dev_mp4_partaa"
+    assert url_file_name("/data/parts/vox2_test_mp4.zip") == "vox2_test_mp4.zip"
+    assert redact_url("/data/parts/a.zip") == "/data/parts/a.zip"
+    assert expand_env("https://h/p?token=${TOKEN}", {"TOKEN": "t0k"}) == "https://h/p?token=t0k"
+    with pytest.raises(KeyError, match="TOKEN"):
+        expand_env("https://h/p?token=${TOKEN}", {})
+
+
+def test_signed_url_token_and_userinfo_never_appear_in_errors_or_logs(
+    server: Server, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    token = "sig-Very-Secret-Token-77"
+    url = server.base.replace("http://", f"http://{USER}:{PASSWORD}@") + f"/missing?token={token}"
+
+    with pytest.raises(DownloadError) as excinfo:
+        download(RemoteFile(url, url_file_name(url)), tmp_path)
+
+    shown = [str(excinfo.value), repr(excinfo.value), str(excinfo.value.__cause__), caplog.text]
+    for text in shown:
+        assert token not in text and PASSWORD not in text
+    assert "404" in str(excinfo.value) and "?<redacted>" in str(excinfo.value)
+    assert "plain http" in caplog.text  # credentials over http: warned
+    assert [p.name for p in tmp_path.iterdir()] == []

@@ -73,6 +73,16 @@ def safe_member_path(dest: Path, member_name: str) -> Path:
 
     Backslashes count as separators, since Windows-made zips use them and Windows honours them.
     """
+    target = Path(dest).joinpath(*_member_parts(member_name))
+    # Catches symlinks already inside dest that point out of it.
+    root = Path(dest).resolve()
+    if not target.resolve().is_relative_to(root):
+        raise UnsafeArchiveError(f"member path {member_name!r} resolves outside {dest}")
+    return target
+
+
+def _member_parts(member_name: str) -> tuple[str, ...]:
+    """The path components of a member name, checked lexically (no filesystem access)."""
     name = member_name.replace("\\", "/")
     if not name.strip("/") or "\0" in name:
         raise UnsafeArchiveError(f"empty or invalid member name {member_name!r}")
@@ -85,12 +95,7 @@ def safe_member_path(dest: Path, member_name: str) -> Path:
         raise UnsafeArchiveError(f"'..' in member path {member_name!r}")
     if not relative.parts:
         raise UnsafeArchiveError(f"empty or invalid member name {member_name!r}")
-    target = Path(dest).joinpath(*relative.parts)
-    # Catches symlinks already inside dest that point out of it.
-    root = Path(dest).resolve()
-    if not target.resolve().is_relative_to(root):
-        raise UnsafeArchiveError(f"member path {member_name!r} resolves outside {dest}")
-    return target
+    return relative.parts
 
 
 def extract_zip(
@@ -141,7 +146,10 @@ def extract_zip(
 
 def _claim(info: zipfile.ZipInfo, claimed: dict[str, str], max_ratio: float | None) -> str | None:
     """Why `info` must not be extracted before looking at its data (duplicate, bomb), or None."""
-    key = PurePosixPath(info.filename.replace("\\", "/")).as_posix()  # "a//b", "./a/b" and "a\\b" are "a/b"
+    try:
+        key = "/".join(_member_parts(info.filename))  # "a//b", "./a/b" and "a\\b" all land on "a/b"
+    except UnsafeArchiveError:
+        return None  # _extract_member refuses it with the reason
     if key in claimed:
         return f"duplicate member: {info.filename!r} lands where {claimed[key]!r} did (first kept)"
     claimed[key] = info.filename

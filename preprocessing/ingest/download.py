@@ -39,6 +39,22 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
+class _RedactQueries(logging.Filter):
+    """urllib3 logs every request line, signed-URL query tokens included, at debug level
+    (`vasa -v`): replace each query string in those records by `<redacted>`."""
+
+    _QUERY = re.compile(r"\?[^\s\"']*")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "?" in message:
+            record.msg, record.args = self._QUERY.sub("?<redacted>", message), ()
+        return True
+
+
+logging.getLogger("urllib3.connectionpool").addFilter(_RedactQueries())
+
+
 class DownloadError(RuntimeError):
     """A download failed; a transfer cut short keeps its `.partial` so the next call resumes it.
 
@@ -186,6 +202,7 @@ def download_with_retries(
     retry_delay_s: float,
     deadline_s: float,
     timeout_s: float = 60.0,
+    chunk_bytes: int = 8 << 20,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
 ) -> Path:
@@ -195,7 +212,9 @@ def download_with_retries(
     deadline = clock() + deadline_s
     for attempt in range(retries + 1):
         try:
-            return download(remote, dest_dir, auth=auth, timeout_s=timeout_s, deadline=deadline)
+            return download(
+                remote, dest_dir, auth=auth, chunk_bytes=chunk_bytes, timeout_s=timeout_s, deadline=deadline
+            )
         except DownloadError as err:
             if not err.transient or attempt == retries:
                 raise
