@@ -237,8 +237,9 @@ def draw_pose_axes(
 ) -> np.ndarray:
     """A copy of an RGB `crop` with the head axes drawn from the nose tip, for eyeballing poses.
 
-    `pose_row` is one frame's pose (Pose.select) in source pixels and `transform` (2, 3) that
-    frame's crop transform. Red: head x (toward the subject's left), green: head y (down), blue:
+    `pose_row` is one frame's pose (Pose.select) in the pixels `transform` (2, 3) maps from into
+    the crop: source pixels and that frame's crop transform, or a pose.npy row (crop frame) and the
+    identity [[1, 0, 0], [0, 1, 0]]. Red: head x (toward the subject's left), green: head y (down), blue:
     facing direction (-z, out of the face). `length` is in template units (eye distance = 1).
     """
     template = template or load_template()
