@@ -173,9 +173,6 @@ BACKENDS = ("auto", "decord", "pyav")
 # Slack when comparing times, in seconds: decord reports float32 timestamps (good to ~6e-5 s below
 # ~1000 s), far below any frame interval. An output time within it of a frame's start shows that frame.
 TIME_TOL = 1e-4
-# Full-resolution frames decoded at once inside a chunk before they are oriented and resized: keeps
-# a 4K source's transient at one or two frames while small frames still go to decord in batches.
-DECODE_BATCH_BYTES = 16 * 2**20  # 2 frames of 1080p, 1 of 4K, 100 of 224²
 
 
 @dataclass(frozen=True)
@@ -402,8 +399,8 @@ class _Frames:
     def read(self, positions: np.ndarray) -> np.ndarray:
         """Output frames (n, height, width, 3) for decoder-order source positions (n,).
 
-        Each source frame is decoded once, a few full-size frames at a time, and written straight
-        into the output slots that show it: memory is the output chunk plus one small batch.
+        Each source frame is decoded once, one at a time, and written straight into the output
+        slots that show it: memory is the output chunk plus one full-size frame.
         """
         r = self.reader
         out = np.empty((len(positions), r.height, r.width, 3), dtype=np.uint8)
@@ -411,17 +408,14 @@ class _Frames:
         if self._last is not None and self._last[0] == needed[0]:  # a frame repeated across chunks
             out[positions == needed[0]] = self._last[1]
             needed = needed[1:]
-        batch = max(1, DECODE_BATCH_BYTES // max(1, r._probe.width * r._probe.height * 3))
-        for first in range(0, len(needed), batch):
-            part = needed[first : first + batch].tolist()
-            for position, frame in zip(part, self._decode(part), strict=True):
-                out[positions == position] = self._finish(frame)
+        for position in needed.tolist():
+            out[positions == position] = self._finish(self._decode(position))
         last = int(positions.max())
         self._last = (last, out[int(np.flatnonzero(positions == last)[-1])].copy())
         return out
 
-    def _decode(self, positions: list[int]) -> Iterator[np.ndarray]:
-        """Full-size RGB frames (H, W, 3) at increasing decoder-order `positions`."""
+    def _decode(self, position: int) -> np.ndarray:
+        """The full-size RGB frame (H, W, 3) at decoder-order `position` (calls go forward)."""
         raise NotImplementedError
 
     def _finish(self, frame: np.ndarray) -> np.ndarray:
@@ -471,14 +465,25 @@ class _DecordFrames(_Frames):
         self.starts = relative + reader._probe.start
         self.index = frame_indices(self.starts, reader.fps)
         _check_complete(reader.path, len(self.starts), reader._probe.frames)
+        self._position: int | None = None  # of the frame next() returns; None: seek first
 
-    def _decode(self, positions: list[int]) -> Iterator[np.ndarray]:
+    def rewind(self) -> None:
+        super().rewind()
+        self._position = None  # unknown: seek before the next read
+
+    def _decode(self, position: int) -> np.ndarray:
         try:
-            # Sorted positions: decord reads forward without seeking back.
-            batch = self._reader.get_batch(positions).asnumpy()  # (B, H, W, 3) uint8 RGB, decord-rotated
+            # Frame by frame, forward: decord's get_batch grows the heap by ~20 MB a call on 1080p
+            # (measured; docs/BENCHMARKS.md), next() and skip_frames() keep it flat.
+            if self._position is None or position < self._position:
+                self._reader.seek_accurate(position)
+            elif position > self._position:
+                self._reader.skip_frames(position - self._position)  # decoded, not converted to RGB
+            frame = self._reader.next().asnumpy()  # (H, W, 3) uint8 RGB, decord-rotated
         except self._errors as err:
             raise _DecordFailed(_first_line(err)) from err
-        yield from batch
+        self._position = position + 1
+        return frame
 
     def size_error(self, message: str) -> Exception:
         return _DecordFailed(message)  # decord misread the orientation or size: PyAV takes over
@@ -532,18 +537,17 @@ class _PyAVFrames(_Frames):
         super().rewind()
         self.close()
 
-    def _decode(self, positions: list[int]) -> Iterator[np.ndarray]:
-        for position in positions:
-            if self._frames is None or position <= self._position:  # backwards (only for odd orders): restart
-                self.close()
-                self._frames, self._position = self._stream(), -1
-            frame = None
-            while self._position < position:
-                frame = next(self._frames, None)
-                if frame is None:
-                    raise DecodeError(f"{self.reader.path}: the video ended before frame {position} of the first pass")
-                self._position += 1
-            yield frame.to_ndarray(format="rgb24")  # YUV -> RGB only for frames that are used
+    def _decode(self, position: int) -> np.ndarray:
+        if self._frames is None or position <= self._position:  # backwards (only for odd orders): restart
+            self.close()
+            self._frames, self._position = self._stream(), -1
+        frame = None
+        while self._position < position:
+            frame = next(self._frames, None)
+            if frame is None:
+                raise DecodeError(f"{self.reader.path}: the video ended before frame {position} of the first pass")
+            self._position += 1
+        return frame.to_ndarray(format="rgb24")  # YUV -> RGB only for frames that are used
 
     def close(self) -> None:
         super().close()

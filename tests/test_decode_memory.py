@@ -173,10 +173,10 @@ def test_decord_failing_part_way_hands_over_to_pyav(tmp_path: Path, monkeypatch)
     reference = load_clip(tmp_path / "ramp.mp4", fps=FPS, sample_rate=RATE, backend="pyav")
     original = decode._DecordFrames._decode
 
-    def fails_later(self, positions):
-        if max(positions) >= 15:  # a corrupt packet half way
+    def fails_later(self, position):
+        if position >= 15:  # a corrupt packet half way
             raise decode._DecordFailed("simulated corrupt packet")
-        return original(self, positions)
+        return original(self, position)
 
     monkeypatch.setattr(decode._DecordFrames, "_decode", fails_later)
     with open_clip(tmp_path / "ramp.mp4", fps=FPS, sample_rate=RATE) as reader:
@@ -227,9 +227,9 @@ def test_reading_memory_does_not_grow_with_clip_length(backend: str, clips: dict
                 assert len(chunk) <= size and chunk.shape[1:] == (HEIGHT, WIDTH, 3)
 
     short, long = _peak_bytes(lambda: stream(clips[SHORT])), _peak_bytes(lambda: stream(clips[LONG]))
-    # The chunk the caller still holds, the one being filled, one decode batch and the last frame
-    # (kept for repeats across chunks); the audio is the only part that grows (~4 x 64 kB per second
-    # at 16 kHz while it is decoded and resampled).
+    # The chunk the caller still holds, the one being filled, the frame being decoded and the last
+    # frame (kept for repeats across chunks); the audio is the only part that grows (~4 x 64 kB per
+    # second at 16 kHz while it is decoded and resampled).
     audio = 4 * 64_000 * LONG / FPS
     assert long <= (3 * size + 2) * frame_bytes + audio, (long, frame_bytes)
     assert long - short < frame_bytes + 4 * 64_000 * (LONG - SHORT) / FPS, (short, long)
