@@ -1,0 +1,171 @@
+"""The stage-1 loader (vasa/data.py) on synthetic shards written here with the schema's members.
+
+Every frame encodes where it came from in flat colours that survive H.264: red = 12 x frame index,
+green = 30 x clip number, blue = 60 x speaker number; pose.npy column 0 holds the frame index. So
+a batch can be checked for same-clip pairs, frame gaps, held-out frames, pose alignment and
+cross-identity `other` frames."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from preprocessing import schema
+from preprocessing.media import write_mp4
+from preprocessing.shards import Sample, write_shard
+from vasa.config import LatentDataConfig
+from vasa.data import heldout_batch, open_shards, pair_batches, train_frames, worker_shards
+from vasa.errors import InputError
+
+FRAMES, SIDE, SIZE = 20, 32, 16
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _sample(tmp, clip: int, speaker: int, split: str) -> Sample:
+    frames = np.zeros((FRAMES, SIDE, SIDE, 3), np.uint8)
+    frames[..., 0] = (12 * np.arange(FRAMES))[:, None, None]
+    frames[..., 1], frames[..., 2] = 30 * clip, 60 * speaker
+    path = tmp / f"clip{clip}.mp4"
+    write_mp4(path, frames, fps=25, crf=10, preset="ultrafast")
+    pose = np.zeros((FRAMES, len(schema.POSE_COLUMNS)), np.float32)
+    pose[:, 0] = np.arange(FRAMES)
+    key = f"{clip:04d}abcd_0"
+    meta = {"key": key, "split": split, "provenance": {"speaker_id": f"spk{speaker}", "split": split}}
+    members = {schema.MP4: path.read_bytes(), schema.POSE: _npy(pose), schema.JSON: json.dumps(meta).encode()}
+    return Sample(key, members, frames=FRAMES, seconds=FRAMES / 25)
+
+
+def write_synthetic_shards(root, layout: dict[str, list[list[tuple[int, int]]]], dataset: dict | None = None):
+    """layout: split -> shards -> (clip, speaker) samples. Writes the tars and index.json."""
+    root.mkdir(parents=True, exist_ok=True)
+    index = {"splits": {}}
+    for split, shards in layout.items():
+        entries = []
+        for n, members in enumerate(shards):
+            name = f"{split}-{n}-0000.tar"
+            write_shard(root / name, [_sample(root, clip, speaker, split) for clip, speaker in members])
+            entries.append({"shard": name, "samples": len(members), "frames": FRAMES * len(members)})
+        index["splits"][split] = {"shards": entries}
+    if dataset is not None:
+        index["dataset"] = dataset
+    (root / "index.json").write_text(json.dumps(index))
+    return root
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    train = [[(0, 0), (1, 1)], [(2, 0), (3, 1)], [(4, 2), (5, 0)]]
+    layout = {"train": train, "test": [[(6, 3), (7, 3)]]}
+    return write_synthetic_shards(root, layout, {"schema_version": schema.SCHEMA_VERSION, "crop_size": SIDE})
+
+
+def data_config(**changes) -> LatentDataConfig:
+    values = {"shuffle_buffer": 4, "pairs_per_clip": 3, "min_frame_gap": 2, "holdout_fraction": 0.25}
+    return LatentDataConfig.from_data(values | {"eval_pairs": 8, "workers": 0} | changes)
+
+
+def decode(image: torch.Tensor) -> tuple[int, int, int]:
+    """(frame index, clip, speaker) from a (3, S, S) frame in [-1, 1]."""
+    rgb = ((image.mean(dim=(1, 2)) + 1) * 127.5).tolist()
+    return round(rgb[0] / 12), round(rgb[1] / 30), round(rgb[2] / 60)
+
+
+def take(source, n: int, epoch: int = 0, rank: int = 0, world: int = 1) -> list[dict]:
+    stream = source(epoch, rank, world)
+    return [next(stream) for _ in range(n)]
+
+
+def test_batches_hold_same_clip_pairs_and_a_cross_identity_frame(shards):
+    shard_set = open_shards(shards)
+    assert shard_set.speakers == ("spk0", "spk1", "spk2") and shard_set.crop_size == SIDE
+    cfg = data_config()
+    batch = take(pair_batches(shard_set, SIZE, cfg, batch_size=6, seed=0), 1)[0]
+    assert batch["source"].shape == (6, 3, SIZE, SIZE) and batch["source"].dtype == torch.float32
+    assert batch["source_pose"].shape == (6, 7) and batch["speaker"].dtype == torch.int64
+    for key in ("source", "driver", "other"):
+        assert batch[key].min() >= -1 and batch[key].max() <= 1
+    limit = train_frames(FRAMES, cfg.holdout_fraction)
+    for b in range(6):
+        t_src, clip_src, spk_src = decode(batch["source"][b])
+        t_drv, clip_drv, _ = decode(batch["driver"][b])
+        t_oth, _, spk_oth = decode(batch["other"][b])
+        assert clip_src == clip_drv and abs(t_src - t_drv) >= cfg.min_frame_gap
+        assert t_src < limit and t_drv < limit  # the held-out tail is never trained on
+        assert batch["source_pose"][b, 0] == t_src and batch["driver_pose"][b, 0] == t_drv
+        assert batch["other_pose"][b, 0] == t_oth
+        assert spk_oth != spk_src and batch["speaker"][b] == spk_src and batch["other_speaker"][b] == spk_oth
+        assert spk_src != 3  # speaker 3 is in the test split only
+
+
+def test_stream_is_deterministic_per_seed_epoch_and_rank(shards):
+    shard_set = open_shards(shards)
+    source = pair_batches(shard_set, SIZE, data_config(), batch_size=4, seed=0)
+    first, again = take(source, 3), take(source, 3)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(first, again, strict=True) for k in a)
+    other_epoch = take(source, 3, epoch=1)
+    other_rank = take(source, 3, rank=1, world=2)
+    assert not all(torch.equal(a["source"], b["source"]) for a, b in zip(first, other_epoch, strict=True))
+    assert not all(torch.equal(a["source"], b["source"]) for a, b in zip(first, other_rank, strict=True))
+
+
+def test_worker_process_gives_the_same_stream_as_in_process(shards):
+    shard_set = open_shards(shards)
+    inline = take(pair_batches(shard_set, SIZE, data_config(workers=0), 4, seed=3), 2)
+    worker = take(pair_batches(shard_set, SIZE, data_config(workers=1), 4, seed=3), 2)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(inline, worker, strict=True) for k in a)
+
+
+def test_shards_split_by_node_then_by_worker():
+    shards = tuple(f"s{i}" for i in range(8))
+    slices = [worker_shards(shards, rank, 2, worker, 2) for rank in range(2) for worker in range(2)]
+    assert sorted(s for part in slices for s in part) == sorted(shards)  # a partition
+    assert slices[0] == ("s0", "s4") and slices[1] == ("s2", "s6") and slices[2] == ("s1", "s5")
+    assert worker_shards(shards[:3], 0, 2, 0, 2) == shards[:3]  # fewer shards than slices: all
+
+
+def test_heldout_pairs_come_from_the_tail_frames_and_the_test_split(shards):
+    shard_set = open_shards(shards)
+    cfg = data_config()
+    groups = heldout_batch(shard_set, SIZE, cfg, seed=0)
+    assert set(groups) == {"frames", "speakers"}
+    limit = train_frames(FRAMES, cfg.holdout_fraction)
+    frames = groups["frames"]
+    assert frames["source"].shape[0] == cfg.eval_pairs
+    for b in range(cfg.eval_pairs):
+        assert decode(frames["source"][b])[0] >= limit and decode(frames["driver"][b])[0] >= limit
+    assert {decode(img)[2] for img in groups["speakers"]["source"]} == {3}
+    assert (groups["speakers"]["speaker"] == -1).all()  # not a train speaker
+    again = heldout_batch(shard_set, SIZE, cfg, seed=0)
+    assert torch.equal(again["frames"]["driver"], frames["driver"])
+
+
+def test_bad_shard_folders_fail_with_a_clear_error(tmp_path, shards):
+    with pytest.raises(InputError, match="not found"):
+        open_shards(tmp_path / "nowhere")
+    one = write_synthetic_shards(tmp_path / "one", {"train": [[(0, 0), (1, 0)]]})
+    with pytest.raises(InputError, match="at least 2"):
+        open_shards(one)
+    index = json.loads((shards / "index.json").read_text())
+    index["splits"]["train"]["shards"].append({"shard": "train-9-0000.tar", "samples": 1, "frames": 1})
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for tar in shards.glob("*.tar"):
+        (broken / tar.name).symlink_to(tar)
+    (broken / "index.json").write_text(json.dumps(index))
+    with pytest.raises(InputError, match="missing shards"):
+        open_shards(broken)
+    index["dataset"] = {"schema_version": schema.SCHEMA_VERSION + 1}
+    index["splits"]["train"]["shards"].pop()
+    (broken / "index.json").write_text(json.dumps(index))
+    with pytest.raises(InputError, match="schema version"):
+        open_shards(broken)
