@@ -261,6 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = toy_config(steps=args.steps, checkpoint_every=args.checkpoint_every, log_every=1, image_every=args.steps)
     deepspeed = json.loads(args.deepspeed.read_text()) if args.deepspeed else None
+    if deepspeed is not None:
+        from deepspeed import ops
+
+        # DeepSpeed's CPU shared-memory all-reduce is a C++ op compiled on first use (minutes on 2
+        # cores): a speed-up only. Without it DeepSpeed all-reduces through torch.distributed (gloo).
+        ops.__compatible_ops__["deepspeed_shm_comm"] = False
     batches = toy_batches(cfg.batch_size, cfg.seed)
     if args.step_delay:
         import time

@@ -131,14 +131,17 @@ def make_accelerator(cfg: TrainConfig, names: list[str], deepspeed: dict | None)
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
-    cpu = not torch.cuda.is_available()
+    no_cuda = not torch.cuda.is_available()
+    # cpu=True would switch DeepSpeed off (Accelerate only enables it when cpu is False); DeepSpeed
+    # then finds no GPU and runs on the CPU over gloo.
+    cpu = no_cuda and deepspeed is None
     # Frozen modules (see `_frozen`) take no gradient in another module's phase: DDP must treat
     # their parameters as unused rather than wait for them.
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]
     mixed = resolve_precision(cfg.precision)
     plugins = None
     if deepspeed is not None:
-        if cpu:  # DeepSpeed defaults to NCCL; on CPU it works over gloo (REFERENCE §5)
+        if no_cuda:  # DeepSpeed defaults to NCCL; on CPU it works over gloo (REFERENCE §5)
             handlers.append(InitProcessGroupKwargs(backend="gloo"))
         settings = deepspeed_settings(deepspeed, cfg, mixed)
         plugins = {name: DeepSpeedPlugin(hf_ds_config=copy.deepcopy(settings)) for name in names}
@@ -195,6 +198,7 @@ class _Run:
             if self.deepspeed:
                 self.accelerator.state.select_deepspeed_plugin(name)
             self.models[name], self.optimizers[name] = self.accelerator.prepare(modules[name], optimizer)
+        self.plain = {name: self.accelerator.unwrap_model(model) for name, model in self.models.items()}
         gather = None
         if self.deepspeed and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
             import deepspeed as ds
@@ -275,12 +279,15 @@ class _Run:
             model, optimizer = self.models[name], self.optimizers[name]
             if not self.deepspeed:
                 optimizer.zero_grad(set_to_none=True)
-            with _frozen(self.models, name):
+            # The other modules run unwrapped and frozen in this phase: no DDP/DeepSpeed gradient hooks
+            # fire for modules that are not being updated (DeepSpeed's ZeRO epilogue fails on them).
+            view = {other: model if other == name else self.plain[other] for other in self.order}
+            with _frozen(self.plain, name):
                 for index, batch in enumerate(micro):
                     last = index == len(micro) - 1
                     sync = nullcontext() if last or self.deepspeed else self.accelerator.no_sync(model)
                     with sync:
-                        loss, parts = self.task.loss(name, self.models, batch, scratch[index])
+                        loss, parts = self.task.loss(name, view, batch, scratch[index])
                         if not torch.isfinite(loss):
                             raise FloatingPointError(f"step {self.step}: non-finite {name} loss {loss.item()}")
                         if self.deepspeed:
