@@ -57,7 +57,7 @@ def test_two_process_ddp_and_deepspeed_zero2(tmp_path):
     zero2 = _torchrun(tmp_path, tmp_path / "zero2", "--deepspeed", str(REPO / "cluster" / "deepspeed" / "zero2.json"))
     assert [r["step"] for r in zero2] == [6, 6]
     assert zero2[0]["digests"]["generator"] == zero2[1]["digests"]["generator"]
-    for term in ("loss/l1", "loss/g_adv", "loss/d_hinge"):
+    for term in ("loss/generator/l1", "loss/generator/adversarial", "loss/discriminator/hinge"):
         assert _mean_curve(zero2, term) == pytest.approx(_mean_curve(ddp, term), rel=1e-4, abs=1e-5), term
     assert (tmp_path / "zero2" / "model" / "generator.safetensors").is_file()
 

@@ -57,10 +57,10 @@ class ToyTask:
             l1 = F.l1_loss(fake, batch["driver"])
             adv = -models["discriminator"](fake).mean()
             total = l1 + self.adversarial * adv
-            return total, {"loss/l1": l1.item(), "loss/g_adv": adv.item()}
+            return total, {"l1": l1.item(), "adversarial": adv.item()}
         real, fake = models["discriminator"](batch["driver"]), models["discriminator"](scratch["fake"])
         hinge = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
-        return hinge, {"loss/d_hinge": hinge.item()}
+        return hinge, {"hinge": hinge.item()}
 
     def images(self, models, batch):
         fake = models["generator"](batch["source"][:2])
@@ -179,7 +179,7 @@ def test_training_writes_ema_weights_metrics_grids_and_states(tmp_path):
     ema_generator = ToyTask().build()["generator"]
     ema_generator.load_state_dict(weights["generator"])  # loads into a freshly built module
     metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())
-    assert {"loss", "lr", "grad_norm"} <= set(metrics) and "l1" in metrics["loss"]
+    assert {"loss", "lr", "grad_norm"} <= set(metrics) and "l1" in metrics["loss"]["generator"]
     assert metrics["step"] == 6
     assert sorted(p.name for p in (tmp_path / "images").glob("*.png")) == ["step_0000003.png", "step_0000006.png"]
     assert [step for step, _ in checkpoint.complete_states(tmp_path / "checkpoints")] == [3, 6]
@@ -188,7 +188,7 @@ def test_training_writes_ema_weights_metrics_grids_and_states(tmp_path):
 def test_loss_falls_on_a_learnable_toy_problem(tmp_path):
     cfg = toy_config(steps=60, log_every=60, image_every=60, checkpoint_every=60)
     result = run_toy(tmp_path, cfg)
-    rows = (tmp_path / "live" / "plots" / "metrics" / "loss" / "l1.tsv").read_text().splitlines()
+    rows = (tmp_path / "live" / "plots" / "metrics" / "loss" / "generator" / "l1.tsv").read_text().splitlines()
     final = float(rows[-1].split("\t")[-1])
     initial = toy_initial_l1(cfg)
     assert final < 0.5 * initial, (initial, final, result.last_terms)

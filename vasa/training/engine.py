@@ -60,7 +60,7 @@ class TrainTask(Protocol):
 
     def loss(
         self, name: str, models: dict[str, nn.Module], batch: Batch, scratch: dict
-    ) -> tuple[Tensor, dict[str, float]]: ...
+    ) -> tuple[Tensor, dict[str, float | Tensor]]: ...
 
     def images(self, models: dict[str, nn.Module], batch: Batch) -> np.ndarray: ...
 
@@ -295,8 +295,9 @@ class _Run:
                             model.step()  # steps only at the accumulation boundary; clips per its config
                         else:
                             self.accelerator.backward(loss / len(micro))
-                    for key, value in parts.items():
-                        terms[key] = terms.get(key, 0.0) + float(value) / len(micro)
+                    for key, value in parts.items():  # logged as loss/<module>/<term>
+                        tag = f"loss/{name}/{key}"
+                        terms[tag] = terms.get(tag, 0.0) + float(value) / len(micro)
             if not self.deepspeed:
                 if self.cfg.clip_norm > 0:
                     norm = self.accelerator.clip_grad_norm_(model.parameters(), self.cfg.clip_norm)
