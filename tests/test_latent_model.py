@@ -266,6 +266,6 @@ def test_latent_task_learns_a_fixed_batch_with_a_plain_loop() -> None:
             loss.backward()
             optims[name].step()
             if name == "generator":
-                history.append(terms["generator/l1"])
+                history.append(float(terms["generator/l1"]))
     assert all(np.isfinite(history))
     assert min(history[-3:]) < 0.85 * history[0], history  # measured: 0.44 -> 0.34 after 8 steps

@@ -96,8 +96,9 @@ class LatentTask:
 
     def loss(
         self, name: str, models: dict[str, nn.Module], batch: dict[str, Tensor], scratch: dict
-    ) -> tuple[Tensor, dict[str, float]]:
-        """The loss of module `name` and its logged terms; the generator leaves its fake in `scratch`."""
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss of module `name` and its logged terms (detached scalars); the generator leaves its fake in
+        `scratch` for the discriminator."""
         if name == GENERATOR:
             return self._generator_loss(models, batch, scratch)
         if name == DISCRIMINATOR:
@@ -126,7 +127,7 @@ class LatentTask:
 
     def _generator_loss(
         self, models: dict[str, nn.Module], batch: dict[str, Tensor], scratch: dict
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg
         out = models[GENERATOR](batch["source"], batch["driver"], batch["other"], transfer=cfg.transfer > 0)
         recon, driver = out["recon"], batch["driver"]
@@ -162,13 +163,14 @@ class LatentTask:
         # the graph, as DDP expects); the other terms exist only when weighted.
         total = sum(getattr(cfg, key) * value for key, value in terms.items())
         scratch["fake"] = recon.detach()
-        logged = {f"generator/{key}": float(value.detach()) for key, value in terms.items()}
-        logged["generator/total"] = float(total.detach())
+        # Logged terms stay detached 0-dim tensors (the engine converts them when it logs): no device sync per term.
+        logged = {f"generator/{key}": value.detach() for key, value in terms.items()}
+        logged["generator/total"] = total.detach()
         return total, logged
 
     def _discriminator_loss(
         self, models: dict[str, nn.Module], batch: dict[str, Tensor], scratch: dict
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         if "fake" not in scratch:
             raise RuntimeError("the discriminator is stepped after the generator: its fake is missing from scratch")
         real = [logits for _, logits in models[DISCRIMINATOR](batch["driver"])]
@@ -177,4 +179,4 @@ class LatentTask:
         # Without adversarial and feature-matching terms nothing reads D: its loss is zeroed (not skipped, so
         # the engine's step and a DDP reducer still see every parameter in the graph).
         weight = 1.0 if (self.cfg.adversarial > 0 or self.cfg.feature_matching > 0) else 0.0
-        return loss * weight, {"discriminator/hinge": float(loss.detach())}
+        return loss * weight, {"discriminator/hinge": loss.detach()}

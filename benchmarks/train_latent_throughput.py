@@ -1,0 +1,192 @@
+"""Stage-1 training throughput: images/s, FLOPs per image and parameter counts of `tiny` and `base`.
+
+    python benchmarks/train_latent_throughput.py [--configs tiny:64:8 tiny:256:4 base:512:1] [--steps 2]
+        [--threads 2] [--peak-tflops 989] [--mfu 0.3] [--clips 1.1e6] [--samples-per-clip 1]
+
+One training step = what the engine does per iteration (vasa/training/engine.py): the generator's loss
+(all terms of params `train_latent.loss`, the perceptual VGG19 included with random weights unless
+--no-perceptual) backward + AdamW step, then the discriminator's. An "image" is one training sample
+(a source/driver/other triple whose driver frame is reconstructed). FLOPs are counted by
+torch.utils.flop_counter.FlopCounterMode on the meta device (convolutions, matmuls; grid_sample and
+elementwise ops are not counted, so the figure is a lower bound); images/s is the best of the timed
+steps after the first (the first alone when --steps 1); the process CPU time of that step is printed
+too, since wall time on a shared machine depends on the other load. MFU = counted FLOP/s / --peak-tflops
+where a peak is given (a GPU's dense bf16 peak). The projection gives GPU-hours for one VoxCeleb2 epoch
+at an assumed peak and MFU: clips x samples-per-clip x FLOPs/image / (peak x MFU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch.utils.flop_counter import FlopCounterMode
+
+from vasa.config import load_params
+from vasa.losses import VGG19Features
+from vasa.models.presets import get_preset
+from vasa.train_latent_task import LatentTask
+
+VOXCELEB2_SPEAKERS = 5994  # dev identities: the CosFace head's size at scale
+
+
+def synthetic_batch(batch: int, size: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Random frames in [-1, 1] and crop-centred poses (throughput does not depend on the values)."""
+    g = torch.Generator().manual_seed(0)
+    out = {k: torch.rand(batch, 3, size, size, generator=g) * 2 - 1 for k in ("source", "driver", "other")}
+    pose = torch.zeros(batch, 7)
+    pose[:, 3:5], pose[:, 6] = size / 2, size / 4
+    out |= {k: pose.clone() for k in ("source_pose", "driver_pose", "other_pose")}
+    out |= {"speaker": torch.zeros(batch, dtype=torch.int64), "other_speaker": torch.ones(batch, dtype=torch.int64)}
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def train_step(task: LatentTask, models: dict, optims: dict, batch: dict) -> None:
+    """Generator then discriminator, each loss -> backward -> AdamW step (the engine's order)."""
+    scratch: dict = {}
+    for name in task.update_order():
+        optims[name].zero_grad(set_to_none=True)
+        loss, _ = task.loss(name, models, batch, scratch)
+        loss.backward()
+        optims[name].step()
+
+
+def count_flops(task: LatentTask, batch_size: int) -> int:
+    """FLOPs of one generator + discriminator step, counted on the meta device (nothing is computed)."""
+    with torch.device("meta"):
+        models = task.build()
+        batch = synthetic_batch(batch_size, task.preset.resolution, torch.device("meta"))
+        with FlopCounterMode(display=False) as counter:
+            scratch: dict = {}
+            for name in task.update_order():
+                loss, _ = task.loss(name, models, batch, scratch)
+                loss.backward()
+    return counter.get_total_flops()
+
+
+def measure(task: LatentTask, batch_size: int, steps: int, device: torch.device) -> dict:
+    """Parameter counts and step times (wall and process CPU) of one preset/resolution/batch."""
+    torch.manual_seed(0)
+    models = {name: m.to(device) for name, m in task.build().items()}
+    optims = {name: torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.5, 0.999)) for name, m in models.items()}
+    batch = synthetic_batch(batch_size, task.preset.resolution, device)
+    times, cpu_times = [], []
+    for _ in range(steps):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        train_step(task, models, optims, batch)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+    best = 1 + min(range(steps - 1), key=lambda i: times[1 + i]) if steps > 1 else 0
+    params = {f"G.{n}": sum(p.numel() for p in m.parameters()) for n, m in models["generator"].named_children()}
+    params["G"] = sum(p.numel() for p in models["generator"].parameters())
+    params["D"] = sum(p.numel() for p in models["discriminator"].parameters())
+    return {
+        "step_s": times[best],
+        "step_cpu_s": cpu_times[best],
+        "first_step_s": times[0],
+        "images_per_s": batch_size / times[best],
+        "params": params,
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument(
+        "--configs",
+        nargs="*",
+        default=["tiny:64:8", "tiny:256:2", "base:256:1"],
+        help="preset:resolution:batch entries",
+    )
+    parser.add_argument(
+        "--count-only",
+        nargs="*",
+        default=["tiny:512:1", "base:256:1", "base:512:1"],
+        help="preset:resolution:batch entries whose FLOPs and parameters are counted without running them",
+    )
+    parser.add_argument("--steps", type=int, default=3, help="steps per config (the first counts FLOPs)")
+    parser.add_argument("--base-steps", type=int, default=1, help="steps for `base` configs (slow on a CPU)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-perceptual", action="store_true", help="leave the VGG19 perceptual term out")
+    parser.add_argument("--peak-tflops", type=float, help="peak of this device (for MFU), e.g. 989 for H100 bf16")
+    parser.add_argument("--gpu-peak-tflops", type=float, default=989.0, help="projection: GPU dense bf16 peak")
+    parser.add_argument("--mfu", type=float, default=0.3, help="projection: assumed model FLOPs utilisation")
+    parser.add_argument("--clips", type=float, default=1.1e6, help="projection: VoxCeleb2 clips")
+    parser.add_argument("--samples-per-clip", type=float, default=1.0, help="projection: training samples per clip")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cfg = load_params(args.params).train_latent.loss
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"device {device}, torch {torch.__version__}; perceptual {'off' if args.no_perceptual else 'on'}"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        if not args.no_perceptual:
+            weights = Path(tmp) / "vgg19.safetensors"
+            state = {f"features.{k}": v.contiguous() for k, v in VGG19Features().features.state_dict().items()}
+            save_file(state, str(weights))
+            cfg = cfg.replace(perceptual=max(cfg.perceptual, 1.0), perceptual_weights=str(weights))
+        rows = []
+        for entry in args.configs + args.count_only:
+            name, resolution, batch = entry.split(":")
+            preset = get_preset(name, int(resolution))
+            task = LatentTask(cfg, preset, VOXCELEB2_SPEAKERS, crop_size=int(resolution))
+            flops = count_flops(task, int(batch))
+            if entry in args.configs:
+                steps = args.base_steps if name == "base" else args.steps
+                result = measure(
+                    LatentTask(cfg, preset, VOXCELEB2_SPEAKERS, crop_size=int(resolution)), int(batch), steps, device
+                )
+            else:
+                with torch.device("meta"):
+                    models = task.build()
+                result = {
+                    "params": {
+                        "G": sum(p.numel() for p in models["generator"].parameters()),
+                        "D": sum(p.numel() for p in models["discriminator"].parameters()),
+                    }
+                }
+            result["flops_per_step"] = flops
+            rows.append((entry, result))
+            _report(entry, preset.volume_shape, int(batch), result, args)
+    print("\nparameters (millions):")
+    for entry, result in rows:
+        print(f"  {entry:12s} " + ", ".join(f"{k} {v / 1e6:.2f}" for k, v in result["params"].items()))
+
+
+def _report(entry: str, volume: tuple, batch: int, result: dict, args: argparse.Namespace) -> None:
+    per_image = result["flops_per_step"] / batch
+    images = args.clips * args.samples_per_clip
+    gpu_hours = images * per_image / (args.gpu_peak_tflops * 1e12 * args.mfu) / 3600
+    line = f"{entry:12s} volume {'x'.join(map(str, volume))}: {per_image / 1e9:.1f} GFLOP/image"
+    if "step_s" in result:
+        achieved = result["flops_per_step"] / result["step_s"]
+        mfu = f", MFU {achieved / (args.peak_tflops * 1e12):.1%}" if args.peak_tflops else ""
+        line += (
+            f", {result['images_per_s']:.3f} images/s (step {result['step_s']:.2f} s wall, "
+            f"{result['step_cpu_s']:.2f} s CPU; first {result['first_step_s']:.2f} s), "
+            f"{achieved / 1e9:.1f} GFLOP/s{mfu}"
+        )
+    else:
+        line += " (counted, not run)"
+    print(
+        f"{line}; epoch of {images:.3g} samples = {gpu_hours:.2f} GPU-h at {args.gpu_peak_tflops:g} TFLOP/s "
+        f"x MFU {args.mfu}"
+    )
+
+
+if __name__ == "__main__":
+    main()
