@@ -132,13 +132,13 @@ def test_task_uses_perceptual_weights_or_logs_that_it_is_off(vgg_file: str, capl
     cheap = dict(adversarial=0.0, feature_matching=0.0, transfer=0.0, pose=0.0)
     with_vgg = LatentTask(loss_cfg(perceptual=10.0, perceptual_weights=vgg_file, **cheap), preset, 2)
     _, terms = with_vgg.loss("generator", with_vgg.build(), batch, {})
-    assert terms["generator/perceptual"] > 0
-    assert "generator/adversarial" not in terms and "generator/transfer" not in terms  # zero weight: not computed
+    assert terms["perceptual"] > 0
+    assert "adversarial" not in terms and "transfer" not in terms  # zero weight: not computed
     with caplog.at_level(logging.WARNING, logger="vasa.train_latent_task"):
         without = LatentTask(loss_cfg(perceptual=10.0, perceptual_weights=None, **cheap), preset, 2)
     assert sum("perceptual loss is off" in r.getMessage() for r in caplog.records) == 1
     _, terms = without.loss("generator", without.build(), batch, {})
-    assert "generator/perceptual" not in terms
+    assert "perceptual" not in terms
 
 
 def test_loss_config_validation() -> None:

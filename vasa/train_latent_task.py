@@ -164,8 +164,9 @@ class LatentTask:
         total = sum(getattr(cfg, key) * value for key, value in terms.items())
         scratch["fake"] = recon.detach()
         # Logged terms stay detached 0-dim tensors (the engine converts them when it logs): no device sync per term.
-        logged = {f"generator/{key}": value.detach() for key, value in terms.items()}
-        logged["generator/total"] = total.detach()
+        # The engine logs them as loss/generator/<term>.
+        logged = {key: value.detach() for key, value in terms.items()}
+        logged["total"] = total.detach()
         return total, logged
 
     def _discriminator_loss(
@@ -179,4 +180,4 @@ class LatentTask:
         # Without adversarial and feature-matching terms nothing reads D: its loss is zeroed (not skipped, so
         # the engine's step and a DDP reducer still see every parameter in the graph).
         weight = 1.0 if (self.cfg.adversarial > 0 or self.cfg.feature_matching > 0) else 0.0
-        return loss * weight, {"discriminator/hinge": loss.detach()}
+        return loss * weight, {"hinge": loss.detach()}
