@@ -30,14 +30,19 @@ def _env(tmp_path: Path) -> dict:
     return env
 
 
-def _torchrun(tmp_path: Path, out: Path, *extra: str) -> list[dict]:
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "tests.test_training_engine", "--out", str(out), "--steps", "6", *extra,
-    ]  # fmt: skip
-    done = subprocess.run(command, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+def _launch(tmp_path: Path, launcher: list[str], out: Path, *extra: str) -> list[dict]:
+    script = ["-m", "tests.test_training_engine", "--out", str(out), "--steps", "6", *extra]
+    done = subprocess.run(
+        [sys.executable, "-m", *launcher, *script], cwd=REPO, env=_env(tmp_path), capture_output=True, text=True,
+        timeout=400,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
-    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]  # both ranks really ran
+
+
+TORCHRUN = ["torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+# The project's 2-process CPU config (MULTI_GPU + the engine's cpu=True; `--cpu` would run ONE process).
+ACCELERATE_CPU2 = ["accelerate.commands.launch", "--config_file", str(REPO / "cluster" / "accelerate" / "cpu2.yaml")]
 
 
 def _mean_curve(ranks: list[dict], term: str) -> list[float]:
@@ -46,7 +51,7 @@ def _mean_curve(ranks: list[dict], term: str) -> list[float]:
 
 
 def test_two_process_ddp_and_deepspeed_zero2(tmp_path):
-    ddp = _torchrun(tmp_path, tmp_path / "ddp")
+    ddp = _launch(tmp_path, ACCELERATE_CPU2, tmp_path / "ddp")
     assert [r["step"] for r in ddp] == [6, 6]
     # Each rank sees different data (seeded seed*world+rank), so equal parameters prove the all-reduce.
     assert ddp[0]["losses"] != ddp[1]["losses"]
@@ -54,7 +59,8 @@ def test_two_process_ddp_and_deepspeed_zero2(tmp_path):
     single = run_toy(tmp_path / "single", toy_config())
     assert single.parameter_digests["generator"] != ddp[0]["digests"]["generator"]  # it did train on 2 ranks' data
 
-    zero2 = _torchrun(tmp_path, tmp_path / "zero2", "--deepspeed", str(REPO / "cluster" / "deepspeed" / "zero2.json"))
+    zero2_json = str(REPO / "cluster" / "deepspeed" / "zero2.json")
+    zero2 = _launch(tmp_path, TORCHRUN, tmp_path / "zero2", "--deepspeed", zero2_json)
     assert [r["step"] for r in zero2] == [6, 6]
     assert zero2[0]["digests"]["generator"] == zero2[1]["digests"]["generator"]
     for term in ("loss/generator/l1", "loss/generator/adversarial", "loss/discriminator/hinge"):

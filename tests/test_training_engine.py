@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 from torch.nn import functional as F
 
@@ -245,6 +246,39 @@ def test_resume_refuses_a_checkpoint_of_another_task(tmp_path):
             resume=True,
             progress=False,
         )
+
+
+# ---------------------------------------------------------------- stage 1 through the engine
+
+
+@pytest.mark.slow  # ~10 s on an idle 2-core machine (the tiny networks build and run twice)
+def test_train_latent_main_runs_stage1_end_to_end_on_synthetic_shards(tmp_path, params):
+    """`vasa.train_latent.main(argv)` with the real LatentTask (tiny preset) on shards written here."""
+    from tests.test_data_loader import write_synthetic_shards
+    from vasa.train_latent import main as train_latent_main
+
+    shards = write_synthetic_shards(
+        tmp_path / "shards", {"train": [[(0, 0), (1, 1)], [(2, 0), (3, 1)]], "test": [[(4, 2)]]}, {"crop_size": 32}
+    )
+    section = params.train_latent.model_dump(mode="json")
+    section["train"] |= {"steps": 2, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 2, "image_every": 2}
+    section["data"] |= {"eval_pairs": 4, "workers": 0, "shuffle_buffer": 4}
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json") | {"train_latent": section}))
+    out = tmp_path / "run"
+    torch.set_num_threads(1)
+    argv = ["--params", str(params_file), "--shards", str(shards), "--out", str(out), "--no-progress"]
+    assert train_latent_main(argv) == 0
+    weights, meta = checkpoint.load_weights(out / "model")
+    assert set(weights) == {"generator"} and meta["step"] == 2 and meta["task"]["preset"]["name"] == "tiny"
+    assert meta["lineage"]["index_sha256"] == checkpoint.sha256_file(shards / "index.json")
+    assert meta["speakers"] == ["spk0", "spk1"] and meta["params"]["train_latent"]["train"]["steps"] == 2
+    metrics = json.loads((out / "live" / "metrics.json").read_text())
+    for group in ("heldout_frames", "heldout_speakers"):
+        assert {"psnr_model_db", "psnr_copy_source_db", "margin_db"} <= set(metrics[group]), metrics
+    grid = (out / "images" / "step_0000002.png").read_bytes()
+    assert grid.startswith(b"\x89PNG")
+    assert train_latent_main([*argv, "--resume"]) == 0  # already done: resumes at the end, rewrites outputs
 
 
 # ---------------------------------------------------------------- entry point for subprocess tests

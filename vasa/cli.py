@@ -127,7 +127,51 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return parser
 
 
-STAGES = (_add_sample, _add_ingest, _add_preprocess)
+def _train_latent(args: argparse.Namespace, params: Params) -> int:
+    from vasa.train_latent import deepspeed_config, run
+
+    result = run(
+        params.train_latent,
+        args.shards,
+        args.out,
+        resume=args.resume,
+        deepspeed=deepspeed_config(args.deepspeed),
+        progress=not args.no_progress,
+    )
+    margins = {k: round(v, 2) for k, v in result.evaluation.items() if k.endswith("margin_db")}
+    print(f"train-latent: {result.step} steps, EMA weights in {result.layout.model}; held-out margin (dB): {margins}")
+    return 0
+
+
+def _add_train_latent(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "train-latent",
+        help="stage 1: train the disentangled face latent space on the shards",
+        description=(
+            "Train the stage-1 face latent model (VASA-1 §3.1; preset in params `train_latent.model`) on "
+            "source/driver frame pairs and cross-identity frames from the train split of the shards, with the "
+            "shared engine (Accelerate; DeepSpeed with --deepspeed). Writes OUT/model (EMA weights as "
+            "safetensors + model.json with preset, params, step and the shards' lineage), OUT/live (DVCLive "
+            "metrics, including held-out PSNR against the copy-the-source baseline), OUT/images (PNG grids) and "
+            "OUT/checkpoints (resumable states: --resume). Multi-process and multi-node launch commands: "
+            "vasa/train_latent.py and cluster/README.md."
+        ),
+    )
+    parser.add_argument("--shards", type=Path, required=True, help="preprocess output folder (index.json + shards)")
+    parser.add_argument("--out", type=Path, required=True, help="run folder: model/, live/, images/, checkpoints/")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest state in OUT/checkpoints")
+    parser.add_argument(
+        "--deepspeed",
+        type=Path,
+        help="DeepSpeed JSON (cluster/deepspeed/zero2.json or zero3.json); default: the file named by "
+        "ACCELERATE_DEEPSPEED_CONFIG_FILE when `accelerate launch` was given a DeepSpeed config",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    parser.set_defaults(handler=_train_latent)
+    return parser
+
+
+STAGES = (_add_sample, _add_ingest, _add_preprocess, _add_train_latent)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,145 @@
+"""Stage 1 training (`vasa train-latent`, DVC stage `train_latent`): the disentangled face latent
+space of VASA-1 §3.1, trained by the shared engine on frame pairs from the shards.
+
+Output in OUT: `model/` (EMA generator as safetensors + model.json: preset, params, step, lineage),
+`live/` (DVCLive metrics.json incl. held-out PSNR vs the copy-the-source baseline, plots),
+`images/` (PNG grids), `checkpoints/` (resumable states).
+
+Launch commands (every path explicit; the same code from one CPU to many GPU nodes):
+
+    # one process (CPU or one GPU)
+    python -m vasa.cli --params params.yaml train-latent --shards data/shards --out data/latent
+    # resume a killed run from its latest state
+    python -m vasa.cli --params params.yaml train-latent --shards data/shards --out data/latent --resume
+    # 2 CPU processes (gloo; the engine sets Accelerator(cpu=True) itself when there is no CUDA)
+    torchrun --standalone --nproc_per_node 2 -m vasa.train_latent --params params.yaml \
+        --shards data/shards --out data/latent
+    # 1 GPU / 8 GPUs on one node (DDP, bf16)
+    accelerate launch --config_file cluster/accelerate/gpu1.yaml -m vasa.train_latent --params params.yaml ...
+    accelerate launch --config_file cluster/accelerate/gpu8.yaml -m vasa.train_latent --params params.yaml ...
+    # 8 GPUs with DeepSpeed ZeRO-2 (ZeRO-3: cluster/accelerate/gpu8_zero3.yaml, for `base`)
+    accelerate launch --config_file cluster/accelerate/gpu8_zero2.yaml -m vasa.train_latent --params params.yaml \
+        --shards data/shards --out data/latent --deepspeed cluster/deepspeed/zero2.json
+    # many nodes under Slurm: srun starts one `accelerate launch` per node (see the script)
+    sbatch --nodes 4 cluster/slurm/train_latent.sbatch params.yaml data/shards data/latent
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from vasa.config import TrainLatentConfig
+from vasa.data import heldout_batch, open_shards, pair_batches
+from vasa.training.checkpoint import shards_lineage
+from vasa.training.engine import TrainResult, train
+
+log = logging.getLogger(__name__)
+
+
+def psnr(prediction: Tensor, target: Tensor) -> Tensor:
+    """Per-image PSNR in dB of (B, 3, S, S) images in [-1, 1] (peak = the [0, 1] range)."""
+    mse = ((prediction.clamp(-1, 1) - target) / 2).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+
+
+@torch.no_grad()
+def heldout_psnr(task, models: dict[str, nn.Module], groups: dict[str, dict], batch_size: int) -> dict[str, float]:
+    """Held-out reconstruction vs the copy-the-source baseline (the driver predicted as the unchanged
+    source frame): mean per-pair PSNR of each, and the margin, for every held-out group."""
+    device = next(iter(models.values())).parameters().__next__().device
+    figures = {}
+    for group, batch in sorted(groups.items()):
+        model_db, copy_db = [], []
+        count = batch["source"].shape[0]
+        for start in range(0, count, batch_size):
+            part = {k: v[start : start + batch_size].to(device) for k, v in batch.items()}
+            model_db.append(psnr(task.reconstruct(models, part).float(), part["driver"]))
+            copy_db.append(psnr(part["source"], part["driver"]))
+        model, copy = torch.cat(model_db).mean().item(), torch.cat(copy_db).mean().item()
+        figures |= {
+            f"heldout_{group}/psnr_model_db": model,
+            f"heldout_{group}/psnr_copy_source_db": copy,
+            f"heldout_{group}/margin_db": model - copy,
+            f"heldout_{group}/pairs": float(count),
+        }
+    return figures
+
+
+def run(
+    cfg: TrainLatentConfig,
+    shards: Path,
+    out: Path,
+    *,
+    resume: bool,
+    deepspeed: dict | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train stage 1 on the shards in `shards` into `out` (library entry: config passed in)."""
+    from vasa.models.presets import get_preset
+    from vasa.train_latent_task import LatentTask
+
+    shard_set = open_shards(shards)
+    preset = get_preset(cfg.model)
+    task = LatentTask(cfg.loss, preset, n_speakers=len(shard_set.speakers), crop_size=shard_set.crop_size)
+    batches = pair_batches(shard_set, preset.resolution, cfg.data, cfg.train.batch_size, cfg.train.seed)
+    log.info(
+        "stage 1: preset %s at %d², %d train shards, %d speakers",
+        cfg.model, preset.resolution, len(shard_set.train), len(shard_set.speakers),
+    )  # fmt: skip
+
+    def evaluate(models: dict[str, nn.Module]) -> dict[str, float]:
+        groups = heldout_batch(shard_set, preset.resolution, cfg.data, cfg.train.seed)
+        figures = heldout_psnr(task, models, groups, cfg.train.batch_size)
+        for key, value in sorted(figures.items()):
+            log.info("%s = %.3f", key, value)
+        return figures
+
+    meta = {
+        "params": {"train_latent": cfg.model_dump(mode="json")},
+        "lineage": {"shards": shard_set.index_path.parent.name, **shards_lineage(shard_set.index_path)},
+        "speakers": list(shard_set.speakers),
+    }
+    return train(
+        task,
+        cfg.train,
+        batches,
+        out,
+        meta=meta,
+        resume=resume,
+        deepspeed=deepspeed,
+        evaluate=evaluate,
+        progress=progress,
+    )
+
+
+def deepspeed_config(path: Path | None) -> dict | None:
+    """The DeepSpeed JSON named on the command line, or by `accelerate launch --config_file` with a
+    DeepSpeed section (it exports ACCELERATE_DEEPSPEED_CONFIG_FILE). Entry-point helper."""
+    named = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    path = path or (Path(named) if named else None)
+    return None if path is None else json.loads(path.read_text())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m vasa.train_latent [--params P] ARGS` is `vasa [--params P] train-latent ARGS` (the
+    form `torchrun -m` and `accelerate launch -m` need)."""
+    from vasa.cli import main as cli_main
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    params = []
+    if "--params" in args:
+        at = args.index("--params")
+        params, args = args[at : at + 2], args[:at] + args[at + 2 :]
+    return cli_main([*params, "train-latent", *args])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
