@@ -365,6 +365,41 @@ class TrainLatentConfig(Section):
     data: LatentDataConfig
 
 
+# --- stage 2: motion DiT (vasa/models/motion_dit.py, vasa/diffusion.py, vasa/train_motion_task.py)
+
+
+class DiffusionConfig(Section):
+    """Noise schedule and DDIM sampler of the motion DiT (x0-prediction, VASA-1 §3.2)."""
+
+    train_steps: int = Field(ge=2)  # T: discrete noise levels seen in training
+    schedule: str = Field(pattern=r"^(cosine|linear)$")  # cosine: Nichol & Dhariwal 2021; linear: DDPM betas
+    sampling_steps: int = Field(ge=1)  # DDIM steps at generation (paper: 50; 10 is ~5x faster)
+    eta: float = Field(ge=0, le=1)  # DDIM stochasticity: 0 = deterministic given the initial noise
+
+    @model_validator(mode="after")
+    def _check(self) -> DiffusionConfig:
+        if self.sampling_steps > self.train_steps:
+            raise ValueError(f"sampling_steps ({self.sampling_steps}) exceeds train_steps ({self.train_steps})")
+        return self
+
+
+class GuidanceConfig(Section):
+    """Classifier-free guidance: condition dropout in training, per-condition scales at generation."""
+
+    p_drop: float = Field(ge=0, lt=1)  # each of audio, gaze, distance, emotion replaced by its null embedding
+    p_drop_context: float = Field(ge=0, lt=1)  # the previous window's motion and audio (X_pre, A_pre) dropped
+    cfg_audio: float = Field(ge=0)  # λ_audio (paper: 0.5); 0 = no audio guidance
+    cfg_gaze: float = Field(ge=0)  # λ_gaze (paper: 1.0)
+
+
+class MotionLossConfig(Section):
+    """Weights of the terms added to the x0 loss ‖X0 − H(Xt, t, C)‖² (weight 1); 0 turns a term off."""
+
+    velocity: float = Field(ge=0)  # MSE of frame-to-frame differences, predicted vs true (against flicker)
+    smoothness: float = Field(ge=0)  # mean squared second difference (acceleration) of the prediction
+    transition: float = Field(ge=0)  # MSE of the step from the last context frame to the first window frame
+
+
 class Params(Section):
     """The whole of params.yaml."""
 

@@ -108,3 +108,42 @@ def get_preset(name: str, resolution: int | None = None) -> LatentPreset:
     except KeyError:
         raise KeyError(f"unknown latent preset {name!r}; known: {sorted(LATENT_PRESETS)}") from None
     return preset if resolution is None else preset.at_resolution(resolution)
+
+
+# --- stage 2: the motion diffusion transformer (vasa/models/motion_dit.py) ----------------------------
+
+
+@dataclass(frozen=True)
+class MotionPreset:
+    """Hyper-parameters of one motion DiT size (VASA-1 §3.2). Motion, audio and emotion widths come from
+    the data and window/context lengths from params: they are constructor arguments, not preset fields."""
+
+    name: str
+    layers: int  # transformer blocks
+    width: int  # token width
+    heads: int  # attention heads; width % heads == 0
+    mlp_ratio: int  # hidden width of each block's MLP / width
+
+    def __post_init__(self) -> None:
+        if self.width % self.heads:
+            raise ValueError(f"preset {self.name}: width {self.width} not divisible by heads {self.heads}")
+
+    def describe(self) -> dict:
+        """JSON-able hyper-parameters (saved with checkpoints)."""
+        return dataclasses.asdict(self)
+
+
+MOTION_PRESETS: dict[str, MotionPreset] = {
+    # CPU tests: a training step on 16 windows of 20 tokens takes a few milliseconds on 2 cores.
+    "tiny": MotionPreset(name="tiny", layers=2, width=64, heads=4, mlp_ratio=4),
+    # The paper's size: 8 layers, width 512, 8 heads (~29M parameters, REFERENCE §1.2; Ditto uses the same).
+    "base": MotionPreset(name="base", layers=8, width=512, heads=8, mlp_ratio=4),
+}
+
+
+def get_motion_preset(name: str) -> MotionPreset:
+    """The named motion DiT preset; KeyError names the known presets."""
+    try:
+        return MOTION_PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown motion preset {name!r}; known: {sorted(MOTION_PRESETS)}") from None
