@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class Seen:
     """One request as the server received it."""
 
-    path: str
+    path: str  # with its query string, as requested
     range: str | None
 
 
@@ -43,7 +43,7 @@ class _Handler(BaseHTTPRequestHandler):
             if self.headers.get("Authorization") != f"Basic {token}":
                 self._empty(401, {"WWW-Authenticate": 'Basic realm="vox"'})
                 return
-        body = state.files.get(self.path)
+        body = state.files.get(self.path.split("?", 1)[0])  # a signed URL's query does not change the file
         if body is None:
             self._empty(404)
             return

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import json
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -14,8 +14,9 @@ import pandas as pd
 import pytest
 
 from flows.ingest import MANIFEST_NAME, run
-from preprocessing.ingest import manifest, probe, sources, voxceleb
+from preprocessing.ingest import manifest, probe, sources, splits, voxceleb
 from preprocessing.media import write_mp4
+from vasa.errors import InputError
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +45,8 @@ def _config(params, **updates):
 
 def _manifest(out: Path) -> pd.DataFrame:
     """The manifest as read_manifest gives it (media paths absolute)."""
-    return pd.DataFrame(manifest.read_manifest(out / MANIFEST_NAME)).set_index("clip_id")
+    # object dtype: a media path may hold an undecodable byte (a surrogate) that arrow strings refuse
+    return pd.DataFrame(manifest.read_manifest(out / MANIFEST_NAME), dtype=object).set_index("clip_id")
 
 
 def _talking_clip(path: Path, seconds: float = 1.0, audio: bool = True, size: int = 64) -> Path:
@@ -362,32 +364,249 @@ def test_youtube_source_recuts_tracks_and_records_unavailable(prefect_harness, p
     assert gone.status == "unavailable" and "GoneGoneGon" in gone.error
 
 
-def test_credentials_come_from_env_and_never_land_anywhere(prefect_harness, params, tmp_path, monkeypatch, caplog):
+ENV_SECRET, URL_SECRET, QUERY_SECRET, TOKEN_SECRET = "EnvPa55-q1w2", "UrlPa55-e3r4", "QuerySig-t5y6", "TokEnv-u7i8"
+SECRETS = (ENV_SECRET, URL_SECRET, QUERY_SECRET, TOKEN_SECRET)
+
+
+def test_secrets_never_land_in_prefect_db_logs_manifest_or_file_names(
+    prefect_harness, params, tmp_path, monkeypatch, caplog, capfd
+):
+    """A secret in the environment, in a URL's user-info and in signed-URL query strings (literal and
+    `${VAR}`): downloads work, a 404 and a wrong md5 fail at once, and no secret is stored or shown."""
+    import logging
+
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_DATABASE_CONNECTION_URL
+
     from tests.http_server import running_server
 
-    secret = "Sup3r-Secret-Pa55"
+    caplog.set_level(logging.DEBUG)
     archive = tmp_path / "vox2_test_mp4.zip"
     with zipfile.ZipFile(archive, "w") as handle:
         handle.writestr("mp4/id07312/AbCdEfGhIjK/00067.mp4", _talking_clip(tmp_path / "c.mp4").read_bytes())
+    monkeypatch.setenv("VOX_USER", "vox")
+    monkeypatch.setenv("VOX_PASSWORD", ENV_SECRET)
+    monkeypatch.setenv("VOX_TOKEN", TOKEN_SECRET)
     with running_server() as server:
-        server.state.credentials = ("vox", secret)
-        url = server.serve("/vox2_test_mp4.zip", archive.read_bytes())
+        server.state.credentials = ("vox", ENV_SECRET)
+        server.serve("/vox2_test_mp4.zip", archive.read_bytes())
+        signed = server.base.replace("http://", f"http://vox:{URL_SECRET}@")
+        query = f"?sig={QUERY_SECRET}&token=${{VOX_TOKEN}}"
+
+        def one_part(name, url, md5=None):
+            return {"name": name, "md5": None, "parts": [{"url": url, "md5": md5, "size": None}]}
+
         vox = params.ingest.voxceleb2.replace(
-            archives=[{"name": "vox2_test_mp4.zip", "parts": [{"url": url, "md5": None, "size": None}], "md5": None}],
-            retries=0,
+            archives=[
+                one_part("vox2_test_mp4.zip", f"{signed}/vox2_test_mp4.zip{query}"),
+                one_part("vox2_gone.zip", f"{signed}/gone.zip{query}"),  # 404
+                one_part("vox2_bad_md5.zip", f"{signed}/vox2_test_mp4.zip{query}", md5="0" * 32),
+            ],
+            retries=3,
+            retry_delay_s=30,  # a retry of a permanent error would make this test take minutes
         )
         cfg = _config(params, sources=("voxceleb2",), voxceleb2=vox)
-        run(cfg, tmp_path / "denied")  # no credentials in the environment: a recorded 401
-        denied = _manifest(tmp_path / "denied").loc["voxceleb2-archive:vox2_test_mp4.zip"]
-        assert denied.status == "download_failed" and "AuthError" in denied.error
-        monkeypatch.setenv("VOX_USER", "vox")
-        monkeypatch.setenv("VOX_PASSWORD", secret)
-        run(cfg, tmp_path / "granted")
-    df = _manifest(tmp_path / "granted")
+        run(cfg, tmp_path / "out", downloads_dir=tmp_path / "downloads")
+        seen = [request.path for request in server.state.requests]
+    APILogWorker.drain_all()
+
+    assert len(seen) == 3 and all(TOKEN_SECRET in path for path in seen)  # ${VOX_TOKEN} expanded; no retries
+    df = _manifest(tmp_path / "out")
     assert df.loc["voxceleb2:id07312/AbCdEfGhIjK/00067", "status"] == "ok"
-    assert df.loc["voxceleb2:id07312/AbCdEfGhIjK/00067", "split"] == "test"
-    for path in (tmp_path / "granted").rglob("*"):
-        if path.is_file():
-            assert secret.encode() not in path.read_bytes(), path
-    assert secret not in caplog.text
-    assert secret not in json.dumps(cfg.model_dump())
+    assert df.loc["voxceleb2-archive:vox2_gone.zip", "status"] == "download_failed"
+    assert "HTTP 404" in df.loc["voxceleb2-archive:vox2_gone.zip", "error"]
+    assert "?<redacted>" in df.loc["voxceleb2-archive:vox2_gone.zip", "error"]
+    assert "ChecksumError" in df.loc["voxceleb2-archive:vox2_bad_md5.zip", "error"]
+
+    stores = {"captured log": caplog.text, "captured output": "".join(capfd.readouterr())}
+    roots = [tmp_path / "out", tmp_path / "downloads", Path(PREFECT_HOME.value())]
+    database = Path(PREFECT_SERVER_DATABASE_CONNECTION_URL.value().split("///", 1)[1])
+    db_bytes = b"".join(p.read_bytes() for p in database.parent.glob(database.name + "*"))
+    assert b"vox2_gone.zip" in db_bytes  # the flow's parameters and logs are in this database
+    for root in roots:
+        for path in root.rglob("*"):
+            stores[f"name {path}"] = str(path)
+            if path.is_file():
+                stores[str(path)] = path.read_bytes().decode("latin-1")
+    stores["prefect database"] = db_bytes.decode("latin-1")
+    for secret in SECRETS:
+        leaks = [where for where, text in stores.items() if secret in text]
+        assert not leaks, f"{secret} found in {leaks}"
+
+
+# --- paths, bad local inputs, incremental re-runs, splits --------------------------------------
+
+
+def test_read_manifest_resolves_paths_from_anywhere_and_refuses_a_missing_file(tmp_path, monkeypatch):
+    media = tmp_path / "data" / "media" / "alice" / "a.mp4"
+    raw_name = tmp_path / "data" / "media" / "bad\udcffname\\x.mp4"  # an undecodable byte and a backslash
+    rows = [
+        manifest.new_row("local:alice/a.mp4", "local", media_path=str(media)),
+        manifest.new_row(f"local:{manifest.escape_text(raw_name.name)}", "local", media_path=str(raw_name)),
+    ]
+    path = tmp_path / "data" / "ingest" / MANIFEST_NAME
+    manifest.write_manifest(path, rows)
+    stored = pd.read_parquet(path).set_index("clip_id").media_path.to_dict()
+    assert stored["local:alice/a.mp4"] == "../media/alice/a.mp4"  # relative to the manifest's folder
+    assert stored["local:bad\\xffname\\\\x.mp4"] == "../media/bad\\xffname\\\\x.mp4"
+    media.parent.mkdir(parents=True)
+    monkeypatch.chdir(media.parent)  # another working directory
+    back = {row["clip_id"]: row["media_path"] for row in manifest.read_manifest(path)}
+    assert back["local:alice/a.mp4"] == str(media)
+    assert back["local:bad\\xffname\\\\x.mp4"] == str(raw_name)  # the exact original name
+    with pytest.raises(manifest.ManifestNotFoundError, match="manifst.parquet: manifest not found") as err:
+        manifest.read_manifest(tmp_path / "data" / "ingest" / "manifst.parquet")
+    assert isinstance(err.value, InputError)
+
+
+def _local_tree(folder: Path) -> None:
+    """alice/ (2 clips), bob.mp4, a non-UTF-8 name, a symlinked folder, an unlisted folder."""
+    (folder / "alice").mkdir(parents=True)
+    _talking_clip(folder / "alice" / "one.mp4")
+    _talking_clip(folder / "alice" / "two.mp4")
+    _talking_clip(folder / "bob.mp4")
+    _talking_clip(Path(os.fsdecode(os.fsencode(folder) + b"/caf\xe9.mp4")))  # latin-1 byte in the name
+    (folder / "elsewhere").mkdir()
+    (folder.parent / "outside").mkdir()
+    _talking_clip(folder.parent / "outside" / "x.mp4")
+    (folder / "linked").symlink_to(folder.parent / "outside", target_is_directory=True)
+    (folder / "locked").mkdir()
+
+
+def test_local_bad_inputs_are_rows_and_good_clips_land(prefect_harness, params, tmp_path, monkeypatch):
+    folder = tmp_path / "videos"
+    _local_tree(folder)
+    real_scandir = os.scandir
+
+    def scandir(path):  # root ignores permissions, so "permission denied" is simulated
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(sources.os, "scandir", scandir)
+    csv_path = tmp_path / "meta.csv"
+    csv_path.write_bytes(
+        "file,speaker_id,licence\n"
+        "bob.mp4,Bob Müller,CC-BY-4.0\n"
+        "./bob.mp4,mallory,CC0\n"  # the same file again: must not overwrite line 2
+        "alice/one.mp4,alice,CC0,extra field\n"
+        'alice/two.mp4,"alice,CC0\n'  # unterminated quote: swallows the rest of the file
+        "never.mp4,never,CC0\n".encode("latin-1")
+    )
+    cfg = _config(params, sources=("local",), val_fraction=0.0)
+    run(cfg, tmp_path / "out", local_dir=folder, local_csv=csv_path)
+    df = _manifest(tmp_path / "out")
+    status = df.status.to_dict()
+    assert status == {
+        "local:alice/one.mp4": "ok",
+        "local:alice/two.mp4": "ok",
+        "local:bob.mp4": "ok",
+        "local:caf\\xe9.mp4": "ok",
+        "local:linked/": "skipped_link",
+        "local:locked/": "unreadable_path",
+        "local:meta.csv:line3": "bad_metadata",
+        "local:meta.csv:line4": "bad_metadata",
+        "local:meta.csv:line5": "bad_metadata",
+    }
+    assert df.loc["local:bob.mp4", "speaker_id"] == "Bob Müller"  # latin-1 CSV read, first row kept
+    assert "duplicate of line 2" in df.loc["local:meta.csv:line3", "error"]
+    assert "4 fields, the header has 3" in df.loc["local:meta.csv:line4", "error"]
+    assert "lines 5-6 lost" in df.loc["local:meta.csv:line5", "error"]
+    assert "Permission denied" in df.loc["local:locked/", "error"]
+    assert Path(df.loc["local:caf\\xe9.mp4", "media_path"]).is_file()  # resolves to the real file
+
+    # A UTF-8 CSV with the BOM Excel writes reads the same as one without.
+    csv_path.write_bytes("\ufefffile,speaker_id,licence\nbob.mp4,Bob Müller,CC-BY-4.0\n".encode())
+    run(cfg, tmp_path / "bom", local_dir=folder, local_csv=csv_path)
+    assert _manifest(tmp_path / "bom").loc["local:bob.mp4", "speaker_id"] == "Bob Müller"
+
+
+def test_replaced_file_is_rehashed_vanished_file_is_marked(prefect_harness, params, tmp_path, monkeypatch):
+    folder = tmp_path / "videos"
+    (folder / "alice").mkdir(parents=True)
+    one, two = _talking_clip(folder / "alice" / "one.mp4"), _talking_clip(folder / "alice" / "two.mp4", seconds=2)
+    cfg = _config(params, sources=("local",))
+    out = tmp_path / "out"
+    run(cfg, out, local_dir=folder)
+    first = _manifest(out)
+
+    # Same size, other bytes, written in place (a later mtime): must be hashed again.
+    data = bytearray(one.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    one.write_bytes(bytes(data))
+    stamp = one.stat()
+    os.utime(one, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 2_000_000_000))
+    two.unlink()
+    probed = []
+    real_probe = probe.probe_media
+    monkeypatch.setattr(probe, "probe_media", lambda path: probed.append(Path(path).name) or real_probe(path))
+    run(cfg, out, local_dir=folder)
+    second = _manifest(out)
+    assert probed == ["one.mp4"]
+    assert second.loc["local:alice/one.mp4", "sha256"] == hashlib.sha256(data).hexdigest()
+    assert second.loc["local:alice/one.mp4", "sha256"] != first.loc["local:alice/one.mp4", "sha256"]
+    gone = second.loc["local:alice/two.mp4"]
+    assert (gone.status, gone.sha256) == ("missing_media", first.loc["local:alice/two.mp4", "sha256"])
+    assert "vanished" in gone.error
+
+    # Nothing changed: nothing is read again, same bytes.
+    before = (out / MANIFEST_NAME).read_bytes()
+    probed.clear()
+    run(cfg, out, local_dir=folder)
+    assert probed == [] and (out / MANIFEST_NAME).read_bytes() == before
+
+
+def test_val_split_is_whole_speakers_by_hash_and_holdout_stays_test(prefect_harness, params, tmp_path):
+    folder = tmp_path / "videos"
+    for speaker in ("alice", "bob", "carol", "id00012"):
+        (folder / speaker).mkdir(parents=True)
+        for n in range(2):
+            _talking_clip(folder / speaker / f"{n}.mp4", seconds=0.4)
+    # sha256-derived units: alice 0.17, carol 0.30, bob 0.51, id00012 0.77
+    cfg = _config(params, sources=("local",), val_fraction=0.35, holdout_speakers=("carol",))
+    run(cfg, tmp_path / "out", local_dir=folder)
+    df = _manifest(tmp_path / "out")
+    by_speaker = df.groupby("speaker_id").split.agg(set).to_dict()
+    assert by_speaker == {"alice": {"val"}, "bob": {"train"}, "carol": {"test"}, "id00012": {"train"}}
+    assert splits.speaker_unit("alice") < 0.35 <= splits.speaker_unit("bob")
+    # Lowering the fraction moves alice back to train on a re-run; the manifest never holds another split name.
+    run(cfg.replace(val_fraction=0.0), tmp_path / "out", local_dir=folder)
+    assert set(_manifest(tmp_path / "out").split) == {"train", "test"}
+
+
+def test_corrupt_archive_and_zip_bomb_do_not_lose_other_rows(prefect_harness, params, tmp_path):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    _talking_clip(folder / "alice.mp4")
+    (tmp_path / "corrupt.zip").write_bytes(b"PK\x03\x04" + b"\x00" * 200)
+    with zipfile.ZipFile(tmp_path / "bomb.zip", "w", compression=zipfile.ZIP_DEFLATED) as handle:
+        handle.writestr("mp4/id00001/abcdefghijk/00001.mp4", b"\0" * 3_000_000)
+    with zipfile.ZipFile(tmp_path / "conflicts.zip", "w") as handle:
+        clip = (folder / "alice.mp4").read_bytes()
+        handle.writestr("mp4/id00002/abcdefghijk/00001.mp4", clip)
+        handle.writestr("mp4/id00002/abcdefghijk/00001.mp4", b"second copy")
+        handle.writestr("mp4/id00002/abcdefghijk/00001.mp4/inner", b"member under a file")
+
+    def archive(name):
+        return {"name": name, "md5": None, "parts": [{"url": str(tmp_path / name), "md5": None, "size": None}]}
+
+    vox = params.ingest.voxceleb2.replace(
+        archives=[archive("corrupt.zip"), archive("bomb.zip"), archive("conflicts.zip")],
+        max_extract_bytes=2_000_000,
+        retries=0,
+    )
+    cfg = _config(params, sources=("local", "voxceleb2"), voxceleb2=vox)
+    run(cfg, tmp_path / "out", local_dir=folder, downloads_dir=tmp_path / "dl")
+    df = _manifest(tmp_path / "out")
+    assert df.loc["local:alice.mp4", "status"] == "ok"
+    assert df.loc["voxceleb2:id00002/abcdefghijk/00001", "status"] == "ok"
+    assert df.loc["voxceleb2-archive:corrupt.zip", "status"] == "bad_archive"
+    assert "not a readable zip" in df.loc["voxceleb2-archive:corrupt.zip", "error"]
+    assert df.loc["voxceleb2-archive:bomb.zip", "status"] == "bad_archive"
+    assert "over the limit" in df.loc["voxceleb2-archive:bomb.zip", "error"]
+    assert not (tmp_path / "out" / "voxceleb2" / "bomb").exists()
+    refused = df[df.status == "unsafe_archive_member"].error.to_dict()
+    assert len(refused) == 2, refused
+    assert any("duplicate member" in e for e in refused.values()) and any(
+        "path conflict" in e for e in refused.values()
+    )

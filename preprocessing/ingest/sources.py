@@ -203,8 +203,10 @@ def _read_csv(csv_path: Path, cfg: LocalSourceConfig) -> tuple[dict[str, dict], 
             break
         except csv.Error as err:
             last = reader.line_num
-            reject(line, f"unparsable CSV ({err})" + (f", lines {line}-{last} lost" if last > line else ""))
-            if "end of data" in str(err):  # an unterminated quote swallows the rest of the file
+            unterminated = "end of data" in str(err)  # a quote never closed swallows the rest of the file
+            what = "unterminated quote" if unterminated else "unparsable CSV"
+            reject(line, f"{what} ({err})" + (f", lines {line}-{last} lost" if last > line else ""))
+            if unterminated:
                 break
             continue
         if not any(field.strip() for field in record):
