@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from tests.conftest import REPO
 from vasa.cli import build_parser, main
 
 
@@ -33,3 +34,41 @@ def test_bad_params_exit_2_with_message(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "sample.extra: unknown key" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_preprocess_with_a_mistyped_manifest_exits_2_and_touches_nothing(tmp_path, capsys):
+    """Issue 8 section 1: a mistyped --manifest is an error, not an empty manifest that wipes OUT."""
+    out = tmp_path / "shards"
+    out.mkdir()
+    files = {
+        "train-0-0000.tar": b"a shard",
+        "train-0-0000.stats.json": b"{}",
+        "index.json": b'{"splits": {"train": {"shards": [{"shard": "train-0-0000.tar"}]}}}',
+        "failures.parquet": b"PAR1",
+        "my_backup.tar": b"a user's own file",
+    }
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    typo = tmp_path / "ingest" / "manifst.parquet"
+    args = [
+        "--params",
+        str(REPO / "params.yaml"),
+        "preprocess",
+        "--manifest",
+        str(typo),
+        "--out",
+        str(out),
+        "--cache",
+        str(tmp_path / "cache"),
+    ]
+    assert main(args) == 2
+    assert f"manifest not found: {typo}" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+    assert not (tmp_path / "cache").exists()
+
+
+def test_preprocess_help_names_the_safety_flag():
+    result = subprocess.run([sys.executable, "-m", "vasa.cli", "preprocess", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--allow-empty" in result.stdout

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from preprocessing import schema
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -40,6 +43,13 @@ def test_dvc_repro_twice(tmp_path):
     _run([*dvc, "repro"], tmp_path)
     index = tmp_path / "data" / "sample" / "index.json"
     assert index.is_file()
+    shards = json.loads((tmp_path / "data" / "shards" / schema.INDEX_FILE).read_text())
+    manifest = tmp_path / "data" / "ingest" / "manifest.parquet"
+    assert shards["dataset"]["manifest_sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
+    assert shards["dataset"]["schema_version"] == schema.SCHEMA_VERSION
+    listed = {e["shard"] for split in shards["splits"].values() for e in split["shards"]}
+    assert listed and listed == {p.name for p in (tmp_path / "data" / "shards").glob("*.tar")}
+    assert (tmp_path / "data" / "shards" / schema.FAILURES_FILE).is_file()
     second = _run([*dvc, "repro"], tmp_path)
     assert "Data and pipelines are up to date" in second
     assert "Running stage" not in second

@@ -38,6 +38,7 @@ from preprocessing.shards import Sample, bucket_of
 from tests.conftest import REPO
 
 slow = pytest.mark.slow
+real_code_digest = cache.code_digest  # the slow tests pin cache.code_digest (see fixed_code_digest)
 
 
 # --- fast: the library on synthetic data -------------------------------------------------------
@@ -94,7 +95,7 @@ def test_code_digest_covers_every_module_process_imports():
 
 
 def test_code_digest_follows_package_versions(monkeypatch):
-    before = cache.code_digest()
+    before = real_code_digest()
     assert set(cache.package_versions()) == set(cache.VERSIONED_PACKAGES)
     real = cache.metadata.version
 
@@ -102,13 +103,13 @@ def test_code_digest_follows_package_versions(monkeypatch):
         return "9.9.9" if name == "opencv-contrib-python" else real(name)
 
     monkeypatch.setattr(cache.metadata, "version", version)
-    assert cache.code_digest() != before
+    assert real_code_digest() != before
 
 
 def test_input_digest_ignores_provenance_and_sharding(params):
     cfg = params.preprocess
     row = _row("local:a.mp4", av_offset=0)
-    code = cache.code_digest()
+    code = real_code_digest()
     base = cache.input_digest(row, cfg, code)
     moved = row | {"licence": "other", "split": "test", "speaker_id": "x", "source_url": "u", "media_path": "/m"}
     assert cache.input_digest(moved, cfg, code) == base
@@ -255,7 +256,7 @@ def prefect_harness():
 
 
 @pytest.fixture(scope="module")
-def sample_manifest(prefect_harness, params, sample_corpus, tmp_path_factory) -> Path:
+def sample_manifest(prefect_harness, fixed_code_digest, params, sample_corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ingest")
     run_ingest(params.ingest.replace(sources=["sample"]), out, sample_dir=sample_corpus)
     return out / MANIFEST_NAME
@@ -271,6 +272,17 @@ class Run:
     out: Path
     cache: Path
     summary: dict
+
+
+@pytest.fixture(scope="module")
+def fixed_code_digest():
+    """The code digest as it is when the module starts, for every flow run of the module: the cache
+    tests below are about re-use under fixed code, and must not see a module edited while they run
+    (the digest itself is tested above)."""
+    with pytest.MonkeyPatch.context() as patch:
+        digest = real_code_digest()
+        patch.setattr(cache, "code_digest", lambda: digest)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -386,7 +398,7 @@ def _params_file(params, tmp_path: Path, **runner) -> Path:
 
 
 @slow
-def test_killed_run_resumes_from_the_cache_to_the_same_shards(params, sample_manifest, cold, tmp_path):
+def test_killed_run_resumes_from_the_cache_to_the_same_shards(params, sample_manifest, cold, tmp_path, monkeypatch):
     """A real `vasa preprocess` process is killed once some clips are cached; the re-run processes
     only the rest (the cached records are not rewritten) and gives the uninterrupted run's bytes."""
     params_file = _params_file(params, tmp_path, kind="threads", workers=2, clips_per_task=1)
@@ -397,6 +409,10 @@ def test_killed_run_resumes_from_the_cache_to_the_same_shards(params, sample_man
         "PREFECT_HOME": str(tmp_path / "prefect"),
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300",
     }
+    # The subprocess digests the code as it is now; so does the resume below (fixed_code_digest would
+    # differ only if a module was edited since the module started).
+    digest = real_code_digest()
+    monkeypatch.setattr(cache, "code_digest", lambda: digest)
     log = (tmp_path / "log.txt").open("w")
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 600
@@ -478,7 +494,9 @@ def _two_faces(path: Path) -> None:
 
 
 @slow
-def test_bad_inputs_are_recorded_and_good_clips_land(params, prefect_harness, sample_corpus, tmp_path):
+def test_bad_inputs_are_recorded_and_good_clips_land(
+    params, prefect_harness, fixed_code_digest, sample_corpus, tmp_path
+):
     folder = tmp_path / "videos"
     folder.mkdir()
     good = sorted(sample_corpus.glob("*.mp4"))[0]
