@@ -1,10 +1,19 @@
 """Animating a still portrait: speech-driven mouth, blinks and 3D head motion.
 
-Pure functions: a `Portrait`, per-frame motion arrays and a seed in, frames out. The face is
-deformed by a smooth backward displacement field (jaw drop below the lip line, upper lids sliding
-down over the eyes), the mouth interior is painted into the opened gap, and the whole picture is
-moved by the homography of a plane rotating about a head centre behind it, so yaw and pitch are
-true perspective rotations that a 3D pose estimator sees, not in-plane shears.
+Pure functions: a `Portrait`, per-frame motion arrays and a seed in, frames out. Each frame is made
+in two steps, both backward warps of pixels:
+
+1. Expression, in portrait space: a smooth vertical displacement field drops the jaw below the lip
+   line and slides the upper lids down over the eyes; the mouth interior and teeth are painted into
+   the opened gap.
+2. Rigid 3D head motion: every portrait pixel gets a depth (`FaceRig.depth`: the portrait's own
+   FaceMesh z on the face, extended smoothly over hair and neck by a thin-plate spline that levels
+   off at the depth of the head's sides), is lifted into 3D through a pinhole camera, rotated about
+   a pivot behind the face (near the ears) and re-projected. So the nose moves against the cheeks
+   (parallax) as it does on a real turning head, which a 3D pose fit can measure. The rotation fades
+   out over the background and shoulders (`FaceRig.head_weight`), so they stay put; a small camera
+   pan and zoom then moves the whole picture. The forward map (portrait -> frame) is inverted by a
+   few fixed-point steps, which converge because the displacement changes slowly across pixels.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from preprocessing.pose import euler_to_matrix, head_pose, matrix_to_euler
 from preprocessing.sample.portraits import (
     CHIN,
     EYES,
@@ -34,9 +44,11 @@ BLINK_SHAPE = (0.45, 0.9, 1.0, 0.75, 0.35, 0.1)  # lid closure over consecutive 
 class MotionTrack:
     """Per-frame animation controls, each (T,) float64."""
 
-    yaw: np.ndarray  # degrees, positive turns the face to the viewer's left
-    pitch: np.ndarray  # degrees, positive tilts the face down
-    roll: np.ndarray  # degrees, positive rotates counter-clockwise in the image
+    # The head's rotation away from the portrait's own pose, about the camera axes, in the project's
+    # one sign convention (preprocessing/schema.py): R = Rz(roll) @ Rx(pitch) @ Ry(yaw).
+    yaw: np.ndarray  # degrees, > 0: the subject turns to their right (nose toward image left)
+    pitch: np.ndarray  # degrees, > 0: the subject looks down
+    roll: np.ndarray  # degrees, > 0: the head tilts clockwise in the image
     shift_x: np.ndarray  # fraction of frame size
     shift_y: np.ndarray  # fraction of frame size
     scale: np.ndarray  # relative, 1.0 = portrait size
@@ -108,8 +120,28 @@ def motion_track(
     )
 
 
+# Pinhole camera of the portrait: focal length in frame sides (3: a ~19 degree field of view, a
+# portrait lens at conversational distance), principal point at the frame centre.
+FOCAL_PER_SIZE = 3.0
+# The face oval of the FaceMesh topology (forehead 10 clockwise round to 109): fitted by an ellipse
+# that scales the head's extension (hair, ears, neck) and the fade of the head motion.
+FACE_OVAL = (
+    10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377,
+    152, 148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109,
+)  # fmt: skip
+FACE_SIDES = (234, 454)  # the widest points of the face oval, in front of the ears
+N_MESH = 468  # FaceMesh points with a surface depth (the 10 refined iris points after them are left out)
+# Elliptical radius (face oval = 1) where the depth levels off at the head-side depth, and the span
+# over which the head motion fades to none: the hair moves with the head, the background does not.
+HEAD_EDGE, BACKGROUND_EDGE = 1.35, 2.0
+DEPTH_RINGS = (HEAD_EDGE, 1.7, 2.2, 3.0)  # elliptical radii of the level control points
+DEPTH_GRID = 64  # the depth spline is evaluated on a DEPTH_GRID² grid and resized (it is smooth)
+DEPTH_SMOOTHING = 3e-2  # thin-plate regularisation in face-height units: FaceMesh z is a noisy estimate
+FIXED_POINT_STEPS = 6  # inverse-map iterations: the error shrinks by the displacement gradient (<= 0.6) per step
+
+
 class FaceRig:
-    """Static deformation fields of one portrait, combined per frame by `render`."""
+    """Static fields of one portrait (expression fields, depth, head weight), combined by `render`."""
 
     def __init__(self, portrait: Portrait, mouth_max_open: float) -> None:
         self.portrait = portrait
@@ -130,6 +162,17 @@ class FaceRig:
         self.lower_lip = portrait.points(LOWER_INNER_LIP)
         centre = (portrait.point(CHIN) + portrait.point(FOREHEAD)) / 2
         self.head_centre = centre.astype(np.float64)
+        self.focal = FOCAL_PER_SIZE * size
+        mesh = portrait.mesh
+        self.pivot_depth = float(mesh[list(FACE_SIDES), 2].mean())  # portrait z of the rotation centre
+        self.reference_depth = float(mesh[:N_MESH, 2].mean())  # portrait z imaged 1:1 at `focal`
+        radius = _oval_radius(mesh[list(FACE_OVAL), :2], size)  # (S, S) face oval = 1
+        self.depth = _depth_map(mesh, radius, self.pivot_depth, self.face_height, size)
+        # Smoothstep from 1 inside HEAD_EDGE to 0 beyond BACKGROUND_EDGE.
+        fade = np.clip((radius - HEAD_EDGE) / (BACKGROUND_EDGE - HEAD_EDGE), 0, 1)
+        self.head_weight = (1 - fade * fade * (3 - 2 * fade)).astype(np.float32)
+        # The portrait's own head pose, as preprocessing.pose measures it on its stored FaceMesh.
+        self.rest_rotation = head_pose(mesh[None]).rotation[0]  # (3, 3)
 
     def _jaw_field(self, xs: np.ndarray, ys: np.ndarray, mouth_width: float) -> np.ndarray:
         """Fraction of the jaw drop each output pixel takes: 1 on the lower lip and chin, 0 above
@@ -154,6 +197,14 @@ class FaceRig:
         field = np.exp(-(((xs - cx) / (0.6 * width)) ** 4) - ((ys - cy) / (1.3 * opening)) ** 2)
         return field.astype(np.float32), 1.1 * opening
 
+    def head_pose(self, track: MotionTrack) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(yaw, pitch, roll), each (T,) degrees: the rendered head's pose in the project's convention.
+
+        The driving rotation composed with the portrait's rest pose, R = R_drive @ R_rest: what an
+        exact estimator would report, up to that estimator's own constant offset on this face.
+        """
+        return matrix_to_euler(euler_to_matrix(track.yaw, track.pitch, track.roll) @ self.rest_rotation)
+
     def render(self, track: MotionTrack, index: int) -> np.ndarray:
         """Frame `index` of `track` -> (S, S, 3) uint8 RGB."""
         drop = float(track.mouth[index]) * self.max_drop
@@ -164,9 +215,12 @@ class FaceRig:
         face = cv2.remap(
             self.portrait.image, self.grid_x, self.grid_y - shift, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT
         )
+        # The depth travels with the pixels it belongs to (a dropped chin keeps the chin's depth).
+        depth = cv2.remap(self.depth, self.grid_x, self.grid_y - shift, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
         if drop > 0.5:
             face = self._paint_mouth(face, drop)
-        return self._move_head(face, track, index)
+        map_x, map_y = self.head_map(track, index, depth)
+        return cv2.remap(face, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
 
     def _paint_mouth(self, face: np.ndarray, drop: float) -> np.ndarray:
         """Fill the gap between the fixed upper and the dropped lower inner lip: teeth, then dark."""
@@ -185,47 +239,99 @@ class FaceRig:
         out = out * (1 - teeth_alpha) + np.array(TEETH_RGB, np.float32) * teeth_alpha
         return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
-    def _move_head(self, face: np.ndarray, track: MotionTrack, index: int) -> np.ndarray:
-        size = face.shape[0]
-        homography = head_homography(
-            size=size,
-            head_centre=self.head_centre,
-            depth_offset=0.5 * self.face_height,
-            yaw_deg=float(track.yaw[index]),
-            pitch_deg=float(track.pitch[index]),
-            roll_deg=float(track.roll[index]),
-            shift=(float(track.shift_x[index]) * size, float(track.shift_y[index]) * size),
-            scale=float(track.scale[index]),
-        )
-        return cv2.warpPerspective(
-            face, homography, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT
-        )
+    def displacement(self, yaw: float, pitch: float, roll: float, depth: np.ndarray) -> np.ndarray:
+        """(S, S, 2) float32 pixels each portrait pixel moves under the head rotation (degrees).
+
+        Pixel centres (continuous coordinates j + 0.5, i + 0.5) are lifted to 3D at camera depth
+        focal + depth - reference_depth, rotated by R = Rz(roll) Rx(pitch) Ry(yaw) about the pivot
+        (the head centre at the depth of the face sides) and projected back; the move is then
+        weighted by `head_weight` (1 on the head, 0 on the background).
+        """
+        size = depth.shape[0]
+        principal = size / 2
+        rotation = euler_to_matrix(yaw, pitch, roll).astype(np.float32)  # (3, 3)
+        camera_z = self.focal + depth - self.reference_depth  # (S, S) pixels
+        x = (self.grid_x + 0.5 - principal) * camera_z / self.focal
+        y = (self.grid_y + 0.5 - principal) * camera_z / self.focal
+        pivot_z = self.focal + self.pivot_depth - self.reference_depth
+        pivot = np.array([*(self.head_centre - principal) * pivot_z / self.focal, pivot_z], np.float32)
+        rel = (x - pivot[0], y - pivot[1], camera_z - pivot[2])
+        moved = [sum(rotation[row, k] * rel[k] for k in range(3)) + pivot[row] for row in range(3)]
+        u = self.focal * moved[0] / moved[2] + principal - 0.5
+        v = self.focal * moved[1] / moved[2] + principal - 0.5
+        return np.dstack([(u - self.grid_x) * self.head_weight, (v - self.grid_y) * self.head_weight])
+
+    def head_map(self, track: MotionTrack, index: int, depth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Backward map (map_x, map_y), each (S, S) float32, of frame `index`'s head motion.
+
+        The forward map is p -> camera(p + displacement(p)), camera = zoom about the head centre and
+        pan. Its inverse at q solves p + displacement(p) = camera^-1(q) by fixed-point steps
+        p <- camera^-1(q) - displacement(p), a contraction where the displacement's gradient is
+        below 1 (at 12 degrees of yaw it is ~0.2 on the nose flanks, the steepest part of the face).
+        """
+        size = depth.shape[0]
+        field = self.displacement(float(track.yaw[index]), float(track.pitch[index]), float(track.roll[index]), depth)
+        scale, shift = float(track.scale[index]), np.array([track.shift_x[index], track.shift_y[index]]) * size
+        # Continuous coordinates (pixel centres at +0.5), as head_centre; the zoom is about the head centre.
+        target_x = (self.grid_x + 0.5 - self.head_centre[0] - shift[0]) / scale + self.head_centre[0] - 0.5
+        target_y = (self.grid_y + 0.5 - self.head_centre[1] - shift[1]) / scale + self.head_centre[1] - 0.5
+        map_x, map_y = target_x, target_y
+        for _ in range(FIXED_POINT_STEPS):
+            moved = cv2.remap(field, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            map_x, map_y = target_x - moved[..., 0], target_y - moved[..., 1]
+        return map_x.astype(np.float32), map_y.astype(np.float32)
 
 
-def head_homography(
-    size: int,
-    head_centre: np.ndarray,
-    depth_offset: float,
-    yaw_deg: float,
-    pitch_deg: float,
-    roll_deg: float,
-    shift: tuple[float, float],
-    scale: float,
-) -> np.ndarray:
-    """3x3 homography of the image plane rotating about a point `depth_offset` pixels behind the
-    face centre, seen by a pinhole camera (focal = 3 * size) that images the plane 1:1.
+def _oval_radius(oval: np.ndarray, size: int) -> np.ndarray:
+    """(S, S) float32 elliptical radius of each pixel centre: 1 on the ellipse fitted to `oval` (N, 2)."""
+    (cx, cy), (width, height), angle = cv2.fitEllipse(oval.astype(np.float32))
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+    cos, sin = np.cos(np.radians(angle)), np.sin(np.radians(angle))
+    along, across = (xs - cx) * cos + (ys - cy) * sin, -(xs - cx) * sin + (ys - cy) * cos
+    return np.sqrt((along / (width / 2)) ** 2 + (across / (height / 2)) ** 2).astype(np.float32)
+
+
+def _depth_map(mesh: np.ndarray, radius: np.ndarray, pivot_depth: float, face_height: float, size: int) -> np.ndarray:
+    """(S, S) float32 depth in portrait pixels (z away from the camera) of every pixel.
+
+    A thin-plate spline through the FaceMesh points (x, y) -> z, plus control points at the depth
+    of the face sides on two ellipses around the face (HEAD_EDGE and twice that), so the surface
+    curves back from the face over the hair, ears and neck and then stays level. Evaluated on a
+    DEPTH_GRID² grid of pixel centres and resized, then rounded to 1/64 px so the bytes do not hang
+    on the last bits of the linear solve.
     """
-    focal = 3.0 * size
-    principal = np.array([size / 2, size / 2])
-    yaw, pitch, roll = np.radians([yaw_deg, pitch_deg, roll_deg])
-    rot_y = np.array([[np.cos(yaw), 0, np.sin(yaw)], [0, 1, 0], [-np.sin(yaw), 0, np.cos(yaw)]])
-    rot_x = np.array([[1, 0, 0], [0, np.cos(pitch), np.sin(pitch)], [0, -np.sin(pitch), np.cos(pitch)]])
-    rot_z = np.array([[np.cos(roll), np.sin(roll), 0], [-np.sin(roll), np.cos(roll), 0], [0, 0, 1]])
-    rotation = rot_z @ rot_x @ rot_y
-    corners = np.array([[0, 0], [size, 0], [size, size], [0, size]], dtype=np.float64)
-    plane = np.column_stack([corners - principal, np.full(4, focal)])  # points on the plane z = f
-    pivot = np.array([*(head_centre - principal), focal + depth_offset])
-    moved = (plane - pivot) @ rotation.T + pivot
-    projected = focal * moved[:, :2] / moved[:, 2:3] + principal
-    projected = (projected - head_centre) * scale + head_centre + np.asarray(shift)
-    return cv2.getPerspectiveTransform(corners.astype(np.float32), projected.astype(np.float32))
+    (cx, cy), (width, height), angle = cv2.fitEllipse(mesh[list(FACE_OVAL), :2].astype(np.float32))
+    turns = np.linspace(0, 2 * np.pi, 32, endpoint=False)
+    ring = np.column_stack([np.cos(turns) * width / 2, np.sin(turns) * height / 2])
+    cos, sin = np.cos(np.radians(angle)), np.sin(np.radians(angle))
+    ring = ring @ np.array([[cos, sin], [-sin, cos]]) + (cx, cy)  # (32, 2) on the fitted ellipse
+    rings = np.vstack([(ring - (cx, cy)) * factor + (cx, cy) for factor in DEPTH_RINGS])
+    points = np.vstack([mesh[:N_MESH, :2], rings]) / face_height  # (N, 2) face heights
+    values = np.concatenate([mesh[:N_MESH, 2], np.full(len(rings), pivot_depth)]) / face_height
+    step = size / DEPTH_GRID
+    coarse = (np.arange(DEPTH_GRID) + 0.5) * step / face_height  # pixel centres of the coarse grid
+    grid = np.stack(np.meshgrid(coarse, coarse), axis=-1).reshape(-1, 2)  # (G², 2) x, y
+    surface = _thin_plate(points, values, grid, DEPTH_SMOOTHING).reshape(DEPTH_GRID, DEPTH_GRID)
+    depth = cv2.resize(surface * face_height, (size, size), interpolation=cv2.INTER_CUBIC)
+    return (np.round(depth * 64) / 64).astype(np.float32)
+
+
+def _thin_plate(points: np.ndarray, values: np.ndarray, query: np.ndarray, smoothing: float) -> np.ndarray:
+    """Thin-plate spline through (N, 2) `points` with (N,) `values`, evaluated at (M, 2) `query`.
+
+    f(p) = a0 + a . p + sum_i w_i U(|p - p_i|), U(r) = r^2 log r (Duchon 1977), with the weights
+    orthogonal to affine functions; `smoothing` on the diagonal trades exactness for smoothness.
+    """
+
+    def kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        r2 = np.sum((a[:, None, :] - b[None, :, :]) ** 2, axis=-1)
+        return 0.5 * r2 * np.log(np.where(r2 > 0, r2, 1.0))
+
+    n = len(points)
+    affine = np.column_stack([np.ones(n), points])  # (N, 3)
+    system = np.zeros((n + 3, n + 3))
+    system[:n, :n] = kernel(points, points) + smoothing * np.eye(n)
+    system[:n, n:], system[n:, :n] = affine, affine.T
+    solution = np.linalg.solve(system, np.concatenate([values, np.zeros(3)]))
+    weights, coefficients = solution[:n], solution[n:]
+    return kernel(query, points) @ weights + np.column_stack([np.ones(len(query)), query]) @ coefficients

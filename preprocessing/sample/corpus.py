@@ -13,6 +13,7 @@ Layout of the output folder:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -29,9 +30,11 @@ import soxr
 
 from preprocessing.files import write_json
 from preprocessing.media import AAC_FRAME, write_mp4
+from preprocessing.pose import matrix_to_euler
 from preprocessing.sample import tts
-from preprocessing.sample.animate import FaceRig, motion_track, speech_envelope
+from preprocessing.sample.animate import FaceRig, MotionTrack, motion_track, speech_envelope
 from preprocessing.sample.portraits import prepare_portrait
+from preprocessing.schema import SCHEMA_VERSION
 from vasa.config import IdentityConfig, SampleConfig
 
 log = logging.getLogger(__name__)
@@ -65,6 +68,19 @@ MAX_SENTENCES = 3
 INDEX_NAME = "index.json"
 # Packages whose version changes a clip's bytes; part of `plan_key`.
 VERSIONED_PACKAGES = ("av", "espeakng-loader", "numpy", "opencv-contrib-python", "soxr", "vasa-pipeline")
+# Source files whose content shapes a clip's bytes (the truth's rest pose comes from preprocessing.pose
+# and the face template); part of `plan_key`, so a re-run never keeps clips made by other code.
+PREPROCESSING = Path(__file__).resolve().parents[1]
+CODE_FILES = (
+    "sample/animate.py",
+    "sample/corpus.py",
+    "sample/meshes.py",
+    "sample/portraits.py",
+    "sample/tts.py",
+    "media.py",
+    "pose.py",
+    "assets/face_template.npz",
+)
 
 
 @dataclass(frozen=True)
@@ -121,7 +137,8 @@ def make_speech(plan: ClipPlan, cfg: SampleConfig) -> tuple[np.ndarray, str]:
 
 
 def plan_key(plan: ClipPlan, cfg: SampleConfig) -> str:
-    """Digest of everything that determines a clip's bytes (its plan and the generator params)."""
+    """Digest of everything that determines a clip's bytes: its plan, the generator params, the
+    versions of the packages and the content of the code files that shape them."""
     payload = {
         "plan": {
             "clip_id": plan.clip_id,
@@ -132,8 +149,19 @@ def plan_key(plan: ClipPlan, cfg: SampleConfig) -> str:
         },
         "params": cfg.model_dump(mode="json", exclude={"identities", "workers", "clips_per_identity"}),
         "versions": {name: metadata.version(name) for name in VERSIONED_PACKAGES},
+        "code": code_digest(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+@functools.cache
+def code_digest() -> str:
+    """sha256 over the content of CODE_FILES (read once per process)."""
+    digest = hashlib.sha256()
+    for name in CODE_FILES:
+        content = (PREPROCESSING / name).read_bytes()
+        digest.update(f"{name}\0{len(content)}\0".encode() + content)
+    return digest.hexdigest()
 
 
 def make_clip(plan: ClipPlan, cfg: SampleConfig, out_dir: Path) -> dict:
@@ -182,9 +210,44 @@ def make_clip(plan: ClipPlan, cfg: SampleConfig, out_dir: Path) -> dict:
             "params": cfg.model_dump(mode="json", exclude={"identities", "workers", "clips_per_identity"}),
         },
     }
-    write_json(out_dir / f"{plan.clip_id}.truth.json", {"clip_id": plan.clip_id, "fps": cfg.fps} | track.as_dict())
+    write_json(out_dir / f"{plan.clip_id}.truth.json", truth_record(plan.clip_id, cfg.fps, track, rig))
     write_json(out_dir / f"{plan.clip_id}.json", record)
     return record
+
+
+def truth_record(clip_id: str, fps: int, track: MotionTrack, rig: FaceRig) -> dict:
+    """The motion that drove one clip, per frame, with its convention and units spelled out.
+
+    `yaw`, `pitch`, `roll` are the rendered head's pose: the driving rotation composed with the
+    portrait's own pose (`rest_pose`, measured once by preprocessing.pose on the portrait's stored
+    FaceMesh), so they are what the project's estimator should report up to its constant per-face
+    offset. `drive_*` are the driving rotation alone (about the camera axes, relative to the portrait).
+    """
+    yaw, pitch, roll = rig.head_pose(track)
+    rest = matrix_to_euler(rig.rest_rotation)
+    motion = track.as_dict()
+    return {
+        "clip_id": clip_id,
+        "fps": fps,
+        "convention": {
+            "angles": "degrees; R = Rz(roll) @ Rx(pitch) @ Ry(yaw) about the camera axes (x right, y down, z away)",
+            "yaw": "> 0: the subject turns to their right (nose toward image left)",
+            "pitch": "> 0: the subject looks down",
+            "roll": "> 0: the head tilts clockwise in the image",
+            "schema": f"preprocessing/schema.py v{SCHEMA_VERSION}",
+            "shift": "fraction of the frame side, x right, y down (camera pan)",
+            "scale": "relative frame zoom about the head centre, 1 = portrait size",
+            "mouth": "jaw opening in [0, 1]",
+            "blink": "eyelid closure in [0, 1]",
+        },
+        "rest_pose": {name: round(float(value), 4) for name, value in zip(("yaw", "pitch", "roll"), rest, strict=True)},
+        "yaw": np.round(yaw, 4).tolist(),
+        "pitch": np.round(pitch, 4).tolist(),
+        "roll": np.round(roll, 4).tolist(),
+        "drive_yaw": motion["yaw"],
+        "drive_pitch": motion["pitch"],
+        "drive_roll": motion["roll"],
+    } | {name: motion[name] for name in ("shift_x", "shift_y", "scale", "mouth", "blink")}
 
 
 def write_corpus(cfg: SampleConfig, out_dir: str | Path) -> list[dict]:

@@ -20,6 +20,7 @@ LOWER_INNER_LIP = (308, 324, 318, 402, 317, 14, 87, 178, 88, 95, 78)
 MOUTH_CORNERS = (61, 291)
 CHIN, FOREHEAD = 152, 10
 EYES = ((33, 133, 159, 145), (362, 263, 386, 374))  # (corner, corner, upper lid, lower lid)
+N_LANDMARKS = 478  # 468 mesh points + 10 refined iris points
 
 
 class NoFaceError(RuntimeError):
@@ -33,10 +34,6 @@ class PortraitAsset:
     licence: str
     description: str
     load: Callable[[], np.ndarray]  # -> (H, W, 3) uint8 RGB
-    # FaceMesh landmarks (index -> (x, y) pixels in the loaded image) that place the animation.
-    # Measured once with `detect_landmarks` and stored with the asset, so generation needs no face
-    # detector and its bytes cannot depend on a CPU's XNNPACK kernels; a test re-measures them.
-    keypoints: dict[int, tuple[float, float]]
 
 
 def _astronaut() -> np.ndarray:
@@ -60,40 +57,6 @@ PORTRAITS: dict[str, PortraitAsset] = {
         licence="public-domain",
         description="Eileen Collins, NASA portrait (public domain, via scikit-image sample data)",
         load=_astronaut,
-        keypoints={
-            10: (226.3, 71.7),
-            13: (223.5, 143.2),
-            14: (223.0, 150.1),
-            33: (195.2, 100.9),
-            61: (201.8, 139.2),
-            78: (203.3, 139.9),
-            80: (209.1, 140.7),
-            81: (212.9, 141.5),
-            82: (217.6, 142.4),
-            87: (217.3, 149.3),
-            88: (209.0, 145.5),
-            95: (206.4, 143.2),
-            133: (213.3, 103.7),
-            145: (203.4, 104.3),
-            152: (221.3, 177.4),
-            159: (202.8, 97.6),
-            178: (212.6, 147.7),
-            191: (205.9, 140.1),
-            263: (255.8, 104.3),
-            291: (245.0, 141.0),
-            308: (243.4, 141.5),
-            310: (237.8, 141.8),
-            311: (234.1, 142.3),
-            312: (229.4, 142.9),
-            317: (228.6, 149.7),
-            318: (237.1, 146.6),
-            324: (239.9, 144.6),
-            362: (237.0, 104.9),
-            374: (246.6, 106.7),
-            386: (248.3, 99.7),
-            402: (233.3, 148.5),
-            415: (240.9, 141.6),
-        },
     ),
     "matplotlib_grace_hopper": PortraitAsset(
         package="matplotlib",
@@ -101,57 +64,25 @@ PORTRAITS: dict[str, PortraitAsset] = {
         licence="public-domain",
         description="Grace Hopper, U.S. Navy portrait (public domain, via matplotlib sample data)",
         load=_grace_hopper,
-        keypoints={
-            10: (264.3, 132.8),
-            13: (267.7, 279.1),
-            14: (267.7, 279.1),
-            33: (205.0, 193.4),
-            61: (232.4, 280.6),
-            78: (235.6, 280.3),
-            80: (245.4, 279.0),
-            81: (251.7, 278.8),
-            82: (259.3, 278.9),
-            87: (259.4, 279.0),
-            88: (245.6, 279.3),
-            95: (240.8, 279.7),
-            133: (243.6, 193.1),
-            145: (224.7, 197.3),
-            152: (270.3, 333.6),
-            159: (219.6, 185.8),
-            178: (251.9, 278.9),
-            191: (240.7, 279.6),
-            263: (323.6, 188.1),
-            291: (302.5, 277.1),
-            308: (299.3, 277.1),
-            310: (290.0, 277.0),
-            311: (283.8, 277.4),
-            312: (276.4, 278.2),
-            317: (276.1, 278.2),
-            318: (289.6, 277.1),
-            324: (294.3, 277.1),
-            362: (288.1, 192.1),
-            374: (306.7, 192.4),
-            386: (309.0, 182.4),
-            402: (283.5, 277.4),
-            415: (294.4, 277.0),
-        },
     ),
 }
 
 
 @dataclass(frozen=True)
 class Portrait:
-    """A square portrait crop with the keypoints that drive its animation."""
+    """A square portrait crop with the FaceMesh landmarks that drive its animation."""
 
     image: np.ndarray  # (S, S, 3) uint8 RGB
-    keypoints: dict[int, np.ndarray]  # FaceMesh index -> (2,) pixels in `image`
+    mesh: np.ndarray  # (478, 3) float64 landmarks in `image` pixels (z scaled like x, away from camera)
     provenance: dict
 
     def point(self, index: int) -> np.ndarray:
-        return self.keypoints[index]
+        """(2,) pixels of landmark `index`."""
+        return self.mesh[index, :2]
 
     def points(self, indices: tuple[int, ...]) -> np.ndarray:
-        return np.stack([self.keypoints[i] for i in indices])
+        """(len(indices), 2) pixels of the landmarks `indices`."""
+        return self.mesh[list(indices), :2]
 
 
 def asset_provenance(name: str) -> dict:
@@ -173,8 +104,11 @@ def _asset(name: str) -> PortraitAsset:
         raise KeyError(f"unknown portrait {name!r}; choose one of {sorted(PORTRAITS)}") from None
 
 
-def detect_landmarks(image: np.ndarray) -> np.ndarray:
-    """FaceMesh (static, refined) on one RGB image -> (478, 2) pixel coordinates of its one face."""
+def measure_mesh(image: np.ndarray) -> np.ndarray:
+    """FaceMesh (static, refined) on one RGB image -> (478, 3) landmarks of its one face.
+
+    x, y in pixels; z = MediaPipe z * image width, positive away from the camera (as preprocessing.face).
+    """
     import mediapipe as mp
 
     with mp.solutions.face_mesh.FaceMesh(static_image_mode=True, refine_landmarks=True, max_num_faces=2) as mesh:
@@ -183,17 +117,56 @@ def detect_landmarks(image: np.ndarray) -> np.ndarray:
     if len(faces) != 1:
         raise NoFaceError(f"expected exactly one face, found {len(faces)}")
     height, width = image.shape[:2]
-    return np.array([(p.x * width, p.y * height) for p in faces[0].landmark], dtype=np.float64)
+    return np.array([(p.x * width, p.y * height, p.z * width) for p in faces[0].landmark], dtype=np.float64)
+
+
+def mesh_module_text(meshes: dict[str, np.ndarray]) -> str:
+    """Source of `meshes.py` for {portrait name: (478, 3) mesh}: one "x y z" row per landmark, 0.01 px."""
+    blocks = []
+    for name, mesh in sorted(meshes.items()):
+        rows = "\n".join(" ".join(f"{v:.2f}" for v in point) for point in mesh)
+        blocks.append(f'    "{name}": """\n{rows}\n""",\n')
+    return MESH_MODULE_HEADER + "MESHES = {\n" + "".join(blocks) + "}\n"
+
+
+MESH_MODULE_HEADER = '''"""FaceMesh landmarks of the bundled portraits (made by portraits.mesh_module_text).
+
+One block per portrait: 478 rows "x y z" in landmark order (468 mesh points, then the 10 refined
+iris points), in pixels of the full loaded image: x right, y down, z = MediaPipe z * image width,
+positive away from the camera. Regenerate with
+    from preprocessing.sample.portraits import PORTRAITS, measure_mesh, mesh_module_text
+    text = mesh_module_text({name: measure_mesh(a.load()) for name, a in PORTRAITS.items()})
+and check that tests/test_sample_corpus.py::test_portrait_meshes_match_facemesh still passes.
+"""
+
+'''
+
+
+def stored_mesh(name: str) -> np.ndarray:
+    """(478, 3) float64 FaceMesh landmarks of portrait `name` in the full loaded image, as stored.
+
+    Pixels: x right, y down, z = MediaPipe z * width, positive away from the camera. Measured once
+    with `measure_mesh` and stored in `meshes.py`, so generation needs no face detector and its
+    bytes cannot depend on a CPU's XNNPACK kernels; a test re-measures them.
+    """
+    from preprocessing.sample.meshes import MESHES
+
+    mesh = np.array(MESHES[name].split(), dtype=np.float64).reshape(-1, 3)
+    if mesh.shape != (N_LANDMARKS, 3):
+        raise ValueError(f"stored mesh of {name!r} has shape {mesh.shape}, expected ({N_LANDMARKS}, 3)")
+    return mesh
 
 
 def prepare_portrait(name: str, size: int) -> Portrait:
     """Load portrait `name`, crop a square of 2.4 face heights around the face, resize to `size`."""
     asset = _asset(name)
     full = asset.load()
-    points = {i: np.array(xy, dtype=np.float64) for i, xy in asset.keypoints.items()}
-    face_height = float(np.linalg.norm(points[CHIN] - points[FOREHEAD]))
-    # Centre a little below the face centre so the chin and neck are in view.
-    centre = (points[CHIN] + points[FOREHEAD]) / 2 + np.array([0.0, 0.1 * face_height])
+    mesh = stored_mesh(name)
+    face_height = float(np.linalg.norm(mesh[CHIN, :2] - mesh[FOREHEAD, :2]))
+    # Centred on the face. Measured: centring 0.1 face heights lower brings in more of the astronaut's
+    # helmet ring, which FaceMesh's detector then scores up to 0.59 as a second face on some frames
+    # (detection threshold 0.5); centred, that score stays below 0.05 on every frame.
+    centre = (mesh[CHIN, :2] + mesh[FOREHEAD, :2]) / 2
     side = 2.4 * face_height
     x0, y0 = centre - side / 2
     scale = size / side
@@ -204,5 +177,6 @@ def prepare_portrait(name: str, size: int) -> Portrait:
         "source_sha256": hashlib.sha256(np.ascontiguousarray(full).tobytes()).hexdigest(),
         "crop_xywh": [round(float(v), 2) for v in (x0, y0, side, side)],
     }
-    keypoints = {i: (p - (x0, y0)) * scale for i, p in points.items()}
-    return Portrait(image=image, keypoints=keypoints, provenance=provenance)
+    # x, y shift and scale with the crop; z is scaled like x (it is "at the scale of x").
+    cropped = np.column_stack([(mesh[:, :2] - (x0, y0)) * scale, mesh[:, 2] * scale])
+    return Portrait(image=image, mesh=cropped, provenance=provenance)
