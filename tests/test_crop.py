@@ -295,3 +295,45 @@ def test_params_that_cannot_work_are_rejected(tmp_path, change, message):
     with pytest.raises(ConfigError, match=message) as caught:
         load_params(path)
     assert "preprocess" in str(caught.value)
+
+
+# Bounded memory (issue 8 sec. 3)
+
+
+_MEASURE_RSS = """
+import json, resource, sys
+from preprocessing.process import process_clip
+from vasa.config import PreprocessConfig
+cfg = PreprocessConfig.model_validate_json(sys.argv[1])
+peaks = []
+for path in sys.argv[2:]:
+    outcome = process_clip({"clip_id": path, "key": "0" * 16, "media_path": path, "av_offset": None}, cfg)
+    peaks.append([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, [s.frames for s in outcome.samples]])
+print(json.dumps(peaks))
+"""
+
+
+@pytest.mark.slow
+def test_peak_memory_does_not_grow_with_clip_length(tmp_path, params):
+    """process_clip holds a chunk of frames, never the clip. In a fresh process, after a short clip
+    has loaded every model, a 5x longer 512² clip raises the peak RSS by far less than its extra
+    frames would take (120 x 768 KiB = 90 MiB); what does grow is the landmarks (~40 KiB a frame)."""
+    import subprocess
+    import sys
+
+    portrait = skimage.data.astronaut()
+    paths = []
+    for frames in (8, 30, 150):
+        path = tmp_path / f"long_{frames}.mp4"
+        clip = np.stack([np.roll(portrait, (t % 16) - 8, axis=1) for t in range(frames)])
+        write_mp4(path, clip, FPS, np.zeros(frames * RATE // FPS, np.float32), RATE, preset="ultrafast")
+        paths.append(str(path))
+    filters = params.preprocess.filters.model_dump() | {"min_seconds": 0.3}
+    cfg = _cfg(params, crop_size=128, decode={"max_side": None, "chunk_frames": 8}, filters=filters)
+    result = subprocess.run(
+        [sys.executable, "-c", _MEASURE_RSS, cfg.model_dump_json(), *paths], capture_output=True, text=True, check=True
+    )
+    (_, warm), (short, short_frames), (long, long_frames) = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (warm, short_frames, long_frames) == ([8], [30], [150])
+    growth = long - short
+    assert growth < 0.25 * 120 * portrait.nbytes, (short, long)
