@@ -85,7 +85,13 @@ def extract_archive(archive_path: Path, dest: Path, max_bytes: int, max_ratio: f
     return voxceleb.rejected_member_rows(archive_path.name, result.rejected)
 
 
-@task
+def _transient_failure(task, task_run, state) -> bool:
+    """Prefect retry condition: retry only failures that may heal (`transient` on the exception)."""
+    error = state.result(raise_on_failure=False)
+    return bool(getattr(error, "transient", False))
+
+
+@task(retry_condition_fn=_transient_failure)
 def fetch_youtube(youtube_id: str, dest: Path, cfg: YoutubeConfig) -> Path:
     from preprocessing.ingest.youtube import fetch_reference
 

@@ -350,7 +350,10 @@ def test_youtube_source_recuts_tracks_and_records_unavailable(prefect_harness, p
         (meta / speaker / youtube_id / "00001.txt").write_text(metadata_text(speaker, youtube_id, first, count=50))
     with running_server() as server:
         server.serve("/21Uxsk56VDQ.mp4", reference.read_bytes())
-        youtube = params.ingest.youtube.replace(url_template=server.base + "/{youtube_id}.mp4", size=128, retries=0)
+        # retries: a 404 must not be retried (each retry would wait 30 s and ask the server again)
+        youtube = params.ingest.youtube.replace(
+            url_template=server.base + "/{youtube_id}.mp4", size=128, retries=2, retry_delay_s=30
+        )
         cfg = _config(params, sources=("youtube",), youtube=youtube)
         run(cfg, tmp_path / "out", voxceleb_dirs=[tmp_path / "vox"], downloads_dir=tmp_path / "dl")
         requests_made = len(server.state.requests)

@@ -82,6 +82,7 @@ def test_missing_reference_is_unavailable_not_a_crash(served, tmp_path):
         fetch_reference("Gone_video1", f"http://127.0.0.1:{port}/{{youtube_id}}.mp4", tmp_path, ytdlp_format="best")
     assert caught.value.youtube_id == "Gone_video1"
     assert "404" in caught.value.reason
+    assert not caught.value.transient  # a 404 is not retried
     assert list(tmp_path.iterdir()) == []
 
 
@@ -94,8 +95,9 @@ def test_merging_formats_without_ffmpeg_is_a_setup_error(served, tmp_path, monke
 
 
 def test_unreachable_host_is_unavailable(tmp_path):
-    with pytest.raises(UnavailableError, match=VIDEO_ID):
+    with pytest.raises(UnavailableError, match=VIDEO_ID) as caught:
         fetch_reference(VIDEO_ID, "http://127.0.0.1:9/{youtube_id}.mp4", tmp_path, ytdlp_format="best")
+    assert caught.value.transient  # network trouble may heal: worth another attempt
 
 
 @pytest.mark.parametrize("bad", ["short", "aB3_-xYz09Q0", "aB3_-xYz0/Q", "../../etc/p", "aB3_-xYz09\n", "aB3 -xYz09Q"])

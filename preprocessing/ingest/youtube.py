@@ -24,8 +24,9 @@ import cv2
 import imageio_ffmpeg
 import numpy as np
 import yt_dlp
+from yt_dlp.networking.exceptions import HTTPError, TransportError
 from yt_dlp.postprocessor import FFmpegMergerPP
-from yt_dlp.utils import YoutubeDLError
+from yt_dlp.utils import ExtractorError, YoutubeDLError
 
 from preprocessing.decode import DecodeError, read_audio
 from preprocessing.media import write_mp4
@@ -46,10 +47,29 @@ class UnavailableError(RuntimeError):
     clip's metadata.
     """
 
-    def __init__(self, youtube_id: str, reason: str) -> None:
+    def __init__(self, youtube_id: str, reason: str, *, transient: bool = False) -> None:
         super().__init__(f"{youtube_id}: {reason}")
         self.youtube_id = youtube_id
         self.reason = reason
+        self.transient = transient  # another attempt may succeed (network trouble, HTTP 5xx)
+
+
+def _is_transient(err: BaseException) -> bool:
+    """Whether a yt-dlp failure may heal on another attempt. A removed, private or region-blocked
+    video (yt-dlp's "expected" extractor errors) and HTTP 4xx other than 408/429 will not; network
+    errors and HTTP 5xx may. Walks the chain of wrapped errors yt-dlp keeps in `exc_info`."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, HTTPError):
+            return err.status >= 500 or err.status in (408, 429)
+        if isinstance(err, TransportError):
+            return True
+        if isinstance(err, ExtractorError) and err.expected:
+            return False
+        inner = getattr(err, "exc_info", None)
+        err = inner[1] if inner and inner[1] is not err else err.__cause__
+        seen += 1
+    return False
 
 
 class _YtdlpLog:
@@ -116,7 +136,7 @@ def fetch_reference(youtube_id: str, url_template: str, dest_dir: Path, *, ytdlp
                 )
             info = ydl.extract_info(url_template.format(youtube_id=youtube_id), download=True)
     except YoutubeDLError as err:  # DownloadError, ExtractorError, networking RequestError, ...
-        raise UnavailableError(youtube_id, str(err).removeprefix("ERROR: ")) from err
+        raise UnavailableError(youtube_id, str(err).removeprefix("ERROR: "), transient=_is_transient(err)) from err
     downloads = (info or {}).get("requested_downloads") or [{}]
     path = downloads[0].get("filepath")
     path = Path(path) if path else _downloaded(dest_dir, youtube_id)
