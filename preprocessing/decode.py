@@ -409,10 +409,10 @@ class _Frames:
         out = np.empty((len(positions), r.height, r.width, 3), dtype=np.uint8)
         needed = np.unique(positions)
         if self._last_position == needed[0]:  # a frame repeated across chunks
-            out[positions == needed[0]] = self._last_frame
+            _place(out, positions, needed[0], self._last_frame)
             needed = needed[1:]
         for position in needed.tolist():
-            out[positions == position] = self._finish(self._decode(position))
+            _place(out, positions, position, self._finish(self._decode(position)))
         last = int(positions.max())
         if self._last_frame is None:
             self._last_frame = np.empty((r.height, r.width, 3), dtype=np.uint8)
@@ -442,6 +442,14 @@ class _Frames:
 
     def close(self) -> None:
         self._last_position, self._last_frame = None, None
+
+
+def _place(out: np.ndarray, positions: np.ndarray, position: int, frame: np.ndarray) -> None:
+    """Copy `frame` into every slot of `out` that shows source `position`, one slot at a time:
+    `out[mask] = frame` would build a temporary (k, H, W, 3) copy first, and such per-frame heap
+    temporaries let a long 1080p clip's RSS creep up."""
+    for slot in np.flatnonzero(positions == position).tolist():
+        out[slot] = frame
 
 
 class _DecordFrames(_Frames):
