@@ -94,6 +94,18 @@ def test_code_digest_covers_every_module_process_imports():
     assert any(p.suffix == ".npz" for p in cache.code_modules())  # the face template
 
 
+def test_layering_config_and_library_import_without_the_entry_points():
+    """vasa.config is the ground floor (no CLI, flows or Prefect); the cache and writer are library
+    code that flows only wire (no Prefect, no MediaPipe)."""
+    code = (
+        "import sys, vasa.config; bad = {'vasa.cli', 'flows', 'prefect'} & set(sys.modules); assert not bad, bad\n"
+        "import preprocessing.cache, preprocessing.writer\n"
+        "bad = {'prefect', 'flows', 'mediapipe', 'preprocessing.process'} & set(sys.modules); assert not bad, bad"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
 def test_code_digest_follows_package_versions(monkeypatch):
     before = real_code_digest()
     assert set(cache.package_versions()) == set(cache.VERSIONED_PACKAGES)
@@ -390,7 +402,8 @@ def test_provenance_change_on_a_warm_cache_equals_a_cold_run(params, sample_mani
 
 
 def _params_file(params, tmp_path: Path, **runner) -> Path:
-    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    """The session's params (not params.yaml as it is now) with runner changes, for a CLI run."""
+    data = params.model_dump(mode="json")
     data["preprocess"]["runner"] |= runner
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(data))
