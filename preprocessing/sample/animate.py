@@ -14,6 +14,10 @@ in two steps, both backward warps of pixels:
    out over the background and shoulders (`FaceRig.head_weight`), so they stay put; a small camera
    pan and zoom then moves the whole picture. The forward map (portrait -> frame) is inverted by a
    few fixed-point steps, which converge because the displacement changes slowly across pixels.
+
+Why real 3D: VASA-1 (arXiv 2404.10667, sec. 3.1-3.2) learns head pose as part of a 3D-aware motion
+latent and conditions on it, so the corpus's head motion must be what a 3D pose fit measures; the
+truth written beside each clip is the rendered head's pose (`FaceRig.head_pose`).
 """
 
 from __future__ import annotations
@@ -137,6 +141,7 @@ HEAD_EDGE, BACKGROUND_EDGE = 1.35, 2.0
 DEPTH_RINGS = (HEAD_EDGE, 1.7, 2.2, 3.0)  # elliptical radii of the level control points
 DEPTH_GRID = 64  # the depth spline is evaluated on a DEPTH_GRID² grid and resized (it is smooth)
 DEPTH_SMOOTHING = 3e-2  # thin-plate regularisation in face-height units: FaceMesh z is a noisy estimate
+MAP_STRIDE = 2  # the head's backward map is solved on every 2nd pixel and resized (it is smooth)
 FIXED_POINT_STEPS = 6  # inverse-map iterations: the error shrinks by the displacement gradient (<= 0.6) per step
 
 
@@ -167,10 +172,17 @@ class FaceRig:
         self.pivot_depth = float(mesh[list(FACE_SIDES), 2].mean())  # portrait z of the rotation centre
         self.reference_depth = float(mesh[:N_MESH, 2].mean())  # portrait z imaged 1:1 at `focal`
         radius = _oval_radius(mesh[list(FACE_OVAL), :2], size)  # (S, S) face oval = 1
-        self.depth = _depth_map(mesh, radius, self.pivot_depth, self.face_height, size)
+        self.depth = _depth_map(mesh, self.pivot_depth, self.face_height, size)
         # Smoothstep from 1 inside HEAD_EDGE to 0 beyond BACKGROUND_EDGE.
         fade = np.clip((radius - HEAD_EDGE) / (BACKGROUND_EDGE - HEAD_EDGE), 0, 1)
         self.head_weight = (1 - fade * fade * (3 - 2 * fade)).astype(np.float32)
+        self.fine = _Grid(xs, ys, self.head_weight)
+        # cv2.resize's pixel-centre alignment: coarse pixel j sits at fine index (j + 0.5) * stride - 0.5.
+        small = -(-size // MAP_STRIDE)
+        centres = ((np.arange(small) + 0.5) * size / small - 0.5).astype(np.float32)
+        coarse_x, coarse_y = np.meshgrid(centres, centres)
+        coarse_weight = cv2.resize(self.head_weight, (small, small), interpolation=cv2.INTER_AREA)
+        self.coarse = _Grid(coarse_x, coarse_y, coarse_weight)
         # The portrait's own head pose, as preprocessing.pose measures it on its stored FaceMesh.
         self.rest_rotation = head_pose(mesh[None]).rotation[0]  # (3, 3)
 
@@ -239,47 +251,68 @@ class FaceRig:
         out = out * (1 - teeth_alpha) + np.array(TEETH_RGB, np.float32) * teeth_alpha
         return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
-    def displacement(self, yaw: float, pitch: float, roll: float, depth: np.ndarray) -> np.ndarray:
-        """(S, S, 2) float32 pixels each portrait pixel moves under the head rotation (degrees).
+    def displacement(
+        self, yaw: float, pitch: float, roll: float, depth: np.ndarray, grid: _Grid | None = None
+    ) -> np.ndarray:
+        """(H, W, 2) float32 pixels each portrait point of `grid` moves under the head rotation.
 
-        Pixel centres (continuous coordinates j + 0.5, i + 0.5) are lifted to 3D at camera depth
+        Angles in degrees; `depth` (H, W) portrait z at the grid's points (default grid: every pixel).
+        Points (continuous coordinates: pixel index + 0.5) are lifted to 3D at camera depth
         focal + depth - reference_depth, rotated by R = Rz(roll) Rx(pitch) Ry(yaw) about the pivot
         (the head centre at the depth of the face sides) and projected back; the move is then
-        weighted by `head_weight` (1 on the head, 0 on the background).
+        weighted by the head weight (1 on the head, 0 on the background).
         """
-        size = depth.shape[0]
-        principal = size / 2
+        grid = grid or self.fine
+        principal = self.portrait.image.shape[0] / 2
         rotation = euler_to_matrix(yaw, pitch, roll).astype(np.float32)  # (3, 3)
-        camera_z = self.focal + depth - self.reference_depth  # (S, S) pixels
-        x = (self.grid_x + 0.5 - principal) * camera_z / self.focal
-        y = (self.grid_y + 0.5 - principal) * camera_z / self.focal
+        camera_z = self.focal + depth - self.reference_depth  # (H, W) pixels
+        x = (grid.x + 0.5 - principal) * camera_z / self.focal
+        y = (grid.y + 0.5 - principal) * camera_z / self.focal
         pivot_z = self.focal + self.pivot_depth - self.reference_depth
         pivot = np.array([*(self.head_centre - principal) * pivot_z / self.focal, pivot_z], np.float32)
         rel = (x - pivot[0], y - pivot[1], camera_z - pivot[2])
         moved = [sum(rotation[row, k] * rel[k] for k in range(3)) + pivot[row] for row in range(3)]
         u = self.focal * moved[0] / moved[2] + principal - 0.5
         v = self.focal * moved[1] / moved[2] + principal - 0.5
-        return np.dstack([(u - self.grid_x) * self.head_weight, (v - self.grid_y) * self.head_weight])
+        return np.dstack([(u - grid.x) * grid.weight, (v - grid.y) * grid.weight])
 
     def head_map(self, track: MotionTrack, index: int, depth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Backward map (map_x, map_y), each (S, S) float32, of frame `index`'s head motion.
 
-        The forward map is p -> camera(p + displacement(p)), camera = zoom about the head centre and
-        pan. Its inverse at q solves p + displacement(p) = camera^-1(q) by fixed-point steps
+        `depth` (S, S) is the portrait z of every pixel of the (expression-warped) face. The forward
+        map is p -> camera(p + displacement(p)), camera = zoom about the head centre and pan. Its
+        inverse at q solves p + displacement(p) = camera^-1(q) by fixed-point steps
         p <- camera^-1(q) - displacement(p), a contraction where the displacement's gradient is
-        below 1 (at 12 degrees of yaw it is ~0.2 on the nose flanks, the steepest part of the face).
+        below 1 (at 12 degrees of yaw it is ~0.6 at the face sides, the steepest part). The map is
+        smooth, so it is solved on a grid MAP_STRIDE times coarser and its offset from the identity
+        resized up (4x fewer points; the error is a small fraction of a pixel).
         """
-        size = depth.shape[0]
-        field = self.displacement(float(track.yaw[index]), float(track.pitch[index]), float(track.roll[index]), depth)
+        size, coarse = depth.shape[0], self.coarse
+        small = cv2.resize(depth, coarse.x.shape[::-1], interpolation=cv2.INTER_AREA)
+        angles = float(track.yaw[index]), float(track.pitch[index]), float(track.roll[index])
+        field = self.displacement(*angles, small, coarse)  # (h, w, 2) at the coarse points
         scale, shift = float(track.scale[index]), np.array([track.shift_x[index], track.shift_y[index]]) * size
         # Continuous coordinates (pixel centres at +0.5), as head_centre; the zoom is about the head centre.
-        target_x = (self.grid_x + 0.5 - self.head_centre[0] - shift[0]) / scale + self.head_centre[0] - 0.5
-        target_y = (self.grid_y + 0.5 - self.head_centre[1] - shift[1]) / scale + self.head_centre[1] - 0.5
+        target_x = (coarse.x + 0.5 - self.head_centre[0] - shift[0]) / scale + self.head_centre[0] - 0.5
+        target_y = (coarse.y + 0.5 - self.head_centre[1] - shift[1]) / scale + self.head_centre[1] - 0.5
         map_x, map_y = target_x, target_y
+        to_coarse = coarse.x.shape[1] / size  # fine pixel index p -> coarse (p + 0.5) * to_coarse - 0.5
         for _ in range(FIXED_POINT_STEPS):
-            moved = cv2.remap(field, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            at_x, at_y = (map_x + 0.5) * to_coarse - 0.5, (map_y + 0.5) * to_coarse - 0.5
+            moved = cv2.remap(field, at_x, at_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
             map_x, map_y = target_x - moved[..., 0], target_y - moved[..., 1]
-        return map_x.astype(np.float32), map_y.astype(np.float32)
+        offset = np.dstack([map_x - coarse.x, map_y - coarse.y])  # (h, w, 2) backward move
+        offset = cv2.resize(offset, (size, size), interpolation=cv2.INTER_LINEAR)
+        return self.fine.x + offset[..., 0], self.fine.y + offset[..., 1]
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Points where the head motion is evaluated: pixel indices (fine) or a coarser lattice."""
+
+    x: np.ndarray  # (H, W) float32 pixel index coordinates in the portrait (centre of pixel j = j)
+    y: np.ndarray  # (H, W) float32
+    weight: np.ndarray  # (H, W) float32 head weight at the points, in [0, 1]
 
 
 def _oval_radius(oval: np.ndarray, size: int) -> np.ndarray:
@@ -291,7 +324,7 @@ def _oval_radius(oval: np.ndarray, size: int) -> np.ndarray:
     return np.sqrt((along / (width / 2)) ** 2 + (across / (height / 2)) ** 2).astype(np.float32)
 
 
-def _depth_map(mesh: np.ndarray, radius: np.ndarray, pivot_depth: float, face_height: float, size: int) -> np.ndarray:
+def _depth_map(mesh: np.ndarray, pivot_depth: float, face_height: float, size: int) -> np.ndarray:
     """(S, S) float32 depth in portrait pixels (z away from the camera) of every pixel.
 
     A thin-plate spline through the FaceMesh points (x, y) -> z, plus control points at the depth
