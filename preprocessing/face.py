@@ -157,13 +157,15 @@ def box_iou(first: np.ndarray, second: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area - inter, 1e-9)
 
 
-def merge_duplicates(track: FaceTrack, min_iou: float) -> FaceTrack:
+def merge_duplicates(track: FaceTrack, min_iou: float, previous: np.ndarray | None = None) -> FaceTrack:
     """One person is one face: a second detection whose box overlaps the other by IoU >= `min_iou`
     is the same face found twice (FaceMesh in tracking mode does this when its detector re-finds a
     face it already tracks: IoU 0.67-0.83 measured on a phone video), so the frame counts one face.
     Of the pair, the one nearest the previous frame's face is kept, so the track does not hop
     between the two. Detections that do not overlap stay two faces (a second person: VASA-1,
     arXiv 2404.10667 sec. 4.1, drops clips with more than one). Pure: returns a new FaceTrack.
+    `previous` (2,) is the face centre before the first frame, for merging a clip chunk by chunk
+    (`last_centre` of the previous chunk's result).
     """
     if track.detections is None:
         raise ValueError("merge_duplicates needs the raw detections (FaceTrack.from_detections)")
@@ -171,7 +173,6 @@ def merge_duplicates(track: FaceTrack, min_iou: float) -> FaceTrack:
     landmarks = np.array(track.landmarks, copy=True)
     boxes = landmark_boxes(detections)  # (T, 2, 4)
     overlap = box_iou(boxes[:, 0], boxes[:, 1])  # (T,) NaN unless two faces
-    previous = None  # (2,) centre of the last frame with one face
     for index in range(len(counts)):
         if counts[index] == 2 and overlap[index] >= min_iou:
             pick = 0
@@ -183,6 +184,12 @@ def merge_duplicates(track: FaceTrack, min_iou: float) -> FaceTrack:
         if counts[index] == 1:
             previous = face_centre(landmarks[index : index + 1])[0]
     return FaceTrack(landmarks=landmarks, faces=counts, detections=detections)
+
+
+def last_centre(track: FaceTrack, default: np.ndarray | None = None) -> np.ndarray | None:
+    """(2,) face centre of the track's last frame with one face, else `default`."""
+    single = np.flatnonzero(track.faces == 1)
+    return default if len(single) == 0 else face_centre(track.landmarks[single[-1] : single[-1] + 1])[0]
 
 
 BRIDGEABLE = ("no_face", "multiple_faces")

@@ -185,26 +185,29 @@ def _unreadable(path: str) -> tuple[str, str] | None:
 
 
 def _track(reader, cfg: PreprocessConfig) -> tuple[face.FaceTrack, np.ndarray]:
-    """Pass 1: FaceMesh over the clip chunk by chunk, duplicates merged -> (FaceTrack, (T,) sharpness).
+    """Pass 1: FaceMesh over the clip chunk by chunk, duplicates merged as they come (the merge's
+    state carried across chunks like the tracker's) -> (FaceTrack, (T,) sharpness).
 
-    Only landmarks (~11 KB a frame) are kept, never frames.
+    Only the kept face's landmarks (5.6 KB a frame) and the counts are kept, never frames.
     """
     tracker = face.get_tracker(cfg.face)
     tracker.reset()
     n = reader.n_frames
-    detections = np.full((n, face.MAX_FACES, face.N_LANDMARKS, 3), np.nan, dtype=np.float32)
+    landmarks = np.full((n, face.N_LANDMARKS, 3), np.nan, dtype=np.float32)  # (T, 478, 3) decoded pixels
     counts = np.zeros(n, dtype=np.int64)
     sharpness = np.full(n, np.nan)  # (T,) variance of the Laplacian of the face at a fixed size
+    previous = None  # (2,) face centre of the last frame with one face
     for start, frames in reader.chunks(cfg.decode.chunk_frames):
         found, number = tracker.detect(frames)
-        detections[start : start + len(frames)], counts[start : start + len(frames)] = found, number
+        chunk = face.merge_duplicates(face.FaceTrack.from_detections(found, number), cfg.face.duplicate_iou, previous)
+        previous = face.last_centre(chunk, previous)
+        landmarks[start : start + len(frames)], counts[start : start + len(frames)] = chunk.landmarks, chunk.faces
         first = found[:, 0]  # (n, 478, 3): any detection measures the source's focus
         heights, centres = face.face_height(first), face.face_centre(first)
         for offset, frame in enumerate(frames):
             if number[offset]:
                 sharpness[start + offset] = filters.face_sharpness(frame, centres[offset], heights[offset])
-    track = face.merge_duplicates(face.FaceTrack.from_detections(detections, counts), cfg.face.duplicate_iou)
-    return track, sharpness
+    return face.FaceTrack(landmarks=landmarks, faces=counts), sharpness
 
 
 def _plan_segment(cfg: PreprocessConfig, reader, landmarks, sharpness, start: int, end: int) -> _Segment:

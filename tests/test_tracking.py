@@ -13,6 +13,7 @@ from preprocessing.face import (
     fill_gaps,
     find_segments,
     landmark_boxes,
+    last_centre,
     merge_duplicates,
 )
 from preprocessing.pose import load_template
@@ -90,6 +91,23 @@ def test_near_duplicate_on_scattered_frames_keeps_the_face(face_cfg):
         segments, counts = find_segments(merged, cfg, min_frames=25)
         assert sum(end - start for start, end in segments) >= 0.95 * T, (segments, counts)
     assert raw.faces[scattered].tolist() == [2] * len(scattered)  # the input is left untouched
+
+
+def test_merging_chunk_by_chunk_equals_merging_the_clip(face_cfg):
+    """process_clip merges as chunks arrive, carrying the last face centre across them."""
+    rng = np.random.default_rng(3)
+    first = _moving_face()
+    duplicates = {int(f): first[f] + [10, 8, 0] for f in rng.choice(np.arange(1, T), 40, replace=False)}
+    raw = _track(first, duplicates, missing=[60, 61])
+    whole = merge_duplicates(raw, face_cfg.duplicate_iou)
+    parts, previous = [], None
+    for start in range(0, T, 7):
+        piece = FaceTrack.from_detections(raw.detections[start : start + 7], raw.faces[start : start + 7])
+        merged = merge_duplicates(piece, face_cfg.duplicate_iou, previous)
+        previous = last_centre(merged, previous)
+        parts.append(merged)
+    np.testing.assert_array_equal(np.concatenate([part.landmarks for part in parts]), whole.landmarks)
+    np.testing.assert_array_equal(np.concatenate([part.faces for part in parts]), whole.faces)
 
 
 def test_short_gaps_are_bridged_long_ones_split(face_cfg):
