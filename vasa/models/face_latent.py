@@ -24,10 +24,10 @@ from vasa.models.warping import WarpingGenerator
 
 @dataclass(frozen=True)
 class FaceCode:
-    """One frame's latents: volume (B, C, D, H, W) in the frame's own pose, z_id (B, I) unit norm,
-    pose (B, 7) (see MotionEncoder), dyn (B, Z)."""
+    """One frame's latents: volume (B, C, D, H, W) in the frame's own pose (None when not encoded),
+    z_id (B, I) unit norm, pose (B, 7) (see MotionEncoder), dyn (B, Z)."""
 
-    volume: torch.Tensor
+    volume: torch.Tensor | None
     z_id: torch.Tensor
     pose: torch.Tensor
     dyn: torch.Tensor
