@@ -162,7 +162,11 @@ def _process(row: dict, cfg: PreprocessConfig) -> Outcome:
         outcome.frame_rejections = dict(sorted(rejections.items()))
         if not spans:
             reason = max(rejected, key=lambda r: rejected[r]) if any(rejected.values()) else filters.TOO_SHORT
-            detail = f"no usable face segment in {reader.n_frames} frames: {outcome.frame_rejections}"
+            limits = (
+                f"min_face_px {cfg.face.min_face_px}, max_jump {cfg.face.max_jump}, "
+                f"max_gap_frames {cfg.face.max_gap_frames}, min_frames {min_frames}"
+            )
+            detail = f"no usable face segment in {reader.n_frames} frames: {outcome.frame_rejections} ({limits})"
             outcome.failures.append(_failure(row, REJECTED, reason, detail))
             return outcome
         videos = _encode(reader, segments, cfg)  # pass 2

@@ -240,6 +240,16 @@ def test_frames_of_rejected_segments_are_accounted(tmp_path, params):
     assert set(failure) == {"clip_id", "key", "status", "reason", "detail"}  # no split: the writer joins it
 
 
+def test_clip_without_a_face_is_one_failure_with_its_limits(tmp_path, params):
+    path = tmp_path / "empty.mp4"
+    write_mp4(path, np.full((30, 96, 96, 3), 90, np.uint8), FPS, np.zeros(30 * RATE // FPS, np.float32), RATE)
+    outcome = process_clip(_row(path), _cfg(params, crop_size=128))
+    assert not outcome.samples and outcome.frame_rejections == {"no_face": 30} and not outcome.transient
+    (failure,) = outcome.failures
+    assert failure["reason"] == "no_face" and failure["status"] == "rejected"
+    assert "min_face_px 40.0" in failure["detail"] and "max_gap_frames" in failure["detail"]
+
+
 def test_exceptions_become_failures_and_environment_ones_are_transient(moving_clip, params, tmp_path, monkeypatch):
     cfg = _cfg(params, crop_size=128)
     missing = process_clip(_row(tmp_path / "gone.mp4"), cfg)
