@@ -123,8 +123,10 @@ def _process(row: dict, cfg: PreprocessConfig) -> Outcome:
     outcome = Outcome()
     problem = _unreadable(row["media_path"])
     if problem:
-        outcome.transient = True
-        outcome.failures.append(_failure(row, ERROR, *problem))
+        reason, err = problem
+        outcome.transient = is_environmental(err)
+        detail = f"{type(err).__name__}: {err.strerror}: {row['media_path']}"
+        outcome.failures.append(_failure(row, ERROR, reason, detail))
         return outcome
     min_frames = max(1, int(np.ceil(cfg.filters.min_seconds * cfg.fps)))
     with decode.open_clip(
@@ -175,16 +177,17 @@ def _process(row: dict, cfg: PreprocessConfig) -> Outcome:
     return outcome
 
 
-def _unreadable(path: str) -> tuple[str, str] | None:
-    """(reason, detail) when the media file cannot be opened at all: a problem of the environment
-    (a path that no longer resolves, permissions), told apart from bad media before decoding."""
+def _unreadable(path: str) -> tuple[str, OSError] | None:
+    """(reason, error) when the media file cannot be opened at all, usually a problem of the
+    environment (a path that no longer resolves, permissions), told apart from bad media before
+    decoding."""
     try:
         with open(path, "rb") as handle:
             handle.read(1)
     except FileNotFoundError as err:
-        return MISSING_MEDIA, f"FileNotFoundError: {err.strerror}: {path}"
+        return MISSING_MEDIA, err
     except OSError as err:
-        return UNREADABLE_MEDIA, f"{type(err).__name__}: {err.strerror}: {path}"
+        return UNREADABLE_MEDIA, err
     return None
 
 

@@ -254,6 +254,9 @@ def test_exceptions_become_failures_and_environment_ones_are_transient(moving_cl
     cfg = _cfg(params, crop_size=128)
     missing = process_clip(_row(tmp_path / "gone.mp4"), cfg)
     assert missing.failures[0]["reason"] == "missing_media" and missing.transient and not missing.samples
+    assert missing.failures[0]["detail"].startswith("FileNotFoundError: No such file or directory")
+    folder = process_clip(_row(tmp_path), cfg)  # a directory: not the environment's fault
+    assert folder.failures[0]["reason"] == "unreadable_media" and not folder.transient
 
     garbage = tmp_path / "garbage.mp4"
     garbage.write_bytes(b"not a video at all" * 100)
