@@ -79,6 +79,7 @@ CODE_FILES = (
     "sample/tts.py",
     "media.py",
     "pose.py",
+    "schema.py",  # its version is written into every truth file
     "assets/face_template.npz",
 )
 
