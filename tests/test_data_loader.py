@@ -7,6 +7,7 @@ cross-identity `other` frames."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -169,3 +170,23 @@ def test_bad_shard_folders_fail_with_a_clear_error(tmp_path, shards):
     (broken / "index.json").write_text(json.dumps(index))
     with pytest.raises(InputError, match="schema version"):
         open_shards(broken)
+
+
+def test_a_shuffle_buffer_of_one_speaker_still_finds_cross_identity_frames(shards):
+    """Regression: with few speakers a full buffer of one speaker happens by chance (it stopped a
+    200-step run at step ~150); evicted clips keep other speakers in reach."""
+    shard_set = open_shards(shards)
+    for batch in take(pair_batches(shard_set, SIZE, data_config(shuffle_buffer=1, pairs_per_clip=2), 4, seed=0), 4):
+        for b in range(4):
+            assert decode(batch["other"][b])[2] != decode(batch["source"][b])[2]
+
+
+def test_a_worker_whose_shards_hold_one_speaker_fails_clearly(tmp_path, monkeypatch):
+    import vasa.data
+
+    monkeypatch.setattr(vasa.data, "STARVED_CLIPS", 5)
+    root = write_synthetic_shards(tmp_path / "s", {"train": [[(0, 0)], [(1, 1)]]})
+    shard_set = open_shards(root)
+    lonely = dataclasses.replace(shard_set, splits={"train": shard_set.train[:1]})  # only speaker 0's shard
+    with pytest.raises(InputError, match="without a second speaker"):
+        take(pair_batches(lonely, SIZE, data_config(), 2, seed=0), 1)

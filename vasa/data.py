@@ -25,6 +25,7 @@ import logging
 import math
 import random
 import tarfile
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ from vasa.errors import InputError
 log = logging.getLogger(__name__)
 
 INDEX_FILE = getattr(schema, "INDEX_FILE", "index.json")
+STARVED_CLIPS = 200  # clips in a row without any cross-identity partner before a worker gives up
 
 
 @dataclass(frozen=True)
@@ -222,18 +224,26 @@ class PairStream(IterableDataset):
         rng = random.Random(f"vasa.data/{self.seed}/{self.epoch}/{self.rank}/{worker}")
         mine = worker_shards(self.shards, self.rank, self.world, worker, workers)
         buffer: list[Clip] = []
+        # Clips evicted from the shuffle buffer stay available as cross-identity `other` frames for a
+        # while: with few speakers, a buffer of one speaker's clips happens by chance.
+        evicted: deque[Clip] = deque(maxlen=self.cfg.shuffle_buffer)
+        starved = 0  # clips in a row that gave no pair (no second speaker in reach)
         for clip in self._clips(rng, mine):
             if len(buffer) >= self.cfg.shuffle_buffer:
-                buffer.pop(rng.randrange(len(buffer)))
+                evicted.append(buffer.pop(rng.randrange(len(buffer))))
             buffer.append(clip)
-            if len({c.speaker for c in buffer}) < 2:
-                if len(buffer) >= self.cfg.shuffle_buffer:
-                    raise InputError(f"loader worker {worker}: {len(buffer)} clips of one speaker in its shards")
-                continue
+            made = 0
             for _ in range(self.cfg.pairs_per_clip):
-                item = self._pair(rng, buffer)
+                item = self._pair(rng, buffer, evicted)
                 if item is not None:
+                    made += 1
                     yield item
+            starved = 0 if made else starved + 1
+            if starved > STARVED_CLIPS:
+                raise InputError(
+                    f"loader worker {worker} (rank {self.rank}): {starved} clips in a row without a second speaker "
+                    f"in reach; its shards {[p.name for p in mine][:5]} hold one speaker"
+                )
 
     def _clips(self, rng: random.Random, shards: tuple[Path, ...]) -> Iterator[Clip]:
         """Resampled shards (with replacement, forever); clips too short for a pair are skipped."""
@@ -248,9 +258,9 @@ class PairStream(IterableDataset):
                 if train_frames(len(clip.frames), self.cfg.holdout_fraction) > self.cfg.min_frame_gap:
                     yield clip
 
-    def _pair(self, rng: random.Random, buffer: list[Clip]) -> dict[str, torch.Tensor] | None:
+    def _pair(self, rng: random.Random, buffer: list[Clip], evicted: deque[Clip]) -> dict[str, torch.Tensor] | None:
         clip = buffer[rng.randrange(len(buffer))]
-        others = [c for c in buffer if c.speaker != clip.speaker]
+        others = [c for c in buffer if c.speaker != clip.speaker] or [c for c in evicted if c.speaker != clip.speaker]
         pair = draw_pair(rng, 0, train_frames(len(clip.frames), self.cfg.holdout_fraction), self.cfg.min_frame_gap)
         if pair is None or not others:
             return None
