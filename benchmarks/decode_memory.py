@@ -5,7 +5,8 @@
 
 Makes a synthetic clip with PyAV (moving texture, 48 kHz stereo AAC, 25 fps; kept in --workdir and
 reused), then measures each way of reading it in a fresh Python process that reports its own peak
-resident set size (VmHWM) and its RSS after the imports, so no figure includes another's. Prints
+resident set size (VmHWM) and its RSS after the imports, so no figure includes another's. The worker
+calls `decode.bound_frame_allocations()` first, as pipeline workers should (--default-malloc: not). Prints
 the figures, the ratio whole / streaming, and the bound the streaming reader should stay under:
 
     bound = RSS after imports + (2 x chunk + 2) x frame + 2 x source frame
@@ -88,10 +89,12 @@ def _status_mb(field: str) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
 
-def _measure(mode: str, path: str, chunk: int, max_side: int | None) -> dict:
+def _measure(mode: str, path: str, chunk: int, max_side: int | None, bound_allocations: bool) -> dict:
     """Run in a fresh process: read `path` one way; return peak RSS and timings."""
-    from preprocessing.decode import load_clip, open_clip
+    from preprocessing.decode import bound_frame_allocations, load_clip, open_clip
 
+    if bound_allocations:
+        bound_frame_allocations()
     with contextlib.suppress(ImportError):  # the reader imports decord on first use: count it as baseline
         import decord  # noqa: F401
     imported = _rss_now_mb()
@@ -120,8 +123,9 @@ def _measure(mode: str, path: str, chunk: int, max_side: int | None) -> dict:
     }
 
 
-def _run_child(mode: str, path: Path, chunk: int, max_side: int | None) -> dict:
-    command = [sys.executable, __file__, "--measure", mode, str(path), str(chunk), str(max_side or 0)]
+def _run_child(mode: str, path: Path, chunk: int, max_side: int | None, bound_allocations: bool) -> dict:
+    flags = [str(chunk), str(max_side or 0), str(int(bound_allocations))]
+    command = [sys.executable, __file__, "--measure", mode, str(path), *flags]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode:
         raise RuntimeError(f"{mode} on {path} failed ({done.returncode}): {done.stderr[-2000:]}")
@@ -147,11 +151,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--max-side", type=int, default=1920, help="cap on the decoded longer side; 0 = none")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/decode_memory"))
-    parser.add_argument("--measure", nargs=4, help=argparse.SUPPRESS)  # internal: the child process
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc's adaptive mmap threshold (no decode.bound_frame_allocations in the worker)",
+    )
+    parser.add_argument("--measure", nargs=5, help=argparse.SUPPRESS)  # internal: the child process
     args = parser.parse_args(argv)
     if args.measure:
-        mode, path, chunk, max_side = args.measure
-        print(json.dumps(_measure(mode, path, int(chunk), int(max_side) or None)))
+        mode, path, chunk, max_side, bound = args.measure
+        print(json.dumps(_measure(mode, path, int(chunk), int(max_side) or None, bound == "1")))
         return
     width, height = (int(v) for v in args.size.lower().split("x"))
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -168,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         path = synthetic_clip(args.workdir / name, seconds, width, height, args.codec)
         if time.perf_counter() - made > 1:
             print(f"made {path} ({path.stat().st_size / MB:.0f} MB) in {time.perf_counter() - made:.0f} s")
-        result = _run_child(mode, path, args.chunk, max_side) | {"clip_seconds": seconds}
+        result = _run_child(mode, path, args.chunk, max_side, not args.default_malloc) | {"clip_seconds": seconds}
         rows.append(result)
     print(
         f"{'mode':7s} {'clip':>6s} {'frames':>6s} {'decoded':>10s} {'backend':>7s} {'chunk':>5s} "

@@ -9,6 +9,7 @@ with a display matrix (phone video, issue 7 sec. 1).
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -61,6 +62,25 @@ def read_audio(path: str | Path, sample_rate: int) -> np.ndarray:
     if not chunks:
         raise DecodeError(f"{path}: no decodable audio")
     return np.concatenate(chunks).astype(np.float32)
+
+
+def bound_frame_allocations(threshold: int = 4 * 2**20) -> bool:
+    """Make glibc serve every allocation of `threshold` bytes or more with its own mmap, returned to
+    the system when freed. For worker entry points, once per process; returns False where it does
+    not apply (not glibc).
+
+    Decoders allocate a 6-25 MB picture per frame (1080p-4K). glibc's default threshold adapts
+    upwards to the largest block freed (up to 32 MB), after which such pictures land on the heap
+    and its arenas; decoder threads then fragment them, so a worker's peak RSS on a 10 s 4K clip
+    varied from 579 to 920 MB between identical runs (580-603 MB with this set; docs/BENCHMARKS.md).
+    Process-wide, so the library never calls it itself.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_mmap_threshold = -3  # from glibc's malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, threshold))
 
 
 # --- Orientation: the display matrix ---------------------------------------------------------------
@@ -402,8 +422,10 @@ class _Frames:
     def read(self, positions: np.ndarray) -> np.ndarray:
         """Output frames (n, height, width, 3) for decoder-order source positions (n,).
 
-        Each source frame is decoded once, one at a time, and written straight into the output
-        slots that show it: memory is the output chunk plus one full-size frame.
+        Each source frame is decoded once, one at a time, into a buffer reused for the whole pass,
+        then oriented and resized straight into the output slots that show it: memory is the output
+        chunk plus one full-size frame. No per-frame allocation: with 6-25 MB frames those land on
+        the heap and fragment it (measured RSS creeping up over a long 1080p or 4K clip).
         """
         r = self.reader
         out = np.empty((len(positions), r.height, r.width, 3), dtype=np.uint8)
@@ -412,7 +434,10 @@ class _Frames:
             _place(out, positions, needed[0], self._last_frame)
             needed = needed[1:]
         for position in needed.tolist():
-            _place(out, positions, position, self._finish(self._decode(position)))
+            slots = np.flatnonzero(positions == position).tolist()
+            self._finish(self._decode(position), out[slots[0]])
+            for slot in slots[1:]:
+                out[slot] = out[slots[0]]
         last = int(positions.max())
         if self._last_frame is None:
             self._last_frame = np.empty((r.height, r.width, 3), dtype=np.uint8)
@@ -421,19 +446,23 @@ class _Frames:
         return out
 
     def _decode(self, position: int) -> np.ndarray:
-        """The full-size RGB frame (H, W, 3) at decoder-order `position` (calls go forward)."""
+        """The full-size RGB frame (H, W, 3) at decoder-order `position` (calls go forward); it may
+        be a buffer the next call overwrites."""
         raise NotImplementedError
 
-    def _finish(self, frame: np.ndarray) -> np.ndarray:
-        """A decoded frame, upright and at the output size."""
+    def _finish(self, frame: np.ndarray, slot: np.ndarray) -> None:
+        """Write a decoded frame, upright and at the output size, into `slot` (height, width, 3)."""
         r = self.reader
         frame = self.residual.apply(frame)
         if frame.shape[:2] != r.source_size[::-1]:
             raise self.size_error(f"decoded frame is {frame.shape[1]}x{frame.shape[0]}, expected {r.source_size}")
-        if (r.width, r.height) != r.source_size:
-            # INTER_AREA: the average over each output pixel's footprint, no aliasing when shrinking.
-            frame = cv2.resize(np.ascontiguousarray(frame), (r.width, r.height), interpolation=cv2.INTER_AREA)
-        return frame
+        if (r.width, r.height) == r.source_size:
+            slot[...] = frame
+            return
+        # INTER_AREA: the average over each output pixel's footprint, no aliasing when shrinking.
+        resized = cv2.resize(np.ascontiguousarray(frame), (r.width, r.height), dst=slot, interpolation=cv2.INTER_AREA)
+        if resized is not slot:  # OpenCV wrote elsewhere (it does not for a contiguous uint8 slot)
+            slot[...] = resized
 
     residual: Orientation  # what is left of the display matrix after the decoder's own handling
 
@@ -480,6 +509,10 @@ class _DecordFrames(_Frames):
         self.index = frame_indices(self.starts, reader.fps)
         _check_complete(reader.path, len(self.starts), reader._probe.frames)
         self._position: int | None = None  # of the frame next() returns; None: seek first
+        self._buffer: np.ndarray | None = None  # the decoded frame, reused
+        from decord._ffi.base import _LIB, check_call
+
+        self._lib, self._check_call = _LIB, check_call
 
     def rewind(self) -> None:
         super().rewind()
@@ -493,11 +526,18 @@ class _DecordFrames(_Frames):
                 self._reader.seek_accurate(position)
             elif position > self._position:
                 self._reader.skip_frames(position - self._position)  # decoded, not converted to RGB
-            frame = self._reader.next().asnumpy()  # (H, W, 3) uint8 RGB, decord-rotated
+            frame = self._reader.next()  # decord NDArray (H, W, 3) uint8 RGB, decord-rotated
+            if self._buffer is None or self._buffer.shape != tuple(frame.shape):
+                self._buffer = np.empty(tuple(frame.shape), dtype=np.uint8)
+            # asnumpy() without its fresh array each call (decord's own copy, into our buffer).
+            buffer = self._buffer.ctypes.data_as(ctypes.c_void_p)
+            self._check_call(
+                self._lib.DECORDArrayCopyToBytes(frame.handle, buffer, ctypes.c_size_t(self._buffer.nbytes))
+            )
         except self._errors as err:
             raise _DecordFailed(_first_line(err)) from err
         self._position = position + 1
-        return frame
+        return self._buffer
 
     def size_error(self, message: str) -> Exception:
         return _DecordFailed(message)  # decord misread the orientation or size: PyAV takes over
