@@ -130,10 +130,11 @@ def measure(path: str, params: str, crop_sizes: tuple[int, ...], repeat: int) ->
 
     torch.set_num_threads(1)
     from preprocessing import face
-    from preprocessing.decode import open_clip
+    from preprocessing.decode import bound_frame_allocations, open_clip
     from preprocessing.process import process_clip
     from vasa.config import load_params
 
+    bound_frame_allocations()  # as a pipeline worker should (see decode.bound_frame_allocations)
     cfg = load_params(params).preprocess
     tracker = face.get_tracker(cfg.face)
     opened = dict(fps=cfg.fps, sample_rate=cfg.sample_rate, max_side=cfg.decode.max_side)
