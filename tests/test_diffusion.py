@@ -231,7 +231,7 @@ def test_generated_mouth_follows_the_true_audio_not_the_shuffled_audio(trained, 
     shuffled = _generate(trained, held_out, audio=held_out["audio"][:, shuffle])
     r_true = np.mean([_pearson(true[i, :, MOUTH], held_out["envelope"][i]) for i in range(EVAL_CLIPS)])
     r_shuffled = np.mean([_pearson(shuffled[i, :, MOUTH], held_out["envelope"][i]) for i in range(EVAL_CLIPS)])
-    # Measured: r_true 0.99, r_shuffled ~0.0 (the mouth then follows the shuffled envelope instead).
+    # Measured: r_true 0.99, r_shuffled 0.04 (the mouth then follows the shuffled envelope instead).
     assert r_true > 0.8 and r_true - r_shuffled > 0.5, (r_true, r_shuffled)
 
 
@@ -254,5 +254,6 @@ def test_pose_jump_at_window_borders_is_no_larger_than_within_windows(trained, h
     border = torch.zeros(EVAL_FRAMES - 1, dtype=torch.bool)
     border[torch.arange(WINDOW, EVAL_FRAMES, WINDOW) - 1] = True  # last frame of a window -> first of the next
     ratio = float(jumps[border].mean() / jumps[~border].mean())
-    # Measured 0.96 (border 0.134, within 0.140 mean |Δ| per pose column, normalised units).
+    # Measured 1.00 (border 0.138, within 0.138 mean |Δ| per pose column, normalised units); 1.3-1.7 with a
+    # transition weight of 1.
     assert ratio <= 1.1, (float(jumps[border].mean()), float(jumps[~border].mean()))
