@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="scratch folder (emptied first)")
     parser.add_argument("--runner", choices=("threads", "processes", "dask"), help="override runner.kind")
     args = parser.parse_args()
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # as the CLI: no telemetry offline
     cfg = load_params(args.params).preprocess
     if args.runner:
         cfg = cfg.replace(runner=cfg.runner.model_dump() | {"kind": args.runner})
