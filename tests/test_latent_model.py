@@ -223,6 +223,33 @@ def test_gradients_reach_every_generator_parameter() -> None:
     assert {"l1", "pose", "transfer", "cross_identity"} <= set(terms)
 
 
+CHANNELS_LAST_PROBE = """
+import torch
+from vasa.models.layers import ConvEncoder2d
+from vasa.models.discriminator import MultiScaleDiscriminator
+from vasa.models.presets import get_preset
+torch.set_num_threads(1)
+torch.manual_seed(0)
+x = torch.randn(4, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+ConvEncoder2d((8, 16))(x).square().mean().backward()
+sum(logits.mean() for _, logits in MultiScaleDiscriminator(get_preset("tiny"))(x)).backward()
+print("ok")
+"""
+
+
+def test_channels_last_frames_do_not_crash_the_backward() -> None:
+    """Frames decoded HWC and permuted are channels_last; torch 2.13's CPU backward of a 1x1 stride-2 conv
+    segfaults on such input at these sizes (measured: exit -11 without the guard), so the networks make
+    their input NCHW-contiguous. Run in a subprocess: a crash must fail this test, not kill the session."""
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    done = subprocess.run([sys.executable, "-c", CHANNELS_LAST_PROBE], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-2000:])
+
+
 def test_discriminator_step_needs_the_generator_fake() -> None:
     task = LatentTask(loss_cfg(), get_preset("tiny", SMALL), n_speakers=2, crop_size=128)
     models = task.build()

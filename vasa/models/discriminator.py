@@ -44,6 +44,7 @@ class MultiScaleDiscriminator(nn.Module):
 
     def forward(self, image: torch.Tensor) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
         outputs = []
+        image = image.contiguous()  # NCHW: see ConvEncoder2d (oneDNN crash on channels_last input)
         for k, disc in enumerate(self.scales):
             x = image if k == 0 else F.avg_pool2d(image, 2**k)
             outputs.append(disc(x))

@@ -77,7 +77,10 @@ class ConvEncoder2d(nn.Module):
         self.out_channels = widths[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(self.stem(x))
+        # NCHW-contiguous on purpose: frames decoded HWC and permuted arrive channels_last, and the CPU
+        # (oneDNN) backward of the 1x1 stride-2 skip conv crashes the process on channels_last input
+        # (torch 2.13, double free / segfault; reproduced with a lone Conv2d(8, 16, 1, stride=2)).
+        return self.blocks(self.stem(x.contiguous()))
 
 
 class GlobalEncoder(nn.Module):
