@@ -10,9 +10,9 @@ which is then printed). Each video is measured in a fresh worker process, as the
 decode (`open_clip` + `chunks`, with preprocess.decode's cap and chunk size), decode + FaceMesh
 (tracking carried across chunks), and end to end (`process_clip`: + crop, pose, gaze, expression,
 log-mel, filters, crop mp4 encode, all members serialised) at every crop size. Prints frames/s per
-level, the ratio end-to-end / (decode + FaceMesh) per crop size (target >= 0.6), each worker's peak
-RSS (VmHWM, the whole measurement), the samples and failures each clip gave, and a projection for
-VoxCeleb2 (about 220 M frames) on N cores.
+level, the ratio end-to-end / (decode + FaceMesh) per crop size (target >= 0.6), each worker's
+peak RSS (VmHWM over the whole measurement, after one untimed warm-up clip), the samples and
+failures each clip gave, and a projection for VoxCeleb2 (about 220 M frames) on N cores.
 """
 
 from __future__ import annotations
@@ -122,8 +122,11 @@ def _row(path: Path) -> dict:
     return row | {"speaker_id": "bench", "source_kind": "local", "licence": "bench", "split": schema.TRAIN}
 
 
-def measure(path: str, params: str, crop_sizes: tuple[int, ...], repeat: int) -> dict:
-    """In a fresh worker process: the three levels on one video, and the worker's peak RSS."""
+def measure(path: str, params: str, crop_sizes: tuple[int, ...], repeat: int, warmup: str) -> dict:
+    """In a fresh worker process: the three levels on one video, and the worker's peak RSS.
+
+    One untimed end-to-end run on `warmup` (a small clip) first: librosa's numba functions and
+    MediaPipe's graph compile on first use (~15 s in a fresh environment), which no level should pay."""
     os.environ.setdefault("GLOG_minloglevel", "2")  # MediaPipe's C++ log: warnings about its own graph
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import torch
@@ -153,6 +156,7 @@ def measure(path: str, params: str, crop_sizes: tuple[int, ...], repeat: int) ->
             for _, frames in reader.chunks(cfg.decode.chunk_frames):
                 tracker.detect(frames)
 
+    process_clip(_row(Path(warmup)), cfg)
     info["rss_ready_mb"] = _rss_now_mb()
     info["decode_s"] = _best(repeat, decode_only)
     info["mesh_s"] = _best(repeat, decode_mesh)
@@ -198,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_large:
         videos += make_large_inputs(args.videos, args.workdir)
     sizes = tuple(args.crop_sizes)
+    warmup = min(videos, key=lambda path: path.stat().st_size)
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python "
         f"{platform.python_version()}; one worker process per video, one thread; best of {args.repeat}; "
@@ -213,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     spawn = multiprocessing.get_context("spawn")  # a fresh worker per video: its own peak RSS
     for path in videos:
         with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
-            r = pool.submit(measure, str(path), str(args.params), sizes, args.repeat).result()
+            r = pool.submit(measure, str(path), str(args.params), sizes, args.repeat, str(warmup)).result()
         n = r["frames"]
         totals["decode"] += r["decode_s"]
         totals["mesh"] += r["mesh_s"]
