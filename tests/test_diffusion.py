@@ -20,6 +20,7 @@ from tests.test_motion_dit import (
     MOUTH,
     SCALE,
     WINDOW,
+    _one_thread,  # noqa: F401 (autouse fixture: one intra-op thread in this module too)
     _perturbed_model,
     diffusion_cfg,
     loss_cfg,
@@ -188,7 +189,7 @@ def trained():
     term, and the task that holds its schedule. Plain AdamW loop over MotionTask.loss (the engine's own
     behaviour is tested in test_motion_dit.py)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # the module fixture runs before the function-scoped _one_thread
     task = make_task(loss=loss_cfg(transition=10.0))
     torch.manual_seed(0)
     model = task.build()["dit"]

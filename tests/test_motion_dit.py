@@ -129,8 +129,17 @@ def synthetic_source(batch_size: int, seed: int):
     return source
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine OpenMP workers otherwise spin against each other
+    (docs/BENCHMARKS.md, stage 2), and one thread keeps CPU results bit-stable."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run_motion(out, cfg: TrainConfig, task: MotionTask | None = None, resume: bool = False):
-    torch.set_num_threads(2)
     return train(
         task or make_task(),
         cfg,
@@ -234,6 +243,7 @@ def test_task_satisfies_the_protocol_and_logs_every_term_and_noise_bucket():
     json.dumps(task.describe())
 
 
+@pytest.mark.slow
 def test_training_through_the_engine_lowers_the_loss_and_writes_curves(tmp_path):
     cfg = train_cfg(steps=40, log_every=10, image_every=40, checkpoint_every=40)
     result = run_motion(tmp_path, cfg)
@@ -264,7 +274,6 @@ def test_kill_and_resume_gives_identical_weights(tmp_path):
             raise Killed
         yield from source(epoch, rank, world)
 
-    torch.set_num_threads(2)
     with pytest.raises(Killed):
         train(make_task(), cfg, dies_in_second_epoch, tmp_path / "killed", meta={}, resume=False, progress=False)
     assert [s for s, _ in checkpoint.complete_states(tmp_path / "killed" / "checkpoints")] == [3]

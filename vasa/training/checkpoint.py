@@ -51,6 +51,7 @@ def write_weights(folder: Path, weights: dict[str, dict[str, torch.Tensor]], met
         path = folder / f"{name}.safetensors"
         with atomic_path(path) as tmp:
             save_file(_contiguous_cpu(state), str(tmp), metadata={"module": name})
+        path.chmod(0o644)  # the temporary file's private mode must not stick to a published artifact
         files[name] = {"file": path.name, "sha256": sha256_file(path)}
     write_json(folder / MODEL_JSON, {**meta, "weights": files})
 
