@@ -72,7 +72,7 @@ def bound_frame_allocations(threshold: int = 4 * 2**20) -> bool:
     Decoders allocate a 6-25 MB picture per frame (1080p-4K). glibc's default threshold adapts
     upwards to the largest block freed (up to 32 MB), after which such pictures land on the heap
     and its arenas; decoder threads then fragment them, so a worker's peak RSS on a 10 s 4K clip
-    varied from 579 to 920 MB between identical runs (580-603 MB with this set; docs/BENCHMARKS.md).
+    varied from 579 to 770 MB between identical runs (576-604 MB with this set; docs/BENCHMARKS.md).
     Process-wide, so the library never calls it itself.
     """
     try:
