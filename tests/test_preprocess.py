@@ -499,6 +499,32 @@ def test_zero_samples_are_refused_and_unrelated_files_survive(params, sample_man
     assert pd.read_parquet(out / schema.FAILURES_FILE)["reason"].tolist() == [manifest.MISSING_MEDIA] * 8
 
 
+@slow
+def test_environment_failure_is_not_cached_and_heals_on_rerun(params, sample_manifest, cold, tmp_path):
+    """Issue 8 section 2: a clip whose media is missing fails this run (recorded), is not cached, and
+    lands once the file is back, with the bytes of an undisturbed run."""
+    rows = manifest.read_manifest(sample_manifest)
+    media = tmp_path / "media" / "clip.mp4"
+    media.parent.mkdir()
+    shutil.copy(rows[0]["media_path"], media)
+    moved = tmp_path / "manifest.parquet"
+    manifest.write_manifest(moved, [rows[0] | {"media_path": str(media)}, *rows[1:]])
+    cache_dir, out, cfg = _warm_cache(cold, tmp_path, drop=rows[:1]), tmp_path / "out", _cfg(params)
+    media.rename(media.with_suffix(".away"))
+    summary = run_preprocess(cfg, moved, out, cache_dir)
+    assert (summary["processed"], summary["cached"]) == (1, 7)
+    (failure,) = pq.read_table(out / schema.FAILURES_FILE).to_pylist()
+    assert failure["clip_id"] == rows[0]["clip_id"] and failure["split"] == rows[0]["split"]
+    assert not any(p.exists() for p in cache.paths(cache_dir, rows[0]["key"]))
+    media.with_suffix(".away").rename(media)
+    summary = run_preprocess(cfg, moved, out, cache_dir)
+    assert (summary["processed"], summary["cached"]) == (1, 7)
+    assert pq.read_table(out / schema.FAILURES_FILE).num_rows == 0
+    shards = {name: data for name, data in _files(out).items() if name.endswith((".tar", schema.STATS_SUFFIX))}
+    assert shards == {name: data for name, data in _files(cold.out).items() if name in shards}
+    assert set(shards) == {name for name in _files(cold.out) if name.endswith((".tar", schema.STATS_SUFFIX))}
+
+
 def _two_faces(path: Path) -> None:
     faces = [prepare_portrait(name, 256).image for name in ("skimage_astronaut", "matplotlib_grace_hopper")]
     pair = np.concatenate(faces, axis=1)  # (256, 512, 3): two faces side by side
