@@ -171,7 +171,85 @@ def _add_train_latent(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-STAGES = (_add_sample, _add_ingest, _add_preprocess, _add_train_latent)
+def _extract_motion(args: argparse.Namespace, params: Params) -> int:
+    from vasa.motion_data import extract
+
+    counts = extract(params.extract_motion, args.shards, args.latent, args.out, progress=not args.no_progress)
+    print(
+        f"extract-motion: {counts['redone']} shards encoded, {counts['kept']} unchanged, "
+        f"{counts['samples']} samples, {counts['failed']} left out; motion shards in {args.out}"
+    )
+    return 0
+
+
+def _add_extract_motion(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "extract-motion",
+        help="stage 2 data: the stage-1 motion encoder over every shard sample -> motion shards",
+        description=(
+            "Run the trained stage-1 motion encoder (EMA weights from LATENT/model, safetensors) over every "
+            "sample of the shards (batched, on the GPU when there is one) and write motion shards with the same "
+            "shard names and keys: per frame [pose, z_dyn], the log-mel of each video frame, gaze, head distance, "
+            "an emotion descriptor and the sample's JSON with its provenance; plus index.json and stats.json "
+            "(mean/std per dimension over the train split). Only input shards whose digest (shard bytes, "
+            "stage-1 weights, code, settings) changed are re-encoded. Reads params `extract_motion`."
+        ),
+    )
+    parser.add_argument("--shards", type=Path, required=True, help="preprocess output folder (index.json + shards)")
+    parser.add_argument("--latent", type=Path, required=True, help="stage-1 model folder (train-latent OUT/model)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder for motion shards, index, stats")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    parser.set_defaults(handler=_extract_motion)
+    return parser
+
+
+def _train_motion(args: argparse.Namespace, params: Params) -> int:
+    from vasa.train_latent import deepspeed_config
+    from vasa.train_motion import run
+
+    result = run(
+        params.train_motion,
+        args.motion,
+        args.out,
+        resume=args.resume,
+        deepspeed=deepspeed_config(args.deepspeed),
+        progress=not args.no_progress,
+    )
+    margin = {k: round(v, 3) for k, v in result.evaluation.items() if k.endswith("margin")}
+    print(f"train-motion: {result.step} steps, EMA weights in {result.layout.model}; mouth/audio margin: {margin}")
+    return 0
+
+
+def _add_train_motion(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "train-motion",
+        help="stage 2: train the audio-conditioned motion diffusion transformer on the motion shards",
+        description=(
+            "Train the motion DiT (VASA-1 §3.2; preset in params `train_motion.model`) on windows of W frames "
+            "with K context frames from the train split of the motion shards, with the shared engine "
+            "(Accelerate; DeepSpeed with --deepspeed). Writes OUT/model (EMA weights as safetensors + model.json "
+            "with preset, params, step, the lineage of the motion shards and stage-1 weights, and the "
+            "normalisation statistics), OUT/live (DVCLive metrics: loss by noise level, held-out x0 loss, "
+            "mouth/audio correlation), OUT/images (generated vs real curves) and OUT/checkpoints (--resume)."
+        ),
+    )
+    parser.add_argument("--motion", type=Path, required=True, help="extract-motion output folder")
+    parser.add_argument("--out", type=Path, required=True, help="run folder: model/, live/, images/, checkpoints/")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest state in OUT/checkpoints")
+    parser.add_argument("--deepspeed", type=Path, help="DeepSpeed JSON (cluster/deepspeed/zero2.json)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    parser.set_defaults(handler=_train_motion)
+    return parser
+
+
+STAGES = (
+    _add_sample,
+    _add_ingest,
+    _add_preprocess,
+    _add_train_latent,
+    _add_extract_motion,
+    _add_train_motion,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -400,6 +400,42 @@ class MotionLossConfig(Section):
     transition: float = Field(ge=0)  # MSE of the step from the last context frame to the first window frame
 
 
+class ExtractMotionConfig(Section):
+    """Stage `extract_motion`: the stage-1 motion encoder run over every shard sample (VASA-1 §3.2 data)."""
+
+    batch_size: int = Field(ge=1)  # frames per encoder forward pass
+    device: str = Field(pattern=r"^(auto|cpu|cuda)$")  # auto: the GPU when there is one
+    std_floor: float = Field(gt=0)  # a motion dimension whose train std is below this is scaled by 1, not 1/std
+
+
+class MotionDataConfig(Section):
+    """The stage-2 loader: windows of W frames (+ K context frames) from the motion shards' train split."""
+
+    shuffle_buffer: int = Field(ge=1)  # clips held by each loader worker for shuffling
+    windows_per_clip: int = Field(ge=1)  # windows drawn from a clip each time it is read
+    eval_windows: int = Field(ge=1)  # held-out (val/test, else train) windows for the end-of-training figures
+    workers: int = Field(ge=0)  # DataLoader processes per training process (0 = read in the trainer)
+
+
+class TrainMotionConfig(Section):
+    """Stage `train_motion`: the audio-conditioned motion diffusion transformer (VASA-1 section 3.2)."""
+
+    model: str  # preset name in vasa.models.presets.MOTION_PRESETS
+    window: int = Field(ge=2)  # W frames per generated window
+    context: int = Field(ge=1)  # K frames of the previous window conditioning the next
+    diffusion: DiffusionConfig
+    guidance: GuidanceConfig
+    loss: MotionLossConfig
+    train: TrainConfig
+    data: MotionDataConfig
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainMotionConfig:
+        if self.context >= self.window:
+            raise ValueError(f"context ({self.context}) must be shorter than the window ({self.window})")
+        return self
+
+
 class Params(Section):
     """The whole of params.yaml."""
 
@@ -407,6 +443,8 @@ class Params(Section):
     ingest: IngestConfig
     preprocess: PreprocessConfig
     train_latent: TrainLatentConfig
+    extract_motion: ExtractMotionConfig
+    train_motion: TrainMotionConfig
 
 
 def load_params(path: str | Path) -> Params:
