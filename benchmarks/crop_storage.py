@@ -1,7 +1,7 @@
 """What the crop storage costs: per-frame milliseconds of each step at one crop size, and the crop
 video's size per libx264 setting, all measured in one run on the same frames.
 
-    python benchmarks/crop_storage.py --videos ../shared/fixtures --crop-size 512 [--frames 100]
+    python benchmarks/crop_storage.py --videos ../shared/fixtures --crop-size 512 [--frames N]
 
 Steps per frame: decode (the streaming reader, PyAV as process_clip uses it), FaceMesh, the source
 sharpness probe, the fixed-box crop (sub-window + resize) and, for each (preset, crf), the H.264
@@ -24,7 +24,7 @@ import av
 import cv2
 import numpy as np
 
-from preprocessing import decode, face, filters
+from preprocessing import audio, decode, face, filters
 from preprocessing.media import VideoWriter
 from preprocessing.process import BACKEND, process_clip
 from vasa.config import load_params
@@ -49,12 +49,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--videos", type=Path, required=True)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--crop-size", type=int, default=512)
-    parser.add_argument("--frames", type=int, default=100, help="frames per video for the step timings")
+    parser.add_argument("--frames", type=int, default=0, help="frames per video for the step timings (0: all)")
     args = parser.parse_args(argv)
     cv2.setNumThreads(1)
     base = load_params(args.params).preprocess.replace(crop_size=args.crop_size)
     size, chunk = base.crop_size, base.decode.chunk_frames
     videos = sorted(args.videos.glob("*.mp4"))
+    # librosa's first call compiles with numba (seconds of CPU): pay it before anything is timed.
+    audio.log_mel(np.zeros(base.sample_rate, np.float32), base.sample_rate, base.fps, base.audio)
     steps = {"decode": 0.0, "facemesh": 0.0, "sharpness": 0.0, "crop": 0.0}
     encode = {setting: [0.0, 0, []] for setting in SETTINGS}  # seconds, bytes, PSNR per video
     e2e = {setting: 0.0 for setting in SETTINGS}
@@ -68,9 +70,9 @@ def main(argv: list[str] | None = None) -> None:
         with opened as reader:
             for _, block in reader.chunks(chunk):
                 frames.extend(block)
-                if len(frames) >= args.frames:
+                if args.frames and len(frames) >= args.frames:
                     break
-        frames = np.stack(frames[: args.frames])
+        frames = np.stack(frames[: args.frames or None])
         steps["decode"] += time.process_time() - start
         tracker = face.get_tracker(base.face)
         start = time.process_time()
