@@ -38,6 +38,7 @@ from vasa.motion_data import (
 from vasa.training.checkpoint import write_weights
 
 FRAMES, SIDE, MELS, K_MEL = 40, 32, 80, 4
+_FIXTURE: dict[str, Path] = {}  # motion_fixture's folders, shared by the modules that import the fixture
 LAYOUT = {"train": [[(0, 0), (1, 1)], [(2, 0), (3, 1)]], "test": [[(4, 2)]]}
 
 
@@ -108,13 +109,17 @@ def extract_cfg(**changes) -> ExtractMotionConfig:
     return ExtractMotionConfig.from_data({"batch_size": 16, "device": "cpu", "std_floor": 1e-4} | changes)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def motion_fixture(tmp_path_factory) -> dict[str, Path]:
-    """Synthetic shards, a tiny stage-1 model and their motion shards (extracted once per module)."""
+    """Synthetic shards, a tiny stage-1 model and their motion shards (extracted once per session; the
+    loader and train-motion tests import this fixture; the cache makes them share one extraction)."""
+    if _FIXTURE:
+        return _FIXTURE
     root = tmp_path_factory.mktemp("extract")
     shards, stage1 = write_shards(root / "shards"), write_stage1(root / "stage1" / "model")
     extract(extract_cfg(), shards, stage1, root / "motion", progress=False)
-    return {"shards": shards, "stage1": stage1, "motion": root / "motion"}
+    _FIXTURE.update(shards=shards, stage1=stage1, motion=root / "motion")
+    return _FIXTURE
 
 
 def load(sample: dict[str, bytes], member: str) -> np.ndarray:

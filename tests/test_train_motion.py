@@ -25,7 +25,7 @@ def small_params(tmp_path: Path) -> Path:
     motion = params["train_motion"]
     motion |= {"window": 10, "context": 3}
     motion["diffusion"]["sampling_steps"] = 4
-    motion["train"] |= {"steps": 6, "batch_size": 4, "log_every": 2, "image_every": 3, "checkpoint_every": 3,
+    motion["train"] |= {"steps": 6, "batch_size": 4, "log_every": 2, "image_every": 6, "checkpoint_every": 3,
                         "warmup_steps": 1}  # fmt: skip
     motion["data"] |= {"eval_windows": 4, "workers": 0}
     params["extract_motion"] |= {"device": "cpu", "batch_size": 16}
@@ -57,10 +57,6 @@ def test_extract_and_train_motion_end_to_end(tmp_path, motion_fixture):  # noqa:
     assert "x0_by_noise" in flat and "mouth_audio" in flat and "eval_x0" in flat
     curves = np.asarray(Image.open(out / "images" / "heldout_curves.png"))
     assert curves.ndim == 3 and curves.std() > 0
-    # Killing is covered by the engine tests; a resume with nothing left to do keeps the weights.
-    assert train_main(["--params", str(params), "--motion", str(motion), "--out", str(out), "--no-progress",
-                       "--resume"]) == 0  # fmt: skip
-    assert load_weights(out / "model")[0]["dit"].keys() == weights["dit"].keys()
 
 
 def test_train_motion_rejects_a_folder_without_motion_shards(tmp_path, capsys):

@@ -444,10 +444,11 @@ class WindowStream(IterableDataset):
         rng = random.Random(f"vasa.motion_data/{self.seed}/{self.epoch}/{self.rank}/{worker}")
         mine = worker_shards(self.shards, self.rank, self.world, worker, workers)
         buffer: list[MotionClip] = []
-        usable = 0
-        for attempts, clip in enumerate(self._clips(rng, mine)):
+        usable, visited = 0, set()
+        for path, clip in self._clips(rng, mine):
+            visited.add(path)
             if len(clip.motion) < self.window:
-                if attempts > 1000 and usable == 0:
+                if usable == 0 and len(visited) == len(set(mine)):  # every shard read once, not one window
                     raise InputError(f"no train clip of {mine[0].parent} has the {self.window} frames a window needs")
                 continue
             usable += 1
@@ -459,10 +460,11 @@ class WindowStream(IterableDataset):
                 yield window_item(chosen, draw_start(rng, len(chosen.motion), self.window, self.context), self.window,
                                   self.context)  # fmt: skip
 
-    def _clips(self, rng: random.Random, shards: tuple[Path, ...]) -> Iterator[MotionClip]:
+    def _clips(self, rng: random.Random, shards: tuple[Path, ...]) -> Iterator[tuple[Path, MotionClip]]:
         while True:  # shards resampled with replacement, forever
-            for sample in read_samples(shards[rng.randrange(len(shards))]):
-                yield read_clip(sample, self.stats)
+            path = shards[rng.randrange(len(shards))]
+            for sample in read_samples(path):
+                yield path, read_clip(sample, self.stats)
 
 
 def window_batches(
