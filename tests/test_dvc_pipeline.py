@@ -19,7 +19,13 @@ pytestmark = pytest.mark.slow
 
 
 def _run(args: list[str], cwd: Path) -> str:
-    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = os.environ | {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        # The stages' Prefect flows get their own database (not the user's ~/.prefect, which another
+        # run may hold) and time to start their temporary server on a busy machine.
+        "PREFECT_HOME": str(cwd / ".prefect"),
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    }
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout + result.stderr
@@ -39,6 +45,9 @@ def test_dvc_repro_twice(tmp_path):
             (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, tmp_path / name)
     _run(["git", "init", "-q"], tmp_path)
+    # As in a cloned checkout, HEAD exists (DVCLive in stage train_latent reads the baseline revision).
+    identity = ["-c", "user.name=vasa-test", "-c", "user.email=vasa-test@localhost"]
+    _run(["git", *identity, "commit", "-q", "--allow-empty", "-m", "copy of the project"], tmp_path)
     dvc = [sys.executable, "-m", "dvc"]
     _run([*dvc, "repro"], tmp_path)
     index = tmp_path / "data" / "sample" / "index.json"
