@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import av
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -137,10 +136,8 @@ def decode_frames(mp4: bytes, size: int) -> np.ndarray:
         stream = container.streams.video[0]
         stream.thread_type = "SLICE"
         for frame in container.decode(stream):
-            rgb = frame.to_ndarray(format="rgb24")
-            if rgb.shape[0] != size or rgb.shape[1] != size:
-                rgb = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
-            frames.append(rgb)
+            # swscale's area filter, not cv2: cv2's thread pool can deadlock in a forked loader worker.
+            frames.append(frame.to_ndarray(width=size, height=size, format="rgb24", interpolation="AREA"))
     if not frames:
         raise ValueError("no video frames")
     return np.stack(frames)
@@ -269,7 +266,6 @@ class PairStream(IterableDataset):
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decoding parallelism comes from the workers themselves
-    cv2.setNumThreads(1)
 
 
 def pair_batches(shard_set: ShardSet, size: int, cfg: LatentDataConfig, batch_size: int, seed: int):
