@@ -25,8 +25,10 @@ from vasa.config import PreprocessConfig, RunnerConfig
 @task
 def process_batch(rows: list[dict], cfg: PreprocessConfig, cache_dir: Path, digests: list[str]) -> dict[str, dict]:
     """Process clips and cache each outcome; returns each clip's record (without sample bytes)."""
+    from preprocessing.decode import bound_frame_allocations
     from preprocessing.process import process_clip
 
+    bound_frame_allocations()  # per worker process (idempotent): keeps decoded pictures off the heap
     return {
         row["key"]: cache.store(cache_dir, row["key"], digest, process_clip(row, cfg))
         for row, digest in zip(rows, digests, strict=True)

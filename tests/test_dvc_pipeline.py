@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from preprocessing import schema
 from tests.conftest import REPO
@@ -31,6 +32,15 @@ def _run(args: list[str], cwd: Path) -> str:
     return result.stdout + result.stderr
 
 
+def _shorten_training(params_path: Path) -> None:
+    """The chain end to end, with a few optimiser steps per training stage: `make repro` runs the full
+    schedules; this test checks the wiring (every stage runs, a second run has nothing to do)."""
+    params = yaml.safe_load(params_path.read_text())
+    for stage in ("train_latent", "train_motion"):
+        params[stage]["train"].update(steps=4, warmup_steps=1, checkpoint_every=2, log_every=1, image_every=2)
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
 def test_dvc_repro_twice(tmp_path):
     listed = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
@@ -44,6 +54,7 @@ def test_dvc_repro_twice(tmp_path):
         if source.is_file() and not name.startswith("data/"):
             (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, tmp_path / name)
+    _shorten_training(tmp_path / "params.yaml")
     _run(["git", "init", "-q"], tmp_path)
     # As in a cloned checkout, HEAD exists (DVCLive in stage train_latent reads the baseline revision).
     identity = ["-c", "user.name=vasa-test", "-c", "user.email=vasa-test@localhost"]
@@ -59,6 +70,8 @@ def test_dvc_repro_twice(tmp_path):
     listed = {e["shard"] for split in shards["splits"].values() for e in split["shards"]}
     assert listed and listed == {p.name for p in (tmp_path / "data" / "shards").glob("*.tar")}
     assert (tmp_path / "data" / "shards" / schema.FAILURES_FILE).is_file()
+    for stage_out in ("latent/model", "motion", "motion_dit/model"):
+        assert (tmp_path / "data" / stage_out).is_dir(), f"data/{stage_out} missing after dvc repro"
     second = _run([*dvc, "repro"], tmp_path)
     assert "Data and pipelines are up to date" in second
     assert "Running stage" not in second

@@ -151,12 +151,13 @@ def download(
     chunk_bytes: int = 8 << 20,
     timeout_s: float = 60.0,
     deadline: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> Path:
     """Fetch `remote` into `dest_dir / remote.name` (one attempt) and return that path.
 
     Raises AuthError on HTTP 401/403, ChecksumError when the bytes do not verify (the file is
     deleted), and DownloadError for other failures (a cut transfer keeps its `.partial`).
-    `timeout_s` bounds connecting and each wait for data; `deadline` (a `time.monotonic()` value)
+    `timeout_s` bounds connecting and each wait for data; `deadline` (a value of `clock`)
     the whole transfer: past it, DeadlineError (the partial is kept for the next run).
     """
     dest_dir = Path(dest_dir)
@@ -178,7 +179,7 @@ def download(
         )
     if scheme in _HTTP_SCHEMES:
         fetched = _fetch_http(
-            remote, partial, auth=auth, chunk_bytes=chunk_bytes, timeout_s=timeout_s, deadline=deadline
+            remote, partial, auth=auth, chunk_bytes=chunk_bytes, timeout_s=timeout_s, deadline=deadline, clock=clock
         )
         if fetched:
             _check_not_short(remote, partial)
@@ -213,7 +214,13 @@ def download_with_retries(
     for attempt in range(retries + 1):
         try:
             return download(
-                remote, dest_dir, auth=auth, chunk_bytes=chunk_bytes, timeout_s=timeout_s, deadline=deadline
+                remote,
+                dest_dir,
+                auth=auth,
+                chunk_bytes=chunk_bytes,
+                timeout_s=timeout_s,
+                deadline=deadline,
+                clock=clock,
             )
         except DownloadError as err:
             if not err.transient or attempt == retries:
@@ -236,6 +243,7 @@ def _fetch_http(
     chunk_bytes: int,
     timeout_s: float,
     deadline: float | None,
+    clock: Callable[[], float],
 ) -> bool:
     """Transfer `remote` into `partial`, resuming what is there; False if nothing was transferred.
 
@@ -279,7 +287,7 @@ def _fetch_http(
             with partial.open(mode) as out:
                 for chunk in response.iter_content(chunk_size=chunk_bytes):
                     out.write(chunk)
-                    if deadline is not None and time.monotonic() > deadline:
+                    if deadline is not None and clock() > deadline:
                         raise DeadlineError(f"{url}: deadline reached mid-transfer; {partial.name} kept for resume")
     except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
         message = f"{url}: transfer interrupted ({type(err).__name__}); {partial.name} kept for resume"

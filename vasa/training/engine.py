@@ -45,7 +45,7 @@ BatchSource = Callable[[int, int, int], Iterable[Batch]]  # (epoch, rank, world_
 
 @runtime_checkable
 class TrainTask(Protocol):
-    """What a stage gives the engine (contract: /work/notes/stage1_interface.md).
+    """What a stage gives the engine: its networks, their losses and what to log.
 
     Optional extras, looked up with getattr: `lr_scale(name) -> float` (per-module LR multiplier,
     default 1) and `reconstruct(models, batch) -> Tensor (B, 3, S, S) in [-1, 1]` (the driver frame
