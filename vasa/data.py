@@ -63,6 +63,19 @@ class ShardSet:
         return {speaker: i for i, speaker in enumerate(self.speakers)}
 
 
+def split_shards(index: dict, root: Path, index_path: Path) -> dict[str, tuple[Path, ...]]:
+    """Split name -> the non-empty shard files an index.json lists (shards and motion shards alike);
+    a listed shard that is missing is an error, not a silently smaller dataset."""
+    splits = {}
+    for split, entry in sorted(index["splits"].items()):
+        files = tuple(root / shard["shard"] for shard in entry.get("shards", []) if shard.get("samples", 1) > 0)
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise InputError(f"{index_path}: split {split} lists missing shards {missing[:5]}")
+        splits[split] = files
+    return splits
+
+
 def open_shards(root: Path) -> ShardSet:
     """Read `root/index.json` (defensively: the `dataset` block is optional) and list the train
     speakers. Errors name the file and what is wrong."""
@@ -79,13 +92,7 @@ def open_shards(root: Path) -> ShardSet:
     version = dataset.get("schema_version")
     if version is not None and version != schema.SCHEMA_VERSION:
         raise InputError(f"{index_path}: shards of schema version {version}, this code reads {schema.SCHEMA_VERSION}")
-    splits = {}
-    for split, entry in sorted(index["splits"].items()):
-        files = tuple(root / shard["shard"] for shard in entry.get("shards", []) if shard.get("samples", 1) > 0)
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise InputError(f"{index_path}: split {split} lists missing shards {missing[:5]}")
-        splits[split] = files
+    splits = split_shards(index, root, index_path)
     if not splits.get(schema.TRAIN):
         raise InputError(f"{index_path}: the train split has no shards")
     speakers = tuple(sorted({meta_speaker(meta) for path in splits[schema.TRAIN] for meta in shard_metadata(path)}))

@@ -49,7 +49,7 @@ from preprocessing import schema
 from preprocessing.files import read_json, write_json
 from preprocessing.shards import Sample, write_shard
 from vasa.config import ExtractMotionConfig, MotionDataConfig
-from vasa.data import decode_frames, read_samples, to_tensor, worker_shards
+from vasa.data import decode_frames, read_samples, split_shards, to_tensor, worker_shards
 from vasa.errors import InputError
 from vasa.training.checkpoint import load_weights, sha256_file
 
@@ -358,13 +358,7 @@ def open_motion(root: Path) -> MotionSet:
     stats = read_json(root / STATS_FILE)
     if stats is None:
         raise InputError(f"{root / STATS_FILE}: missing or unreadable (re-run extract-motion)")
-    splits = {}
-    for split, entry in sorted(index["splits"].items()):
-        files = tuple(root / s["shard"] for s in entry.get("shards", []) if s.get("samples", 0) > 0)
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise InputError(f"{index_path}: split {split} lists missing shards {missing[:5]}")
-        splits[split] = files
+    splits = split_shards(index, root, index_path)
     if not splits.get(schema.TRAIN):
         raise InputError(f"{index_path}: the train split has no motion shards")
     return MotionSet(root, index_path, splits, stats, dataset["dims"])
