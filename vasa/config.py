@@ -360,6 +360,7 @@ class TrainLatentConfig(Section):
     """Stage `train_latent`: the disentangled face latent space (VASA-1 section 3.1)."""
 
     model: str  # preset name in vasa.models.presets.LATENT_PRESETS
+    cpu_threads: int = Field(ge=0)  # torch intra-op threads; 0 keeps torch's default (one per core)
     loss: LatentLossConfig
     train: TrainConfig
     data: LatentDataConfig

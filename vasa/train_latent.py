@@ -86,6 +86,10 @@ def run(
     from vasa.models.presets import get_preset
     from vasa.train_latent_task import LatentTask
 
+    if cfg.cpu_threads:
+        # Small convs spend more in OpenMP barriers than in arithmetic once the cores are shared
+        # (measured: docs/BENCHMARKS.md, stage 1 on CPU).
+        torch.set_num_threads(cfg.cpu_threads)
     shard_set = open_shards(shards)
     preset = get_preset(cfg.model)
     task = LatentTask(cfg.loss, preset, n_speakers=len(shard_set.speakers), crop_size=shard_set.crop_size)
