@@ -23,7 +23,10 @@ class VideoWriter:
     io.BytesIO (the mp4 muxer seeks back to finish its index). Frames are (H, W, 3) uint8 RGB with
     even H and W (yuv420p); `crf` and `preset` are libx264's quality and speed knobs. Same frames
     and settings give the same bytes (one encoder thread, bitexact flags, fixed timestamps).
-    Use as a context manager; optional mono `audio` is added when the writer closes.
+    Use as a context manager; optional mono `audio` is added when the writer closes. `metadata`
+    becomes container tags; the mp4 muxer keeps only the keys it maps to iTunes-style atoms (title,
+    comment, description, synopsis, keywords, copyright, artist, ...) and drops others, `encoder`
+    included (under bitexact).
     """
 
     def __init__(
@@ -35,6 +38,7 @@ class VideoWriter:
         crf: int = 18,
         preset: str = "medium",
         audio_rate: int | None = None,
+        metadata: dict[str, str] | None = None,
     ) -> None:
         if width % 2 or height % 2:
             raise ValueError(f"frame size must be even for yuv420p, got {width}x{height}")
@@ -42,6 +46,7 @@ class VideoWriter:
         self._tmp = self._path.with_name(self._path.name + ".partial") if self._path else None
         output = str(self._tmp) if self._tmp else target
         self._container = av.open(output, "w", format="mp4", options={"fflags": "+bitexact"})
+        self._container.metadata.update(metadata or {})
         self._video = self._container.add_stream("libx264", rate=fps)
         self._video.width, self._video.height = width, height
         self._video.pix_fmt = "yuv420p"
@@ -105,17 +110,26 @@ def write_mp4(
     sample_rate: int = 16000,
     crf: int = 18,
     preset: str = "medium",
+    metadata: dict[str, str] | None = None,
 ) -> None:
     """Encode `frames` (T, H, W, 3) uint8 RGB and optional mono `audio` (N,) float32 in [-1, 1].
 
-    H and W must be even (yuv420p). The file is written to a temporary name and renamed, so a killed
-    run never leaves a truncated mp4 under the final name.
+    H and W must be even (yuv420p); `metadata` becomes container tags (see VideoWriter). The file is
+    written to a temporary name and renamed, so a killed run never leaves a truncated mp4 under the
+    final name.
     """
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be (T, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
     writer = VideoWriter(
-        path, frames.shape[2], frames.shape[1], fps, crf, preset, audio_rate=sample_rate if audio is not None else None
+        path,
+        frames.shape[2],
+        frames.shape[1],
+        fps,
+        crf,
+        preset,
+        audio_rate=sample_rate if audio is not None else None,
+        metadata=metadata,
     )
     try:
         for rgb in frames:
