@@ -101,7 +101,11 @@ def test_cross_identity_and_transfer_and_pose() -> None:
     assert pose_supervision_loss(pose, pose, 30.0) == 0
     off_by_3_deg = pose.clone()
     off_by_3_deg[:, 0] += 3.0
-    assert pose_supervision_loss(off_by_3_deg, pose, 30.0) == pytest.approx(0.5 * 0.1**2 / 7, rel=1e-4)
+    assert pose_supervision_loss(off_by_3_deg, pose, 30.0) == pytest.approx(0.1 / 7, rel=1e-4)  # 3° / 30°, 1 of 7
+    # L1, not a quadratic: a 0.3° error gets the full gradient 1 / (unit * B * 7), as a 3° one does.
+    small = pose.clone().requires_grad_(True)
+    pose_supervision_loss(small + torch.tensor([0.3, 0, 0, 0, 0, 0, 0]), pose, 30.0).backward()
+    assert small.grad[0, 0] == pytest.approx(1 / (30.0 * 14), rel=1e-4)
 
 
 def test_perceptual_network_loads_from_safetensors(vgg_file: str, tmp_path) -> None:

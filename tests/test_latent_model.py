@@ -17,6 +17,7 @@ from vasa.models.motion_encoder import POSE_DIM, shard_pose_to_model
 from vasa.models.presets import LATENT_PRESETS, get_preset
 from vasa.models.warping import (
     canonical_to_posed_grid,
+    compose_grids,
     identity_grid,
     posed_to_canonical_grid,
     rotation_matrix,
@@ -332,3 +333,48 @@ def test_latent_task_through_the_training_engine(tmp_path) -> None:
     assert {"l1", "adversarial", "feature_matching", "pose", "transfer", "identity", "cross_identity"} <= logged
     assert "hinge" in metrics["loss"]["discriminator"]
     assert list((tmp_path / "images").glob("*.png"))
+
+
+# --- the decoder's source-image skip path ----------------------------------------------------------
+
+
+def test_composed_grid_maps_target_voxels_to_the_source_points_they_show() -> None:
+    """canonical->source composed with target->canonical: with source pose P_s and target pose P_t the
+    composition is P_s(P_t^-1(q)); same pose -> identity; a pure translation shifts by the difference."""
+    d, h, w = 4, 8, 8
+    grid = identity_grid(d, h, w, torch.device("cpu"), torch.float32)[None]
+    source, target = zero_pose(), zero_pose()
+    source[0, :3] = torch.tensor([10.0, -5.0, 8.0])
+    target[0, :3] = source[0, :3]
+    same = compose_grids(canonical_to_posed_grid(source, grid), posed_to_canonical_grid(target, grid))
+    inner = (grid.abs() < 0.6).all(-1)  # away from the border, where compose_grids extends the field
+    torch.testing.assert_close(same[inner], grid[inner], atol=1e-4, rtol=0)
+    source, target = zero_pose(), zero_pose()
+    target[0, 3:5] = torch.tensor([0.25, 0.0])  # the target head sits 0.25 right of the source's
+    shifted = compose_grids(canonical_to_posed_grid(source, grid), posed_to_canonical_grid(target, grid))
+    expected = grid - torch.tensor([0.25, 0.0, 0.0])  # target pixel q shows source point q - 0.25
+    inner = (grid[..., 0] > -0.5) & (grid.abs() < 0.8).all(-1)
+    torch.testing.assert_close(shifted[inner], expected[inner], atol=1e-4, rtol=0)
+
+
+def test_skip_path_starts_near_copying_the_source_and_can_render_the_warped_source() -> None:
+    torch.manual_seed(0)
+    preset = get_preset("tiny")
+    decoder = FaceLatent(preset, n_speakers=2).decoder
+    volume = torch.randn(2, *preset.volume_shape)
+    image = synthetic_batch(2, preset.resolution)["source"]
+    _, d, h, w = preset.volume_shape
+    points = identity_grid(d, h, w, torch.device("cpu"), torch.float32).expand(2, d, h, w, 3)
+    with torch.no_grad():
+        start = decoder(volume, points, image)
+        # Init: the unchanged source dominates the mix (MIX_INIT_BIAS), so training starts at the copy baseline.
+        assert (start - image).abs().mean() < 0.3 * (decoder(volume, points, -image) - image).abs().mean() + 1e-6
+        decoder.mix.weight.zero_()
+        decoder.mix.bias.copy_(torch.tensor([-30.0, 30.0, -30.0]))  # all weight on the warped source
+        shift = points.clone()
+        shift[..., 0] += 2 * 4 / preset.resolution  # read 4 pixels to the right
+        moved = decoder(volume, shift, image)
+    torch.testing.assert_close(decoder(volume, points, image), image, atol=1e-4, rtol=0)
+    torch.testing.assert_close(moved[..., 8:-8, 8:-12], image[..., 8:-8, 12:-8], atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="skip path"):
+        decoder(volume)

@@ -118,7 +118,7 @@ def load_stage1_encoder(model_dir: Path, device: str) -> Stage1Encoder:
     """The motion encoder out of a stage-1 output folder (model.json + generator.safetensors; sha256
     checked, no pickle). `device`: auto | cpu | cuda."""
     from vasa.models.motion_encoder import MotionEncoder
-    from vasa.models.presets import LatentPreset
+    from vasa.models.presets import preset_from_json
 
     try:
         weights, meta = load_weights(model_dir)
@@ -131,7 +131,7 @@ def load_stage1_encoder(model_dir: Path, device: str) -> Stage1Encoder:
     described = meta.get("task", {}).get("preset")
     if not isinstance(described, dict):
         raise InputError(f"{model_dir}/model.json: no task.preset block")
-    preset = LatentPreset(**{k: tuple(v) if isinstance(v, list) else v for k, v in described.items()})
+    preset = preset_from_json(described)
     prefix = "motion."
     state = {k[len(prefix) :]: v for k, v in weights[GENERATOR].items() if k.startswith(prefix)}
     module = MotionEncoder(preset)

@@ -9,24 +9,63 @@ from torch.nn import functional as F
 from vasa.models.layers import ResBlock2d, UpBlock2d, group_norm
 from vasa.models.presets import LatentPreset
 
+# Initial mixing logits of (rendered, warped source, unchanged source): training starts close to showing
+# the source image (the copy baseline) instead of an untrained rendering, and learns where to depart from it.
+MIX_INIT_BIAS = (0.0, 0.0, 2.0)
+
 
 class Decoder(nn.Module):
     """(B, C, D, H, W) volume -> (B, 3, S, S) image in [-1, 1], S = H * 2**len(appearance_widths).
 
     Orthographic projection to 2D by folding depth into channels (C*D) and a 1x1 conv, then plain
     residual up-blocks (LivePortrait's SPADE decoder is the larger alternative, REFERENCE §7).
+
+    With `preset.source_skip` the decoder also reads the source image itself (FOMM/face-vid2vid's
+    occlusion-aware output, LivePortrait's paste-back in spirit): the 3D warp composed from target voxel
+    to source point is collapsed over depth by learned per-pixel depth weights into a 2D flow, the
+    source image is sampled along it, and a per-pixel softmax mixes (rendered, warped source, unchanged
+    source). Pixels the motion does not move (background, static hair) need not be re-synthesised from
+    the low-resolution volume; the rendering fills what the warp cannot explain (mouth interior, eyes).
     """
 
     def __init__(self, preset: LatentPreset) -> None:
         super().__init__()
         widths = preset.decoder_widths
-        self.project = nn.Conv2d(preset.volume_channels * preset.volume_depth, widths[0], 1)
+        folded = preset.volume_channels * preset.volume_depth
+        self.project = nn.Conv2d(folded, widths[0], 1)
         self.body = ResBlock2d(widths[0], widths[0])
         self.ups = nn.Sequential(*(UpBlock2d(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True)))
         self.norm = group_norm(widths[-1])
         self.to_rgb = nn.Conv2d(widths[-1], 3, 3, padding=1)
+        self.source_skip = preset.source_skip
+        if self.source_skip:
+            self.depth_weights = nn.Conv2d(folded, preset.volume_depth, 1)
+            self.mix = nn.Conv2d(widths[-1], 3, 3, padding=1)
+            with torch.no_grad():
+                self.mix.weight.mul_(0.1)
+                self.mix.bias.copy_(torch.tensor(MIX_INIT_BIAS))
 
-    def forward(self, volume: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        volume: torch.Tensor,
+        source_points: torch.Tensor | None = None,
+        source_image: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """volume (B, C, D, H, W); with the skip path also source_points (B, D, H, W, 3): the source-volume
+        coordinate (x, y, z in [-1, 1]) each voxel shows, and source_image (B, 3, S, S) in [-1, 1]."""
         b, c, d, h, w = volume.shape
-        x = self.body(self.project(volume.reshape(b, c * d, h, w)))
-        return torch.tanh(self.to_rgb(F.silu(self.norm(self.ups(x)))))
+        folded = volume.reshape(b, c * d, h, w)
+        features = F.silu(self.norm(self.ups(self.body(self.project(folded)))))
+        rendered = torch.tanh(self.to_rgb(features))
+        if not self.source_skip:
+            return rendered
+        if source_points is None or source_image is None:
+            raise ValueError("this decoder has the source skip path: pass source_points and source_image")
+        depth = torch.softmax(self.depth_weights(folded), dim=1)  # (B, D, H, W)
+        flow = (source_points[..., :2] * depth[..., None]).sum(dim=1)  # (B, H, W, 2): x, y
+        flow = F.interpolate(flow.permute(0, 3, 1, 2), size=rendered.shape[-2:], mode="bilinear", align_corners=False)
+        warped = F.grid_sample(
+            source_image, flow.permute(0, 2, 3, 1), mode="bilinear", padding_mode="border", align_corners=False
+        )
+        mix = torch.softmax(self.mix(features), dim=1)  # (B, 3, S, S)
+        return mix[:, :1] * rendered + mix[:, 1:2] * warped + mix[:, 2:] * source_image

@@ -9,6 +9,7 @@ ever called, never reached into.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,8 +19,9 @@ from vasa.models.appearance_encoder import AppearanceEncoder
 from vasa.models.decoder import Decoder
 from vasa.models.identity_encoder import CosFaceHead, IdentityEncoder
 from vasa.models.motion_encoder import MotionEncoder
-from vasa.models.presets import LatentPreset
-from vasa.models.warping import WarpingGenerator
+from vasa.models.presets import LatentPreset, preset_from_json
+from vasa.models.warping import WarpingGenerator, compose_grids, sample_volume
+from vasa.training.checkpoint import load_weights
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,16 @@ class FaceCode:
     z_id: torch.Tensor
     pose: torch.Tensor
     dyn: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Canonical:
+    """A frame moved to the canonical frame: volume (B, C, D, H, W), source_grid (B, D, H, W, 3) where each
+    canonical voxel was read in the frame's own volume, image (B, 3, S, S) the frame (decoder skip path)."""
+
+    volume: torch.Tensor
+    source_grid: torch.Tensor
+    image: torch.Tensor
 
 
 class FaceLatent(nn.Module):
@@ -52,15 +64,18 @@ class FaceLatent(nn.Module):
         volume = self.appearance(image) if appearance else None
         return FaceCode(volume=volume, z_id=self.identity(image), pose=pose, dyn=dyn)
 
-    def canonical(self, code: FaceCode) -> torch.Tensor:
-        """V_app of `code` moved to the canonical (pose- and dynamics-free) frame: (B, C, D, H, W)."""
-        return self.warping.to_canonical(code.volume, code.pose, code.dyn, code.z_id)
+    def canonical(self, code: FaceCode, image: torch.Tensor) -> Canonical:
+        """V_app of `code` (encoded from `image`) moved to the canonical (pose- and dynamics-free) frame."""
+        grid = self.warping.to_canonical_grid(code.pose, code.dyn, code.z_id, code.volume.shape)
+        return Canonical(volume=sample_volume(code.volume, grid), source_grid=grid, image=image)
 
-    def render(
-        self, canonical: torch.Tensor, z_id: torch.Tensor, pose: torch.Tensor, dyn: torch.Tensor
-    ) -> torch.Tensor:
-        """Decode a canonical volume posed by (pose (B, 7), dyn (B, Z)): -> (B, 3, S, S) in [-1, 1]."""
-        return self.decoder(self.warping.from_canonical(canonical, pose, dyn, z_id))
+    def render(self, canonical: Canonical, z_id: torch.Tensor, pose: torch.Tensor, dyn: torch.Tensor) -> torch.Tensor:
+        """Decode a canonical face posed by (pose (B, 7), dyn (B, Z)): -> (B, 3, S, S) in [-1, 1]."""
+        grid = self.warping.from_canonical_grid(pose, dyn, z_id, canonical.volume.shape)
+        posed = sample_volume(canonical.volume, grid)
+        if not self.preset.source_skip:
+            return self.decoder(posed)
+        return self.decoder(posed, compose_grids(canonical.source_grid, grid), canonical.image)
 
     def judge_identity(self, image: torch.Tensor) -> torch.Tensor:
         """z_id of `image` through the identity encoder with its weights detached (stop-gradient judge):
@@ -91,7 +106,7 @@ class FaceLatent(nn.Module):
         src = self.encode(source)
         drv = self.encode(driver, appearance=transfer)
         oth = self.encode(other, appearance=False)
-        canon_src = self.canonical(src)
+        canon_src = self.canonical(src, source)
         cross = self.render(canon_src, src.z_id, oth.pose, oth.dyn)
         out = {
             "recon": self.render(canon_src, src.z_id, drv.pose, drv.dyn),
@@ -104,8 +119,25 @@ class FaceLatent(nn.Module):
             "source_id": src.z_id,
         }
         if transfer:
-            out["transfer_a"] = self.render(self.canonical(drv), drv.z_id, src.pose, drv.dyn)
+            out["transfer_a"] = self.render(self.canonical(drv, driver), drv.z_id, src.pose, drv.dyn)
             out["transfer_b"] = self.render(canon_src, src.z_id, src.pose, drv.dyn)
         if pose_swap:
             out["pose_swap"] = self.render(canon_src, src.z_id, oth.pose, src.dyn)
         return out
+
+
+def load_face_latent(model_dir: Path, device: str | torch.device = "cpu") -> tuple[FaceLatent, dict]:
+    """The stage-1 generator (EMA weights) out of a train-latent output folder, in eval mode, and its
+    model.json. No pickle: safetensors checked against the sha256 in model.json. Raises ValueError
+    (what is missing or wrong) or FileNotFoundError."""
+    weights, meta = load_weights(model_dir)
+    if "generator" not in weights:
+        raise ValueError(f"{model_dir}: no `generator` weights (modules: {sorted(weights)})")
+    task = meta.get("task", {})
+    described = task.get("preset")
+    if not isinstance(described, dict) or "n_speakers" not in task:
+        raise ValueError(f"{model_dir}/model.json: no task.preset / task.n_speakers block")
+    preset = preset_from_json(described)
+    model = FaceLatent(preset, n_speakers=task["n_speakers"])
+    model.load_state_dict(weights["generator"], strict=True)
+    return model.to(device).eval(), meta

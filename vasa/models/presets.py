@@ -31,6 +31,7 @@ class LatentPreset:
     discriminator_widths: tuple[int, ...]  # PatchGAN, one stride-2 conv per width
     discriminator_scales: int  # multi-scale PatchGAN: full, 1/2, 1/4 ... resolution
     canonical_scale: float  # head scale of the canonical volume: crop fraction per template unit (eye corners)
+    source_skip: bool = True  # decoder also samples the source image along the warp (vasa/models/decoder.py)
 
     def __post_init__(self) -> None:
         downs = len(self.appearance_widths)
@@ -108,6 +109,11 @@ def get_preset(name: str, resolution: int | None = None) -> LatentPreset:
     except KeyError:
         raise KeyError(f"unknown latent preset {name!r}; known: {sorted(LATENT_PRESETS)}") from None
     return preset if resolution is None else preset.at_resolution(resolution)
+
+
+def preset_from_json(described: dict) -> LatentPreset:
+    """A preset back from its `describe()` JSON (model.json `task.preset`; lists become tuples)."""
+    return LatentPreset(**{k: tuple(v) if isinstance(v, list) else v for k, v in described.items()})
 
 
 # --- stage 2: the motion diffusion transformer (vasa/models/motion_dit.py) ----------------------------

@@ -111,18 +111,38 @@ class WarpingGenerator(nn.Module):
         self.flow_to_canonical = FlowGenerator(preset)
         self.flow_from_canonical = FlowGenerator(preset)
 
+    def to_canonical_grid(self, pose: torch.Tensor, z_dyn: torch.Tensor, z_id: torch.Tensor, shape) -> torch.Tensor:
+        """Where each canonical voxel is read in the source volume: s R (p + flow(p)) + t, (B, D, H, W, 3).
+        `shape` = (B, C, D, H, W) of the volume."""
+        b, _, d, h, w = shape
+        grid = identity_grid(d, h, w, pose.device, pose.dtype).expand(b, d, h, w, 3)
+        return canonical_to_posed_grid(pose, grid + self.flow_to_canonical(z_dyn, z_id))
+
+    def from_canonical_grid(self, pose: torch.Tensor, z_dyn: torch.Tensor, z_id: torch.Tensor, shape) -> torch.Tensor:
+        """Where each target voxel is read in the canonical volume: R^T (q - t) / s + flow(q), (B, D, H, W, 3)."""
+        b, _, d, h, w = shape
+        grid = identity_grid(d, h, w, pose.device, pose.dtype).expand(b, d, h, w, 3)
+        return posed_to_canonical_grid(pose, grid) + self.flow_from_canonical(z_dyn, z_id)
+
     def to_canonical(
         self, volume: torch.Tensor, pose: torch.Tensor, z_dyn: torch.Tensor, z_id: torch.Tensor
     ) -> torch.Tensor:
         """V_c(p) = V_s(s R (p + flow(p)) + t): undo the source's dynamics (flow) then its pose (rigid)."""
-        b, _, d, h, w = volume.shape
-        grid = identity_grid(d, h, w, volume.device, pose.dtype).expand(b, d, h, w, 3)
-        return sample_volume(volume, canonical_to_posed_grid(pose, grid + self.flow_to_canonical(z_dyn, z_id)))
+        return sample_volume(volume, self.to_canonical_grid(pose, z_dyn, z_id, volume.shape))
 
     def from_canonical(
         self, volume: torch.Tensor, pose: torch.Tensor, z_dyn: torch.Tensor, z_id: torch.Tensor
     ) -> torch.Tensor:
         """V_d(q) = V_c(R^T (q - t) / s + flow(q)): apply the target's pose (rigid) and dynamics (flow)."""
-        b, _, d, h, w = volume.shape
-        grid = identity_grid(d, h, w, volume.device, pose.dtype).expand(b, d, h, w, 3)
-        return sample_volume(volume, posed_to_canonical_grid(pose, grid) + self.flow_from_canonical(z_dyn, z_id))
+        return sample_volume(volume, self.from_canonical_grid(pose, z_dyn, z_id, volume.shape))
+
+
+def compose_grids(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+    """outer evaluated at inner: (B, D, H, W, 3) fields -> (B, D, H, W, 3), trilinear, borders extended.
+
+    With outer = canonical -> source and inner = target -> canonical, the result maps every target voxel
+    straight to the source point it shows (the source-image skip path of the decoder reads it).
+    """
+    field = outer.permute(0, 4, 1, 2, 3)  # (B, 3, D, H, W)
+    composed = F.grid_sample(field, inner.to(field.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+    return composed.permute(0, 2, 3, 4, 1)
