@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Self
+from typing import Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -437,6 +437,37 @@ class TrainMotionConfig(Section):
         return self
 
 
+class C2paConfig(Section):
+    """Signing of generated videos (vasa/labels.py). Paths only: a key's passphrase comes from the
+    environment (VASA_C2PA_KEY_PASSWORD), never from params."""
+
+    chain: str | None  # PEM certificate chain, leaf first; null = no C2PA manifest (logged)
+    key: str | None  # PEM private key of the leaf
+    dev_certificate: bool  # no chain/key given: sign with a throwaway, untrusted development certificate
+
+
+class GenerateConfig(Section):
+    """`vasa generate` and the `demo` stage: portrait + speech -> talking-face mp4 (vasa/generate.py)."""
+
+    device: Literal["auto", "cpu", "cuda"]
+    steps: int | None = Field(ge=1)  # DDIM steps; null = the bundle's default
+    seed: int
+    max_audio_seconds: float = Field(gt=0)
+    min_audio_rms: float = Field(ge=0)  # quieter speech is refused as silent
+    max_side: int = Field(ge=64)  # the portrait's longer side is reduced to this before pasting back
+    feather: float = Field(ge=0, le=0.5)  # paste-back blend ramp, fraction of the crop side
+    render_batch: int = Field(ge=1)  # frames rendered per forward call
+    crf: int = Field(ge=0, le=51)
+    preset: str
+    c2pa: C2paConfig
+
+
+class ExportConfig(Section):
+    """`vasa export`: the real-time bundle (vasa/export.py)."""
+
+    onnx: bool  # also export the renderer and the motion DiT to ONNX, checked on onnxruntime
+
+
 class Params(Section):
     """The whole of params.yaml."""
 
@@ -446,6 +477,8 @@ class Params(Section):
     train_latent: TrainLatentConfig
     extract_motion: ExtractMotionConfig
     train_motion: TrainMotionConfig
+    export: ExportConfig
+    generate: GenerateConfig
 
 
 def load_params(path: str | Path) -> Params:

@@ -54,7 +54,6 @@ from torch import Tensor, nn
 from preprocessing.files import atomic_path, write_json
 from vasa.models.face_latent import Canonical, FaceLatent, load_face_latent
 from vasa.models.motion_dit import CONDITIONS, MotionDiT
-from vasa.models.presets import MotionPreset, get_motion_preset
 from vasa.training.checkpoint import load_weights, sha256_file
 
 log = logging.getLogger(__name__)
@@ -263,17 +262,14 @@ def check_onnx(path: Path, torch_module: nn.Module, inputs: Sequence[Tensor], ru
 
 
 def load_motion_dit(model_dir: Path) -> tuple[MotionDiT, dict]:
-    """The stage-2 motion DiT (EMA weights) out of a train-motion output folder, in eval mode, and its
-    model.json (architecture from the `task` block: preset, motion/audio/emotion dims, window, context)."""
+    """The stage-2 motion DiT (EMA weights) out of a train-motion output folder, in eval mode, and its model.json."""
+    from vasa.export import build_dit
+
     weights, meta = load_weights(model_dir)
     task = meta.get("task", {})
     if task.get("task") != "train_motion" or "dit" not in weights:
         raise ValueError(f"{model_dir}: not a train-motion output (task {task.get('task')!r})")
-    preset = task["preset"]
-    # model.json holds the preset's describe() dict; a bare name is accepted too
-    preset = MotionPreset(**preset) if isinstance(preset, dict) else get_motion_preset(preset)
-    dims = {key: task[key] for key in ("motion_dim", "audio_dim", "emotion_dim", "window", "context")}
-    dit = MotionDiT(preset, **dims)
+    dit = build_dit(task)
     dit.load_state_dict(weights["dit"], strict=True)
     return dit.eval(), meta
 
@@ -291,6 +287,26 @@ def export_checked(kind: str, model: nn.Module, out: Path, batches: Sequence[int
     for check in checks:
         log.info("%s batch %d: %s", kind, check["batch"], check)
     return {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path), "checks": checks}
+
+
+TIMING_KEYS = ("torch_ms", "onnxruntime_ms", "runs")
+
+
+def export_bundle_onnx(bundle_dir: Path, batches: Sequence[int] = (1, 2)) -> dict:
+    """`vasa export` with params export.onnx: renderer.onnx, denoiser.onnx and onnx.json (parity at each
+    batch size, file digests) in BUNDLE/onnx/. No latencies in the artifact (they vary run to run; the
+    CLI below and docs/BENCHMARKS.md have them), so the same bundle gives the same files."""
+    from vasa.export import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    out = bundle_dir / "onnx"
+    report: dict = {"opset": OPSET, "exporter": "torch.onnx.export(dynamo=False)", "bundle_sha256": bundle.sha256}
+    for kind, model in (("renderer", bundle.face), ("denoiser", bundle.dit)):
+        record = export_checked(kind, model, out, batches, runs=1)
+        record["checks"] = [{k: v for k, v in c.items() if k not in TIMING_KEYS} for c in record["checks"]]
+        report[kind] = record
+    write_json(out / "onnx.json", report)
+    return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -73,6 +73,23 @@ def heldout_psnr(task, models: dict[str, nn.Module], groups: dict[str, dict], ba
     return figures
 
 
+def heldout_disentanglement(generator: nn.Module, groups: dict[str, dict]) -> dict[str, float]:
+    """Pose swap vs appearance swap on each held-out group's (source, other-speaker) pairs, judged by the
+    pipeline's own pose estimator and the identity encoder (vasa/evaluation/disentanglement.py)."""
+    from preprocessing.face import FaceMeshTracker
+    from vasa.evaluation.disentanglement import disentanglement
+
+    tracker = FaceMeshTracker(min_detection_confidence=0.5, min_tracking_confidence=0.5)
+    model = getattr(generator, "module", generator)  # the EMA copy is a plain module; a wrapped one is not
+    figures = {}
+    for group, batch in sorted(groups.items()):
+        other = batch["speaker"] != batch["other_speaker"]
+        if other.any():
+            found = disentanglement(model, batch["source"][other], batch["other"][other], tracker)
+            figures |= {f"heldout_{group}/disentangle/{k}": v for k, v in found.items()}
+    return figures
+
+
 def run(
     cfg: TrainLatentConfig,
     shards: Path,
@@ -102,6 +119,7 @@ def run(
     def evaluate(models: dict[str, nn.Module]) -> dict[str, float]:
         groups = heldout_batch(shard_set, preset.resolution, cfg.data, cfg.train.seed)
         figures = heldout_psnr(task, models, groups, cfg.train.batch_size)
+        figures |= heldout_disentanglement(models["generator"], groups)
         for key, value in sorted(figures.items()):
             log.info("%s = %.3f", key, value)
         return figures

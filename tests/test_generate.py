@@ -1,0 +1,244 @@
+"""Export and generate (vasa/export.py, vasa/generate.py, vasa/verify.py): a bundle of freshly initialised
+`tiny` networks animates real portraits with real speech; streaming equals offline; bad inputs fail clearly
+and leave nothing behind. The trained path runs in tests/test_dvc_pipeline.py (stages export and demo)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from PIL import Image
+
+from preprocessing import face as face_mod
+from preprocessing.audio import log_mel
+from vasa.cli import main as cli_main
+from vasa.demo import read_frames, reencode
+from vasa.errors import InputError
+from vasa.export import bundle_meta, load_bundle, write_bundle
+from vasa.generate import AudioFeatures, chunks, conditions_for, generate_file, open_session, prepare_portrait, stream
+from vasa.models.face_latent import FaceLatent
+from vasa.models.motion_dit import MotionDiT
+from vasa.models.presets import get_motion_preset, get_preset
+from vasa.verify import verify_file
+
+PORTRAIT = "img01_float_sam_altman_512x512.jpg"
+SPEECH = "aud01_sadtalker_RD_Radio31_000.wav"
+RATE, FPS, MELS, K = 16000, 25, 80, 4
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory, params) -> Path:
+    """A bundle of untrained tiny networks (seeded), with the sample corpus's audio settings."""
+    torch.manual_seed(0)
+    face = FaceLatent(get_preset("tiny"), n_speakers=2)
+    motion_dim = 7 + face.preset.dynamics_dim
+    task = {
+        "preset": get_motion_preset("tiny").describe(),
+        "motion_dim": motion_dim, "audio_dim": K * MELS, "emotion_dim": 2, "window": 25, "context": 5,
+        "diffusion": params.train_motion.diffusion.model_dump(), "guidance": params.train_motion.guidance.model_dump(),
+    }  # fmt: skip
+    dit = MotionDiT(get_motion_preset("tiny"), motion_dim, K * MELS, 2, 25, 5)
+    torch.nn.init.normal_(dit.out.weight, std=0.02)  # zero-initialised head: make the motion move
+    normalisation = {
+        "motion": {"mean": [0.0] * motion_dim, "std": [0.3] * 3 + [0.02] * 4 + [0.5] * (motion_dim - 7)},
+        "audio": {"mean": [-8.0] * (K * MELS), "std": [3.0] * (K * MELS)},
+    }
+    folder = tmp_path_factory.mktemp("bundle")
+    write_bundle(folder, face, dit, bundle_meta(params, face, 2, task, normalisation, {"test": True}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bundle(bundle_dir):
+    return load_bundle(bundle_dir)
+
+
+def speech_clip(fixtures_dir: Path, tmp_path: Path, seconds: float, name: str = SPEECH) -> Path:
+    audio, rate = soundfile.read(fixtures_dir / name, dtype="float32", always_2d=True)
+    path = tmp_path / f"speech_{seconds:g}.wav"
+    soundfile.write(path, audio[: int(seconds * rate), 0], rate)
+    return path
+
+
+# --- fast: no fixtures needed -------------------------------------------------------------------------
+
+
+def test_streaming_audio_features_equal_offline_log_mel(params):
+    rng = np.random.default_rng(0)
+    audio = (rng.normal(size=RATE * 3 + 1234) * 0.1).astype(np.float32)
+    offline = log_mel(audio, RATE, FPS, params.preprocess.audio).reshape(-1, K * MELS)
+    stats = {"mean": [1.0] * (K * MELS), "std": [2.0] * (K * MELS)}
+    for size in (100, 640, 1000, 7777, len(audio)):
+        features = AudioFeatures(RATE, FPS, params.preprocess.audio, stats)
+        parts = [features.push(c) for c in chunks(audio, size)] + [features.finish()]
+        got = np.concatenate(parts)
+        assert got.shape == offline.shape == (len(audio) // (RATE // FPS), K * MELS)
+        expected = (offline - np.float32(1.0)) / np.float32(2.0)
+        np.testing.assert_array_equal(got, expected)  # exactly the offline features, normalised
+        assert len(features.buffer) <= 3 * (RATE // FPS) + size  # a few frames of history, not the whole clip
+
+
+def test_bundle_loads_without_pickle_and_refuses_tampering(bundle_dir, tmp_path):
+    loaded = load_bundle(bundle_dir)
+    assert loaded.meta["format"] == "vasa-bundle" and len(loaded.sha256) == 64
+    assert {p.suffix for p in bundle_dir.iterdir()} == {".safetensors", ".json"}
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle_dir, broken)
+    weights = broken / "motion_dit.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="sha256"):
+        load_bundle(broken)
+    with pytest.raises(InputError, match="no bundle"):
+        load_bundle(tmp_path / "nowhere")
+
+
+def test_bad_inputs_fail_clearly_and_leave_nothing(bundle, params, tmp_path):
+    out = tmp_path / "out.mp4"
+    gray = tmp_path / "gray.png"
+    Image.fromarray(np.full((256, 256, 3), 128, np.uint8)).save(gray)
+    noise = np.random.default_rng(0).normal(0, 0.1, RATE * 2).astype(np.float32)
+    speech = tmp_path / "speech.wav"
+    soundfile.write(speech, noise, RATE)
+    silent = tmp_path / "silent.wav"
+    soundfile.write(silent, np.zeros(RATE * 2, np.float32), RATE)
+    not_audio = tmp_path / "notes.wav"
+    not_audio.write_text("not audio")
+    not_image = tmp_path / "photo.jpg"
+    not_image.write_text("not an image")
+    face_cfg = params.preprocess.face
+    cases = [
+        (gray, speech, out, params.generate, "no face"),
+        (not_image, speech, out, params.generate, "not a readable image"),
+        (tmp_path / "missing.png", speech, out, params.generate, "not found"),
+        (gray, tmp_path / "missing.wav", out, params.generate, "not found"),
+        (gray, tmp_path / "notes.txt", tmp_path / "out.avi", params.generate, "must be an .mp4"),
+    ]
+    for image, audio, target, cfg, message in cases:
+        with pytest.raises(InputError, match=message):
+            generate_file(bundle, image, audio, target, cfg, face_cfg)
+    assert not list(tmp_path.glob("*.mp4")) and not list(tmp_path.glob(".*"))
+    # CLI: exit status 2 and the message, for a bad bundle path.
+    assert cli_main(["generate", "--bundle", str(tmp_path), "--image", str(gray), "--audio", str(speech),
+                     "--out", str(out)]) == 2  # fmt: skip
+
+
+# --- real portraits and speech (fixtures) -------------------------------------------------------------
+
+
+def test_audio_errors_are_clear(bundle, params, fixtures_dir, tmp_path):
+    portrait = fixtures_dir / PORTRAIT
+    out = tmp_path / "out.mp4"
+    silent = tmp_path / "silent.wav"
+    soundfile.write(silent, np.zeros(RATE * 2, np.float32), RATE)
+    not_audio = tmp_path / "notes.wav"
+    not_audio.write_text("not audio")
+    short_limit = params.generate.model_copy(update={"max_audio_seconds": 1.0})
+    for audio, cfg, message in (
+        (silent, params.generate, "silent"),
+        (not_audio, params.generate, "unreadable audio"),
+        (speech_clip(fixtures_dir, tmp_path, 2.0), short_limit, "max_audio_seconds"),
+    ):
+        with pytest.raises(InputError, match=message):
+            generate_file(bundle, portrait, audio, out, cfg, params.preprocess.face)
+    assert not list(tmp_path.glob("*.mp4")) and not list(tmp_path.glob(".*.mp4"))
+
+
+def test_stream_chunks_equal_one_shot_and_start_after_one_window(bundle, params, fixtures_dir, tmp_path):
+    portrait = prepare_portrait(fixtures_dir / PORTRAIT, bundle.resolution, params.preprocess.crop_size,
+                                params.preprocess.face, 512)  # fmt: skip
+    session = open_session(bundle, portrait)
+    conditions = conditions_for(portrait, bundle, params.generate, steps=4)
+    audio, _ = soundfile.read(speech_clip(fixtures_dir, tmp_path, 2.3), dtype="float32")
+    whole = np.concatenate(list(stream(session, [audio], conditions, crop_only=True)))
+    pulled = []
+
+    def microphone():  # 100 ms chunks, as a microphone delivers them; records how much audio was read
+        for piece in chunks(audio, RATE // 10):
+            pulled.append(len(piece))
+            yield piece
+
+    frames = stream(session, microphone(), conditions, crop_only=True)
+    first = next(frames)
+    # The first window is out after one window of audio plus the STFT's half window, not the whole clip.
+    assert len(first) == bundle.dit.window and sum(pulled) <= (bundle.dit.window + 1) * RATE // FPS + RATE // 10
+    produced = [first, *frames]
+    streamed = np.concatenate(produced)
+    assert len(whole) == len(streamed) == int(2.3 * FPS)
+    np.testing.assert_array_equal(streamed, whole)
+
+
+@pytest.mark.slow
+def test_generate_labels_the_video_and_survives_a_reencode(bundle_dir, params, fixtures_dir, tmp_path, caplog):
+    audio = speech_clip(fixtures_dir, tmp_path, 3.0)
+    out = tmp_path / "talking.mp4"
+    argv = ["generate", "--bundle", str(bundle_dir), "--image", str(fixtures_dir / PORTRAIT), "--audio", str(audio),
+            "--out", str(out), "--steps", "4", "--gaze", "5,-3"]  # fmt: skip
+    assert cli_main(argv) == 0
+    frames = read_frames(out)
+    assert len(frames) == 3 * FPS and frames.shape[1:] == (512, 512, 3)
+    track = face_mod.get_tracker(params.preprocess.face).track(frames)
+    assert (track.faces == 1).all()
+    digest = load_bundle(bundle_dir).sha256
+    report = verify_file(out)
+    assert report["labelled"] and report["consistent"]
+    assert report["container"]["bundle_sha256"] == digest == report["c2pa"]["bundle_sha256"]
+    assert report["c2pa"]["valid"] and report["c2pa"]["ai_generated"] and not report["c2pa"]["trusted"]
+    assert report["watermark"]["payload"] == digest[:16]
+    copy = tmp_path / "reencoded.mp4"
+    reencode(out, copy, 23)
+    again = verify_file(copy)
+    assert not again["c2pa"]["present"] and again["watermark"]["payload"] == digest[:16]
+    assert cli_main(["verify", str(copy)]) == 0
+    # An unlabelled real video: nothing says AI-generated.
+    assert cli_main(["verify", str(fixtures_dir / "vid01_sadtalker_WDA_KatieHill_000.mp4")]) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("portrait", "speech"),
+    [
+        ("img01_float_sam_altman_512x512.jpg", "aud02_hallo_driving1.wav"),
+        ("img02_sadtalker_people_0.png", "aud01_sadtalker_RD_Radio31_000.wav"),
+        ("img03_hallo_ref6.jpg", "aud02_hallo_driving1.wav"),
+    ],
+)
+def test_every_fixture_portrait_and_speech(bundle, params, fixtures_dir, tmp_path, portrait, speech):
+    """Every portrait and every speech file of the fixtures, whole: right length, one face in every frame."""
+    out = tmp_path / "out.mp4"
+    cfg = params.generate.model_copy(update={"steps": 4})
+    result = generate_file(bundle, fixtures_dir / portrait, fixtures_dir / speech, out, cfg, params.preprocess.face)
+    frames = read_frames(out)
+    assert len(frames) == result.frames == int(result.seconds * FPS)
+    track = face_mod.get_tracker(params.preprocess.face).track(frames[::5])  # every 5th frame: FaceMesh is slow
+    assert (track.faces == 1).all()
+    assert json.loads(json.dumps(result.timings))["total_s"] > 0
+
+
+@pytest.mark.slow
+def test_reenactment_takes_pose_and_dynamics_from_a_driving_video(bundle, params, fixtures_dir, tmp_path):
+    portrait = fixtures_dir / PORTRAIT
+    audio = speech_clip(fixtures_dir, tmp_path, 2.0)
+    driving = tmp_path / "driving.mp4"
+    frames = read_frames(fixtures_dir / "vid01_sadtalker_WDA_KatieHill_000.mp4")[:50]
+    from preprocessing.media import write_mp4
+
+    write_mp4(driving, frames, fps=FPS, crf=18, preset="ultrafast")
+    cfg = params.generate.model_copy(update={"steps": 4})
+    outs = {}
+    for name, extra in (("driven", {"driving_video": driving}), ("generated", {}), ("pose", {"pose_from": driving})):
+        outs[name] = tmp_path / f"{name}.mp4"
+        generate_file(bundle, portrait, audio, outs[name], cfg, params.preprocess.face, crop_only=True, **extra)
+    driven, generated, posed = (read_frames(outs[n]).astype(np.float32) for n in ("driven", "generated", "pose"))
+    assert driven.shape == generated.shape == posed.shape == (50, 64, 64, 3)
+    assert np.abs(driven - generated).mean() > 1.0  # the driving video's motion, not the DiT's
+    assert np.abs(posed - generated).mean() > 1.0 and np.abs(posed - driven).mean() > 0.0
+    with pytest.raises(InputError, match="driving video"):
+        generate_file(bundle, portrait, audio, tmp_path / "x.mp4", cfg, params.preprocess.face,
+                      driving_video=tmp_path / "missing.mp4")  # fmt: skip

@@ -1,0 +1,1 @@
+"""Evaluation of trained models: judges that are not the model under test."""

@@ -1,0 +1,78 @@
+"""Disentanglement of a trained stage-1 model (VASA-1 §3.1): does pose come from the driver and identity
+from the source?
+
+For frame pairs (A, B) of two different speakers:
+  pose swap        A's appearance and facial dynamics rendered with B's head pose
+  appearance swap  B's appearance rendered with A's head pose and dynamics
+Two judges, neither of them the generator's own motion encoder:
+  pose      `preprocessing.pose` on MediaPipe FaceMesh landmarks of the rendered pixels (the pipeline's
+            own pose estimator). The pose swap's re-estimated head rotation must move from A's toward
+            B's: `pose/gap_closed` = 1 - |swap - B| / |A - B| (1 = B's pose exactly, 0 = still A's).
+  identity  the model's identity encoder (cosine distance to A's z_id): the pose swap must change A's
+            identity less than the appearance swap does (`identity/pose_swap_distance` <
+            `identity/appearance_swap_distance`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from preprocessing.face import FaceMeshTracker
+from preprocessing.pose import head_pose
+from vasa.models.face_latent import FaceLatent
+
+JUDGE_SIDE = 256  # renderings are upsampled to this side before FaceMesh (it misses faces at 64²)
+MIN_GAP_DEG = 2.0  # pairs whose measured A/B rotation gap is smaller say nothing about the direction
+
+
+def to_uint8(images: torch.Tensor, side: int = JUDGE_SIDE) -> np.ndarray:
+    """(B, 3, S, S) in [-1, 1] -> (B, side, side, 3) uint8 RGB, bicubic."""
+    big = F.interpolate(images.float(), size=(side, side), mode="bicubic", align_corners=False)
+    return ((big.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def measured_rotation(tracker: FaceMeshTracker, images: torch.Tensor) -> np.ndarray:
+    """(B, 3) yaw, pitch, roll in degrees re-estimated on each image alone; NaN rows where no single face."""
+    angles = []
+    for frame in to_uint8(images):
+        track = tracker.track(frame[None])
+        pose = head_pose(track.landmarks)
+        angles.append([pose.yaw[0], pose.pitch[0], pose.roll[0]])
+    return np.asarray(angles, dtype=np.float64)
+
+
+def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(B,) 1 - cos between rows."""
+    return 1 - F.cosine_similarity(a.float(), b.float(), dim=1)
+
+
+@torch.no_grad()
+def disentanglement(model: FaceLatent, a: torch.Tensor, b: torch.Tensor, tracker: FaceMeshTracker) -> dict[str, float]:
+    """Figures (see the module docstring) over frame pairs a, b: (N, 3, S, S) in [-1, 1], a[i] and b[i]
+    of different speakers. Pose figures use the pairs where FaceMesh finds one face in A, B and the pose
+    swap and A and B differ by at least MIN_GAP_DEG of rotation."""
+    device = next(model.parameters()).device
+    a, b = a.to(device), b.to(device)
+    code_a, code_b = model.encode(a), model.encode(b)
+    pose_swap = model.render(model.canonical(code_a, a), code_a.z_id, code_b.pose, code_a.dyn)
+    appearance_swap = model.render(model.canonical(code_b, b), code_b.z_id, code_a.pose, code_a.dyn)
+
+    id_a = model.identity(a)
+    pose_swap_distance = cosine_distance(model.identity(pose_swap), id_a).mean().item()
+    appearance_swap_distance = cosine_distance(model.identity(appearance_swap), id_a).mean().item()
+
+    rot_a, rot_b, rot_swap = (measured_rotation(tracker, x) for x in (a, b, pose_swap))
+    gap = np.linalg.norm(rot_a - rot_b, axis=1)
+    usable = np.isfinite(gap) & np.isfinite(rot_swap).all(axis=1) & (gap >= MIN_GAP_DEG)
+    remaining = np.linalg.norm(rot_swap - rot_b, axis=1)
+    closed = 1 - remaining[usable] / gap[usable]
+    return {
+        "pose/pairs": float(usable.sum()),
+        "pose/gap_deg": float(gap[usable].mean()) if usable.any() else float("nan"),
+        "pose/remaining_deg": float(remaining[usable].mean()) if usable.any() else float("nan"),
+        "pose/gap_closed": float(np.median(closed)) if usable.any() else float("nan"),
+        "identity/pose_swap_distance": pose_swap_distance,
+        "identity/appearance_swap_distance": appearance_swap_distance,
+    }

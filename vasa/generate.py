@@ -1,0 +1,566 @@
+"""Generate talking faces (`vasa generate`): one portrait + one speech clip -> a labelled mp4.
+
+    portrait --FaceMesh--> box crop (the shards' geometry) --encoders--> canonical face, z_id      (once)
+    speech --log-mel--> audio features --motion DiT, window by window--> pose + z_dyn per frame
+    per frame: warp + decode (stage 1 renderer) -> paste back into the portrait (feathered) -> watermark
+    -> H.264 + the original audio (PyAV) with container tags -> C2PA manifest (vasa/labels.py)
+
+`stream` is the same path as a generator: audio chunks in, frame chunks out, one motion window at a
+time (memory bounded by one window whatever the length). `generate` drives it over a whole file.
+Reenactment: `driving` frames give pose and dynamics from the motion encoder instead of the DiT;
+`pose_from` / `dynamics_from` take one factor from a driving video and keep the other.
+
+Inputs fail with a clear `InputError` and leave no output file: no face in the portrait (several:
+the largest is used and a warning says so), unreadable or silent audio, audio over the length limit.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from preprocessing import face as face_mod
+from preprocessing import pose as pose_mod
+from preprocessing.audio import log_mel, mel_frames_per_video_frame
+from preprocessing.decode import DecodeError, read_audio
+from preprocessing.media import VideoWriter
+from vasa.config import AudioFeatureConfig, DiffusionConfig, FaceConfig, GenerateConfig
+from vasa.data import to_tensor
+from vasa.diffusion import NoiseSchedule, sliding_windows
+from vasa.errors import InputError
+from vasa.export import Bundle
+from vasa.models.face_latent import Canonical
+from vasa.motion_data import EMOTION_COLUMNS
+
+log = logging.getLogger(__name__)
+
+POSE_DIM = 7
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+# --- the portrait ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Portrait:
+    """A prepared portrait: the frame to paste into, the crop transform and the measured conditions."""
+
+    frame: np.ndarray  # (H, W, 3) uint8 RGB, H and W even, longer side <= max_side
+    transform: np.ndarray  # (2, 3) frame pixels -> crop pixels (crop side = crop_size)
+    crop: np.ndarray  # (S, S, 3) uint8 model-resolution crop
+    gaze: np.ndarray  # (2,) degrees, theta/phi, as the shards measure it
+    distance: float  # log(crop_size / scale_px), as extract_motion computes it
+    emotion: np.ndarray  # (E,) EMOTION_COLUMNS of the expression descriptor
+    faces: int  # faces FaceMesh found (the largest is used)
+
+
+def read_portrait(path: Path, max_side: int) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of an image file, reduced so the longer side is at most max_side, even sides."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            rgb = image.convert("RGB")
+    except FileNotFoundError:
+        raise InputError(f"{path}: portrait not found") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise InputError(f"{path}: not a readable image ({err})") from None
+    scale = min(1.0, max_side / max(rgb.size))
+    width, height = (max(2, int(round(side * scale)) // 2 * 2) for side in rgb.size)
+    if (width, height) != rgb.size:
+        rgb = rgb.resize((width, height), Image.Resampling.LANCZOS)
+    return np.asarray(rgb, dtype=np.uint8).copy()
+
+
+def largest_face(detections: np.ndarray, count: int) -> np.ndarray:
+    """(478, 3) landmarks of the largest of `count` detections (2, 478, 3) NaN-padded."""
+    boxes = face_mod.landmark_boxes(detections[:count])  # (n, 4) x0, y0, x1, y1
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return detections[int(np.nanargmax(areas))]
+
+
+def prepare_portrait(path: Path, resolution: int, crop_size: int, face_cfg: FaceConfig, max_side: int) -> Portrait:
+    """Detect the face, place the shards' box crop on it and measure gaze, distance and emotion."""
+    frame = read_portrait(path, max_side)
+    tracker = face_mod.get_tracker(face_cfg)
+    detections, counts = _detect(tracker, frame)
+    faces = int(counts[0])
+    if faces == 0:
+        raise InputError(f"{path}: no face found in the portrait")
+    landmarks = largest_face(detections[0], faces)
+    if faces > 1:
+        log.warning("%s: %d faces found; animating the largest", path, faces)
+    transform = face_mod.box_transform(landmarks[None], crop_size, face_cfg.crop_scale, frame.shape[:2])
+    crop = face_mod.crop_frame(frame, transform, crop_size)
+    if crop_size != resolution:
+        crop = cv2.resize(crop, (resolution, resolution), interpolation=cv2.INTER_AREA)
+    in_crop = face_mod.transform_points(landmarks[None], transform[None])  # (1, 478, 3) crop pixels
+    head = pose_mod.head_pose(in_crop)
+    gaze = pose_mod.gaze(in_crop, head)[0]
+    expression = pose_mod.expression(in_crop, head)[0]
+    columns = [pose_mod.EXPRESSION_COLUMNS.index(c) for c in EMOTION_COLUMNS]
+    return Portrait(
+        frame=frame,
+        transform=transform,
+        crop=np.ascontiguousarray(crop),
+        gaze=np.nan_to_num(gaze).astype(np.float32),
+        distance=float(np.log(crop_size / head.scale[0])),
+        emotion=expression[columns].astype(np.float32),
+        faces=faces,
+    )
+
+
+def _detect(tracker: face_mod.FaceMeshTracker, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    tracker.reset()  # a still image: detection from scratch, no state from an earlier clip
+    return tracker.detect(frame[None])
+
+
+# --- audio -------------------------------------------------------------------------------------------
+
+
+def load_speech(path: Path, sample_rate: int, cfg: GenerateConfig) -> np.ndarray:
+    """(N,) float32 mono speech at `sample_rate`; InputError if unreadable, silent or too long."""
+    if not Path(path).is_file():
+        raise InputError(f"{path}: audio not found")
+    try:
+        audio = read_audio(path, sample_rate)
+    except DecodeError as err:
+        raise InputError(f"{path}: unreadable audio ({err})") from None
+    seconds = len(audio) / sample_rate
+    if seconds < 1 / 25:
+        raise InputError(f"{path}: no audio samples")
+    if seconds > cfg.max_audio_seconds:
+        raise InputError(
+            f"{path}: {seconds:.1f} s of audio is over generate.max_audio_seconds ({cfg.max_audio_seconds:g} s)"
+        )
+    rms = float(np.sqrt(np.mean(np.square(audio, dtype=np.float64))))
+    if rms < cfg.min_audio_rms:
+        raise InputError(f"{path}: the audio is silent (RMS {rms:.2e} < generate.min_audio_rms {cfg.min_audio_rms:g})")
+    return audio
+
+
+class AudioFeatures:
+    """Log-mel features per video frame, normalised as the motion shards are, from audio in chunks.
+
+    Video frame t owns mel frames [t k, (t + 1) k), centred inside its samples; each needs n_fft / 2
+    samples on both sides. `push` returns the frames whose windows have fully arrived, computed on a
+    segment that starts whole frames earlier (the STFT's edge padding only touches those history frames,
+    which are dropped); `finish` computes the rest up to the true end as `log_mel` does for a whole
+    file. So the features equal `log_mel` over the whole clip whatever the chunking, and memory holds
+    only a few frames of history.
+    """
+
+    def __init__(self, sample_rate: int, fps: int, cfg: AudioFeatureConfig, stats: dict) -> None:
+        self.sample_rate, self.fps, self.cfg = sample_rate, fps, cfg
+        self.k = mel_frames_per_video_frame(sample_rate, fps, cfg.hop_length)
+        self.per_frame = sample_rate // fps
+        self.margin = cfg.n_fft // 2
+        self.history = -(-self.margin // self.per_frame)  # whole frames of samples in front of the first new one
+        self.mean = np.asarray(stats["mean"], np.float32)
+        self.std = np.asarray(stats["std"], np.float32)
+        self.buffer = np.zeros(0, np.float32)  # samples from `offset` on
+        self.offset = 0  # absolute index of buffer[0], a whole number of frames
+        self.done = 0  # video frames emitted
+        self.total = 0  # samples pushed
+
+    @property
+    def dim(self) -> int:
+        return self.k * self.cfg.n_mels
+
+    def push(self, chunk: np.ndarray) -> np.ndarray:
+        """Append (n,) float32 samples; (F, A) features of the frames they complete (F may be 0)."""
+        chunk = np.asarray(chunk, np.float32).reshape(-1)
+        self.buffer = np.concatenate([self.buffer, chunk])
+        self.total += len(chunk)
+        last_centre_offset = (self.k - 1) * self.cfg.hop_length  # frame t's last mel centre: t * per_frame + this
+        complete = (self.total - self.margin - last_centre_offset) // self.per_frame  # frames with every window in
+        return self._emit(min(max(complete, 0), self.total // self.per_frame), final=False)
+
+    def finish(self) -> np.ndarray:
+        """Features of the remaining whole frames, the end treated as the end of the file."""
+        return self._emit(self.total // self.per_frame, final=True)
+
+    def _emit(self, end: int, final: bool) -> np.ndarray:
+        if end <= self.done:
+            return np.zeros((0, self.dim), np.float32)
+        first = max(self.done - self.history, 0)
+        start = first * self.per_frame - self.offset
+        stop = None if final else end * self.per_frame + self.margin + self.per_frame - self.offset
+        mel = log_mel(self.buffer[start:stop], self.sample_rate, self.fps, self.cfg)
+        feats = mel[(self.done - first) * self.k : (end - first) * self.k].reshape(-1, self.dim)
+        self.done = end
+        keep = max(end - self.history, 0) * self.per_frame
+        self.buffer = self.buffer[keep - self.offset :]
+        self.offset = keep
+        return ((feats - self.mean) / self.std).astype(np.float32)
+
+
+# --- the generator -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Conditions:
+    """Per-clip conditions of the motion DiT (VASA-1 §3.2) and guidance/sampling settings."""
+
+    gaze: np.ndarray  # (2,) degrees
+    distance: float
+    emotion: np.ndarray  # (E,)
+    cfg_audio: float
+    cfg_gaze: float
+    steps: int
+    seed: int
+
+
+@dataclass
+class Session:
+    """A portrait ready to animate: the canonical face is computed once."""
+
+    bundle: Bundle
+    portrait: Portrait
+    canonical: Canonical
+    z_id: torch.Tensor  # (1, I)
+    own_motion: torch.Tensor  # (1, 7 + Z) the portrait's own pose and dynamics (model units)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def open_session(bundle: Bundle, portrait: Portrait) -> Session:
+    start = time.perf_counter()
+    image = to_tensor(portrait.crop)[None].to(bundle.device)
+    code = bundle.face.encode(image)
+    canonical = bundle.face.canonical(code, image)
+    session = Session(bundle, portrait, canonical, code.z_id, torch.cat([code.pose, code.dyn], dim=1))
+    session.timings["encode_s"] = time.perf_counter() - start
+    return session
+
+
+def denormalise(motion: torch.Tensor, stats: dict) -> torch.Tensor:
+    """Normalised DiT motion (..., M) -> model units (z_pose, z_dyn), as extract_motion encoded them."""
+    mean = motion.new_tensor(stats["motion"]["mean"])
+    std = motion.new_tensor(stats["motion"]["std"])
+    return motion * std + mean
+
+
+@torch.no_grad()
+def render(session: Session, motion: torch.Tensor, batch: int) -> np.ndarray:
+    """(T, 7 + Z) model-unit motion -> (T, S, S, 3) uint8 crops."""
+    face, out = session.bundle.face, []
+    for start in range(0, len(motion), batch):
+        part = motion[start : start + batch].to(session.bundle.device)
+        n = len(part)
+        canon = Canonical(
+            volume=session.canonical.volume.expand(n, -1, -1, -1, -1),
+            source_grid=session.canonical.source_grid.expand(n, -1, -1, -1, -1),
+            image=session.canonical.image.expand(n, -1, -1, -1),
+        )
+        images = face.render(canon, session.z_id.expand(n, -1), part[:, :POSE_DIM], part[:, POSE_DIM:])
+        out.append(((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
+    return torch.cat(out).numpy()
+
+
+def paste_back(portrait: Portrait, crops: np.ndarray, crop_size: int, feather: float) -> np.ndarray:
+    """(T, S, S, 3) rendered crops blended into the portrait frame through the crop transform: (T, H, W, 3)."""
+    height, width = portrait.frame.shape[:2]
+    inverse = cv2.invertAffineTransform(portrait.transform)
+    ramp = max(1, int(round(feather * crop_size)))
+    mask = np.zeros((crop_size, crop_size), np.float32)
+    mask[ramp:-ramp, ramp:-ramp] = 1.0
+    mask = cv2.GaussianBlur(mask, (0, 0), sigmaX=ramp / 2) if ramp > 1 else mask
+    alpha = cv2.warpAffine(mask, inverse, (width, height), flags=cv2.INTER_LINEAR, borderValue=0.0)[..., None]
+    base = portrait.frame.astype(np.float32)
+    out = np.empty((len(crops), height, width, 3), np.uint8)
+    for index, crop in enumerate(crops):
+        big = cv2.resize(crop, (crop_size, crop_size), interpolation=cv2.INTER_CUBIC)
+        placed = cv2.warpAffine(big, inverse, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        out[index] = np.clip(alpha * placed + (1 - alpha) * base, 0, 255).round().astype(np.uint8)
+    return out
+
+
+def stream(
+    session: Session,
+    audio_chunks: Iterable[np.ndarray],
+    conditions: Conditions,
+    *,
+    crop_only: bool = False,
+    render_batch: int = 25,
+    feather: float = 0.12,
+    driving: torch.Tensor | None = None,
+    pose_from: torch.Tensor | None = None,
+    dynamics_from: torch.Tensor | None = None,
+) -> Iterator[np.ndarray]:
+    """Audio chunks ((n,) float32 at the bundle's sample rate) in, frame chunks ((F, H, W, 3) uint8) out.
+
+    A window of W frames is generated as soon as its audio (plus the STFT's half window) has arrived, so
+    the first frames come after W / fps seconds of audio plus one window's compute. `driving` (T, 7 + Z)
+    replaces the DiT's motion (reenactment); `pose_from` / `dynamics_from` replace one factor only.
+    Exactly one frame per whole 1/fps of audio.
+    """
+    bundle, meta = session.bundle, session.bundle.meta
+    dit, stats = bundle.dit, meta["normalisation"]
+    features = AudioFeatures(meta["audio"]["sample_rate"], meta["fps"], AudioFeatureConfig(**meta["audio"]["features"]),
+                             stats["audio"])  # fmt: skip
+    sampling = meta["sampling"]
+    schedule = NoiseSchedule(
+        DiffusionConfig(train_steps=sampling["train_steps"], schedule=sampling["schedule"],
+                        sampling_steps=conditions.steps, eta=sampling["eta"])
+    )  # fmt: skip
+    gaze = torch.as_tensor(conditions.gaze, dtype=torch.float32)[None]
+    distance = torch.tensor([[conditions.distance]], dtype=torch.float32)
+    emotion = torch.as_tensor(conditions.emotion, dtype=torch.float32)[None]
+    scales = {"audio": conditions.cfg_audio, "gaze": conditions.cfg_gaze}
+    crop_size = meta["crop"]["crop_size"]
+    context: tuple[torch.Tensor, torch.Tensor] | None = None
+    produced = 0
+
+    def window_frames(feats: np.ndarray) -> np.ndarray:
+        """One window (n <= W frames of features) -> its n output frames."""
+        nonlocal context, produced
+        audio = torch.from_numpy(feats)[None]
+        (_, motion), *_ = sliding_windows(
+            dit, schedule, audio, gaze, distance, emotion, steps=conditions.steps, eta=float(sampling["eta"]),
+            scales=scales, seed=conditions.seed + produced,
+            motion_pre=None if context is None else context[0], audio_pre=None if context is None else context[1],
+        )  # fmt: skip
+        n, k = motion.shape[1], dit.context
+        if n >= k:  # the next window is conditioned on this one's last K frames and their audio
+            context = (motion[:, n - k :], audio[:, n - k :].to(motion.device))
+        units = _override(denormalise(motion[0].float().cpu(), stats), produced, driving, pose_from, dynamics_from)
+        crops = render(session, units, render_batch)
+        produced += n
+        return crops if crop_only else paste_back(session.portrait, crops, crop_size, feather)
+
+    pending = np.zeros((0, features.dim), np.float32)
+    for chunk in audio_chunks:
+        pending = np.concatenate([pending, features.push(chunk)])
+        while len(pending) >= dit.window:
+            yield window_frames(pending[: dit.window])
+            pending = pending[dit.window :]
+    pending = np.concatenate([pending, features.finish()])
+    for start in range(0, len(pending), dit.window):
+        yield window_frames(pending[start : start + dit.window])
+
+
+def _override(
+    units: torch.Tensor,
+    start: int,
+    driving: torch.Tensor | None,
+    pose_from: torch.Tensor | None,
+    dynamics_from: torch.Tensor | None,
+) -> torch.Tensor:
+    """Reenactment: frames [start, start + len(units)) of the driving motion replace the generated ones
+    (the last driving frame is held when the audio is longer)."""
+
+    def take(source: torch.Tensor) -> torch.Tensor:
+        index = torch.arange(start, start + len(units)).clamp(max=len(source) - 1)
+        return source[index]
+
+    if driving is not None:
+        return take(driving)
+    units = units.clone()
+    if pose_from is not None:
+        units[:, :POSE_DIM] = take(pose_from)[:, :POSE_DIM]
+    if dynamics_from is not None:
+        units[:, POSE_DIM:] = take(dynamics_from)[:, POSE_DIM:]
+    return units
+
+
+@torch.no_grad()
+def encode_video(bundle: Bundle, path: Path, face_cfg: FaceConfig, crop_size: int) -> torch.Tensor:
+    """(T, 7 + Z) motion-encoder output for a driving video: its face box-cropped as the shards crop it."""
+    from preprocessing.decode import load_clip
+
+    try:
+        clip = load_clip(path, fps=bundle.meta["fps"], sample_rate=bundle.meta["audio"]["sample_rate"])
+    except DecodeError as err:
+        raise InputError(f"{path}: unreadable driving video ({err})") from None
+    frames = clip.frames
+    track = face_mod.get_tracker(face_cfg).track(frames)
+    if not np.isfinite(track.landmarks[:, :, 0]).any():
+        raise InputError(f"{path}: no face in the driving video")
+    transform = face_mod.box_transform(track.landmarks, crop_size, face_cfg.crop_scale, frames.shape[1:3])
+    crops = face_mod.apply_crops(frames, np.repeat(transform[None], len(frames), 0), crop_size)
+    side = bundle.resolution
+    small = np.stack([cv2.resize(c, (side, side), interpolation=cv2.INTER_AREA) for c in crops])
+    out = []
+    for start in range(0, len(small), 64):
+        batch = torch.stack([to_tensor(f) for f in small[start : start + 64]]).to(bundle.device)
+        pose, dyn = bundle.face.motion(batch)
+        out.append(torch.cat([pose, dyn], dim=1).float().cpu())
+    return torch.cat(out)
+
+
+def chunks(audio: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    for start in range(0, len(audio), size):
+        yield audio[start : start + size]
+
+
+def conditions_for(portrait: Portrait, bundle: Bundle, cfg: GenerateConfig, **overrides) -> Conditions:
+    """The portrait's own gaze, distance and emotion unless overridden; the bundle's guidance defaults."""
+    sampling = bundle.meta["sampling"]
+    values = {
+        "gaze": portrait.gaze,
+        "distance": portrait.distance,
+        "emotion": portrait.emotion,
+        "cfg_audio": sampling["cfg_audio"],
+        "cfg_gaze": sampling["cfg_gaze"],
+        "steps": cfg.steps or sampling["steps"],
+        "seed": cfg.seed,
+    }
+    values |= {k: v for k, v in overrides.items() if v is not None}
+    values["gaze"] = np.asarray(values["gaze"], np.float32)
+    values["emotion"] = np.asarray(values["emotion"], np.float32)
+    return Conditions(**values)
+
+
+def write_video(
+    out: Path,
+    frames: Iterable[np.ndarray],
+    audio: np.ndarray,
+    sample_rate: int,
+    fps: int,
+    cfg: GenerateConfig,
+    tags: dict[str, str],
+    watermark=None,
+) -> int:
+    """Encode frame chunks + the audio into `out` (temporary name until complete). Returns frames written."""
+    writer: VideoWriter | None = None
+    count = 0
+    try:
+        for chunk in frames:
+            if watermark is not None:
+                chunk = watermark.apply(chunk)
+            if writer is None:
+                writer = VideoWriter(out, chunk.shape[2], chunk.shape[1], fps, cfg.crf, cfg.preset,
+                                     audio_rate=sample_rate, metadata=tags)  # fmt: skip
+            for frame in chunk:
+                writer.write(frame)
+            count += len(chunk)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if writer is None:
+        raise InputError("no frames were generated (audio shorter than one video frame)")
+    writer.close(audio[: math.ceil(count * sample_rate / fps)])
+    return count
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("generate.device is cuda but no GPU is available")
+    return torch.device(device)
+
+
+# --- one call: files in, a labelled mp4 out ------------------------------------------------------------
+
+
+def package_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("vasa-pipeline")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass
+class Result:
+    path: Path
+    frames: int
+    seconds: float  # audio duration
+    bundle_sha256: str
+    signed: bool
+    timings: dict[str, float]
+
+
+def generate_file(
+    bundle: Bundle,
+    image: Path,
+    audio_path: Path,
+    out: Path,
+    params_generate: GenerateConfig,
+    face_cfg: FaceConfig,
+    *,
+    crop_only: bool = False,
+    driving_video: Path | None = None,
+    pose_from: Path | None = None,
+    dynamics_from: Path | None = None,
+    **overrides,
+) -> Result:
+    """portrait + speech -> `out` (mp4, H.264 + AAC), labelled: container tags, watermark, C2PA manifest.
+
+    `overrides`: gaze, distance, emotion, cfg_audio, cfg_gaze, steps, seed (None = default). Nothing is
+    left at `out` (or beside it) when anything fails.
+    """
+    from vasa import labels
+    from vasa.watermark import Watermarker
+
+    cfg = params_generate
+    if out.suffix.lower() != ".mp4":
+        raise InputError(f"{out}: the output must be an .mp4 file")
+    if Path(image).suffix.lower() not in IMAGE_SUFFIXES:
+        raise InputError(f"{image}: not an image file ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    for path, what in ((image, "portrait"), (audio_path, "audio"), (driving_video, "driving video"),
+                       (pose_from, "pose video"), (dynamics_from, "dynamics video")):  # fmt: skip
+        if path is not None and not Path(path).is_file():
+            raise InputError(f"{path}: {what} not found")
+    meta = bundle.meta
+    rate, fps, crop_size = meta["audio"]["sample_rate"], meta["fps"], meta["crop"]["crop_size"]
+    start = time.perf_counter()
+    portrait = prepare_portrait(Path(image), bundle.resolution, crop_size, face_cfg, cfg.max_side)
+    speech = load_speech(Path(audio_path), rate, cfg)
+    motion_sources = {}
+    for name, path in (("driving", driving_video), ("pose_from", pose_from), ("dynamics_from", dynamics_from)):
+        if path is not None:
+            motion_sources[name] = encode_video(bundle, Path(path), face_cfg, crop_size)
+    session = open_session(bundle, portrait)
+    conditions = conditions_for(portrait, bundle, cfg, **overrides)
+    frames = stream(
+        session, chunks(speech, rate), conditions, crop_only=crop_only, render_batch=cfg.render_batch,
+        feather=cfg.feather, **motion_sources,
+    )  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    unsigned = out.with_name(f".{out.stem}.unsigned.mp4")
+    tags = labels.container_tags(bundle.sha256, package_version())
+    marker = Watermarker(bytes.fromhex(bundle.sha256)[:8])
+    try:
+        count = write_video(unsigned, frames, speech, rate, fps, cfg, tags, watermark=marker)
+        signed = _sign(unsigned, out, cfg, bundle.sha256)
+    finally:
+        unsigned.unlink(missing_ok=True)
+    seconds = len(speech) / rate
+    timings = {"total_s": time.perf_counter() - start, **session.timings}
+    log.info("%s: %d frames (%.2f s of audio), bundle %s, C2PA %s", out, count, seconds, bundle.sha256[:12],
+             "signed" if signed else "off")  # fmt: skip
+    return Result(out, count, seconds, bundle.sha256, signed, timings)
+
+
+def _sign(unsigned: Path, out: Path, cfg: GenerateConfig, bundle_sha256: str) -> bool:
+    """C2PA-sign `unsigned` into `out` (or move it there unsigned when signing is off). True if signed."""
+    import tempfile
+
+    from vasa import labels
+
+    if cfg.c2pa.chain and cfg.c2pa.key:
+        labels.sign_c2pa(unsigned, out, Path(cfg.c2pa.chain), Path(cfg.c2pa.key), bundle_sha256, package_version())
+        return True
+    if cfg.c2pa.dev_certificate:
+        # A throwaway, untrusted certificate that lives only for this call: the manifest still says
+        # "AI-generated" and detects tampering; only a C2PA-trusted CA makes it trusted.
+        with tempfile.TemporaryDirectory(prefix="vasa-dev-cert-") as folder:
+            chain, key = labels.make_dev_certificate(Path(folder))
+            labels.sign_c2pa(unsigned, out, chain, key, bundle_sha256, package_version())
+        return True
+    log.warning("generate.c2pa: no certificate and dev_certificate off: %s has no C2PA manifest", out)
+    unsigned.replace(out)
+    return False
