@@ -242,3 +242,17 @@ def test_reenactment_takes_pose_and_dynamics_from_a_driving_video(bundle, params
     with pytest.raises(InputError, match="driving video"):
         generate_file(bundle, portrait, audio, tmp_path / "x.mp4", cfg, params.preprocess.face,
                       driving_video=tmp_path / "missing.mp4")  # fmt: skip
+
+
+def test_several_faces_pick_the_largest_and_say_so(params, fixtures_dir, tmp_path, caplog):
+    big = np.asarray(Image.open(fixtures_dir / PORTRAIT).convert("RGB").resize((384, 384)))
+    small = np.asarray(Image.open(fixtures_dir / PORTRAIT).convert("RGB").resize((192, 192)))
+    canvas = np.full((384, 640, 3), 200, np.uint8)
+    canvas[:, :384], canvas[96:288, 432:624] = big, small
+    path = tmp_path / "two.png"
+    Image.fromarray(canvas).save(path)
+    with caplog.at_level("WARNING", logger="vasa.generate"):
+        portrait = prepare_portrait(path, 64, params.preprocess.crop_size, params.preprocess.face, 1024)
+    assert portrait.faces == 2 and "2 faces found; animating the largest" in caplog.text
+    x0 = -portrait.transform[0, 2] / portrait.transform[0, 0]  # crop box left edge, portrait pixels
+    assert x0 < 384 / 2  # the box sits on the big face on the left, not the small one on the right

@@ -242,6 +242,14 @@ def open_session(bundle: Bundle, portrait: Portrait) -> Session:
     return session
 
 
+def autocast(device: torch.device):
+    """bf16 autocast on a GPU that supports it (fp16 otherwise), plain fp32 on CPU."""
+    if device.type != "cuda":
+        return torch.autocast("cpu", enabled=False)
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
 def denormalise(motion: torch.Tensor, stats: dict) -> torch.Tensor:
     """Normalised DiT motion (..., M) -> model units (z_pose, z_dyn), as extract_motion encoded them."""
     mean = motion.new_tensor(stats["motion"]["mean"])
@@ -261,7 +269,8 @@ def render(session: Session, motion: torch.Tensor, batch: int) -> np.ndarray:
             source_grid=session.canonical.source_grid.expand(n, -1, -1, -1, -1),
             image=session.canonical.image.expand(n, -1, -1, -1),
         )
-        images = face.render(canon, session.z_id.expand(n, -1), part[:, :POSE_DIM], part[:, POSE_DIM:])
+        with autocast(session.bundle.device):
+            images = face.render(canon, session.z_id.expand(n, -1), part[:, :POSE_DIM], part[:, POSE_DIM:])
         out.append(((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
     return torch.cat(out).numpy()
 
@@ -304,7 +313,7 @@ def stream(
     Exactly one frame per whole 1/fps of audio.
     """
     bundle, meta = session.bundle, session.bundle.meta
-    dit, stats = bundle.dit, meta["normalisation"]
+    dit, stats, device = bundle.dit, meta["normalisation"], bundle.device
     features = AudioFeatures(meta["audio"]["sample_rate"], meta["fps"], AudioFeatureConfig(**meta["audio"]["features"]),
                              stats["audio"])  # fmt: skip
     sampling = meta["sampling"]
@@ -324,11 +333,12 @@ def stream(
         """One window (n <= W frames of features) -> its n output frames."""
         nonlocal context, produced
         audio = torch.from_numpy(feats)[None]
-        (_, motion), *_ = sliding_windows(
-            dit, schedule, audio, gaze, distance, emotion, steps=conditions.steps, eta=float(sampling["eta"]),
-            scales=scales, seed=conditions.seed + produced,
-            motion_pre=None if context is None else context[0], audio_pre=None if context is None else context[1],
-        )  # fmt: skip
+        with autocast(device):
+            (_, motion), *_ = sliding_windows(
+                dit, schedule, audio, gaze, distance, emotion, steps=conditions.steps, eta=float(sampling["eta"]),
+                scales=scales, seed=conditions.seed + produced,
+                motion_pre=None if context is None else context[0], audio_pre=None if context is None else context[1],
+            )  # fmt: skip
         n, k = motion.shape[1], dit.context
         if n >= k:  # the next window is conditioned on this one's last K frames and their audio
             context = (motion[:, n - k :], audio[:, n - k :].to(motion.device))
