@@ -385,13 +385,16 @@ def _override(
 @torch.no_grad()
 def encode_video(bundle: Bundle, path: Path, face_cfg: FaceConfig, crop_size: int) -> torch.Tensor:
     """(T, 7 + Z) motion-encoder output for a driving video: its face box-cropped as the shards crop it."""
-    from preprocessing.decode import load_clip
+    from preprocessing.decode import read_frames
 
     try:
-        clip = load_clip(path, fps=bundle.meta["fps"], sample_rate=bundle.meta["audio"]["sample_rate"])
+        frames, rate = read_frames(path)  # video only: a driving video needs no audio
     except DecodeError as err:
         raise InputError(f"{path}: unreadable driving video ({err})") from None
-    frames = clip.frames
+    fps = bundle.meta["fps"]
+    if rate > 0 and abs(rate - fps) > 0.01:  # resample in time to the bundle's frame rate (nearest frame)
+        count = max(1, int(len(frames) * fps / rate))
+        frames = frames[np.minimum((np.arange(count) * rate / fps).astype(np.int64), len(frames) - 1)]
     track = face_mod.get_tracker(face_cfg).track(frames)
     if not np.isfinite(track.landmarks[:, :, 0]).any():
         raise InputError(f"{path}: no face in the driving video")
