@@ -94,6 +94,14 @@ def test_round_trip_after_ten_percent_crop(first_encode: np.ndarray, tmp_path: P
     assert_reads(detect(encode(cropped, 23, tmp_path / "crop.mp4")))
 
 
+def test_portrait_frames_and_half_size(tmp_path: Path) -> None:
+    """Normalised coordinates: a 144 x 256 portrait clip, and a half-size copy of it, read alike."""
+    portrait = np.stack([cv2.resize(f, (144, 256)) for f in moving_clip(50, 240)])
+    encoded = encode(embed(portrait, PAYLOAD), 23, tmp_path / "portrait.mp4")
+    assert_reads(detect(encoded))
+    assert_reads(detect(cv2.resize(f, (72, 128), interpolation=cv2.INTER_AREA) for f in encoded))
+
+
 def test_unmarked_and_other_key_not_detected(clip: np.ndarray, first_encode: np.ndarray, tmp_path: Path) -> None:
     unmarked = detect(encode(clip, 18, tmp_path / "plain.mp4"))
     assert not unmarked.detected and unmarked.payload is None and unmarked.bit_agreement is None
