@@ -384,6 +384,46 @@ def _add_demo(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return parser
 
 
+def _audit(args: argparse.Namespace, params: Params) -> int:
+    from vasa.audit import audit, write_report
+
+    report = audit(
+        args.target, args.shards, args.manifest, args.dvc_lock, motion=args.motion, verify_content=args.verify_content
+    )
+    write_report(report, args.out)
+    n = report.summary["counts"]["samples"]
+    print(f"audit: {n['train']} samples trained on, {n['evaluation']} evaluation, {n['excluded']} excluded; {args.out}")
+    return 0
+
+
+def _add_audit(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "audit",
+        help="list the clips, speakers and licences that went into a bundle, verified against its lineage",
+        description=(
+            "Provenance audit (vasa/audit.py): follow the lineage in TARGET/model.json (a bundle or a "
+            "train-latent/train-motion model folder) to the shards and the ingest manifest, check their sha256 "
+            "against the recorded digests, and write OUT/clips.parquet (every sample trained on or used for "
+            "evaluation, and every excluded clip with its reason: speaker, source, licence, media sha256), "
+            "OUT/audit.json (checks, processing steps, counts) and OUT/audit.md. Exits 2, naming the file, "
+            "when a digest does not match: the audit never describes other data than the model saw."
+        ),
+    )
+    parser.add_argument("--target", type=Path, required=True, help="bundle or stage model folder (with model.json)")
+    parser.add_argument("--shards", type=Path, required=True, help="preprocess output folder (index.json + shards)")
+    parser.add_argument("--manifest", type=Path, required=True, help="the ingest manifest (manifest.parquet)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for clips.parquet, audit.json, audit.md")
+    parser.add_argument("--dvc-lock", type=Path, help="also check the bundle's recorded stage outputs against it")
+    parser.add_argument("--motion", type=Path, help="extract-motion output folder: also check stage 2's data")
+    parser.add_argument(
+        "--verify-content",
+        action="store_true",
+        help="also hash every shard's member bytes against stats.json (and motion tars against their index)",
+    )
+    parser.set_defaults(handler=_audit)
+    return parser
+
+
 STAGES = (
     _add_sample,
     _add_ingest,
@@ -395,6 +435,7 @@ STAGES = (
     _add_generate,
     _add_verify,
     _add_demo,
+    _add_audit,
 )
 
 
