@@ -226,3 +226,26 @@ def test_a_changed_shard_is_refused(tmp_path):
     tar.unlink()
     with pytest.raises(InputError, match=f"{tar}: listed in index.json but missing"):
         audit(paths["bundle"], paths["shards"], paths["manifest"])
+
+
+def test_motion_data_must_come_from_these_shards(tmp_path):
+    paths = write_inputs(tmp_path)
+    motion = tmp_path / "motion"
+    motion.mkdir()
+    dataset = {"source_index_sha256": sha256_file(paths["shards"] / schema.INDEX_FILE), "source_dataset": {}}
+    write_json(motion / schema.INDEX_FILE, {"dataset": dataset, "splits": {}, "failures": []})
+    meta = json.loads((paths["bundle"] / MODEL_JSON).read_text())
+    meta["lineage"]["train_motion"]["index_sha256"] = sha256_file(motion / schema.INDEX_FILE)
+    write_json(paths["bundle"] / MODEL_JSON, meta)
+    report = audit(paths["bundle"], paths["shards"], paths["manifest"], motion=motion)
+    assert {c.name: c.status for c in report.checks}["shards the motion came from"] == "ok"
+
+    dit = tmp_path / "dit_model"  # a train-motion output reaches the shards through the motion index
+    dit.mkdir()
+    lineage = {"index_sha256": sha256_file(motion / schema.INDEX_FILE), "stage1_weights_sha256": STAGE1}
+    write_json(dit / MODEL_JSON, {"task": {"task": "train_motion"}, "lineage": lineage, "weights": {}})
+    assert audit(dit, paths["shards"], paths["manifest"], motion=motion).summary["counts"]["samples"]["train"] == 4
+
+    write_json(motion / schema.INDEX_FILE, {"dataset": {**dataset, "source_index_sha256": "d" * 64}, "splits": {}})
+    with pytest.raises(InputError, match=f"{motion / schema.INDEX_FILE} \\(motion index\\)"):
+        audit(paths["bundle"], paths["shards"], paths["manifest"], motion=motion)
