@@ -212,7 +212,7 @@ def test_generate_labels_the_video_and_survives_a_reencode(bundle_dir, params, f
 def test_every_fixture_portrait_and_speech(bundle, params, fixtures_dir, tmp_path, portrait, speech):
     """Every portrait and every speech file of the fixtures, whole: right length, one face in every frame."""
     out = tmp_path / "out.mp4"
-    cfg = params.generate.model_copy(update={"steps": 4})
+    cfg = params.generate.model_copy(update={"steps": 4, "max_side": 512})  # img03 is 1024² (encode time)
     result = generate_file(bundle, fixtures_dir / portrait, fixtures_dir / speech, out, cfg, params.preprocess.face)
     frames = read_frames(out)
     assert len(frames) == result.frames == int(result.seconds * FPS)

@@ -75,9 +75,9 @@ def check_video(path: Path, bundle_sha256: str, audio_seconds: float, params: Pa
         "labelled": report["labelled"],
         "container_ok": report["container"]["bundle_sha256"] == bundle_sha256,
         "c2pa_ok": bool(report["c2pa"]["valid"] and report["c2pa"]["ai_generated"]),
-        "watermark_ok": report["watermark"]["payload"] == bundle_sha256[:16],
+        "watermark_ok": report["watermark"]["verified"] and report["watermark"]["payload"] == bundle_sha256[:16],
         "watermark_score": report["watermark"]["score"],
-        "reencoded_watermark_ok": again["payload"] == bundle_sha256[:16],
+        "reencoded_watermark_ok": again["verified"] and again["payload"] == bundle_sha256[:16],
         "reencoded_watermark_score": again["score"],
     }
 

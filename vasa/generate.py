@@ -237,8 +237,15 @@ def open_session(bundle: Bundle, portrait: Portrait) -> Session:
     image = to_tensor(portrait.crop)[None].to(bundle.device)
     code = bundle.face.encode(image)
     canonical = bundle.face.canonical(code, image)
+    if bundle.device.type == "cuda":
+        torch.cuda.synchronize()
     session = Session(bundle, portrait, canonical, code.z_id, torch.cat([code.pose, code.dyn], dim=1))
     session.timings["encode_s"] = time.perf_counter() - start
+    # librosa compiles its STFT helpers (numba) on first use: seconds that must not land on the first window.
+    audio = bundle.meta["audio"]
+    log_mel(np.zeros(audio["sample_rate"] // 5, np.float32), audio["sample_rate"], bundle.meta["fps"],
+            AudioFeatureConfig(**audio["features"]))  # fmt: skip
+    session.timings["warmup_s"] = time.perf_counter() - start - session.timings["encode_s"]
     return session
 
 
@@ -275,22 +282,45 @@ def render(session: Session, motion: torch.Tensor, batch: int) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
+class Paster:
+    """Blends rendered crops back into the portrait through the inverse crop transform, with a feathered
+    edge. The mask and its warp are computed once per portrait; only the mask's bounding box is blended."""
+
+    def __init__(self, portrait: Portrait, crop_size: int, feather: float) -> None:
+        height, width = portrait.frame.shape[:2]
+        self.portrait, self.crop_size = portrait, crop_size
+        self.inverse = cv2.invertAffineTransform(portrait.transform)
+        ramp = max(1, int(round(feather * crop_size)))
+        mask = np.zeros((crop_size, crop_size), np.float32)
+        mask[ramp:-ramp, ramp:-ramp] = 1.0
+        mask = cv2.GaussianBlur(mask, (0, 0), sigmaX=ramp / 2) if ramp > 1 else mask
+        alpha = cv2.warpAffine(mask, self.inverse, (width, height), flags=cv2.INTER_LINEAR, borderValue=0.0)
+        rows, cols = np.nonzero(alpha > 0)
+        if len(rows) == 0:
+            raise InputError("the face crop lies outside the portrait")
+        self.box = (rows.min(), rows.max() + 1, cols.min(), cols.max() + 1)
+        top, bottom, left, right = self.box
+        self.alpha = alpha[top:bottom, left:right, None]
+        self.base = portrait.frame[top:bottom, left:right].astype(np.float32)
+        # The crop -> portrait warp, shifted so it writes straight into the box.
+        self.warp = self.inverse - np.array([[0, 0, left], [0, 0, top]], dtype=np.float64)
+
+    def __call__(self, crops: np.ndarray) -> np.ndarray:
+        """(T, S, S, 3) uint8 crops -> (T, H, W, 3) uint8 frames."""
+        top, bottom, left, right = self.box
+        size = (right - left, bottom - top)
+        out = np.repeat(self.portrait.frame[None], len(crops), axis=0)
+        for index, crop in enumerate(crops):
+            big = cv2.resize(crop, (self.crop_size, self.crop_size), interpolation=cv2.INTER_CUBIC)
+            placed = cv2.warpAffine(big, self.warp, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            blend = self.alpha * placed + (1 - self.alpha) * self.base
+            out[index, top:bottom, left:right] = np.clip(blend, 0, 255).round().astype(np.uint8)
+        return out
+
+
 def paste_back(portrait: Portrait, crops: np.ndarray, crop_size: int, feather: float) -> np.ndarray:
     """(T, S, S, 3) rendered crops blended into the portrait frame through the crop transform: (T, H, W, 3)."""
-    height, width = portrait.frame.shape[:2]
-    inverse = cv2.invertAffineTransform(portrait.transform)
-    ramp = max(1, int(round(feather * crop_size)))
-    mask = np.zeros((crop_size, crop_size), np.float32)
-    mask[ramp:-ramp, ramp:-ramp] = 1.0
-    mask = cv2.GaussianBlur(mask, (0, 0), sigmaX=ramp / 2) if ramp > 1 else mask
-    alpha = cv2.warpAffine(mask, inverse, (width, height), flags=cv2.INTER_LINEAR, borderValue=0.0)[..., None]
-    base = portrait.frame.astype(np.float32)
-    out = np.empty((len(crops), height, width, 3), np.uint8)
-    for index, crop in enumerate(crops):
-        big = cv2.resize(crop, (crop_size, crop_size), interpolation=cv2.INTER_CUBIC)
-        placed = cv2.warpAffine(big, inverse, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-        out[index] = np.clip(alpha * placed + (1 - alpha) * base, 0, 255).round().astype(np.uint8)
-    return out
+    return Paster(portrait, crop_size, feather)(crops)
 
 
 def stream(
@@ -325,12 +355,12 @@ def stream(
     distance = torch.tensor([[conditions.distance]], dtype=torch.float32)
     emotion = torch.as_tensor(conditions.emotion, dtype=torch.float32)[None]
     scales = {"audio": conditions.cfg_audio, "gaze": conditions.cfg_gaze}
-    crop_size = meta["crop"]["crop_size"]
+    paster = None if crop_only else Paster(session.portrait, meta["crop"]["crop_size"], feather)
     context: tuple[torch.Tensor, torch.Tensor] | None = None
     produced = 0
 
-    def window_frames(feats: np.ndarray) -> np.ndarray:
-        """One window (n <= W frames of features) -> its n output frames."""
+    def window_frames(feats: np.ndarray) -> Iterator[np.ndarray]:
+        """One window (n <= W frames of features) -> its n output frames, `render_batch` at a time."""
         nonlocal context, produced
         audio = torch.from_numpy(feats)[None]
         with autocast(device):
@@ -343,19 +373,20 @@ def stream(
         if n >= k:  # the next window is conditioned on this one's last K frames and their audio
             context = (motion[:, n - k :], audio[:, n - k :].to(motion.device))
         units = _override(denormalise(motion[0].float().cpu(), stats), produced, driving, pose_from, dynamics_from)
-        crops = render(session, units, render_batch)
         produced += n
-        return crops if crop_only else paste_back(session.portrait, crops, crop_size, feather)
+        for start in range(0, n, render_batch):  # yield as soon as a batch is drawn, not after the whole window
+            crops = render(session, units[start : start + render_batch], render_batch)
+            yield crops if crop_only else paster(crops)
 
     pending = np.zeros((0, features.dim), np.float32)
     for chunk in audio_chunks:
         pending = np.concatenate([pending, features.push(chunk)])
         while len(pending) >= dit.window:
-            yield window_frames(pending[: dit.window])
+            yield from window_frames(pending[: dit.window])
             pending = pending[dit.window :]
     pending = np.concatenate([pending, features.finish()])
     for start in range(0, len(pending), dit.window):
-        yield window_frames(pending[start : start + dit.window])
+        yield from window_frames(pending[start : start + dit.window])
 
 
 def _override(

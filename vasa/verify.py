@@ -41,6 +41,7 @@ def verify_file(path: Path, max_frames: int | None = None) -> dict:
         "watermark": {
             "detected": mark.detected,
             "payload": mark.payload.hex() if mark.payload else None,
+            "verified": mark.verified,  # the payload's CRC-32 checked out
             "score": mark.score,
             "threshold": mark.threshold,
             "frames": mark.frames,
