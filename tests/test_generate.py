@@ -256,3 +256,35 @@ def test_several_faces_pick_the_largest_and_say_so(params, fixtures_dir, tmp_pat
     assert portrait.faces == 2 and "2 faces found; animating the largest" in caplog.text
     x0 = -portrait.transform[0, 2] / portrait.transform[0, 0]  # crop box left edge, portrait pixels
     assert x0 < 384 / 2  # the box sits on the big face on the left, not the small one on the right
+
+
+def _encode_audio(path: Path, audio: np.ndarray, rate: int, codec: str) -> None:
+    """Write mono float audio with PyAV in the container named by `path`'s suffix."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.layout = "mono"
+        fmt = stream.codec_context.codec.audio_formats[0].name
+        frame = av.AudioFrame.from_ndarray(audio[None].astype(np.float32), format="flt", layout="mono")
+        frame.sample_rate = rate
+        resampler = av.AudioResampler(format=fmt, layout="mono", rate=rate)
+        for chunk in resampler.resample(frame):
+            container.mux(stream.encode(chunk))
+        container.mux(stream.encode(None))
+
+
+FORMATS = [("mp3", "libmp3lame", 44100), ("m4a", "aac", 48000), ("flac", "flac", 22050), ("ogg", "libopus", 48000)]
+
+
+@pytest.mark.parametrize(("suffix", "codec", "rate"), FORMATS)
+def test_common_audio_formats_and_rates_load_as_speech(params, tmp_path, suffix, codec, rate):
+    from vasa.generate import load_speech
+
+    t = np.arange(int(2.0 * rate)) / rate
+    tone = (0.3 * np.sin(2 * np.pi * 220 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+    path = tmp_path / f"speech.{suffix}"
+    _encode_audio(path, tone, rate, codec)
+    speech = load_speech(path, RATE, params.generate)
+    assert abs(len(speech) / RATE - 2.0) < 0.1  # resampled to 16 kHz, codec padding aside
+    assert 0.1 < np.sqrt(np.mean(speech**2)) < 0.3
