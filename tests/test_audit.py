@@ -14,6 +14,7 @@ from preprocessing.files import write_json
 from preprocessing.ingest import manifest
 from preprocessing.shards import Sample, shard_stats, write_shard
 from preprocessing.writer import write_failures
+from vasa import audit as audit_module
 from vasa.audit import AUDIT_JSON, AUDIT_MD, CLIPS_FILE, audit, write_report
 from vasa.cli import main
 from vasa.errors import InputError
@@ -195,6 +196,7 @@ def test_cli_passes_and_outputs_are_byte_identical(tmp_path):
 
 
 def test_stage_outputs_follow_their_own_lineage(tmp_path):
+    assert audit_module.MODEL_JSON == MODEL_JSON  # declared apart so that an audit does not load torch
     paths = write_inputs(tmp_path)
     latent = tmp_path / "latent_model"
     latent.mkdir()
