@@ -63,10 +63,11 @@ from preprocessing.audio import log_mel
 from vasa.config import DiffusionConfig, Params, load_params
 from vasa.diffusion import NoiseSchedule, guided_denoiser, sliding_windows
 from vasa.export import Bundle, bundle_meta
-from vasa.generate import Conditions, Portrait, open_session, paste_back, render, stream
+from vasa.generate import Conditions, open_session, render, stream
 from vasa.models.face_latent import FaceLatent
 from vasa.models.motion_dit import MotionDiT
 from vasa.models.presets import get_motion_preset, get_preset
+from vasa.portrait import Portrait, paste_back
 
 FPS = 25
 POSE_DIM = 7

@@ -26,12 +26,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from preprocessing import face as face_mod
-from preprocessing import pose as pose_mod
-from preprocessing.audio import log_mel, mel_frames_per_video_frame
-from preprocessing.decode import DecodeError, read_audio
+from preprocessing.audio import log_mel
+from preprocessing.decode import DecodeError
 from preprocessing.media import VideoWriter
 from vasa.config import AudioFeatureConfig, DiffusionConfig, FaceConfig, GenerateConfig
 from vasa.data import to_tensor
@@ -39,168 +37,12 @@ from vasa.diffusion import NoiseSchedule, sliding_windows
 from vasa.errors import InputError
 from vasa.export import Bundle
 from vasa.models.face_latent import Canonical
-from vasa.motion_data import EMOTION_COLUMNS
+from vasa.portrait import IMAGE_SUFFIXES, Paster, Portrait, prepare_portrait
+from vasa.speech import AudioFeatures, load_speech
 
 log = logging.getLogger(__name__)
 
 POSE_DIM = 7
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
-
-
-# --- the portrait ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Portrait:
-    """A prepared portrait: the frame to paste into, the crop transform and the measured conditions."""
-
-    frame: np.ndarray  # (H, W, 3) uint8 RGB, H and W even, longer side <= max_side
-    transform: np.ndarray  # (2, 3) frame pixels -> crop pixels (crop side = crop_size)
-    crop: np.ndarray  # (S, S, 3) uint8 model-resolution crop
-    gaze: np.ndarray  # (2,) degrees, theta/phi, as the shards measure it
-    distance: float  # log(crop_size / scale_px), as extract_motion computes it
-    emotion: np.ndarray  # (E,) EMOTION_COLUMNS of the expression descriptor
-    faces: int  # faces FaceMesh found (the largest is used)
-
-
-def read_portrait(path: Path, max_side: int) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of an image file, reduced so the longer side is at most max_side, even sides."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            rgb = image.convert("RGB")
-    except FileNotFoundError:
-        raise InputError(f"{path}: portrait not found") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise InputError(f"{path}: not a readable image ({err})") from None
-    scale = min(1.0, max_side / max(rgb.size))
-    width, height = (max(2, int(round(side * scale)) // 2 * 2) for side in rgb.size)
-    if (width, height) != rgb.size:
-        rgb = rgb.resize((width, height), Image.Resampling.LANCZOS)
-    return np.asarray(rgb, dtype=np.uint8).copy()
-
-
-def largest_face(detections: np.ndarray, count: int) -> np.ndarray:
-    """(478, 3) landmarks of the largest of `count` detections (2, 478, 3) NaN-padded."""
-    boxes = face_mod.landmark_boxes(detections[:count])  # (n, 4) x0, y0, x1, y1
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    return detections[int(np.nanargmax(areas))]
-
-
-def prepare_portrait(path: Path, resolution: int, crop_size: int, face_cfg: FaceConfig, max_side: int) -> Portrait:
-    """Detect the face, place the shards' box crop on it and measure gaze, distance and emotion."""
-    frame = read_portrait(path, max_side)
-    tracker = face_mod.get_tracker(face_cfg)
-    detections, counts = _detect(tracker, frame)
-    faces = int(counts[0])
-    if faces == 0:
-        raise InputError(f"{path}: no face found in the portrait")
-    landmarks = largest_face(detections[0], faces)
-    if faces > 1:
-        log.warning("%s: %d faces found; animating the largest", path, faces)
-    transform = face_mod.box_transform(landmarks[None], crop_size, face_cfg.crop_scale, frame.shape[:2])
-    crop = face_mod.crop_frame(frame, transform, crop_size)
-    if crop_size != resolution:
-        crop = cv2.resize(crop, (resolution, resolution), interpolation=cv2.INTER_AREA)
-    in_crop = face_mod.transform_points(landmarks[None], transform[None])  # (1, 478, 3) crop pixels
-    head = pose_mod.head_pose(in_crop)
-    gaze = pose_mod.gaze(in_crop, head)[0]
-    expression = pose_mod.expression(in_crop, head)[0]
-    columns = [pose_mod.EXPRESSION_COLUMNS.index(c) for c in EMOTION_COLUMNS]
-    return Portrait(
-        frame=frame,
-        transform=transform,
-        crop=np.ascontiguousarray(crop),
-        gaze=np.nan_to_num(gaze).astype(np.float32),
-        distance=float(np.log(crop_size / head.scale[0])),
-        emotion=expression[columns].astype(np.float32),
-        faces=faces,
-    )
-
-
-def _detect(tracker: face_mod.FaceMeshTracker, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    tracker.reset()  # a still image: detection from scratch, no state from an earlier clip
-    return tracker.detect(frame[None])
-
-
-# --- audio -------------------------------------------------------------------------------------------
-
-
-def load_speech(path: Path, sample_rate: int, cfg: GenerateConfig) -> np.ndarray:
-    """(N,) float32 mono speech at `sample_rate`; InputError if unreadable, silent or too long."""
-    if not Path(path).is_file():
-        raise InputError(f"{path}: audio not found")
-    try:
-        audio = read_audio(path, sample_rate)
-    except DecodeError as err:
-        raise InputError(f"{path}: unreadable audio ({err})") from None
-    seconds = len(audio) / sample_rate
-    if seconds < 1 / 25:
-        raise InputError(f"{path}: no audio samples")
-    if seconds > cfg.max_audio_seconds:
-        raise InputError(
-            f"{path}: {seconds:.1f} s of audio is over generate.max_audio_seconds ({cfg.max_audio_seconds:g} s)"
-        )
-    rms = float(np.sqrt(np.mean(np.square(audio, dtype=np.float64))))
-    if rms < cfg.min_audio_rms:
-        raise InputError(f"{path}: the audio is silent (RMS {rms:.2e} < generate.min_audio_rms {cfg.min_audio_rms:g})")
-    return audio
-
-
-class AudioFeatures:
-    """Log-mel features per video frame, normalised as the motion shards are, from audio in chunks.
-
-    Video frame t owns mel frames [t k, (t + 1) k), centred inside its samples; each needs n_fft / 2
-    samples on both sides. `push` returns the frames whose windows have fully arrived, computed on a
-    segment that starts whole frames earlier (the STFT's edge padding only touches those history frames,
-    which are dropped); `finish` computes the rest up to the true end as `log_mel` does for a whole
-    file. So the features equal `log_mel` over the whole clip whatever the chunking, and memory holds
-    only a few frames of history.
-    """
-
-    def __init__(self, sample_rate: int, fps: int, cfg: AudioFeatureConfig, stats: dict) -> None:
-        self.sample_rate, self.fps, self.cfg = sample_rate, fps, cfg
-        self.k = mel_frames_per_video_frame(sample_rate, fps, cfg.hop_length)
-        self.per_frame = sample_rate // fps
-        self.margin = cfg.n_fft // 2
-        self.history = -(-self.margin // self.per_frame)  # whole frames of samples in front of the first new one
-        self.mean = np.asarray(stats["mean"], np.float32)
-        self.std = np.asarray(stats["std"], np.float32)
-        self.buffer = np.zeros(0, np.float32)  # samples from `offset` on
-        self.offset = 0  # absolute index of buffer[0], a whole number of frames
-        self.done = 0  # video frames emitted
-        self.total = 0  # samples pushed
-
-    @property
-    def dim(self) -> int:
-        return self.k * self.cfg.n_mels
-
-    def push(self, chunk: np.ndarray) -> np.ndarray:
-        """Append (n,) float32 samples; (F, A) features of the frames they complete (F may be 0)."""
-        chunk = np.asarray(chunk, np.float32).reshape(-1)
-        self.buffer = np.concatenate([self.buffer, chunk])
-        self.total += len(chunk)
-        last_centre_offset = (self.k - 1) * self.cfg.hop_length  # frame t's last mel centre: t * per_frame + this
-        complete = (self.total - self.margin - last_centre_offset) // self.per_frame  # frames with every window in
-        return self._emit(min(max(complete, 0), self.total // self.per_frame), final=False)
-
-    def finish(self) -> np.ndarray:
-        """Features of the remaining whole frames, the end treated as the end of the file."""
-        return self._emit(self.total // self.per_frame, final=True)
-
-    def _emit(self, end: int, final: bool) -> np.ndarray:
-        if end <= self.done:
-            return np.zeros((0, self.dim), np.float32)
-        first = max(self.done - self.history, 0)
-        start = first * self.per_frame - self.offset
-        stop = None if final else end * self.per_frame + self.margin + self.per_frame - self.offset
-        mel = log_mel(self.buffer[start:stop], self.sample_rate, self.fps, self.cfg)
-        feats = mel[(self.done - first) * self.k : (end - first) * self.k].reshape(-1, self.dim)
-        self.done = end
-        keep = max(end - self.history, 0) * self.per_frame
-        self.buffer = self.buffer[keep - self.offset :]
-        self.offset = keep
-        return ((feats - self.mean) / self.std).astype(np.float32)
 
 
 # --- the generator -----------------------------------------------------------------------------------
@@ -280,47 +122,6 @@ def render(session: Session, motion: torch.Tensor, batch: int) -> np.ndarray:
             images = face.render(canon, session.z_id.expand(n, -1), part[:, :POSE_DIM], part[:, POSE_DIM:])
         out.append(((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
     return torch.cat(out).numpy()
-
-
-class Paster:
-    """Blends rendered crops back into the portrait through the inverse crop transform, with a feathered
-    edge. The mask and its warp are computed once per portrait; only the mask's bounding box is blended."""
-
-    def __init__(self, portrait: Portrait, crop_size: int, feather: float) -> None:
-        height, width = portrait.frame.shape[:2]
-        self.portrait, self.crop_size = portrait, crop_size
-        self.inverse = cv2.invertAffineTransform(portrait.transform)
-        ramp = max(1, int(round(feather * crop_size)))
-        mask = np.zeros((crop_size, crop_size), np.float32)
-        mask[ramp:-ramp, ramp:-ramp] = 1.0
-        mask = cv2.GaussianBlur(mask, (0, 0), sigmaX=ramp / 2) if ramp > 1 else mask
-        alpha = cv2.warpAffine(mask, self.inverse, (width, height), flags=cv2.INTER_LINEAR, borderValue=0.0)
-        rows, cols = np.nonzero(alpha > 0)
-        if len(rows) == 0:
-            raise InputError("the face crop lies outside the portrait")
-        self.box = (rows.min(), rows.max() + 1, cols.min(), cols.max() + 1)
-        top, bottom, left, right = self.box
-        self.alpha = alpha[top:bottom, left:right, None]
-        self.base = portrait.frame[top:bottom, left:right].astype(np.float32)
-        # The crop -> portrait warp, shifted so it writes straight into the box.
-        self.warp = self.inverse - np.array([[0, 0, left], [0, 0, top]], dtype=np.float64)
-
-    def __call__(self, crops: np.ndarray) -> np.ndarray:
-        """(T, S, S, 3) uint8 crops -> (T, H, W, 3) uint8 frames."""
-        top, bottom, left, right = self.box
-        size = (right - left, bottom - top)
-        out = np.repeat(self.portrait.frame[None], len(crops), axis=0)
-        for index, crop in enumerate(crops):
-            big = cv2.resize(crop, (self.crop_size, self.crop_size), interpolation=cv2.INTER_CUBIC)
-            placed = cv2.warpAffine(big, self.warp, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-            blend = self.alpha * placed + (1 - self.alpha) * self.base
-            out[index, top:bottom, left:right] = np.clip(blend, 0, 255).round().astype(np.uint8)
-        return out
-
-
-def paste_back(portrait: Portrait, crops: np.ndarray, crop_size: int, feather: float) -> np.ndarray:
-    """(T, S, S, 3) rendered crops blended into the portrait frame through the crop transform: (T, H, W, 3)."""
-    return Paster(portrait, crop_size, feather)(crops)
 
 
 def stream(
