@@ -16,8 +16,9 @@ from PIL import Image
 
 from preprocessing import face as face_mod
 from preprocessing.audio import log_mel
+from preprocessing.decode import read_frames
 from vasa.cli import main as cli_main
-from vasa.demo import read_frames, reencode
+from vasa.demo import reencode
 from vasa.errors import InputError
 from vasa.export import bundle_meta, load_bundle, write_bundle
 from vasa.generate import AudioFeatures, chunks, conditions_for, generate_file, open_session, prepare_portrait, stream
@@ -181,7 +182,7 @@ def test_generate_labels_the_video_and_survives_a_reencode(bundle_dir, params, f
     argv = ["generate", "--bundle", str(bundle_dir), "--image", str(fixtures_dir / PORTRAIT), "--audio", str(audio),
             "--out", str(out), "--steps", "4", "--gaze", "5,-3"]  # fmt: skip
     assert cli_main(argv) == 0
-    frames = read_frames(out)
+    frames, _ = read_frames(out)
     assert len(frames) == 3 * FPS and frames.shape[1:] == (512, 512, 3)
     track = face_mod.get_tracker(params.preprocess.face).track(frames)
     assert (track.faces == 1).all()
@@ -214,7 +215,7 @@ def test_every_fixture_portrait_and_speech(bundle, params, fixtures_dir, tmp_pat
     out = tmp_path / "out.mp4"
     cfg = params.generate.model_copy(update={"steps": 4, "max_side": 512})  # img03 is 1024² (encode time)
     result = generate_file(bundle, fixtures_dir / portrait, fixtures_dir / speech, out, cfg, params.preprocess.face)
-    frames = read_frames(out)
+    frames, _ = read_frames(out)
     assert len(frames) == result.frames == int(result.seconds * FPS)
     track = face_mod.get_tracker(params.preprocess.face).track(frames[::5])  # every 5th frame: FaceMesh is slow
     assert (track.faces == 1).all()
@@ -226,7 +227,7 @@ def test_reenactment_takes_pose_and_dynamics_from_a_driving_video(bundle, params
     portrait = fixtures_dir / PORTRAIT
     audio = speech_clip(fixtures_dir, tmp_path, 2.0)
     driving = tmp_path / "driving.mp4"
-    frames = read_frames(fixtures_dir / "vid01_sadtalker_WDA_KatieHill_000.mp4")[:50]
+    frames = read_frames(fixtures_dir / "vid01_sadtalker_WDA_KatieHill_000.mp4")[0][:50]
     from preprocessing.media import write_mp4
 
     write_mp4(driving, frames, fps=FPS, crf=18, preset="ultrafast")
@@ -235,7 +236,7 @@ def test_reenactment_takes_pose_and_dynamics_from_a_driving_video(bundle, params
     for name, extra in (("driven", {"driving_video": driving}), ("generated", {}), ("pose", {"pose_from": driving})):
         outs[name] = tmp_path / f"{name}.mp4"
         generate_file(bundle, portrait, audio, outs[name], cfg, params.preprocess.face, crop_only=True, **extra)
-    driven, generated, posed = (read_frames(outs[n]).astype(np.float32) for n in ("driven", "generated", "pose"))
+    driven, generated, posed = (read_frames(outs[n])[0].astype(np.float32) for n in ("driven", "generated", "pose"))
     assert driven.shape == generated.shape == posed.shape == (50, 64, 64, 3)
     assert np.abs(driven - generated).mean() > 1.0  # the driving video's motion, not the DiT's
     assert np.abs(posed - generated).mean() > 1.0 and np.abs(posed - driven).mean() > 0.0

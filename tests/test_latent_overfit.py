@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.test_extract_motion import _one_thread  # noqa: F401 (autouse fixture: one intra-op thread)
 from vasa.data import Clip, decode_frames, draw_pair, pair_item
 from vasa.models.presets import get_preset
 from vasa.train_latent import heldout_psnr
@@ -43,30 +44,25 @@ def _pairs(rng: random.Random, clip: Clip, other: Clip, count: int) -> dict[str,
 
 
 def test_tiny_overfits_one_real_clip(tmp_path, fixtures_dir, params):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small convs on a shared 2-core CPU (docs/BENCHMARKS.md)
-    try:
-        preset = get_preset("tiny")
-        clip = _clip(fixtures_dir / CLIP, "vid01", 0, preset.resolution)
-        other = _clip(fixtures_dir / OTHER, "vid02", 1, preset.resolution)
-        assert len(clip.frames) == FRAMES and clip.frames.std() > 10
+    preset = get_preset("tiny")  # one intra-op thread (autouse fixture): small convs on a shared 2-core CPU
+    clip = _clip(fixtures_dir / CLIP, "vid01", 0, preset.resolution)
+    other = _clip(fixtures_dir / OTHER, "vid02", 1, preset.resolution)
+    assert len(clip.frames) == FRAMES and clip.frames.std() > 10
 
-        def batches(epoch: int, rank: int, world: int):
-            rng = random.Random(f"overfit/{epoch}/{rank}")
-            while True:
-                yield _pairs(rng, clip, other, BATCH)
+    def batches(epoch: int, rank: int, world: int):
+        rng = random.Random(f"overfit/{epoch}/{rank}")
+        while True:
+            yield _pairs(rng, clip, other, BATCH)
 
-        own = {"own_frames": _pairs(random.Random("overfit/eval"), clip, other, EVAL_PAIRS)}
-        loss = params.train_latent.loss.model_copy(update={"pose": 0.0})  # no pose labels for a raw clip
-        task = LatentTask(loss, preset, n_speakers=2)
-        schedule = {"steps": STEPS, "batch_size": BATCH, "checkpoint_every": STEPS, "image_every": STEPS}
-        cfg = params.train_latent.train.model_copy(update=schedule | {"log_every": 25})
-        result = train(
-            task, cfg, batches, tmp_path / "run", meta={}, resume=False, progress=False,
-            evaluate=lambda models: heldout_psnr(task, models, own, BATCH),
-        )  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
+    own = {"own_frames": _pairs(random.Random("overfit/eval"), clip, other, EVAL_PAIRS)}
+    loss = params.train_latent.loss.model_copy(update={"pose": 0.0})  # no pose labels for a raw clip
+    task = LatentTask(loss, preset, n_speakers=2)
+    schedule = {"steps": STEPS, "batch_size": BATCH, "checkpoint_every": STEPS, "image_every": STEPS}
+    cfg = params.train_latent.train.model_copy(update=schedule | {"log_every": 25})
+    result = train(
+        task, cfg, batches, tmp_path / "run", meta={}, resume=False, progress=False,
+        evaluate=lambda models: heldout_psnr(task, models, own, BATCH),
+    )  # fmt: skip
     figures = result.evaluation
     print({k: round(v, 3) for k, v in figures.items()})
     assert figures["heldout_own_frames/psnr_model_db"] >= MIN_PSNR_DB

@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from tests.test_extract_motion import _one_thread  # noqa: F401 (autouse fixture: one intra-op thread)
 from vasa import onnx_export
 from vasa.models.face_latent import FaceLatent
 from vasa.models.motion_dit import CONDITIONS, MotionDiT
@@ -32,14 +33,6 @@ from vasa.training.checkpoint import write_weights
 
 # Renderer outputs lie in [-1, 1] (measured max abs difference ~1.5e-6); the DiT's x0 is O(1) (~5e-7).
 TOLERANCE = 1e-4
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,11 @@ import json
 import logging
 from pathlib import Path
 
-import av
-import numpy as np
 import soundfile
 from PIL import Image
 
 from preprocessing import face as face_mod
-from preprocessing.decode import read_audio
+from preprocessing.decode import read_audio, read_frames
 from preprocessing.media import write_mp4
 from vasa.config import Params
 from vasa.errors import InputError
@@ -34,14 +32,9 @@ log = logging.getLogger(__name__)
 REENCODE_CRF = 23
 
 
-def read_frames(path: Path) -> np.ndarray:
-    with av.open(str(path)) as container:
-        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
-
-
 def reencode(src: Path, dst: Path, crf: int) -> None:
     """Decode and encode again with libx264 at `crf`, audio dropped (a platform's transcode)."""
-    write_mp4(dst, read_frames(src), fps=25, crf=crf, preset="veryfast")
+    write_mp4(dst, read_frames(src)[0], fps=25, crf=crf, preset="veryfast")
 
 
 def pick_clips(sample_dir: Path) -> list[dict]:
@@ -56,7 +49,7 @@ def pick_clips(sample_dir: Path) -> list[dict]:
 
 
 def check_video(path: Path, bundle_sha256: str, audio_seconds: float, params: Params) -> dict:
-    frames = read_frames(path)
+    frames, _ = read_frames(path)
     track = face_mod.get_tracker(params.preprocess.face).track(frames)
     report = verify_file(path)
     copy = path.with_name(f"{path.stem}.crf{REENCODE_CRF}.mp4")
@@ -91,7 +84,7 @@ def run_demo(params: Params, sample_dir: Path, bundle_dir: Path, out: Path, repo
     for clip in pick_clips(sample_dir):
         source = sample_dir / clip["file"]
         portrait, speech = inputs / f"{clip['clip_id']}.png", inputs / f"{clip['clip_id']}.wav"
-        Image.fromarray(read_frames(source)[0]).save(portrait)
+        Image.fromarray(read_frames(source)[0][0]).save(portrait)
         audio = read_audio(source, rate)
         soundfile.write(speech, audio, rate, subtype="PCM_16")
         video = out / f"{clip['speaker_id']}.mp4"

@@ -32,11 +32,12 @@ from preprocessing.audio import log_mel
 from preprocessing.decode import DecodeError
 from preprocessing.media import VideoWriter
 from vasa.config import AudioFeatureConfig, DiffusionConfig, FaceConfig, GenerateConfig
-from vasa.data import to_tensor
+from vasa.data import to_tensor, to_uint8
 from vasa.diffusion import NoiseSchedule, sliding_windows
 from vasa.errors import InputError
 from vasa.export import Bundle
 from vasa.models.face_latent import Canonical
+from vasa.motion_data import Stage1Encoder
 from vasa.portrait import IMAGE_SUFFIXES, Paster, Portrait, prepare_portrait
 from vasa.speech import AudioFeatures, load_speech
 
@@ -120,8 +121,8 @@ def render(session: Session, motion: torch.Tensor, batch: int) -> np.ndarray:
         )
         with autocast(session.bundle.device):
             images = face.render(canon, session.z_id.expand(n, -1), part[:, :POSE_DIM], part[:, POSE_DIM:])
-        out.append(((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
-    return torch.cat(out).numpy()
+        out.append(to_uint8(images))
+    return np.concatenate(out)
 
 
 def stream(
@@ -234,12 +235,8 @@ def encode_video(bundle: Bundle, path: Path, face_cfg: FaceConfig, crop_size: in
     crops = face_mod.apply_crops(frames, np.repeat(transform[None], len(frames), 0), crop_size)
     side = bundle.resolution
     small = np.stack([cv2.resize(c, (side, side), interpolation=cv2.INTER_AREA) for c in crops])
-    out = []
-    for start in range(0, len(small), 64):
-        batch = torch.stack([to_tensor(f) for f in small[start : start + 64]]).to(bundle.device)
-        pose, dyn = bundle.face.motion(batch)
-        out.append(torch.cat([pose, dyn], dim=1).float().cpu())
-    return torch.cat(out)
+    encoder = Stage1Encoder(bundle.face.motion, side, bundle.sha256, bundle.device)  # extract_motion's encoder
+    return torch.from_numpy(encoder.encode(small, batch_size=64))
 
 
 def chunks(audio: np.ndarray, size: int) -> Iterator[np.ndarray]:

@@ -88,6 +88,11 @@ def container_tags(bundle_sha256: str, version: str) -> dict[str, str]:
     }
 
 
+def comment_fields(tags: dict[str, str]) -> dict[str, str]:
+    """The `key=value; ...` fields of the `comment` tag that `container_tags` writes ({} if absent)."""
+    return dict(part.strip().split("=", 1) for part in tags.get("comment", "").split(";") if "=" in part)
+
+
 def read_container_tags(path: Path) -> dict[str, str]:
     """The container tags a verifier sees (ftyp brand fields left out); empty dict if none."""
     try:

@@ -19,9 +19,7 @@ def verify_file(path: Path, max_frames: int | None = None) -> dict:
 
     if not Path(path).is_file():
         raise InputError(f"{path}: video not found")
-    tags = labels.read_container_tags(path)
-    comment = tags.get("comment", "")
-    fields = dict(part.strip().split("=", 1) for part in comment.split(";") if "=" in part)
+    fields = labels.comment_fields(labels.read_container_tags(path))
     c2pa = labels.read_c2pa(path)
     mark = detect_file(path, max_frames=max_frames)
     report = {

@@ -21,22 +21,22 @@ from torch.nn import functional as F
 
 from preprocessing.face import FaceMeshTracker
 from preprocessing.pose import head_pose
+from vasa.data import to_uint8
 from vasa.models.face_latent import FaceLatent
 
 JUDGE_SIDE = 256  # renderings are upsampled to this side before FaceMesh (it misses faces at 64²)
 MIN_GAP_DEG = 2.0  # pairs whose measured A/B rotation gap is smaller say nothing about the direction
 
 
-def to_uint8(images: torch.Tensor, side: int = JUDGE_SIDE) -> np.ndarray:
+def upsampled(images: torch.Tensor, side: int = JUDGE_SIDE) -> np.ndarray:
     """(B, 3, S, S) in [-1, 1] -> (B, side, side, 3) uint8 RGB, bicubic."""
-    big = F.interpolate(images.float(), size=(side, side), mode="bicubic", align_corners=False)
-    return ((big.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return to_uint8(F.interpolate(images.float(), size=(side, side), mode="bicubic", align_corners=False))
 
 
 def measured_rotation(tracker: FaceMeshTracker, images: torch.Tensor) -> np.ndarray:
     """(B, 3) yaw, pitch, roll in degrees re-estimated on each image alone; NaN rows where no single face."""
     angles = []
-    for frame in to_uint8(images):
+    for frame in upsampled(images):
         track = tracker.track(frame[None])
         pose = head_pose(track.landmarks)
         angles.append([pose.yaw[0], pose.pitch[0], pose.roll[0]])
