@@ -29,7 +29,7 @@ from vasa.config import Params
 from vasa.errors import InputError
 from vasa.models.face_latent import FaceLatent, load_face_latent
 from vasa.models.motion_dit import MotionDiT
-from vasa.models.presets import get_motion_preset
+from vasa.models.presets import get_motion_preset, preset_from_json
 from vasa.training.checkpoint import MODEL_JSON, load_weights, sha256_file, write_weights
 
 log = logging.getLogger(__name__)
@@ -185,8 +185,6 @@ def load_bundle(folder: Path, device: str | torch.device = "cpu") -> Bundle:
         raise InputError(f"{folder}: not a {BUNDLE_FORMAT} folder (format {meta.get('format')!r})")
     if meta.get("version") != BUNDLE_VERSION:
         raise InputError(f"{folder}: bundle version {meta.get('version')} (this code reads {BUNDLE_VERSION})")
-    from vasa.models.presets import preset_from_json
-
     face = FaceLatent(preset_from_json(meta["face_latent"]["preset"]), n_speakers=meta["face_latent"]["n_speakers"])
     face.load_state_dict(weights[FACE], strict=True)
     dit = build_dit(meta["motion_dit"])
