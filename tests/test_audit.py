@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -9,14 +10,16 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from preprocessing import schema
+from preprocessing import denylist, schema
 from preprocessing.files import write_json
 from preprocessing.ingest import manifest
-from preprocessing.shards import Sample, shard_stats, write_shard
+from preprocessing.shards import Sample, write_shard
 from preprocessing.writer import write_failures
 from vasa import audit as audit_module
-from vasa.audit import AUDIT_JSON, AUDIT_MD, CLIPS_FILE, audit, write_report
+from vasa import croissant
+from vasa.audit import AUDIT_JSON, AUDIT_MD, CLIPS_FILE, TakedownPresentError, audit, write_report
 from vasa.cli import main
+from vasa.croissant import CROISSANT_FILE
 from vasa.errors import InputError
 from vasa.training.checkpoint import MODEL_JSON, sha256_file, shards_lineage
 
@@ -64,7 +67,9 @@ def write_inputs(root: Path) -> dict[str, Path]:
         samples = [Sample(f"{row['key']}_{i:05d}", {"json": b"{}", "mp4": b"\0"}, 10, 0.4) for i in range(n_ok)]
         name = f"{split}-{row['key']}-0000.tar"  # one shard per clip
         write_shard(paths["shards"] / name, samples)
-        stats = shard_stats(name.removesuffix(".tar"), samples, [])
+        # The stats.json fields the audit compares (members digest as preprocessing.shards computes it).
+        members = hashlib.sha256("".join(s.digest() for s in samples).encode()).hexdigest()
+        stats = {"shard": name, "samples": n_ok, "members_sha256": members}
         write_json(
             paths["shards"] / name.replace(".tar", schema.STATS_SUFFIX),
             stats | {"tar_bytes": (paths["shards"] / name).stat().st_size},
@@ -190,7 +195,7 @@ def test_cli_passes_and_outputs_are_byte_identical(tmp_path):
     args = ["--target", str(paths["bundle"]), "--shards", str(paths["shards"]), "--manifest", str(paths["manifest"])]
     for out in ("one", "two"):
         assert main(["--params", str(REPO / "params.yaml"), "audit", *args, "--out", str(tmp_path / out)]) == 0
-    for name in (CLIPS_FILE, AUDIT_JSON, AUDIT_MD):
+    for name in (CLIPS_FILE, AUDIT_JSON, AUDIT_MD, CROISSANT_FILE):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
     assert not list((tmp_path / "one").glob("*.partial"))
 
@@ -251,3 +256,54 @@ def test_motion_data_must_come_from_these_shards(tmp_path):
     write_json(motion / schema.INDEX_FILE, {"dataset": {**dataset, "source_index_sha256": "d" * 64}, "splits": {}})
     with pytest.raises(InputError, match=f"{motion / schema.INDEX_FILE} \\(motion index\\)"):
         audit(paths["bundle"], paths["shards"], paths["manifest"], motion=motion)
+
+
+def test_croissant_description_is_written_and_an_invalid_one_writes_nothing(tmp_path, monkeypatch):
+    paths = write_inputs(tmp_path)
+    run_audit(paths, tmp_path / "audit")
+    description = json.loads((tmp_path / "audit" / CROISSANT_FILE).read_text())
+    assert croissant.validate(description) is not None
+    assert sorted(d["name"] for d in description["distribution"] if d["@id"].startswith("shard/")) == sorted(
+        p.name for p in paths["shards"].glob("*.tar")
+    )
+    assert "https://creativecommons.org/licenses/by-nc/4.0/" in description["license"]  # cat's val clip
+
+    broken = croissant.describe  # a description that lost its shard files
+    monkeypatch.setattr(
+        croissant,
+        "describe",
+        lambda *a: {**broken(*a), "distribution": [d for d in broken(*a)["distribution"] if d["@id"] == "manifest"]},
+    )
+    args = ["--target", str(paths["bundle"]), "--shards", str(paths["shards"]), "--manifest", str(paths["manifest"])]
+    assert main(["--params", str(REPO / "params.yaml"), "audit", *args, "--out", str(tmp_path / "cli")]) == 2
+    assert not (tmp_path / "cli").exists()
+
+
+def test_takedown_requests_are_reported_absent_or_present(tmp_path):
+    paths = write_inputs(tmp_path)
+    requests = [
+        denylist.Request("speaker", "bob", "asked by bob", "2026-11-20"),  # b0 trained on: PRESENT
+        denylist.Request("clip", "local:bob/b1.mp4", "asked", "2026-11-21"),  # unreadable, never used: absent
+        denylist.Request("video", "https://example.org/eve/e0.mp4", "asked", "2026-11-21"),  # not in the data
+    ]
+    listed = tmp_path / "denylist.csv"
+    denylist.write(listed, denylist.Denylist(tuple(requests[1:])))
+    args = ["--target", str(paths["bundle"]), "--shards", str(paths["shards"]), "--manifest", str(paths["manifest"])]
+    cli = ["--params", str(REPO / "params.yaml"), "audit", *args, "--denylist", str(listed)]
+    assert main([*cli, "--out", str(tmp_path / "clean")]) == 0
+    summary = json.loads((tmp_path / "clean" / AUDIT_JSON).read_text())
+    assert [(r["id"], r["status"]) for r in summary["takedown"]] == [
+        ("local:bob/b1.mp4", "absent"),
+        ("https://example.org/eve/e0.mp4", "absent"),
+    ]
+    assert "| clip | local:bob/b1.mp4 | 2026-11-21 | absent |" in (tmp_path / "clean" / AUDIT_MD).read_text()
+
+    report = audit(paths["bundle"], paths["shards"], paths["manifest"], denylist=denylist.Denylist(tuple(requests)))
+    bob = next(r for r in report.summary["takedown"] if r["kind"] == "speaker")
+    assert bob["status"] == "PRESENT" and bob["samples"] == [key("local:bob/b0.mp4", 0)]
+    assert report.summary["ok"] is False
+    with pytest.raises(TakedownPresentError, match="speaker bob \\(1 samples\\)"):
+        write_report(report, tmp_path / "dirty")
+    assert "| speaker | bob | 2026-11-20 | PRESENT (1 samples) |" in (tmp_path / "dirty" / AUDIT_MD).read_text()
+    denylist.write(listed, denylist.Denylist(tuple(requests)))
+    assert main([*cli, "--out", str(tmp_path / "cli")]) == 2

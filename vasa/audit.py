@@ -7,6 +7,7 @@ audit raises InputError naming the file that does not match. Then every sample o
 listed (sample keys from the tar member names only: nothing is decoded) and joined to its manifest
 row, and every clip or segment left out (failures.parquet) is listed as excluded with its reason.
 
+    croissant.json  Croissant 1.1 JSON-LD of the shards (vasa/croissant.py), validated with mlcroissant
     clips.parquet   one row per sample (a face segment of a clip) or left-out clip/segment:
                     key, clip_id, split, used_for (train | evaluation | excluded), shard, speaker,
                     source, URL / YouTube id / media path, licence, media sha256, duration, reason
@@ -17,6 +18,9 @@ row, and every clip or segment left out (failures.parquet) is listed as excluded
 The model trains on the train split only; val and test samples are `evaluation`. Outputs are sorted,
 carry no time stamps and are written atomically (audit.json last), so the same inputs give the same
 bytes.
+
+With a takedown denylist (preprocessing/denylist.py) every request is checked against the samples the
+model saw: `absent`, or `PRESENT` (an error: the outputs are written as evidence, then AuditError).
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from preprocessing import denylist as takedown
 from preprocessing import schema
 from preprocessing.files import atomic_path, read_json, write_json
 from preprocessing.ingest import manifest as ingest_manifest
+from vasa import croissant
 from vasa.errors import InputError
 
 # vasa.training.checkpoint's file name, not imported from there: that module loads torch (2.4 s of the
@@ -95,6 +101,15 @@ class AuditReport:
     checks: list[Check]
     rows: list[dict]
     summary: dict = field(default_factory=dict)
+    shards: Path | None = None  # described in croissant.json by write_report
+    manifest: Path | None = None
+
+
+class TakedownPresentError(InputError):
+    """A taken-down speaker, video or clip is among the samples the audited model saw."""
+
+
+ABSENT, PRESENT = "absent", "PRESENT"
 
 
 def audit(
@@ -104,6 +119,7 @@ def audit(
     dvc_lock: Path | None = None,
     motion: Path | None = None,
     verify_content: bool = False,
+    denylist: takedown.Denylist | None = None,
 ) -> AuditReport:
     """Audit `target` (a bundle or a train-latent/train-motion `model/` folder) against the shards'
     folder, the ingest manifest and optionally dvc.lock and the motion shards' folder. Raises
@@ -111,7 +127,7 @@ def audit(
 
     Shard tars are checked against their stats.json (size; with `verify_content` also the digest of
     their members' bytes, and motion tars against the sha256 in the motion index), which reads every
-    byte of the data: off by default."""
+    byte of the data: off by default. With `denylist`, each request is reported absent or PRESENT."""
     meta = _read_json(target / MODEL_JSON, "model.json")
     lineage = target_lineage(meta, target, motion)
     checks = _weight_checks(target, meta)
@@ -140,7 +156,22 @@ def audit(
         "counts": counts(rows),
         "unaccounted_clips": sorted(set(clip_rows) - {r["clip_id"] for r in rows}),
     }
-    return AuditReport(checks, rows, summary)
+    if denylist is not None:
+        summary["takedown"] = takedown_check(rows, denylist)
+        summary["ok"] = all(r["status"] == ABSENT for r in summary["takedown"])
+    return AuditReport(checks, rows, summary, Path(shards), Path(manifest))
+
+
+def takedown_check(rows: list[dict], denylist: takedown.Denylist) -> list[dict]:
+    """Each denylist request against the samples trained on or evaluated (excluded rows are not in the
+    model): ABSENT, or PRESENT with the sample keys that match it."""
+    found = []
+    for request in denylist.requests:
+        keys = sorted(
+            r["key"] for r in rows if r["used_for"] != EXCLUDED and takedown.Denylist((request,)).match(r) is not None
+        )
+        found.append(asdict(request) | {"status": PRESENT if keys else ABSENT, "samples": keys})
+    return found
 
 
 def _refuse_mismatches(checks: list[Check]) -> None:
@@ -433,14 +464,29 @@ def _processing(
 
 
 def write_report(report: AuditReport, out: Path) -> None:
-    """clips.parquet, audit.md, then audit.json (last: marks a complete audit), each atomically."""
+    """croissant.json (validated first: an invalid description writes nothing), clips.parquet, audit.md,
+    then audit.json (last: marks a complete audit), each atomically. Raises TakedownPresentError after
+    writing when a taken-down item is among the samples."""
+    description = None
+    if report.shards is not None and report.manifest is not None:
+        description = croissant.describe(report.shards, report.manifest, out)
+        croissant.validate(description)
     out.mkdir(parents=True, exist_ok=True)
+    if description is not None:
+        croissant.write(description, out / croissant.CROISSANT_FILE)
     table = pa.Table.from_pylist(report.rows, schema=CLIP_SCHEMA)
     with atomic_path(out / CLIPS_FILE) as tmp:
         pq.write_table(table, tmp, compression="zstd")
     with atomic_path(out / AUDIT_MD) as tmp:
         tmp.write_text(render_markdown(report))
     write_json(out / AUDIT_JSON, report.summary)
+    present = [r for r in report.summary.get("takedown", []) if r["status"] == PRESENT]
+    if present:
+        raise TakedownPresentError(
+            "taken-down items are among the samples: "
+            + "; ".join(f"{r['kind']} {r['id']} ({len(r['samples'])} samples)" for r in present)
+            + f" (report in {out})"
+        )
 
 
 def render_markdown(report: AuditReport) -> str:
@@ -485,6 +531,15 @@ def render_markdown(report: AuditReport) -> str:
     if len(excluded) > MD_LIST:
         lines.append(f"- ... and {len(excluded) - MD_LIST} more (clips.parquet)")
     lines += [] if excluded else ["None."]
+    if "takedown" in s:
+        lines += ["", "## Takedown requests", ""]
+        lines += ["| kind | id | date | in this model |", "|---|---|---|---|"] if s["takedown"] else ["None recorded."]
+        lines += [
+            f"| {r['kind']} | {r['id']} | {r['date']} | {r['status']}"
+            + (f" ({len(r['samples'])} samples)" if r["samples"] else "")
+            + " |"
+            for r in s["takedown"]
+        ]
     if s["unaccounted_clips"]:
         lines += ["", "Manifest clips neither in the shards nor excluded: " + ", ".join(s["unaccounted_clips"])]
     lines += ["", "Every sample with its shard, source and licence: clips.parquet. Settings and dvc.lock: audit.json."]

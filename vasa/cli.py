@@ -385,14 +385,20 @@ def _add_demo(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _audit(args: argparse.Namespace, params: Params) -> int:
+    from preprocessing import denylist
     from vasa.audit import audit, write_report
 
+    requests = denylist.load(args.denylist) if args.denylist else None
     report = audit(
-        args.target, args.shards, args.manifest, args.dvc_lock, motion=args.motion, verify_content=args.verify_content
-    )
+        args.target, args.shards, args.manifest, args.dvc_lock, motion=args.motion,
+        verify_content=args.verify_content, denylist=requests,
+    )  # fmt: skip
     write_report(report, args.out)
     n = report.summary["counts"]["samples"]
     print(f"audit: {n['train']} samples trained on, {n['evaluation']} evaluation, {n['excluded']} excluded; {args.out}")
+    if report.summary.get("takedown"):
+        states = [f"{r['kind']} {r['id']}: {r['status']}" for r in report.summary["takedown"]]
+        print("audit: takedown requests: " + "; ".join(states))
     return 0
 
 
@@ -405,8 +411,10 @@ def _add_audit(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "train-latent/train-motion model folder) to the shards and the ingest manifest, check their sha256 "
             "against the recorded digests, and write OUT/clips.parquet (every sample trained on or used for "
             "evaluation, and every excluded clip with its reason: speaker, source, licence, media sha256), "
-            "OUT/audit.json (checks, processing steps, counts) and OUT/audit.md. Exits 2, naming the file, "
-            "when a digest does not match: the audit never describes other data than the model saw."
+            "OUT/audit.json (checks, processing steps, counts), OUT/audit.md and OUT/croissant.json (Croissant 1.1 "
+            "description of the shards, validated with mlcroissant). Exits 2, naming the file, when a digest does "
+            "not match (the audit never describes other data than the model saw), when the Croissant description "
+            "does not validate, or when a --denylist request is PRESENT among the samples."
         ),
     )
     parser.add_argument("--target", type=Path, required=True, help="bundle or stage model folder (with model.json)")
@@ -419,6 +427,9 @@ def _add_audit(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--verify-content",
         action="store_true",
         help="also hash every shard's member bytes against stats.json (and motion tars against their index)",
+    )
+    parser.add_argument(
+        "--denylist", type=Path, help="takedown denylist CSV: report each request as absent or PRESENT (an error)"
     )
     parser.set_defaults(handler=_audit)
     return parser
