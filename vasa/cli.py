@@ -546,6 +546,117 @@ def _add_retrain(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return parser
 
 
+def _train_judges(args: argparse.Namespace, params: Params) -> int:
+    from vasa.train_judges import run
+
+    results = run(
+        params.judges, params.evaluate, args.shards, args.out, resume=args.resume, progress=not args.no_progress
+    )
+    margins = {
+        f"{judge}:{k.removeprefix('heldout/margin/')}": round(v, 3)
+        for judge, result in results.items()
+        for k, v in result.evaluation.items()
+        if "margin" in k
+    }
+    print(f"train-judges: sync expert and CAPP in {args.out}; held-out margins (aligned/true minus control): {margins}")
+    return 0
+
+
+def _add_train_judges(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "train-judges",
+        help="train the evaluation judges (sync expert for S_C/S_D, CAPP) on the shards",
+        description=(
+            "Train the SyncNet-style sync expert (mouth crops x log-mel, shifted audio as negatives) and CAPP "
+            "(pose-sequence transformer x audio encoder, CLIP loss) with the shared engine on the train split of "
+            "the shards, minus the evaluation clips (test split, else val, else the last clip of each speaker). "
+            "Writes OUT/sync and OUT/capp (model/ as safetensors + model.json, live/ DVCLive metrics with the "
+            "held-out check: aligned vs shifted audio, true vs shuffled pairs). Reads params `judges` and "
+            "`evaluate`."
+        ),
+    )
+    parser.add_argument("--shards", type=Path, required=True, help="preprocess output folder (index.json + shards)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the sync/ and capp/ run folders")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest states in OUT/*/checkpoints")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    parser.set_defaults(handler=_train_judges)
+    return parser
+
+
+def _evaluate(args: argparse.Namespace, params: Params) -> int:
+    from vasa.evaluate import run_evaluation
+
+    report = run_evaluation(params, args.shards, args.bundle, args.judges, args.out)
+    figures = {
+        name: {k: round(v, 3) for k, v in report[name].items() if isinstance(v, float)}
+        for name in ("real", "generated", "real_shifted", "generated_shifted")
+    }
+    print(f"evaluate: {len(report['clips'])} clips ({report['eval_set']['name']}); {figures}; {args.out}")
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "evaluate",
+        help="VASA-1's figures (S_C, S_D, CAPP, ΔP) on real, generated and audio-shifted evaluation clips",
+        description=(
+            "For every evaluation clip (test split, else val, else the last clip of each speaker): generate from "
+            "its first frame and its audio with the bundle (vasa generate's path), re-measure landmarks and head "
+            "pose on the generated frames with the preprocessing estimator, and score real and generated video "
+            "with the trained judges, with the true audio and with the audio shifted by params "
+            "evaluate.shift_frames. Writes OUT/metrics.json (DVC metrics), OUT/plots/*.csv (per clip), and a "
+            "side-by-side MP4 and PNG strip of real vs generated for the first clip. Identity similarity and FVD "
+            "need feature-network weights (params evaluate.*_weights); without them they are recorded as skipped."
+        ),
+    )
+    parser.add_argument("--shards", type=Path, required=True, help="preprocess output folder (index.json + shards)")
+    parser.add_argument("--bundle", type=Path, required=True, help="export output folder")
+    parser.add_argument("--judges", type=Path, required=True, help="train-judges output folder")
+    parser.add_argument("--out", type=Path, required=True, help="output folder: metrics.json, plots/, side_by_side.*")
+    parser.set_defaults(handler=_evaluate)
+    return parser
+
+
+def _retrain(args: argparse.Namespace, params: Params) -> int:
+    from flows import retrain
+
+    if args.serve:
+        retrain.serve(params.retrain, args.repo, args.params, args.records)
+        return 0
+    if args.deploy:
+        deployment = retrain.deploy(params.retrain, args.repo, args.params, args.records, args.deploy)
+        print(f"retrain: deployment {deployment} on work pool {args.deploy}, cron {params.retrain.cron!r}")
+        return 0
+    record = retrain.run(args.repo, args.params, args.records, force=args.force)
+    print(f"retrain {record['run']}: {record['decision']} ({record['reason']})")
+    return 0
+
+
+def _add_retrain(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "retrain",
+        help="scheduled retraining: rebuild on new source data, promote the bundle only if the gate passes",
+        description=(
+            "Run the Prefect flow `retrain` (flows/retrain.py) in the DVC project REPO: `dvc repro ingest`, diff "
+            "the manifest against the promoted run's, `dvc repro` params retrain.targets when clips were added, "
+            "removed or changed, check params retrain.gate on the metrics, and promote (dvc push, commit dvc.lock, "
+            "registry tags <artifact>@vX.Y.Z and <artifact>#<stage>#N) or refuse with the reason. Every run is "
+            "recorded in RECORDS/runs/<run>.json; RECORDS/promoted.json names the promoted one. --serve runs it "
+            "on params retrain.cron; --deploy registers it on a Prefect work pool (README, cluster/README.md)."
+        ),
+    )
+    parser.add_argument("--repo", type=Path, default=Path("."), help="DVC project root (default: %(default)s)")
+    parser.add_argument(
+        "--records", type=Path, default=Path("data/retrain"), help="run records under REPO (default: %(default)s)"
+    )
+    parser.add_argument("--force", action="store_true", help="rebuild and gate even when no clip changed")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--serve", action="store_true", help="serve the flow on params retrain.cron (long-running)")
+    mode.add_argument("--deploy", metavar="WORK_POOL", help="create a scheduled deployment on this work pool")
+    parser.set_defaults(handler=_retrain)
+    return parser
+
+
 STAGES = (
     _add_sample,
     _add_ingest,

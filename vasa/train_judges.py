@@ -15,6 +15,7 @@ for pairs shuffled across clips.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from vasa.config import EvaluateConfig, JudgesConfig
-from vasa.data import open_shards
+from vasa.data import ShardSet, open_shards
 from vasa.evaluation import capp as capp_mod
 from vasa.evaluation import sync as sync_mod
 from vasa.evaluation.judge_data import JudgeClip, evaluation_set, load_clips, mel_stats, normalise_mel
@@ -107,9 +108,10 @@ def run(
     sync_source = sync_mod.sync_batches(
         train_clips, stats, mel_per_frame, cfg.sync, cfg.sync.train.batch_size, cfg.sync.train.seed
     )
+    sync_meta = {**meta, "params": {"judges.sync": cfg.sync.model_dump(mode="json")}}
     results["sync"] = train(
-        sync_task, cfg.sync.train, sync_source, out / "sync", meta={**meta, "params": {"judges.sync": cfg.sync.model_dump(mode="json")}}, resume=resume,
-        evaluate=sync_evaluate, progress=progress,
+        sync_task, cfg.sync.train, sync_source, out / "sync", meta=sync_meta, resume=resume, evaluate=sync_evaluate,
+        progress=progress,
     )  # fmt: skip
     capp_task = capp_mod.CappTask(capp_mod.CAPP_PRESETS[cfg.capp.model], cfg.capp.window, train_clips[0].mel.shape[1])
 
@@ -119,17 +121,17 @@ def run(
             log.info("capp %s = %.4f", key, value)
         return figures
 
+    capp_source = capp_mod.capp_batches(
+        train_clips, stats, cfg.capp.window, cfg.capp.train.batch_size, cfg.capp.train.seed
+    )
+    capp_meta = {**meta, "params": {"judges.capp": cfg.capp.model_dump(mode="json")}}
     results["capp"] = train(
-        capp_task, cfg.capp.train,
-        capp_mod.capp_batches(train_clips, stats, cfg.capp.window, cfg.capp.train.batch_size, cfg.capp.train.seed),
-        out / "capp", meta={**meta, "params": {"judges.capp": cfg.capp.model_dump(mode="json")}}, resume=resume,
-        evaluate=capp_evaluate, progress=progress,
+        capp_task, cfg.capp.train, capp_source, out / "capp", meta=capp_meta, resume=resume, evaluate=capp_evaluate,
+        progress=progress,
     )  # fmt: skip
     return results
 
 
-def _n_mels(shard_set) -> int:
-    import json
-
+def _n_mels(shard_set: ShardSet) -> int:
     dataset = json.loads(shard_set.index_path.read_text()).get("dataset") or {}
     return int(dataset.get("n_mels", 80))
