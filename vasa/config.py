@@ -545,83 +545,6 @@ class RetrainConfig(Section):
     cron: str  # schedule of `vasa retrain --serve` and of the deployment
 
 
-# --- evaluation: the judges (vasa/evaluation/sync.py, capp.py) and the `evaluate` stage (vasa/evaluate.py)
-
-
-class SyncJudgeConfig(Section):
-    """The SyncNet-style audio-visual sync expert (S_C / S_D)."""
-
-    model: str  # preset name in vasa.evaluation.sync.SYNC_PRESETS
-    negatives: int = Field(ge=1)  # shifted audio windows per mouth window in the contrastive loss
-    min_shift: int = Field(ge=1)  # frames: the smallest shift used as a negative
-    max_shift: int = Field(ge=1)  # frames: the largest
-    temperature: float = Field(gt=0)  # InfoNCE temperature over cosine similarities
-    train: TrainConfig
-
-    @model_validator(mode="after")
-    def _check(self) -> SyncJudgeConfig:
-        if self.min_shift > self.max_shift:
-            raise ValueError(f"min_shift ({self.min_shift}) exceeds max_shift ({self.max_shift})")
-        return self
-
-
-class CappJudgeConfig(Section):
-    """CAPP: contrastive audio-pose judge over windows of `window` frames."""
-
-    model: str  # preset name in vasa.evaluation.capp.CAPP_PRESETS
-    window: int = Field(ge=2)  # frames (VASA-1: 3 s)
-    train: TrainConfig
-
-
-class JudgesConfig(Section):
-    """Stage `train_judges`: the evaluation judges, trained on the train split minus the evaluation clips."""
-
-    cpu_threads: int = Field(ge=0)  # torch intra-op threads; 0 keeps torch's default
-    sync: SyncJudgeConfig
-    capp: CappJudgeConfig
-
-
-class EvaluateConfig(Section):
-    """Stage `evaluate`: VASA-1's figures on real, generated and audio-shifted evaluation clips."""
-
-    sync_offsets: int = Field(ge=1)  # S_C/S_D search offsets -V..V frames (SyncNet's evaluation: 15)
-    shift_frames: int  # the control's audio shift, frames; beyond sync_offsets no offset search realigns it
-    capp_stride: int = Field(ge=1)  # frames between CAPP windows of a clip
-    steps: int | None = Field(ge=1)  # DDIM steps for generation; null = generate.steps / the bundle's
-    identity_weights: str | None  # TorchScript face-embedding network; null = identity similarity skipped
-    fvd_weights: str | None  # TorchScript I3D (StyleGAN-V's i3d_torchscript.pt interface); null = FVD skipped
-
-    @model_validator(mode="after")
-    def _check(self) -> EvaluateConfig:
-        if abs(self.shift_frames) <= self.sync_offsets:
-            raise ValueError(
-                f"|shift_frames| ({self.shift_frames}) must exceed sync_offsets ({self.sync_offsets}): S_C/S_D search "
-                "the offsets and would realign a smaller shift"
-            )
-        return self
-
-
-class RetrainGateConfig(Section):
-    """One promotion condition: the number (or flag) at dotted `key` of JSON `file` compared by `op` with `value`."""
-
-    file: str  # relative to the repository root, e.g. data/latent/live/metrics.json
-    key: str = Field(min_length=1)  # dotted path inside the JSON object, e.g. heldout_frames.margin_db
-    op: Literal[">=", ">", "<=", "<", "==", "!="]
-    value: float | bool
-
-
-class RetrainConfig(Section):
-    """Scheduled retraining (flows/retrain.py): what to rebuild, the promotion gate and how a bundle is promoted."""
-
-    targets: tuple[str, ...]  # `dvc repro` targets (their upstream stages run too); empty = the whole pipeline
-    gate: tuple[RetrainGateConfig, ...] = Field(min_length=1)  # every condition must hold for a promotion
-    artifact: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")  # dvc.yaml artifact name: the git tags' prefix
-    stage: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")  # registry stage a promoted version is assigned to
-    git_tag: bool  # commit dvc.lock and the promotion record, tag `<artifact>@vX.Y.Z` and `<artifact>#<stage>#N`
-    push: bool  # `dvc push` to the default remote on promotion
-    cron: str  # schedule of `vasa retrain --serve` and of the deployment
-
-
 class Params(Section):
     """The whole of params.yaml."""
 
@@ -633,8 +556,6 @@ class Params(Section):
     train_motion: TrainMotionConfig
     export: ExportConfig
     generate: GenerateConfig
-    judges: JudgesConfig
-    evaluate: EvaluateConfig
     judges: JudgesConfig
     evaluate: EvaluateConfig
 
