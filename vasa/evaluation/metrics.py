@@ -67,8 +67,7 @@ def frechet_distance(first: np.ndarray, second: np.ndarray) -> float:
 
     mu1, mu2 = first.mean(0), second.mean(0)
     s1, s2 = np.cov(first, rowvar=False), np.cov(second, rowvar=False)
-    root, _ = linalg.sqrtm(np.atleast_2d(s1) @ np.atleast_2d(s2), disp=False)
-    root = np.real(root)
+    root = np.real(linalg.sqrtm(np.atleast_2d(s1) @ np.atleast_2d(s2)))
     return float(np.square(mu1 - mu2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(root))
 
 
