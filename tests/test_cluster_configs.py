@@ -8,8 +8,10 @@ import re
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import dask.config
+import pytest
 import yaml
 
 from tests.conftest import REPO
@@ -41,7 +43,7 @@ def test_accelerate_configs_load_with_accelerate_and_name_existing_deepspeed_fil
     from accelerate.commands.config.config_args import ClusterConfig
 
     names = {path.stem for path in ACCELERATE_CONFIGS}
-    assert {"cpu2", "gpu1", "gpu8", "gpu8_zero2", "gpu8_zero3", "multinode"} <= names
+    assert {"cpu2", "gpu1", "gpu8", "gpu8_zero2", "gpu8_zero3", "gpu8_zero3_offload", "multinode"} <= names
     for path in ACCELERATE_CONFIGS:
         config = ClusterConfig.from_yaml_file(str(path))  # rejects unknown keys
         settings = yaml.safe_load(path.read_text())
@@ -64,7 +66,9 @@ def test_deepspeed_configs_are_complete_once_the_engine_fills_them():
         assert "auto" not in json.dumps(filled), path.name  # nothing left for DeepSpeed to guess
         assert filled["train_micro_batch_size_per_gpu"] == cfg.batch_size and filled["bf16"] == {"enabled": True}
         stages[path.stem] = filled["zero_optimization"]["stage"]
-    assert stages == {"zero2": 2, "zero3": 3}
+    assert stages == {"zero2": 2, "zero3": 3, "zero3_offload": 3}
+    offload = json.loads((REPO / "cluster" / "deepspeed" / "zero3_offload.json").read_text())["zero_optimization"]
+    assert offload["offload_optimizer"]["device"] == offload["offload_param"]["device"] == "cpu"
 
 
 def _train_config():
@@ -116,3 +120,114 @@ def test_sbatch_script_is_valid_bash_with_one_launcher_per_node():
     text = script.read_text()
     assert "#SBATCH --ntasks-per-node=1" in text  # accelerate launch starts the GPU processes itself
     assert re.search(r"^srun .*cluster/slurm/accelerate_command\.py", text, re.M)
+
+
+# ---------------------------------------------------------------- Slurm scripts, dry-run with recording shims
+
+
+def _dry_run(script: Path, args: list[str], tmp_path: Path, env: dict) -> list[list[str]]:
+    """Run a batch script with `srun`, `scontrol`, `dask` and `python` replaced by shims that record their
+    argv (one JSON list per line) instead of running: the commands the script would launch, in order."""
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    log = tmp_path / "commands.jsonl"
+    recorder = f"#!{sys.executable}\nimport json, os, sys\n"
+    recorder += f"open({str(log)!r}, 'a').write(json.dumps([os.path.basename(sys.argv[0]), *sys.argv[1:]]) + '\\n')\n"
+    recorder += "if os.path.basename(sys.argv[0]) == 'scontrol':\n    print('\\n'.join(['gpu007', 'gpu008']))\n"
+    for name in ("srun", "scontrol", "dask", "python"):
+        (shims / name).write_text(recorder)
+        (shims / name).chmod(0o755)
+    work = tmp_path / "checkout"  # the script sources .venv/bin/activate: this one puts the shims first
+    (work / ".venv" / "bin").mkdir(parents=True)
+    (work / ".venv" / "bin" / "activate").write_text(f'export PATH="{shims}:$PATH"\n')
+    done = subprocess.run(["bash", str(script), *args], cwd=work, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def _slurm_job_env(**changes) -> dict:
+    env = {"SLURM_JOB_NODELIST": "gpu[007-008]", "SLURM_JOB_NUM_NODES": "2", "SLURM_NNODES": "2"}
+    return dict(os.environ) | env | {"SLURM_JOB_ID": "4242", "SLURM_CPUS_PER_TASK": "16", "TMPDIR": "/tmp"} | changes
+
+
+@pytest.mark.parametrize("stage", ["train_latent", "train_motion"])
+def test_training_sbatch_scripts_launch_one_accelerate_per_node(stage, tmp_path):
+    from accelerate.commands.launch import launch_command_parser
+
+    script = REPO / "cluster" / "slurm" / f"{stage}.sbatch"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    data = {"train_latent": "--shards", "train_motion": "--motion"}[stage]
+    commands = _dry_run(script, ["params.yaml", "data/in", "data/out", "--resume"], tmp_path, _slurm_job_env())
+    srun = next(c for c in commands if c[0] == "srun")
+    node = srun[srun.index("python") + 1 :]  # what each node runs: accelerate_command.py, here with --print
+    assert node[0] == "cluster/slurm/accelerate_command.py"
+    env = _slurm_env(SLURM_JOB_NODELIST="gpu[007-008]", SLURM_NNODES="2", SLURM_NODEID="1")
+    done = subprocess.run(
+        [sys.executable, str(REPO / node[0]), "--print", *node[1:]], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    command = shlex.split(done.stdout)
+    launch = launch_command_parser().parse_args(command[2:])
+    assert launch.module and launch.training_script == f"vasa.{stage}"
+    assert launch.num_machines == 2 and launch.num_processes == 16 and launch.machine_rank == 1
+    expected = ["--params", "params.yaml", data, "data/in", "--out", "data/out", "--no-progress", "--resume"]
+    assert launch.training_script_args == expected
+    from vasa.cli import build_parser
+
+    module_args = launch.training_script_args
+    cli = ["--params", module_args[1], stage.replace("_", "-"), *module_args[2:]]
+    assert build_parser().parse_args(cli).out == Path("data/out")  # the vasa CLI accepts them
+
+
+def test_dask_preprocess_sbatch_runs_scheduler_workers_and_vasa_preprocess(tmp_path):
+    from distributed.cli.dask_scheduler import main as scheduler_cli
+    from distributed.cli.dask_worker import main as worker_cli
+
+    from vasa.cli import build_parser
+
+    script = REPO / "cluster" / "slurm" / "preprocess_dask.sbatch"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    args = ["params.yaml", "data/ingest/manifest.parquet", "data/shards", "data/preprocess_cache"]
+    commands = _dry_run(script, args, tmp_path, _slurm_job_env())
+    # scheduler and workers start in the background: their order against the rest is not fixed
+    programs = sorted(c[0] if c[0] != "srun" else "srun " + c[c.index("--kill-on-bad-exit=1") + 1] for c in commands)
+    assert programs == ["dask", "python", "python", "scontrol", "srun dask"]
+    scheduler = next(c for c in commands if c[0] == "dask")
+    workers = next(c for c in commands if c[0] == "srun")
+    params_cmd, preprocess = [c for c in commands if c[0] == "python"]  # in this order: the driver waits
+    assert scheduler[1] == "scheduler" and workers[3] == "worker"
+    scheduler_cli.make_context("dask scheduler", scheduler[2:])  # dask's own option parsers accept the flags
+    worker_options = worker_cli.make_context("dask worker", workers[4:]).params
+    assert worker_options["n_workers"] == "16" and worker_options["nthreads"] == 1
+    port = 20000 + 4242
+    assert params_cmd[1:4] == ["cluster/slurm/dask_params.py", "params.yaml", f"tcp://gpu007:{port}"]
+    assert params_cmd[params_cmd.index("--wait-workers") + 1] == "32"  # 2 nodes x 16 cores
+    parsed = build_parser().parse_args(preprocess[3:])
+    assert parsed.stage == "preprocess" and parsed.out == Path("data/shards")
+    assert preprocess[1:3] == ["-m", "vasa.cli"] and parsed.params == Path(params_cmd[params_cmd.index("--out") + 1])
+
+    # The params file it renders is valid for the project and names the cluster.
+    from vasa.config import load_params
+
+    out = tmp_path / "run" / "params.yaml"
+    helper = REPO / "cluster" / "slurm" / "dask_params.py"
+    rendered = [str(helper), str(REPO / "params.yaml"), f"tcp://gpu007:{port}", "--out", str(out), "--workers", "32"]
+    subprocess.run([sys.executable, *rendered], check=True)
+    runner = load_params(out).preprocess.runner
+    assert (runner.kind, runner.dask_address, runner.workers) == ("dask", f"tcp://gpu007:{port}", 32)
+
+
+def test_prefect_deployment_recipe_names_the_retrain_flow_and_its_parameters():
+    import inspect
+
+    from prefect.flows import load_flow_from_entrypoint
+
+    from vasa.config import load_params
+
+    recipe = yaml.safe_load((REPO / "cluster" / "prefect" / "prefect.yaml").read_text())
+    (deployment,) = recipe["deployments"]
+    flow = load_flow_from_entrypoint(str(REPO / deployment["entrypoint"]))
+    assert flow.name == "retrain"
+    assert set(deployment["parameters"]) <= set(inspect.signature(flow.fn).parameters)
+    assert deployment["schedules"][0]["cron"] == load_params(REPO / "params.yaml").retrain.cron
+    assert deployment["work_pool"]["name"] in (REPO / "cluster" / "README.md").read_text()

@@ -40,7 +40,7 @@ from preprocessing import denylist as takedown
 from preprocessing import schema
 from preprocessing.files import atomic_path, read_json, write_json
 from preprocessing.ingest import manifest as ingest_manifest
-from vasa import croissant
+from vasa import croissant, dvc_history
 from vasa.errors import InputError
 
 # vasa.training.checkpoint's file name, not imported from there: that module loads torch (2.4 s of the
@@ -120,6 +120,7 @@ def audit(
     motion: Path | None = None,
     verify_content: bool = False,
     denylist: takedown.Denylist | None = None,
+    history: Path | None = None,
 ) -> AuditReport:
     """Audit `target` (a bundle or a train-latent/train-motion `model/` folder) against the shards'
     folder, the ingest manifest and optionally dvc.lock and the motion shards' folder. Raises
@@ -127,7 +128,9 @@ def audit(
 
     Shard tars are checked against their stats.json (size; with `verify_content` also the digest of
     their members' bytes, and motion tars against the sha256 in the motion index), which reads every
-    byte of the data: off by default. With `denylist`, each request is reported absent or PRESENT."""
+    byte of the data: off by default. With `denylist`, each request is reported absent or PRESENT; with
+    `history` (the git checkout whose dvc.lock built the target) also for every earlier bundle of its
+    history, from the DVC cache (vasa/dvc_history.py)."""
     meta = _read_json(target / MODEL_JSON, "model.json")
     lineage = target_lineage(meta, target, motion)
     checks = _weight_checks(target, meta)
@@ -159,6 +162,12 @@ def audit(
     if denylist is not None:
         summary["takedown"] = takedown_check(rows, denylist)
         summary["ok"] = all(r["status"] == ABSENT for r in summary["takedown"])
+    if history is not None:
+        if denylist is None:
+            raise InputError("the takedown history needs a denylist")
+        root = Path(history).absolute()
+        rel = [Path(os.path.relpath(Path(p).absolute(), root)).as_posix() for p in (target, shards, manifest)]
+        summary["takedown_history"] = dvc_history.takedown_history(root, list(denylist.requests), *rel)
     return AuditReport(checks, rows, summary, Path(shards), Path(manifest))
 
 
@@ -540,6 +549,15 @@ def render_markdown(report: AuditReport) -> str:
             + " |"
             for r in s["takedown"]
         ]
+    if "takedown_history" in s:
+        lines += ["", "## Earlier bundles (git history of dvc.lock, data from the DVC cache)", ""]
+        requests = [f"{r['kind']} {r['id']}" for r in s["takedown"]]
+        lines += ["| bundle md5 | date | commits | " + " | ".join(requests) + " |", "|---" * (3 + len(requests)) + "|"]
+        for b in s["takedown_history"]:
+            cells = [r["status"] + (f" ({r['samples']})" if r["samples"] else "") for r in b["requests"]]
+            head = f"| {_short(b['bundle_md5'])} | {b['date'][:10]} | {len(b['commits'])} ({b['commits'][0][:8]}) | "
+            lines.append(head + " | ".join(cells) + " |")
+        lines += [] if s["takedown_history"] else ["No bundle in the history of dvc.lock."]
     if s["unaccounted_clips"]:
         lines += ["", "Manifest clips neither in the shards nor excluded: " + ", ".join(s["unaccounted_clips"])]
     lines += ["", "Every sample with its shard, source and licence: clips.parquet. Settings and dvc.lock: audit.json."]

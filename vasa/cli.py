@@ -391,7 +391,7 @@ def _audit(args: argparse.Namespace, params: Params) -> int:
     requests = denylist.load(args.denylist) if args.denylist else None
     report = audit(
         args.target, args.shards, args.manifest, args.dvc_lock, motion=args.motion,
-        verify_content=args.verify_content, denylist=requests,
+        verify_content=args.verify_content, denylist=requests, history=args.history,
     )  # fmt: skip
     write_report(report, args.out)
     n = report.summary["counts"]["samples"]
@@ -399,6 +399,9 @@ def _audit(args: argparse.Namespace, params: Params) -> int:
     if report.summary.get("takedown"):
         states = [f"{r['kind']} {r['id']}: {r['status']}" for r in report.summary["takedown"]]
         print("audit: takedown requests: " + "; ".join(states))
+    for bundle in report.summary.get("takedown_history", []):
+        held = [f"{r['kind']} {r['id']}: {r['status']}" for r in bundle["requests"] if r["status"] != "absent"]
+        print(f"audit: earlier bundle {bundle['bundle_md5'][:12]}: {'; '.join(held) or 'clean'}")
     return 0
 
 
@@ -430,6 +433,12 @@ def _add_audit(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--denylist", type=Path, help="takedown denylist CSV: report each request as absent or PRESENT (an error)"
+    )
+    parser.add_argument(
+        "--history",
+        type=Path,
+        help="with --denylist: the git checkout whose dvc.lock history names the earlier bundles; report which "
+        "of them held each request (their manifest and shards read from the DVC cache)",
     )
     parser.set_defaults(handler=_audit)
     return parser

@@ -1,9 +1,9 @@
 """Build the `accelerate launch` command of one Slurm node from the job's environment.
 
-Run by cluster/slurm/train_latent.sbatch inside `srun` (one task per node): the first host of
-SLURM_JOB_NODELIST is the rendezvous host, the port is derived from the job id (so two jobs
-sharing a node do not collide), machine_rank is SLURM_NODEID and the process count is nodes x
-GPUs per node. `--print` only prints the command (a dry run: what the tests check); otherwise the
+Run by cluster/slurm/train_latent.sbatch and train_motion.sbatch (`--module vasa.train_motion`) inside
+`srun` (one task per node): the first host of SLURM_JOB_NODELIST is the rendezvous host, the port is
+derived from the job id (so two jobs sharing a node do not collide), machine_rank is SLURM_NODEID and
+the process count is nodes x GPUs per node. `--print` only prints the command (a dry run: what the tests check); otherwise the
 node's process is replaced by it. Standard library only (it runs before anything is imported).
 """
 
@@ -41,7 +41,9 @@ def expand_nodelist(nodelist: str) -> list[str]:
     return hosts
 
 
-def launch_command(env: Mapping[str, str], config: str, script_args: Sequence[str]) -> list[str]:
+def launch_command(
+    env: Mapping[str, str], config: str, script_args: Sequence[str], module: str = "vasa.train_latent"
+) -> list[str]:
     """The `accelerate launch` argv for this node of the job described by `env` (Slurm variables)."""
     hosts = expand_nodelist(env["SLURM_JOB_NODELIST"])
     nodes = int(env.get("SLURM_NNODES", len(hosts)))
@@ -58,7 +60,7 @@ def launch_command(env: Mapping[str, str], config: str, script_args: Sequence[st
         "--main_process_ip", hosts[0],
         "--main_process_port", str(port),
         "--rdzv_backend", "static",
-        "-m", "vasa.train_latent",
+        "-m", module,
         *script_args,
     ]  # fmt: skip
 
@@ -66,11 +68,14 @@ def launch_command(env: Mapping[str, str], config: str, script_args: Sequence[st
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="cluster/accelerate/multinode.yaml", help="accelerate config file")
+    parser.add_argument(
+        "--module", default="vasa.train_latent", help="training module: vasa.train_latent | vasa.train_motion"
+    )
     parser.add_argument("--print", action="store_true", help="print the command instead of running it")
-    parser.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments of vasa.train_latent (after --)")
+    parser.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments of the training module (after --)")
     args = parser.parse_args(argv)
     script_args = args.script_args[1:] if args.script_args[:1] == ["--"] else args.script_args
-    command = launch_command(os.environ, args.config, script_args)
+    command = launch_command(os.environ, args.config, script_args, args.module)
     if args.print:
         print(shlex.join(command))
         return 0
