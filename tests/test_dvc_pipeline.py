@@ -113,3 +113,8 @@ def _check_models(data: Path) -> None:
     )
     onnx = json.loads((data / "bundle" / "onnx" / "onnx.json").read_text())
     assert max(c["max_abs_diff"] for k in ("renderer", "denoiser") for c in onnx[k]["checks"]) < 1e-4
+    # evaluate: metrics for real, generated and shifted audio; on real video the true audio beats the shifted one.
+    evaluation = json.loads((data / "evaluate" / "metrics.json").read_text())
+    assert evaluation["eval_set"]["clips"] and all(c in evaluation for c in ("real", "generated", "generated_shifted"))
+    real, shifted = evaluation["real"], evaluation["real_shifted"]
+    assert real["S_C"] > shifted["S_C"] and real["S_D"] < shifted["S_D"] and real["CAPP"] > shifted["CAPP"], evaluation
