@@ -25,6 +25,7 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from preprocessing import denylist
 from preprocessing.ingest import incremental, manifest, probe, sources, splits, voxceleb
 from vasa.config import ArchiveConfig, IngestConfig, YoutubeConfig
 
@@ -112,7 +113,9 @@ def probe_batch(rows: list[dict]) -> list[tuple[dict, incremental.FileStamp | No
     return probed
 
 
-def ingest_voxceleb(cfg: IngestConfig, out_dir: Path, downloads: Path, extracted: Sequence[Path]) -> list[dict]:
+def ingest_voxceleb(
+    cfg: IngestConfig, out_dir: Path, downloads: Path, extracted: Sequence[Path], deny: denylist.Denylist
+) -> list[dict]:
     """Download and extract the configured archives, then map every tree to manifest rows
     (VoxCeleb2 media and/or YouTube re-downloads, as the sources ask)."""
     from preprocessing.ingest.archive import ArchiveError
@@ -142,12 +145,15 @@ def ingest_voxceleb(cfg: IngestConfig, out_dir: Path, downloads: Path, extracted
         if "voxceleb2" in cfg.sources:
             rows += voxceleb.media_rows(found)
         if "youtube" in cfg.sources:
-            rows += ingest_youtube(cfg, found, tracks, out_dir / "youtube", downloads / "youtube")
+            rows += ingest_youtube(cfg, found, tracks, out_dir / "youtube", downloads / "youtube", deny)
     return rows
 
 
-def ingest_youtube(cfg: IngestConfig, vox_rows: list[dict], tracks: dict, out_dir: Path, cache: Path) -> list[dict]:
-    """Re-download each metadata track's YouTube video and cut + crop it at cfg.youtube.size."""
+def ingest_youtube(
+    cfg: IngestConfig, vox_rows: list[dict], tracks: dict, out_dir: Path, cache: Path, deny: denylist.Denylist
+) -> list[dict]:
+    """Re-download each metadata track's YouTube video and cut + crop it at cfg.youtube.size (never
+    for a row the takedown denylist covers)."""
     from preprocessing.decode import DecodeError
     from preprocessing.ingest.youtube import UnavailableError, cut_and_crop
 
@@ -159,6 +165,10 @@ def ingest_youtube(cfg: IngestConfig, vox_rows: list[dict], tracks: dict, out_di
         if track is None:
             continue
         row = voxceleb.youtube_row(vox_row, out_dir)
+        taken = deny.reason(row)
+        if taken is not None:
+            rows.append(row | {"status": denylist.TAKEN_DOWN, "error": taken})
+            continue
         target = Path(row["media_path"])
         if track.units != "fraction":
             rows.append(row | {"status": manifest.BAD_METADATA, "error": "pixel boxes (VoxCeleb1): frame size unknown"})
@@ -202,18 +212,22 @@ def ingest_flow(
     local_csv: Path | None = None,
     voxceleb_dirs: list[Path] | None = None,
     downloads_dir: Path | None = None,
+    denylist_path: Path | None = None,
 ) -> dict[str, int]:
     """Ingest every configured source into `out_dir/manifest.parquet`; returns counts by status.
+    Rows the takedown denylist covers get status `taken_down` before any probing, new or kept.
     Call it through `run`, which keeps secrets out of these (stored) parameters."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    deny = denylist.load(denylist_path) if denylist_path else denylist.Denylist()
     rows: list[dict] = []
     if "sample" in cfg.sources:
         rows += sources.scan_sample(_required(sample_dir, "sample", "--sample-dir"))
     if "local" in cfg.sources:
         rows += sources.scan_local(_required(local_dir, "local", "--local-dir"), cfg.local, local_csv)
     if {"voxceleb2", "youtube"} & set(cfg.sources):
-        rows += ingest_voxceleb(cfg, out_dir, downloads_dir or out_dir / "downloads", voxceleb_dirs or [])
+        rows += ingest_voxceleb(cfg, out_dir, downloads_dir or out_dir / "downloads", voxceleb_dirs or [], deny)
     rows = splits.assign_splits(rows, cfg.holdout_speakers, cfg.val_fraction)
+    rows, _ = denylist.mark(rows, deny)  # taken-down rows are `ready`: never hashed or probed
 
     manifest_path, state_path = out_dir / MANIFEST_NAME, out_dir / STATE_NAME
     existing = {row["clip_id"]: row for row in manifest.read_existing(manifest_path)}
@@ -225,6 +239,7 @@ def ingest_flow(
     merged = manifest.merge(existing.values(), ready + [row for row, _ in probed])
     merged = incremental.mark_vanished(merged, {row["clip_id"] for row in rows})
     merged = splits.assign_splits(merged, cfg.holdout_speakers, cfg.val_fraction)  # holdout changes reach kept rows
+    merged, _ = denylist.mark(merged, deny)  # rows kept from earlier runs as well
     manifest.write_manifest(manifest_path, merged)
     stamps = {cid: incremental.FileStamp(e.get("size"), e.get("mtime_ns")) for cid, e in state.items()}
     stamps.update((row["clip_id"], stamp) for row, stamp in probed)

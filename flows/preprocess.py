@@ -1,28 +1,42 @@
 """Prefect flow for stage `preprocess`: manifest -> webdataset shards.
 
     vasa preprocess --manifest data/ingest/manifest.parquet --out data/shards --cache data/preprocess_cache
+                    [--denylist data/takedown/denylist.csv]
 
 Only wiring lives here. Clips not in the cache (`preprocessing.cache`) are mapped, in batches, over
 the task runner named in params `preprocess.runner`: threads or processes on this machine, or a Dask
 cluster through prefect-dask (a LocalCluster, or the scheduler at `dask_address`, e.g. one started by
 dask-jobqueue's SLURMCluster; the cache and output folders must then be on a filesystem every worker
 sees). Each worker keeps one MediaPipe graph and stores each clip's media-derived outcome in the
-cache, so a killed run resumes. Then `preprocessing.writer` joins the manifest's provenance and
-writes the shards per split, their stats, failures.parquet and index.json.
+cache, so a killed run resumes. `preprocessing.writer` then decides from the cache's records table
+and the manifest alone which shards changed, and only those are assembled, as tasks on the same
+runner; finally stats, failures.parquet and index.json are written.
+
+Work is submitted in waves of at most WAVE_PER_WORKER x workers tasks in flight, so the driver's
+memory does not grow with the corpus. Clips covered by the takedown denylist are left out (failure
+reason `taken_down`) and their cached outcomes removed, whatever the manifest says.
 """
 
 from __future__ import annotations
 
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from prefect import flow, task, unmapped
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
-from preprocessing import cache, writer
+from preprocessing import cache, denylist, writer
 from vasa.config import PreprocessConfig, RunnerConfig
 
+WAVE_PER_WORKER = 4  # tasks in flight per worker: enough to keep workers busy, bounded driver state
+SHARDS_PER_TASK = 8  # shards assembled per task: fewer task runs in Prefect's database at scale
 
-@task
+
+@task(cache_policy=NO_CACHE)
 def process_batch(rows: list[dict], cfg: PreprocessConfig, cache_dir: Path, digests: list[str]) -> dict[str, dict]:
     """Process clips and cache each outcome; returns each clip's record (without sample bytes)."""
     from preprocessing.decode import bound_frame_allocations
@@ -33,6 +47,12 @@ def process_batch(rows: list[dict], cfg: PreprocessConfig, cache_dir: Path, dige
         row["key"]: cache.store(cache_dir, row["key"], digest, process_clip(row, cfg))
         for row, digest in zip(rows, digests, strict=True)
     }
+
+
+@task(cache_policy=NO_CACHE)
+def assemble_shards(jobs: list[writer.ShardJob], cache_dir: Path, out_dir: Path) -> list[dict]:
+    """Write changed shards from the cache; returns their stats."""
+    return [writer.assemble(job, cache_dir, out_dir) for job in jobs]
 
 
 def task_runner(cfg: RunnerConfig) -> TaskRunner:
@@ -47,35 +67,151 @@ def task_runner(cfg: RunnerConfig) -> TaskRunner:
     return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.workers, "threads_per_worker": 1, "processes": True})
 
 
+def in_waves(submit: Callable, batches: Iterable, limit: int) -> Iterator:
+    """Results of `submit(batch)` for each batch, in order, with at most `limit` futures in flight.
+    A crashed task is a bug, not a clip status: its exception surfaces here."""
+    pending: deque = deque()
+    for batch in batches:
+        if len(pending) >= limit:
+            yield pending.popleft().result()
+        pending.append(submit(batch))
+    while pending:
+        yield pending.popleft().result()
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def process(cfg: PreprocessConfig, rows: list[dict], digests: dict[str, str], cache_dir: Path) -> dict[str, dict]:
+    """Process `rows` in batches of `clips_per_task`, in waves; their records by clip key."""
+    limit = WAVE_PER_WORKER * cfg.runner.workers
+    records: dict[str, dict] = {}
+
+    def submit(batch: list[dict]):
+        return process_batch.submit(batch, cfg, cache_dir, [digests[row["key"]] for row in batch])
+
+    for result in in_waves(submit, _chunks(rows, cfg.runner.clips_per_task), limit):
+        records |= result
+    return records
+
+
+def assemble(cfg: PreprocessConfig, plan: writer.OutputPlan, cache_dir: Path, out_dir: Path) -> None:
+    """Write the changed shards as tasks, a few shards per task, in waves."""
+    unchanged = sum(len(entries) for entries in plan.entries.values()) - len(plan.jobs)
+    print(f"{len(plan.jobs)} shards to write, {unchanged} unchanged")
+
+    def submit(jobs: list[writer.ShardJob]):
+        return assemble_shards.submit(jobs, cache_dir, out_dir)
+
+    per_task = max(1, min(SHARDS_PER_TASK, -(-len(plan.jobs) // cfg.runner.workers)))
+    for _ in in_waves(submit, _chunks(plan.jobs, per_task), WAVE_PER_WORKER * cfg.runner.workers):
+        pass
+
+
+def cached_records(
+    usable: list[dict], digests: dict[str, str], table: dict[str, dict], cache_dir: Path
+) -> dict[str, dict]:
+    """The cached record of every usable clip made from the same inputs: from the records table, else
+    (a killed run's finished clips) from the clip's own JSON record."""
+    found = {}
+    for row in usable:
+        key = row["key"]
+        record = table.get(key)
+        if record is None or record["input_digest"] != digests[key]:
+            record = cache.lookup(cache_dir, key, digests[key])
+        if record is not None:
+            found[key] = record
+    return found
+
+
+def damaged(jobs: list[writer.ShardJob], cache_dir: Path) -> set[str]:
+    """Clips of the shards to write whose cached tar is missing or not the size its record says (a
+    stat each, no read): processed again before assembly."""
+    bad = set()
+    for job in jobs:
+        for key, record, _ in job.clips:
+            tar_path, _ = cache.paths(cache_dir, key)
+            try:
+                if tar_path.stat().st_size != record["tar_bytes"]:
+                    bad.add(key)
+            except OSError:
+                bad.add(key)
+    return bad
+
+
+@contextmanager
+def shared_api() -> Iterator[None]:
+    """Point process workers at this flow's Prefect API. Without PREFECT_API_URL (the ephemeral
+    server of a plain `vasa preprocess`), each spawned worker would start a server of its own (~10 s
+    each); ProcessPoolTaskRunner hands the workers this process's environment at its first submit."""
+    if os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    from prefect.client.orchestration import get_client
+
+    os.environ["PREFECT_API_URL"] = str(get_client(sync_client=True).api_url)
+    try:
+        yield
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+
+
 @flow(name="preprocess", log_prints=True)
 def preprocess_flow(
-    cfg: PreprocessConfig, manifest_path: Path, out_dir: Path, cache_dir: Path, allow_empty: bool = False
+    cfg: PreprocessConfig,
+    manifest_path: Path,
+    out_dir: Path,
+    cache_dir: Path,
+    allow_empty: bool = False,
+    denylist_path: Path | None = None,
 ) -> dict:
-    """Process every usable clip of the manifest not yet cached, then write the outputs. Returns the
-    index (as written to index.json) plus `processed` and `cached` clip counts of this run."""
+    """Process every usable clip of the manifest not yet cached, then write the changed outputs.
+    Returns the index (as written to index.json) plus `processed`, `cached` and `assembled` counts."""
     rows, manifest_sha256 = writer.read_manifest(manifest_path)
+    rows, covered = denylist.mark(rows, denylist.load(denylist_path) if denylist_path else denylist.Denylist())
+    table = cache.read_records(cache_dir)
+    table_changed = False
+    for row in covered:  # a takedown also removes what was derived from the clip
+        table_changed |= table.pop(row["key"], None) is not None
+        cache.drop(cache_dir, row["key"])
     usable, _ = writer.select(rows)
     code = cache.code_digest()
     digests = {row["key"]: cache.input_digest(row, cfg, code) for row in usable}
-    records = {row["key"]: cache.lookup(cache_dir, row["key"], digests[row["key"]]) for row in usable}
-    todo = [row for row in usable if records[row["key"]] is None]
+    records = cached_records(usable, digests, table, cache_dir)
+    todo = [row for row in usable if row["key"] not in records]
     print(f"{len(usable)} usable clips: {len(todo)} to process, {len(usable) - len(todo)} cached")
-    size = cfg.runner.clips_per_task
-    batches = [todo[i : i + size] for i in range(0, len(todo), size)]
-    futures = process_batch.map(
-        batches, unmapped(cfg), unmapped(cache_dir), [[digests[r["key"]] for r in b] for b in batches]
-    )
-    futures.wait()
-    for future in futures:
-        records |= future.result()  # a crashed worker is a bug, not a clip status: surface it
-    index = writer.write_outputs(cfg, rows, records, cache_dir, out_dir, manifest_sha256, allow_empty)
+    with shared_api():
+        fresh = process(cfg, todo, digests, cache_dir)
+        plan = writer.plan_outputs(cfg, rows, records | fresh, out_dir, allow_empty)
+        redo = damaged(plan.jobs, cache_dir)
+        if redo:
+            print(f"{len(redo)} cache entries damaged: processed again")
+            fresh |= process(cfg, [row for row in usable if row["key"] in redo], digests, cache_dir)
+            plan = writer.plan_outputs(cfg, rows, records | fresh, out_dir, allow_empty)
+        records |= fresh
+        if fresh or table_changed or any(table.get(key) is not records[key] for key in records):
+            cache.write_records(cache_dir, table | records)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        assemble(cfg, plan, cache_dir, out_dir)
+    index = writer.finish(cfg, plan, out_dir, manifest_sha256)
     counts = {split: (s["samples"], len(s["shards"])) for split, s in index["splits"].items()}
     print(f"(samples, shards) by split: {counts}; left out by reason: {index['failures_by_reason']}")
-    return index | {"processed": len(todo), "cached": len(usable) - len(todo)}
+    processed, cached = len(todo) + len(redo), len(usable) - len(todo) - len(redo)
+    return index | {"processed": processed, "cached": cached, "assembled": len(plan.jobs)}
 
 
-def run(cfg: PreprocessConfig, manifest_path: Path, out_dir: Path, cache_dir: Path, allow_empty: bool = False) -> dict:
+def run(
+    cfg: PreprocessConfig,
+    manifest_path: Path,
+    out_dir: Path,
+    cache_dir: Path,
+    allow_empty: bool = False,
+    denylist_path: Path | None = None,
+) -> dict:
     """Entry point for the CLI and tests. A missing manifest fails here, before any flow starts."""
     writer.require_manifest(manifest_path)
     flow_ = preprocess_flow.with_options(task_runner=task_runner(cfg.runner))
-    return flow_(cfg, Path(manifest_path), Path(out_dir), Path(cache_dir), allow_empty)
+    path = Path(denylist_path) if denylist_path else None
+    return flow_(cfg, Path(manifest_path), Path(out_dir), Path(cache_dir), allow_empty, path)

@@ -10,9 +10,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-import librosa
 import numpy as np
-import soxr
 
 from vasa.config import AudioFeatureConfig
 
@@ -42,6 +40,8 @@ def log_mel(audio: np.ndarray, sample_rate: int, fps: int, cfg: AudioFeatureConf
     so the k frames of video frame t are centred inside it; the one extra frame librosa returns
     (centred on the last sample) is dropped.
     """
+    import librosa  # here: a second of import that the shard writer (mel_frames_per_video_frame) never needs
+
     k = mel_frames_per_video_frame(sample_rate, fps, cfg.hop_length)
     n_video = len(audio) // (sample_rate // fps)
     if n_video == 0:
@@ -94,6 +94,7 @@ class SpeechEncoder:
         States (~50 Hz for wav2vec2/HuBERT) are linearly interpolated in time to the centres of the
         video frames, (t + 0.5) / fps s, from the centres of their receptive fields.
         """
+        import soxr
         import torch
 
         n_video = len(audio) // (sample_rate // fps)

@@ -13,19 +13,29 @@ or split change never leaves a stale value in a shard and never forces re-proces
 
 Outcomes caused by the environment (missing file, permission denied, out of memory:
 `Outcome.transient`) are not cached, so a fixed environment heals them on the next run.
+
+`CACHE/records.parquet` gathers every record in one table (each sample with its media digest,
+`Sample.digest`), rewritten by the driver at the end of a run. A re-run reads that table (a few
+hundred bytes per clip) and decides from it alone which clips to process and which shards change;
+the per-clip JSON is read only for clips the table does not hold (a killed run's finished clips), and
+a clip's tar is opened only when a shard holding it is written.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tarfile
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Protocol
 
-from preprocessing.files import read_json, write_json
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from preprocessing.files import atomic_path, read_json, write_json
 from preprocessing.shards import Sample, write_shard
 from vasa.config import PreprocessConfig
 
@@ -41,6 +51,19 @@ NOT_IN_CODE_DIGEST = frozenset({"__init__.py", "writer.py"})
 VERSIONED_PACKAGES = ("mediapipe", "opencv-contrib-python", "numpy", "av", "librosa", "decord", "soxr")
 # Params sections that do not change what a clip yields (where it runs, how samples are sharded).
 NOT_SHAPING_PARAMS = frozenset({"runner", "shards"})
+RECORDS_FILE = "records.parquet"
+_FAILURE = pa.struct([(name, pa.string()) for name in ("key", "status", "reason", "detail")])
+_SAMPLE = pa.struct([("key", pa.string()), ("frames", pa.int32()), ("seconds", pa.float64()), ("digest", pa.string())])
+RECORDS_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("input_digest", pa.string()),
+        ("tar_bytes", pa.int64()),
+        ("samples", pa.list_(_SAMPLE)),
+        ("failures", pa.list_(_FAILURE)),
+        ("frame_rejections", pa.map_(pa.string(), pa.int64())),
+    ]
+)
 
 
 class Outcome(Protocol):
@@ -107,6 +130,8 @@ def lookup(cache: Path, key: str, digest: str) -> dict | None:
     record = read_json(json_path)
     if record is None or record.get("input_digest") != digest:
         return None
+    if not all("digest" in sample for sample in record.get("samples", [])):
+        return None  # written before samples carried their digest: made again
     try:
         intact = tar_path.stat().st_size == record.get("tar_bytes")
     except OSError:
@@ -120,7 +145,9 @@ def make_record(key: str, digest: str, outcome: Outcome) -> dict:
     return {
         "key": key,
         "input_digest": digest,
-        "samples": [{"key": s.key, "frames": s.frames, "seconds": s.seconds} for s in outcome.samples],
+        "samples": [
+            {"key": s.key, "frames": s.frames, "seconds": s.seconds, "digest": s.digest()} for s in outcome.samples
+        ],
         "failures": [{k: f[k] for k in ("key", "status", "reason", "detail")} for f in outcome.failures],
         "frame_rejections": dict(outcome.frame_rejections),
         "transient": bool(getattr(outcome, "transient", False)),
@@ -142,6 +169,48 @@ def store(cache: Path, key: str, digest: str, outcome: Outcome) -> dict:
     return record
 
 
+def drop(cache: Path, key: str) -> bool:
+    """Remove a clip's cached outcome (tar and record); True when there was one (a takedown)."""
+    found = False
+    for path in paths(cache, key):
+        try:
+            path.unlink()
+            found = True
+        except FileNotFoundError:
+            pass
+    return found
+
+
+def read_records(cache: Path) -> dict[str, dict]:
+    """Clip key -> record, from CACHE/records.parquet ({} when there is none or it is unreadable:
+    then the per-clip JSON records are read, which is slower but always right)."""
+    path = Path(cache) / RECORDS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        rows = pq.read_table(path, schema=RECORDS_SCHEMA).to_pylist()
+    except (OSError, pa.ArrowException):
+        return {}
+    for row in rows:
+        row["frame_rejections"] = dict(row["frame_rejections"] or [])
+        row["transient"] = False
+    return {row["key"]: row for row in rows}
+
+
+def write_records(cache: Path, records: dict[str, dict]) -> None:
+    """Write every stored (non-transient) record to CACHE/records.parquet, sorted by key, atomically."""
+    rows = [
+        {name: record.get(name) for name in RECORDS_SCHEMA.names}
+        | {"frame_rejections": sorted(record.get("frame_rejections", {}).items())}
+        for _, record in sorted(records.items())
+        if not record.get("transient") and record.get("tar_bytes") is not None
+    ]
+    table = pa.Table.from_pylist(rows, schema=RECORDS_SCHEMA)
+    os.makedirs(cache, exist_ok=True)
+    with atomic_path(Path(cache) / RECORDS_FILE) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
 class CacheError(RuntimeError):
     """A cache entry does not hold what its record says (damaged or edited cache)."""
 
@@ -151,6 +220,12 @@ def load_samples(cache: Path, key: str, record: dict) -> Iterator[Sample]:
     CacheError when the tar and the record disagree."""
     tar_path, _ = paths(cache, key)
     sizes = {s["key"]: s for s in record["samples"]}
+    try:
+        size = tar_path.stat().st_size
+    except OSError as err:
+        raise CacheError(f"{tar_path}: missing cache entry ({err}); delete its record to re-process the clip") from err
+    if record.get("tar_bytes") is not None and size != record["tar_bytes"]:
+        raise CacheError(f"{tar_path}: {size} bytes, its record says {record['tar_bytes']}; delete it to re-process")
     members: dict[str, dict[str, bytes]] = {}
     try:
         with tarfile.open(tar_path) as tar:

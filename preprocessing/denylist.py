@@ -115,3 +115,18 @@ def add(path: Path, request: Request) -> bool:
         return False
     write(path, Denylist((*current.requests, request)))
     return True
+
+
+def mark(rows: list[dict], denylist: Denylist) -> tuple[list[dict], list[dict]]:
+    """(rows with every covered manifest row set to status TAKEN_DOWN, its reason in `error`; the
+    covered rows)."""
+    if not denylist:
+        return rows, []
+    out, covered = [], []
+    for row in rows:
+        reason = denylist.reason(row)
+        if reason is not None:
+            row = row | {"status": TAKEN_DOWN, "error": reason}
+            covered.append(row)
+        out.append(row)
+    return out, covered

@@ -6,7 +6,9 @@ split into every failure row, so the output is a function of (cache content, man
 cache after a licence or split change gives the same bytes as a cold run.
 
 Shards are written per split (train, val and test never share a shard: held-out speakers stay out of
-training data). A shard is rewritten only when its content digest changed. Safety rules:
+training data). Which shards change is decided by `plan_outputs` from the cache's per-clip records
+and the manifest alone (a content digest per shard, kept in its stats file): no tar is opened to
+decide. Only changed shards are assembled (`assemble`, run as tasks by the flow). Safety rules:
 
 - Nothing in OUT is touched before every sample and failure is known, and a run that would leave
   zero samples fails (NoSamplesError, with the reasons) unless `allow_empty` is given.
@@ -23,6 +25,7 @@ import hashlib
 import json
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -39,6 +42,9 @@ FAILURE_SCHEMA = pa.schema([(name, pa.string()) for name in schema.FAILURE_COLUM
 # Statuses of failure rows: the clip never reached processing (its manifest status is the reason).
 INGEST_STATUS = "ingest"
 UNKNOWN_SPLIT = "unknown_split"
+# Bump when `join_sample` changes what it writes: shards' content digests then change (writer.py is
+# not in the cache's code digest: joining never needs a clip processed again).
+JOIN_VERSION = 1
 # `<split>-<bucket hex or "all">-<4-digit part>.tar`: the only shard names the stage writes or removes.
 SHARD_NAME = re.compile(rf"^(?:{'|'.join(schema.SPLITS)})-(?:[0-9a-f]+|all)-[0-9]{{4}}\.tar$")
 
@@ -106,11 +112,15 @@ def join_sample(sample: Sample, row: dict) -> Sample:
     older copy), after checking that the sample really belongs to this clip."""
     if not sample.key.startswith(f"{row['key']}_"):
         raise cache.CacheError(f"sample {sample.key} is not a segment of clip {row['key']} ({row['clip_id']})")
+    return _join(sample, provenance(row), row["split"])
+
+
+def _join(sample: Sample, provenance_: dict, split: str) -> Sample:
     meta = json.loads(sample.members[schema.JSON])
     if meta.get("key", sample.key) != sample.key:
         raise cache.CacheError(f"sample {sample.key}: its JSON names key {meta['key']}")
-    meta["provenance"] = provenance(row)
-    meta["split"] = row["split"]
+    meta["provenance"] = provenance_
+    meta["split"] = split
     members = sample.members | {schema.JSON: json.dumps(meta, sort_keys=True).encode()}
     return Sample(sample.key, members, sample.frames, sample.seconds)
 
@@ -158,6 +168,155 @@ def _stats_name(shard: str) -> str:
     return shard.removesuffix(".tar") + schema.STATS_SUFFIX
 
 
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard to (re)write: what `assemble` needs, small enough to send to a worker. `clips`:
+    (clip key, cache record, the manifest row's provenance and split) in key order; `stats`: the
+    shard's counts and content digest, decided from records (see `plan_outputs`)."""
+
+    name: str
+    clips: tuple[tuple[str, dict, dict], ...]
+    keys: tuple[str, ...]
+    stats: dict
+
+
+@dataclass
+class OutputPlan:
+    """What a run writes: shard jobs (the changed shards), stats files whose counts alone changed,
+    the index entries per split, every failure row, and the files the previous run listed."""
+
+    jobs: list[ShardJob]
+    stats_only: dict[str, dict]
+    entries: dict[str, list[dict]]
+    failures: list[dict]
+    previous: set[Path]
+
+
+def plan_outputs(
+    cfg: PreprocessConfig, rows: list[dict], records: dict[str, dict], out_dir: Path, allow_empty: bool = False
+) -> OutputPlan:
+    """Decide, from the manifest rows and the cache records alone (no tar is opened), which shards
+    must be written. `rows`: every manifest row; `records`: cache record per usable clip key (see
+    preprocessing.cache). Raises NoSamplesError when no sample would remain and `allow_empty` is False."""
+    usable, failures = select(rows)
+    unprocessed = [row["clip_id"] for row in usable if row["key"] not in records]
+    if unprocessed:  # a bug in the caller, not a clip status: never drop clips silently
+        raise ValueError(f"{len(unprocessed)} usable clips have no outcome, e.g. {unprocessed[:3]}")
+    for row in usable:
+        failures += clip_failures(row, records[row["key"]])
+    n_samples = sum(len(records[row["key"]]["samples"]) for row in usable)
+    if n_samples == 0 and not allow_empty:
+        reasons = dict(sorted(Counter(f["reason"] for f in failures).items()))
+        raise NoSamplesError(
+            f"no samples from {len(rows)} manifest rows (left out by reason: {reasons or 'none'}); "
+            f"nothing in {out_dir} was changed. Pass --allow-empty to write an empty output."
+        )
+    plan = OutputPlan([], {}, {}, failures, owned_files(out_dir))
+    by_split: dict[str, list[dict]] = {}
+    for row in usable:
+        by_split.setdefault(row["split"], []).append(row)
+    failures_by_split: dict[str, list[dict]] = {}
+    for failure in failures:
+        failures_by_split.setdefault(failure["split"], []).append(failure)
+    for split in schema.SPLITS:
+        clips = by_split.get(split, [])
+        if any(records[row["key"]]["samples"] for row in clips):
+            _plan_split(cfg, split, clips, records, failures_by_split.get(split, []), out_dir, plan)
+    return plan
+
+
+def _joined_digest(row: dict) -> str:
+    """Digest of what `join_sample` adds to a clip's samples (with the join's version)."""
+    joined = {"join": JOIN_VERSION, "provenance": provenance(row), "split": row["split"]}
+    return hashlib.sha256(json.dumps(joined, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _plan_split(
+    cfg: PreprocessConfig,
+    split: str,
+    clips: list[dict],
+    records: dict[str, dict],
+    failures: list[dict],
+    out_dir: Path,
+    plan: OutputPlan,
+) -> None:
+    rows = {row["key"]: row for row in clips}
+    sample_of = {s["key"]: (key, s) for key in rows for s in records[key]["samples"]}
+    layout = shards.plan_shards(sample_of, cfg.shards, prefix=split)
+    lookup = shards.ShardLookup(layout)
+    failures_by_shard: dict[str | None, list[dict]] = {}
+    for failure in failures:
+        failures_by_shard.setdefault(lookup(failure["key"]), []).append(failure)
+    joined: dict[str, str] = {}
+    entries = plan.entries.setdefault(split, [])
+    for name, keys in layout.items():
+        samples = [sample_of[k][1] for k in keys]
+        clip_keys = sorted({sample_of[k][0] for k in keys})
+        for clip in clip_keys:
+            if clip not in joined:
+                joined[clip] = _joined_digest(rows[clip])
+        content = shards.content_digest((s["digest"], joined[sample_of[s["key"]][0]]) for s in samples)
+        stats = shards.shard_stats(name, samples, failures_by_shard.get(name, []), content)
+        tar_path, stats_path = out_dir / f"{name}.tar", out_dir / _stats_name(f"{name}.tar")
+        old = read_json(stats_path) or {}
+        try:
+            intact = tar_path.stat().st_size == old.get("tar_bytes")
+        except OSError:
+            intact = False
+        if old.get("content_sha256") == content and intact:
+            full = stats | {"members_sha256": old.get("members_sha256"), "tar_bytes": old["tar_bytes"]}
+            if full != old:
+                plan.stats_only[name] = full
+        else:
+            clips_ = tuple((c, records[c], {"provenance": provenance(rows[c]), "split": split}) for c in clip_keys)
+            plan.jobs.append(ShardJob(name, clips_, tuple(keys), stats))
+        entries.append({"shard": f"{name}.tar", "samples": stats["samples"], "frames": stats["frames"]})
+
+
+def assemble(job: ShardJob, cache_dir: Path, out_dir: Path) -> dict:
+    """Write one shard from the cache (its clips' tars are read here, and only here) with the manifest's
+    provenance joined, then its stats file; returns the stats."""
+    wanted = set(job.keys)
+    samples = []
+    for clip, record, joined in job.clips:
+        for sample in cache.load_samples(cache_dir, clip, record):
+            if sample.key in wanted:
+                samples.append(_join(sample, joined["provenance"], joined["split"]))
+    if [s.key for s in samples] != list(job.keys):
+        raise cache.CacheError(f"{job.name}: the cache holds {len(samples)} of its {len(job.keys)} samples")
+    tar_path = out_dir / f"{job.name}.tar"
+    shards.write_shard(tar_path, samples)
+    stats = job.stats | {"members_sha256": shards.members_sha256(samples), "tar_bytes": tar_path.stat().st_size}
+    write_json(out_dir / _stats_name(tar_path.name), stats)
+    return stats
+
+
+def finish(cfg: PreprocessConfig, plan: OutputPlan, out_dir: Path, manifest_sha256: str) -> dict:
+    """After the jobs ran: stats whose counts alone changed, stale files removed, failures.parquet,
+    then index.json (last: it marks a complete output). Returns the index."""
+    for name, stats in plan.stats_only.items():
+        write_json(out_dir / _stats_name(f"{name}.tar"), stats)
+    index: dict = {"splits": {}}
+    for split, entries in plan.entries.items():
+        index["splits"][split] = {
+            "shards": entries,
+            "samples": sum(e["samples"] for e in entries),
+            "frames": sum(e["frames"] for e in entries),
+        }
+    written = {out_dir / e["shard"] for s in index["splits"].values() for e in s["shards"]}
+    written |= {out_dir / _stats_name(p.name) for p in written}
+    for stale in sorted(plan.previous - written):
+        stale.unlink(missing_ok=True)
+    for partial in out_dir.glob(f"*{PARTIAL_SUFFIX}"):  # left by a killed run, of our own names only
+        if SHARD_NAME.match(partial.name.removesuffix(PARTIAL_SUFFIX)):
+            partial.unlink(missing_ok=True)
+    index["dataset"] = dataset_block(cfg, manifest_sha256, list(index["splits"]))
+    index["failures_by_reason"] = dict(sorted(Counter(f["reason"] for f in plan.failures).items()))
+    write_failures(out_dir / schema.FAILURES_FILE, plan.failures)
+    write_json(out_dir / schema.INDEX_FILE, index)  # last: marks a complete output
+    return index
+
+
 def write_outputs(
     cfg: PreprocessConfig,
     rows: list[dict],
@@ -167,89 +326,14 @@ def write_outputs(
     manifest_sha256: str,
     allow_empty: bool = False,
 ) -> dict:
-    """Write shards per split, their stats, failures.parquet and index.json; returns the index.
-
-    `rows`: every manifest row; `records`: cache record per processed clip key (see
-    preprocessing.cache). Raises NoSamplesError, before touching OUT, when no sample would remain
-    and `allow_empty` is False.
-    """
-    usable, failures = select(rows)
-    unprocessed = [row["clip_id"] for row in usable if row["key"] not in records]
-    if unprocessed:  # a bug in the caller, not a clip status: never drop clips silently
-        raise ValueError(f"{len(unprocessed)} usable clips have no outcome, e.g. {unprocessed[:3]}")
-    for row in usable:
-        failures += clip_failures(row, records[row["key"]])
-    n_samples = sum(len(records[row["key"]]["samples"]) for row in usable)
-    reasons = dict(sorted(Counter(f["reason"] for f in failures).items()))
-    if n_samples == 0 and not allow_empty:
-        raise NoSamplesError(
-            f"no samples from {len(rows)} manifest rows (left out by reason: {reasons or 'none'}); "
-            f"nothing in {out_dir} was changed. Pass --allow-empty to write an empty output."
-        )
-    previous = owned_files(out_dir)
+    """Write shards per split, their stats, failures.parquet and index.json in this process; returns
+    the index. (The flow runs `assemble` as tasks instead.) Nothing in OUT is touched before the plan
+    is made, so NoSamplesError leaves OUT as it was."""
+    plan = plan_outputs(cfg, rows, records, out_dir, allow_empty)
     out_dir.mkdir(parents=True, exist_ok=True)
-    index: dict = {"splits": {}}
-    for split in schema.SPLITS:
-        clips = [row for row in usable if row["split"] == split]
-        if not any(records[row["key"]]["samples"] for row in clips):
-            continue
-        split_failures = [f for f in failures if f["split"] == split]
-        entries = _write_split(cfg, split, clips, records, split_failures, cache_dir, out_dir)
-        index["splits"][split] = {
-            "shards": entries,
-            "samples": sum(e["samples"] for e in entries),
-            "frames": sum(e["frames"] for e in entries),
-        }
-    written = {out_dir / e["shard"] for s in index["splits"].values() for e in s["shards"]}
-    written |= {out_dir / _stats_name(p.name) for p in written}
-    for stale in sorted(previous - written):
-        stale.unlink(missing_ok=True)
-    for partial in out_dir.glob(f"*{PARTIAL_SUFFIX}"):  # left by a killed run, of our own names only
-        if SHARD_NAME.match(partial.name.removesuffix(PARTIAL_SUFFIX)):
-            partial.unlink(missing_ok=True)
-    index["dataset"] = dataset_block(cfg, manifest_sha256, list(index["splits"]))
-    index["failures_by_reason"] = reasons
-    write_failures(out_dir / schema.FAILURES_FILE, failures)
-    write_json(out_dir / schema.INDEX_FILE, index)  # last: marks a complete output
-    return index
-
-
-def _write_split(
-    cfg: PreprocessConfig,
-    split: str,
-    clips: list[dict],
-    records: dict[str, dict],
-    failures: list[dict],
-    cache_dir: Path,
-    out_dir: Path,
-) -> list[dict]:
-    """Write the shards of one split whose content changed; returns their index entries."""
-    rows = {row["key"]: row for row in clips}
-    sample_clip = {s["key"]: key for key in rows for s in records[key]["samples"]}
-    plan = shards.plan_shards(list(sample_clip), cfg.shards, prefix=split)
-    failures_by_shard: dict[str | None, list[dict]] = {}
-    for failure in failures:
-        failures_by_shard.setdefault(shards.shard_for(plan, failure["key"], cfg.shards), []).append(failure)
-    entries = []
-    for name, keys in plan.items():
-        wanted = set(keys)
-        samples = [
-            join_sample(sample, rows[clip])
-            for clip in sorted({sample_clip[k] for k in keys})
-            for sample in cache.load_samples(cache_dir, clip, records[clip])
-            if sample.key in wanted
-        ]
-        stats = shards.shard_stats(name, samples, failures_by_shard.get(name, []))
-        tar_path, stats_path = out_dir / f"{name}.tar", out_dir / _stats_name(f"{name}.tar")
-        old = read_json(stats_path) or {}
-        intact = tar_path.is_file() and tar_path.stat().st_size == old.get("tar_bytes")
-        if old.get("members_sha256") != stats["members_sha256"] or not intact:
-            shards.write_shard(tar_path, samples)
-        stats["tar_bytes"] = tar_path.stat().st_size
-        if stats != old:
-            write_json(stats_path, stats)
-        entries.append({"shard": f"{name}.tar", "samples": stats["samples"], "frames": stats["frames"]})
-    return entries
+    for job in plan.jobs:
+        assemble(job, cache_dir, out_dir)
+    return finish(cfg, plan, out_dir, manifest_sha256)
 
 
 def write_failures(path: Path, failures: list[dict]) -> None:

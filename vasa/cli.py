@@ -44,10 +44,23 @@ def _add_sample(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return parser
 
 
+def _write_metrics(path: Path | None, counts: dict) -> None:
+    """A stage's counts as a small JSON (DVC `metrics`): functions of the inputs only, so re-runs agree."""
+    if path is not None:
+        from preprocessing.files import write_json
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, counts)
+
+
+def _add_metrics_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--metrics", type=Path, help=f"also write {what} to this JSON file (DVC metrics)")
+
+
 def _ingest(args: argparse.Namespace, params: Params) -> int:
     from flows.ingest import run
 
-    run(
+    counts = run(
         params.ingest,
         args.out,
         sample_dir=args.sample_dir,
@@ -55,7 +68,9 @@ def _ingest(args: argparse.Namespace, params: Params) -> int:
         local_csv=args.local_csv,
         voxceleb_dirs=args.voxceleb_dir,
         downloads_dir=args.downloads,
+        denylist_path=args.denylist,
     )
+    _write_metrics(args.metrics, {"clips": sum(counts.values()), "clips_by_status": counts})
     return 0
 
 
@@ -88,6 +103,8 @@ def _add_ingest(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         type=Path,
         help="where archive parts and YouTube videos go (default OUT/downloads); partial downloads resume",
     )
+    _add_denylist_option(parser, "rows it covers get status taken_down and are never probed or downloaded")
+    _add_metrics_option(parser, "the manifest's clip counts by status")
     parser.set_defaults(handler=_ingest)
     return parser
 
@@ -95,8 +112,20 @@ def _add_ingest(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def _preprocess(args: argparse.Namespace, params: Params) -> int:
     from flows.preprocess import run
 
-    summary = run(params.preprocess, args.manifest, args.out, args.cache, allow_empty=args.allow_empty)
-    print(f"preprocess: {summary['processed']} clips processed, {summary['cached']} from the cache")
+    options = {"allow_empty": args.allow_empty, "denylist_path": args.denylist}
+    summary = run(params.preprocess, args.manifest, args.out, args.cache, **options)
+    print(
+        f"preprocess: {summary['processed']} clips processed, {summary['cached']} from the cache, "
+        f"{summary['assembled']} shards written"
+    )
+    splits = summary["splits"]
+    counts = {
+        "samples_by_split": {split: block["samples"] for split, block in splits.items()},
+        "frames_by_split": {split: block["frames"] for split, block in splits.items()},
+        "shards_by_split": {split: len(block["shards"]) for split, block in splits.items()},
+        "failures_by_reason": summary["failures_by_reason"],
+    }
+    _write_metrics(args.metrics, counts)
     return 0
 
 
@@ -124,7 +153,51 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         action="store_true",
         help="write an output with zero samples (by default such a run fails and leaves OUT untouched)",
     )
+    _add_denylist_option(parser, "clips it covers are left out (reason taken_down) and their cache entries removed")
+    _add_metrics_option(parser, "samples, frames and shards by split and clips left out by reason")
     parser.set_defaults(handler=_preprocess)
+    return parser
+
+
+def _add_denylist_option(parser: argparse.ArgumentParser, effect: str) -> None:
+    from preprocessing.denylist import DEFAULT_PATH
+
+    parser.add_argument(
+        "--denylist", type=Path, default=DEFAULT_PATH, help=f"takedown denylist CSV (default %(default)s): {effect}"
+    )
+
+
+def _takedown(args: argparse.Namespace, params: Params) -> int:
+    import datetime
+
+    from preprocessing import denylist
+
+    kind, value = next((k, getattr(args, k)) for k in denylist.KINDS if getattr(args, k) is not None)
+    date = args.date or datetime.datetime.now(datetime.UTC).date().isoformat()  # the request's record date
+    request = denylist.Request(kind, value, args.reason, date)
+    added = denylist.add(args.denylist, request)
+    print(f"takedown of {kind} {value}: {'recorded in' if added else 'already in'} {args.denylist}")
+    return 0
+
+
+def _add_takedown(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "takedown",
+        help="record a takedown request (speaker, video or clip) in the denylist",
+        description=(
+            "Add one request to the takedown denylist (preprocessing/denylist.py), a versioned CSV that "
+            "stages `ingest` and `preprocess` depend on: the next `dvc repro` marks the covered manifest rows "
+            "taken_down, leaves them out of every shard and removes their cached outcomes."
+        ),
+    )
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--speaker", help="speaker id (manifest speaker_id)")
+    what.add_argument("--video", help="YouTube id (or source URL of a clip without one)")
+    what.add_argument("--clip", help="clip id (manifest clip_id)")
+    parser.add_argument("--reason", required=True, help="why (free text, e.g. who asked and when)")
+    parser.add_argument("--date", help="day the request was recorded, YYYY-MM-DD (default: today, UTC)")
+    _add_denylist_option(parser, "the request is added to it (created if missing)")
+    parser.set_defaults(handler=_takedown)
     return parser
 
 
@@ -567,8 +640,10 @@ STAGES = (
     _add_verify,
     _add_demo,
     _add_audit,
+    _add_takedown,
     _add_train_judges,
     _add_evaluate,
+    _add_retrain,
 )
 
 

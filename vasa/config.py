@@ -225,8 +225,9 @@ class FilterConfig(Section):
 
 
 class ShardConfig(Section):
-    """Clips go to bucket = first `bucket_hex_digits` of their key, split into shards of at most
-    `max_clips_per_shard`: adding clips rebuilds only the buckets they fall in."""
+    """Shards are key ranges: a trie over sample keys from prefixes of `bucket_hex_digits` hex digits,
+    a range split by the next digit while it holds more than `max_clips_per_shard` samples
+    (preprocessing/shards.py): a new clip rewrites only the shard whose range it falls in."""
 
     bucket_hex_digits: int = Field(ge=0, le=4)
     max_clips_per_shard: int = Field(ge=1)
@@ -556,6 +557,7 @@ class Params(Section):
     train_motion: TrainMotionConfig
     export: ExportConfig
     generate: GenerateConfig
+    retrain: RetrainConfig
     judges: JudgesConfig
     evaluate: EvaluateConfig
 

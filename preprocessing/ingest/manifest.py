@@ -17,6 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from preprocessing.denylist import TAKEN_DOWN
 from preprocessing.schema import SPLITS, TRAIN
 from vasa.errors import InputError
 
@@ -33,6 +34,7 @@ UNREADABLE_PATH = "unreadable_path"  # a source folder that cannot be listed (pe
 SKIPPED_LINK = "skipped_link"  # a symlinked folder in a local source: not followed (loops, escapes)
 UNAVAILABLE = "unavailable"  # YouTube reference video gone or unreachable
 DOWNLOAD_FAILED = "download_failed"  # archive part failed after retries (or wrong checksum)
+# TAKEN_DOWN (preprocessing.denylist): covered by a takedown request; never downloaded, probed or sharded
 STATUSES = (
     OK,
     UNREADABLE,
@@ -46,6 +48,7 @@ STATUSES = (
     SKIPPED_LINK,
     UNAVAILABLE,
     DOWNLOAD_FAILED,
+    TAKEN_DOWN,
 )
 
 SCHEMA = pa.schema(

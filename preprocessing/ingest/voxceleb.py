@@ -18,6 +18,7 @@ VoxCeleb2 and pixels in VoxCeleb1 (told apart by their range). Column names carr
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -160,14 +161,20 @@ def _first_float(value: str | None) -> float | None:
         return None
 
 
-def find_files(root: Path, folder: str, suffix: str) -> dict[str, Path]:
-    """All `<root>/**/<folder>/idXXXXX/<yt>/NNNNN<suffix>` keyed by their path relative to root."""
-    found = {}
-    for path in root.rglob(f"*{suffix}"):
-        relative = path.relative_to(root)
-        if folder in relative.parts[:-3] and path.is_file():
-            found[relative.as_posix()] = path
-    return dict(sorted(found.items()))
+def find_files(root: Path, folders: tuple[str, ...] = ("mp4", "txt")) -> dict[str, dict[str, Path]]:
+    """For each folder name F (also the suffix), every `<root>/**/F/idXXXXX/<yt>/NNNNN.F`, keyed by its
+    path relative to root, in one walk of the tree (symlinked folders are not followed)."""
+    found: dict[str, dict[str, Path]] = {folder: {} for folder in folders}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            suffix = name.rpartition(".")[2]
+            if suffix not in found or name == f".{suffix}":
+                continue
+            path = Path(folder, name)
+            relative = path.relative_to(root)
+            if suffix in relative.parts[:-3] and path.is_file():
+                found[suffix][relative.as_posix()] = path
+    return {folder: dict(sorted(files.items())) for folder, files in found.items()}
 
 
 def scan(root: Path, licence: str) -> tuple[list[dict], dict[str, Track]]:
@@ -180,8 +187,9 @@ def scan(root: Path, licence: str) -> tuple[list[dict], dict[str, Track]]:
     """
     rows: dict[str, dict] = {}
     found: dict[str, dict[str, tuple[Utterance, Path]]] = {"mp4": {}, "txt": {}}
+    files = find_files(root, tuple(found))
     for folder, by_clip in found.items():
-        for relative, path in find_files(root, folder, f".{folder}").items():
+        for relative, path in files[folder].items():
             try:
                 utterance = parse_utterance_path(relative)
             except MetadataError as err:
