@@ -34,7 +34,7 @@ from PIL import Image
 from preprocessing import face as face_mod
 from preprocessing.media import write_mp4
 from preprocessing.pose import head_pose
-from vasa.config import FaceConfig, Params
+from vasa.config import EvaluateConfig, FaceConfig, Params
 from vasa.data import open_shards
 from vasa.errors import InputError
 from vasa.evaluation.capp import Capp, capp_scores, load_capp
@@ -233,7 +233,7 @@ def summarise(per_clip: dict, group: str, why: str, bundle_sha256: str, digests:
     return report
 
 
-def feature_figures(cfg, videos: list[tuple[JudgeClip, np.ndarray]]) -> dict:
+def feature_figures(cfg: EvaluateConfig, videos: list[tuple[JudgeClip, np.ndarray]]) -> dict:
     """Identity similarity (generated frames vs the portrait) and FVD₂₅ (real vs generated), each only with
     its feature network's weights (TorchScript by local path); otherwise recorded as skipped."""
     from vasa.evaluation.features import fvd, identity_similarity, load_feature_net
