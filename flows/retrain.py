@@ -159,10 +159,13 @@ def serve(cfg: RetrainConfig, repo: Path, params: Path, records: Path) -> None:
 
 
 def deploy(cfg: RetrainConfig, repo: Path, params: Path, records: Path, work_pool: str) -> object:
-    """A deployment on `work_pool` (its workers run the flow from this checkout on `cfg.cron`)."""
+    """A deployment on `work_pool` (its workers run the flow from this checkout on `cfg.cron`); returns its id.
+    Registered with RunnerDeployment.apply: Flow.deploy's check for online workers sends a query Prefect
+    3.8.8's own server rejects (422, limit None) before anything is created."""
     root = Path(repo).absolute()
     source = retrain_flow.from_source(source=str(root), entrypoint="flows/retrain.py:retrain_flow")
     parameters = {"repo": str(root), "params": str(params), "records": str(records)}
-    return source.deploy(
-        name="retrain-scheduled", work_pool_name=work_pool, cron=cfg.cron, parameters=parameters, build=False
+    deployment = source.to_deployment(
+        name="retrain-scheduled", work_pool_name=work_pool, cron=cfg.cron, parameters=parameters, concurrency_limit=1
     )
+    return deployment.apply()
