@@ -146,6 +146,22 @@ def side_by_side(out: Path, real: np.ndarray, generated: np.ndarray, wav: bytes)
     Image.fromarray(strip).save(out / "side_by_side.png")
 
 
+def clip_rows(judges: Judges, clip: JudgeClip, generated: np.ndarray, params: Params) -> dict[str, dict[str, float]]:
+    """The figures of one clip for every condition: real and generated video, each with the true and the
+    shifted audio (ΔP and the share of frames with a face for the videos themselves)."""
+    cfg = params.evaluate
+    mel = normalise_mel(clip.mel, judges.stats)
+    rows = {}
+    for video, frames in (("real", clip.frames), ("generated", generated)):
+        found = measure(frames, params.preprocess.face)
+        rows[video] = score(judges, found, mel, cfg.sync_offsets, cfg.capp_stride)
+        rows[video] |= {"delta_pose_deg": delta_pose(found.angles), "face_frames": found.face_frames}
+        rows[f"{video}_shifted"] = score(judges, found, shift_audio(mel, cfg.shift_frames), cfg.sync_offsets,
+                                         cfg.capp_stride)  # fmt: skip
+    log.info("evaluate %s: %s", clip.clip_id, {c: {k: round(v, 3) for k, v in r.items()} for c, r in rows.items()})
+    return rows
+
+
 def _mean(rows: list[dict[str, float]], key: str) -> float:
     values = np.array([r[key] for r in rows], np.float64)
     values = values[np.isfinite(values)]
@@ -183,26 +199,22 @@ def run_evaluation(params: Params, shards: Path, bundle_dir: Path, judges_dir: P
     inputs.mkdir(parents=True, exist_ok=True)
     per_clip: dict[str, dict[str, dict[str, float]]] = {}
     videos: list[tuple[JudgeClip, np.ndarray]] = []
-    for index, clip in enumerate(clips):
-        generated = generate_clip(bundle, clip, params, inputs)
-        seen = {
-            "real": measure(clip.frames, params.preprocess.face),
-            "generated": measure(generated, params.preprocess.face),
-        }
-        mel = normalise_mel(clip.mel, judges.stats)
-        rows = {}
-        for video, found in seen.items():
-            rows[video] = score(judges, found, mel, cfg.sync_offsets, cfg.capp_stride)
-            rows[video] |= {"delta_pose_deg": delta_pose(found.angles), "face_frames": found.face_frames}
-            rows[f"{video}_shifted"] = score(judges, found, shift_audio(mel, cfg.shift_frames), cfg.sync_offsets,
-                                             cfg.capp_stride)  # fmt: skip
-        per_clip[clip.clip_id] = rows
-        log.info("evaluate %s: %s", clip.clip_id, {c: {k: round(v, 3) for k, v in r.items()} for c, r in rows.items()})
-        if index == 0:
+    failed: dict[str, str] = {}
+    for clip in clips:
+        try:
+            generated = generate_clip(bundle, clip, params, inputs)
+            per_clip[clip.clip_id] = clip_rows(judges, clip, generated, params)
+        except (InputError, ValueError) as err:  # e.g. no face FaceMesh can find in the generated frames
+            log.warning("evaluate %s: left out: %s", clip.clip_id, err)
+            failed[clip.clip_id] = str(err)[:200]
+            continue
+        if not videos:
             side_by_side(out, clip.frames, generated, clip.wav)
         videos.append((clip, generated))
+    if not per_clip:
+        raise InputError(f"no evaluation clip could be scored: {failed}")
     report = summarise(per_clip, group, why, bundle.sha256, judges.digests, params)
-    report |= feature_figures(cfg, videos)
+    report |= feature_figures(cfg, videos) | {"failed": failed}
     write_plots(out / "plots", per_clip)
     (out / "metrics.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
     return report
