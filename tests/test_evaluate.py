@@ -140,6 +140,7 @@ def test_train_judges_and_evaluate_on_the_sample_corpus(tmp_path: Path, params: 
     real, shifted = report["real"], report["real_shifted"]
     assert real["S_C"] - shifted["S_C"] >= MIN_SYNC_MARGIN and shifted["S_D"] - real["S_D"] >= MIN_SYNC_MARGIN, report
     assert real["CAPP"] - shifted["CAPP"] >= MIN_CAPP_MARGIN, report
+    assert abs(real["av_offset"]) <= 1, report  # the sync expert finds real video in sync
     assert real["face_frames"] == 1.0 and 0 < real["delta_pose_deg"] < 5
     assert report["generated"]["face_frames"] > 0.9 and math.isfinite(report["generated"]["delta_pose_deg"])
     assert report["FVD25"] == SKIPPED and report["identity_similarity"] == SKIPPED
