@@ -90,7 +90,7 @@ def promote(repo: Path, cfg: RetrainConfig, records: Path, record: dict) -> dict
     if cfg.git_tag:
         paths = [dvc_history.LOCK_FILE, os.path.relpath(run_file, repo), os.path.relpath(records / PROMOTED, repo)]
         _run(repo, "git", "add", "--", *paths)
-        message = f"Promote {cfg.artifact} {version} (retrain run {record['run']})"
+        message = f"Promote {version} (retrain run {record['run']})"
         _run(repo, "git", "commit", "-q", "-m", message, "--", *paths)
         artifact_version = version.split("@", 1)[1]
         _run(repo, "git", "tag", "-a", version, "-m", f"Registering artifact {cfg.artifact} version {artifact_version}")
