@@ -8,7 +8,9 @@
                     manifest, prov:wasGeneratedBy the preprocess stage) and the RAI fields that apply.
 
 Everything comes from the shards' index.json, stats.json, the tars' bytes and the manifest: no clock, no
-host name, paths relative to the description's folder, so the same shards give the same bytes. Croissant
+host name, paths relative to the description's folder, so the same shards give the same bytes. The tars'
+sha256 are computed here (stats.json records only the digest of their members), which reads every shard
+once: seconds for the sample corpus, an I/O pass over the dataset for VoxCeleb2-sized shards. Croissant
 1.1 (mlcommons.org/croissant/1.1) names no provenance vocabulary of its own beyond schema.org's
 `isBasedOn` and `citeAs`; the W3C PROV-O terms are added under the `prov` prefix, which Croissant
 readers ignore when they do not know them.
