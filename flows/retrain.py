@@ -155,7 +155,7 @@ def run(repo: Path, params: Path, records: Path, force: bool = False) -> dict:
 def serve(cfg: RetrainConfig, repo: Path, params: Path, records: Path) -> None:
     """Long-running: this process polls the Prefect API and runs the flow on `cfg.cron` (Ctrl-C stops)."""
     parameters = {"repo": str(Path(repo).absolute()), "params": str(params), "records": str(records)}
-    retrain_flow.serve(name="retrain-scheduled", cron=cfg.cron, parameters=parameters)
+    retrain_flow.serve(name="retrain-served", cron=cfg.cron, parameters=parameters)
 
 
 def deploy(cfg: RetrainConfig, repo: Path, params: Path, records: Path, work_pool: str) -> object:

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -189,9 +190,11 @@ def test_manifest_diff_and_registry_tags():
 @pytest.mark.slow
 def test_deployments_on_a_work_pool(tmp_path):
     """`vasa retrain --deploy POOL` (RunnerDeployment.apply) and `prefect deploy` of cluster/prefect/prefect.yaml
-    both register the scheduled flow on the pool, running in the checkout."""
+    both register the scheduled flow on the pool, running in the checkout; `vasa retrain --serve` registers its
+    own schedule and serves it."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
@@ -222,3 +225,23 @@ def test_deployments_on_a_work_pool(tmp_path):
         assert recipe_deployment.pull_steps[0]["prefect.deployments.steps.set_working_directory"] == {
             "directory": str(tmp_path)
         }
+
+        # `vasa retrain --serve`: a long-running process that registers its own schedule and polls for runs.
+        served = subprocess.Popen(
+            [sys.executable, "-m", "vasa.cli", "--params", str(REPO / "params.yaml"), "retrain", "--serve"],
+            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            deadline, serving = time.monotonic() + 120, None
+            while serving is None and time.monotonic() < deadline and served.poll() is None:
+                time.sleep(2)
+                try:
+                    serving = client.read_deployment_by_name("retrain/retrain-served")
+                except ObjectNotFound:
+                    continue
+            assert serving is not None, f"no served deployment (serve exited {served.poll()})"
+            assert [s.schedule.cron for s in serving.schedules] == [cfg.cron] and serving.work_pool_name is None
+            assert serving.parameters["repo"] == str(REPO)
+        finally:
+            served.terminate()
+            served.wait(timeout=60)
