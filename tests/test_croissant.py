@@ -120,3 +120,26 @@ def test_shards_from_another_manifest_are_refused(sample_shards, tmp_path):
     ingest_manifest.write_manifest(other, rows)
     with pytest.raises(croissant.InputError, match="not the manifest the shards were made from"):
         describe(shards, other, tmp_path)
+
+
+def test_speech_features_are_described_only_when_the_shards_hold_them(tmp_path):
+    from preprocessing.shards import Sample, write_shard
+    from tests.test_audit import write_inputs
+    from vasa.audit import read_shard
+
+    paths = write_inputs(tmp_path)  # synthetic shards: train, val and test, three licences
+    description = describe(paths["shards"], paths["manifest"], tmp_path / "audit")
+    assert "speech" not in {rs["@id"] for rs in description["recordSet"]}
+    assert description["license"] == [
+        "https://creativecommons.org/licenses/by-nc/4.0/",
+        "https://creativecommons.org/licenses/by/4.0/",
+        "https://creativecommons.org/publicdomain/mark/1.0/",
+    ]
+    tar = sorted(paths["shards"].glob("train-*.tar"))[0]
+    keys, _ = read_shard(tar)
+    write_shard(tar, [Sample(k, {"json": b"{}", "mp4": b"\0", schema.SPEECH: b"\0"}, 10, 0.4) for k in keys])
+    description = describe(paths["shards"], paths["manifest"], tmp_path / "audit")
+    assert all("is recommended" in w for w in validate(description))
+    speech = {rs["@id"]: rs for rs in description["recordSet"]}["speech"]["field"][1]
+    assert (speech["dataType"], speech["arrayShape"]) == ("cr:Float32", "-1,-1")
+    assert any(d["@id"] == f"member/{schema.SPEECH}" for d in description["distribution"])

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import tarfile
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -155,6 +156,16 @@ MEMBER_FIELDS = {
         "sample metadata with `provenance` (clip id, speaker, source, licence, media sha256) from the manifest",
     ),
 }
+# Members present only with some settings: described when the shards hold them.
+OPTIONAL_FIELDS = {
+    schema.SPEECH: (
+        "speech",
+        "cr:Float32",
+        "-1,-1",
+        "application/x-npy",
+        "pretrained speech-encoder features (wav2vec2/HuBERT, params preprocess.audio.encoder_dir), one row per frame",
+    ),
+}
 # Manifest columns of the `clips` RecordSet: the provenance of every clip the shards could hold.
 CLIP_COLUMNS = ("clip_id", "key", "speaker_id", "source_kind", "source_url", "youtube_id", "licence", "sha256")
 CLIP_COLUMNS += ("split", "status", "error")
@@ -191,7 +202,8 @@ def describe(shards: Path, manifest: Path, out_dir: Path) -> dict:
         "encodingFormat": "application/x-parquet",
         "sha256": manifest_sha256,
     }
-    members = [_member_file_set(member, tars) for member in MEMBER_FIELDS]
+    fields = MEMBER_FIELDS | {m: OPTIONAL_FIELDS[m] for m in _optional_members(Path(shards), entries)}
+    members = [_member_file_set(member, fields[member], tars) for member in fields]
     samples = sum(block.get("samples", 0) for block in index["splits"].values())
     kinds = sorted({r["source_kind"] for r in used})
     return {
@@ -257,7 +269,7 @@ def describe(shards: Path, manifest: Path, out_dir: Path) -> dict:
             "`vasa audit` proves their absence from each new bundle."
         ),
         "distribution": [manifest_object, *tars, *members],
-        "recordSet": [*_member_record_sets(dataset), _clips_record_set()],
+        "recordSet": [*_member_record_sets(dataset, fields), _clips_record_set()],
     }
 
 
@@ -313,8 +325,17 @@ def _tar_object(shards: Path, base: Path, split: str, entry: dict) -> dict:
     }
 
 
-def _member_file_set(member: str, tars: list[dict]) -> dict:
-    name, _, _, encoding, what = MEMBER_FIELDS[member]
+def _optional_members(shards: Path, entries: list[tuple[str, dict]]) -> list[str]:
+    """OPTIONAL_FIELDS members that some shard holds (tar headers only)."""
+    found = set()
+    for _, entry in entries:
+        with tarfile.open(shards / entry["shard"]) as tar:
+            found |= {m for name in tar.getnames() for m in OPTIONAL_FIELDS if name.endswith(f".{m}")}
+    return sorted(found)
+
+
+def _member_file_set(member: str, field: tuple, tars: list[dict]) -> dict:
+    name, _, _, encoding, what = field
     return {
         "@type": "cr:FileSet",
         "@id": f"member/{member}",
@@ -326,11 +347,11 @@ def _member_file_set(member: str, tars: list[dict]) -> dict:
     }
 
 
-def _member_record_sets(dataset: dict) -> list[dict]:
+def _member_record_sets(dataset: dict, fields: dict) -> list[dict]:
     """One RecordSet per sample member, keyed by sample key (the member's file name in its tar). Members of
     one sample share the key; every key field references the `metadata` key, the join Croissant asks for."""
     record_sets = []
-    for member, (name, data_type, shape, _, what) in MEMBER_FIELDS.items():
+    for member, (name, data_type, shape, _, what) in fields.items():
         key: dict = {
             "@type": "cr:Field",
             "@id": f"{name}/key",
