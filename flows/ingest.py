@@ -24,6 +24,7 @@ from pathlib import Path
 
 from prefect import flow, task
 from prefect.task_runners import ThreadPoolTaskRunner
+from tqdm import tqdm
 
 from preprocessing import denylist
 from preprocessing.ingest import incremental, manifest, probe, sources, splits, voxceleb
@@ -234,7 +235,11 @@ def ingest_flow(
     state = incremental.read_state(state_path)
     ready, todo = incremental.plan(rows, existing, state)
     batches = [todo[i : i + cfg.probe_batch] for i in range(0, len(todo), cfg.probe_batch)]
-    probed = [pair for future in probe_batch.map(batches) for pair in future.result()]
+    probed = []
+    with tqdm(total=len(todo), desc="probe", unit="file", disable=not todo) as bar:
+        for future in probe_batch.map(batches):
+            probed += future.result()
+            bar.update(len(probed) - bar.n)
 
     merged = manifest.merge(existing.values(), ready + [row for row, _ in probed])
     merged = incremental.mark_vanished(merged, {row["clip_id"] for row in rows})

@@ -12,6 +12,8 @@ cache, so a killed run resumes. `preprocessing.writer` then decides from the cac
 and the manifest alone which shards changed, and only those are assembled, as tasks on the same
 runner; finally stats, failures.parquet and index.json are written.
 
+A run with nothing to process and no shard to write finishes without starting Prefect
+(`preprocessing.incremental`, which also decides what the flow does).
 Work is submitted in waves of at most WAVE_PER_WORKER x workers tasks in flight, so the driver's
 memory does not grow with the corpus. Clips covered by the takedown denylist are left out (failure
 reason `taken_down`) and their cached outcomes removed, whatever the manifest says.
@@ -28,8 +30,10 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
+from tqdm import tqdm
 
-from preprocessing import cache, denylist, writer
+from preprocessing import cache, writer
+from preprocessing.incremental import conclude, damaged, nothing_to_do, survey
 from vasa.config import PreprocessConfig, RunnerConfig
 
 WAVE_PER_WORKER = 4  # tasks in flight per worker: enough to keep workers busy, bounded driver state
@@ -92,8 +96,10 @@ def process(cfg: PreprocessConfig, rows: list[dict], digests: dict[str, str], ca
     def submit(batch: list[dict]):
         return process_batch.submit(batch, cfg, cache_dir, [digests[row["key"]] for row in batch])
 
-    for result in in_waves(submit, _chunks(rows, cfg.runner.clips_per_task), limit):
-        records |= result
+    with tqdm(total=len(rows), desc="preprocess", unit="clip", disable=not rows) as bar:
+        for result in in_waves(submit, _chunks(rows, cfg.runner.clips_per_task), limit):
+            records |= result
+            bar.update(len(result))
     return records
 
 
@@ -106,39 +112,10 @@ def assemble(cfg: PreprocessConfig, plan: writer.OutputPlan, cache_dir: Path, ou
         return assemble_shards.submit(jobs, cache_dir, out_dir)
 
     per_task = max(1, min(SHARDS_PER_TASK, -(-len(plan.jobs) // cfg.runner.workers)))
-    for _ in in_waves(submit, _chunks(plan.jobs, per_task), WAVE_PER_WORKER * cfg.runner.workers):
-        pass
-
-
-def cached_records(
-    usable: list[dict], digests: dict[str, str], table: dict[str, dict], cache_dir: Path
-) -> dict[str, dict]:
-    """The cached record of every usable clip made from the same inputs: from the records table, else
-    (a killed run's finished clips) from the clip's own JSON record."""
-    found = {}
-    for row in usable:
-        key = row["key"]
-        record = table.get(key)
-        if record is None or record["input_digest"] != digests[key]:
-            record = cache.lookup(cache_dir, key, digests[key])
-        if record is not None:
-            found[key] = record
-    return found
-
-
-def damaged(jobs: list[writer.ShardJob], cache_dir: Path) -> set[str]:
-    """Clips of the shards to write whose cached tar is missing or not the size its record says (a
-    stat each, no read): processed again before assembly."""
-    bad = set()
-    for job in jobs:
-        for key, record, _ in job.clips:
-            tar_path, _ = cache.paths(cache_dir, key)
-            try:
-                if tar_path.stat().st_size != record["tar_bytes"]:
-                    bad.add(key)
-            except OSError:
-                bad.add(key)
-    return bad
+    batches = _chunks(plan.jobs, per_task)
+    with tqdm(total=len(plan.jobs), desc="shards", unit="shard", disable=not plan.jobs) as bar:
+        for written in in_waves(submit, batches, WAVE_PER_WORKER * cfg.runner.workers):
+            bar.update(len(written))
 
 
 @contextmanager
@@ -169,37 +146,23 @@ def preprocess_flow(
 ) -> dict:
     """Process every usable clip of the manifest not yet cached, then write the changed outputs.
     Returns the index (as written to index.json) plus `processed`, `cached` and `assembled` counts."""
-    rows, manifest_sha256 = writer.read_manifest(manifest_path)
-    rows, covered = denylist.mark(rows, denylist.load(denylist_path) if denylist_path else denylist.Denylist())
-    table = cache.read_records(cache_dir)
-    table_changed = False
-    for row in covered:  # a takedown also removes what was derived from the clip
-        table_changed |= table.pop(row["key"], None) is not None
-        cache.drop(cache_dir, row["key"])
-    usable, _ = writer.select(rows)
-    code = cache.code_digest()
-    digests = {row["key"]: cache.input_digest(row, cfg, code) for row in usable}
-    records = cached_records(usable, digests, table, cache_dir)
-    todo = [row for row in usable if row["key"] not in records]
-    print(f"{len(usable)} usable clips: {len(todo)} to process, {len(usable) - len(todo)} cached")
+    found = survey(cfg, manifest_path, cache_dir, denylist_path)
+    todo = found.todo
+    print(f"{len(found.usable)} usable clips: {len(todo)} to process, {len(found.usable) - len(todo)} cached")
     with shared_api():
-        fresh = process(cfg, todo, digests, cache_dir)
-        plan = writer.plan_outputs(cfg, rows, records | fresh, out_dir, allow_empty)
+        found.records |= process(cfg, todo, found.digests, cache_dir)
+        plan = writer.plan_outputs(cfg, found.rows, found.records, out_dir, allow_empty)
         redo = damaged(plan.jobs, cache_dir)
         if redo:
             print(f"{len(redo)} cache entries damaged: processed again")
-            fresh |= process(cfg, [row for row in usable if row["key"] in redo], digests, cache_dir)
-            plan = writer.plan_outputs(cfg, rows, records | fresh, out_dir, allow_empty)
-        records |= fresh
-        if fresh or table_changed or any(table.get(key) is not records[key] for key in records):
-            cache.write_records(cache_dir, table | records)
+            again = [row for row in found.usable if row["key"] in redo]
+            found.records |= process(cfg, again, found.digests, cache_dir)
+            plan = writer.plan_outputs(cfg, found.rows, found.records, out_dir, allow_empty)
+        cache.write_records(cache_dir, found.table | found.records)  # before assembly: a crash keeps them
+        found.table |= found.records
         out_dir.mkdir(parents=True, exist_ok=True)
         assemble(cfg, plan, cache_dir, out_dir)
-    index = writer.finish(cfg, plan, out_dir, manifest_sha256)
-    counts = {split: (s["samples"], len(s["shards"])) for split, s in index["splits"].items()}
-    print(f"(samples, shards) by split: {counts}; left out by reason: {index['failures_by_reason']}")
-    processed, cached = len(todo) + len(redo), len(usable) - len(todo) - len(redo)
-    return index | {"processed": processed, "cached": cached, "assembled": len(plan.jobs)}
+    return conclude(cfg, found, plan, cache_dir, out_dir, processed=len(todo) + len(redo))
 
 
 def run(
@@ -210,8 +173,25 @@ def run(
     allow_empty: bool = False,
     denylist_path: Path | None = None,
 ) -> dict:
-    """Entry point for the CLI and tests. A missing manifest fails here, before any flow starts."""
+    """Entry point for the CLI and tests. A missing manifest fails here, before any flow starts; a
+    run with nothing to process and no shard to write finishes without Prefect
+    (`preprocessing.incremental.nothing_to_do`)."""
     writer.require_manifest(manifest_path)
+    summary = nothing_to_do(cfg, manifest_path, out_dir, cache_dir, allow_empty, denylist_path)
+    if summary is None:
+        summary = run_flow(cfg, manifest_path, out_dir, cache_dir, allow_empty, denylist_path)
+    return summary
+
+
+def run_flow(
+    cfg: PreprocessConfig,
+    manifest_path: Path,
+    out_dir: Path,
+    cache_dir: Path,
+    allow_empty: bool = False,
+    denylist_path: Path | None = None,
+) -> dict:
+    """The flow on the runner of `cfg.runner` (no fast path)."""
     flow_ = preprocess_flow.with_options(task_runner=task_runner(cfg.runner))
     path = Path(denylist_path) if denylist_path else None
     return flow_(cfg, Path(manifest_path), Path(out_dir), Path(cache_dir), allow_empty, path)

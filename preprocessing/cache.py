@@ -40,11 +40,11 @@ from preprocessing.shards import Sample, write_shard
 from vasa.config import PreprocessConfig
 
 PREPROCESSING = Path(__file__).resolve().parent
-# Modules of preprocessing/ that never shape a cached clip (the shard writer reads the cache and the
-# manifest; ingest/ and sample/ are other stages). Every other top-level module is in the code digest,
+# Modules of preprocessing/ that never shape a cached clip (the shard writer and the run's survey read
+# the cache and the manifest; ingest/ and sample/ are other stages). Every other top-level module is in the code digest,
 # so a new module imported by process.py can never be forgotten (tests/test_preprocess.py checks that
 # every module process.py imports, directly or not, is covered).
-NOT_IN_CODE_DIGEST = frozenset({"__init__.py", "writer.py"})
+NOT_IN_CODE_DIGEST = frozenset({"__init__.py", "writer.py", "incremental.py"})
 # Installed packages whose version changes the bytes of a sample: the FaceMesh model and graph,
 # OpenCV's warps and resizes, numpy's maths, PyAV/libx264 encoding and decoding, librosa's mel
 # filters, decord's decoding, soxr's resampling (the sample corpus digests its packages the same way).

@@ -110,10 +110,16 @@ def _add_ingest(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _preprocess(args: argparse.Namespace, params: Params) -> int:
-    from flows.preprocess import run
+    from preprocessing.incremental import nothing_to_do
+    from preprocessing.writer import require_manifest
 
     options = {"allow_empty": args.allow_empty, "denylist_path": args.denylist}
-    summary = run(params.preprocess, args.manifest, args.out, args.cache, **options)
+    require_manifest(args.manifest)
+    summary = nothing_to_do(params.preprocess, args.manifest, args.out, args.cache, **options)
+    if summary is None:  # work to do: only now import Prefect and start the flow
+        from flows.preprocess import run_flow
+
+        summary = run_flow(params.preprocess, args.manifest, args.out, args.cache, **options)
     print(
         f"preprocess: {summary['processed']} clips processed, {summary['cached']} from the cache, "
         f"{summary['assembled']} shards written"
