@@ -13,7 +13,7 @@ and the manifest alone which shards changed, and only those are assembled, as ta
 runner; finally stats, failures.parquet and index.json are written.
 
 A run with nothing to process and no shard to write finishes without starting Prefect
-(`preprocessing.incremental`, which also decides what the flow does).
+(`preprocessing.survey`, which also decides what the flow does).
 Work is submitted in waves of at most WAVE_PER_WORKER x workers tasks in flight, so the driver's
 memory does not grow with the corpus. Clips covered by the takedown denylist are left out (failure
 reason `taken_down`) and their cached outcomes removed, whatever the manifest says.
@@ -33,7 +33,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 from tqdm import tqdm
 
 from preprocessing import cache, writer
-from preprocessing.incremental import conclude, damaged, nothing_to_do, survey
+from preprocessing.survey import conclude, damaged, nothing_to_do, survey
 from vasa.config import PreprocessConfig, RunnerConfig
 
 WAVE_PER_WORKER = 4  # tasks in flight per worker: enough to keep workers busy, bounded driver state
@@ -175,7 +175,7 @@ def run(
 ) -> dict:
     """Entry point for the CLI and tests. A missing manifest fails here, before any flow starts; a
     run with nothing to process and no shard to write finishes without Prefect
-    (`preprocessing.incremental.nothing_to_do`)."""
+    (`preprocessing.survey.nothing_to_do`)."""
     writer.require_manifest(manifest_path)
     summary = nothing_to_do(cfg, manifest_path, out_dir, cache_dir, allow_empty, denylist_path)
     if summary is None:

@@ -110,7 +110,7 @@ def _add_ingest(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _preprocess(args: argparse.Namespace, params: Params) -> int:
-    from preprocessing.incremental import nothing_to_do
+    from preprocessing.survey import nothing_to_do
     from preprocessing.writer import require_manifest
 
     options = {"allow_empty": args.allow_empty, "denylist_path": args.denylist}
