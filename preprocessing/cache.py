@@ -107,14 +107,23 @@ def code_digest() -> str:
 
 def input_digest(row: dict, cfg: PreprocessConfig, code: str) -> str:
     """What a clip's cached outcome depends on, and nothing else (no provenance, no split)."""
-    payload = {
-        "sha256": row["sha256"],
-        "key": row["key"],  # names the samples (`<key>_<start>`)
-        "av_offset": row["av_offset"],  # filters.segment_problems rejects large A/V offsets
-        "params": cfg.model_dump(mode="json", exclude=set(NOT_SHAPING_PARAMS)),
-        "code": code,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return input_digests([row], cfg, code)[row["key"]]
+
+
+def input_digests(rows: list[dict], cfg: PreprocessConfig, code: str) -> dict[str, str]:
+    """`input_digest` of every row by clip key; the params are serialised once, not per clip."""
+    params = json.dumps(cfg.model_dump(mode="json", exclude=set(NOT_SHAPING_PARAMS)), sort_keys=True)
+    shared = hashlib.sha256(f"{params}\0{code}".encode()).hexdigest()
+    digests = {}
+    for row in rows:
+        payload = {
+            "sha256": row["sha256"],
+            "key": row["key"],  # names the samples (`<key>_<start>`)
+            "av_offset": row["av_offset"],  # filters.segment_problems rejects large A/V offsets
+            "params_code": shared,
+        }
+        digests[row["key"]] = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return digests
 
 
 def paths(cache: Path, key: str) -> tuple[Path, Path]:

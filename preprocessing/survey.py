@@ -49,7 +49,7 @@ def survey(cfg: PreprocessConfig, manifest_path: Path, cache_dir: Path, denylist
         cache.drop(cache_dir, row["key"])
     usable, _ = writer.select(rows)
     code = cache.code_digest()
-    digests = {row["key"]: cache.input_digest(row, cfg, code) for row in usable}
+    digests = cache.input_digests(usable, cfg, code)
     records = cached_records(usable, digests, table, cache_dir)
     return Survey(rows, manifest_sha256, usable, digests, records, table, table_changed)
 

@@ -182,12 +182,12 @@ def read_manifest(path: str | Path) -> list[dict]:
     missing = set(COLUMNS) - set(table.column_names)
     if missing:
         raise InputError(f"{path}: not a manifest of this version, missing columns {sorted(missing)}")
-    base = path.parent.absolute()
+    base = str(path.parent.absolute())
     rows = table.select(list(COLUMNS)).to_pylist()
     for row in rows:
         for column in PATH_COLUMNS:
             if row[column]:
-                row[column] = os.path.normpath(base / unescape_text(row[column]))
+                row[column] = os.path.normpath(os.path.join(base, unescape_text(row[column])))
     return rows
 
 
