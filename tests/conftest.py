@@ -1,15 +1,27 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from preprocessing.shards import Sample
 from vasa.config import Params, load_params
 
 REPO = Path(__file__).resolve().parents[1]
 # The real-media fixtures live beside the checkout (../shared/fixtures); VASA_FIXTURES overrides.
 FIXTURES = Path(os.environ.get("VASA_FIXTURES", REPO.parent / "shared" / "fixtures"))
+
+
+@dataclass
+class FakeOutcome:
+    """What preprocessing.process.process_clip returns, made up: for tests of the cache, planner and writer."""
+
+    samples: list[Sample] = field(default_factory=list)
+    failures: list[dict] = field(default_factory=list)
+    frame_rejections: dict[str, int] = field(default_factory=dict)
+    transient: bool = False
 
 
 @pytest.fixture(scope="session")

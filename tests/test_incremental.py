@@ -10,7 +10,6 @@ import hashlib
 import json
 import random
 import tarfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -19,14 +18,7 @@ from flows.preprocess import run as run_preprocess
 from preprocessing import cache, schema, shards, writer
 from preprocessing.ingest import manifest
 from preprocessing.shards import Sample
-
-
-@dataclass
-class FakeOutcome:
-    samples: list[Sample] = field(default_factory=list)
-    failures: list[dict] = field(default_factory=list)
-    frame_rejections: dict[str, int] = field(default_factory=dict)
-    transient: bool = False
+from tests.conftest import FakeOutcome
 
 
 def _rows(n: int, seed: int) -> list[dict]:

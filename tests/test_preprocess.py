@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,21 +35,13 @@ from preprocessing.ingest import manifest
 from preprocessing.media import write_mp4
 from preprocessing.sample.portraits import prepare_portrait
 from preprocessing.shards import Sample
-from tests.conftest import REPO
+from tests.conftest import REPO, FakeOutcome
 
 slow = pytest.mark.slow
 real_code_digest = cache.code_digest  # the slow tests pin cache.code_digest (see fixed_code_digest)
 
 
 # --- fast: the library on synthetic data -------------------------------------------------------
-
-
-@dataclass
-class FakeOutcome:
-    samples: list[Sample] = field(default_factory=list)
-    failures: list[dict] = field(default_factory=list)
-    frame_rejections: dict[str, int] = field(default_factory=dict)
-    transient: bool = False
 
 
 def _row(clip_id: str, **fields) -> dict:

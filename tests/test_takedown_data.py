@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import tarfile
-from dataclasses import dataclass, field
 
 import pandas as pd
 import pytest
@@ -22,17 +21,10 @@ from flows.preprocess import run as run_preprocess
 from preprocessing import cache, denylist, schema
 from preprocessing.ingest import manifest
 from preprocessing.shards import Sample
+from tests.conftest import FakeOutcome
 from vasa.cli import main
 
 pytestmark = pytest.mark.slow
-
-
-@dataclass
-class FakeOutcome:
-    samples: list[Sample] = field(default_factory=list)
-    failures: list[dict] = field(default_factory=list)
-    frame_rejections: dict[str, int] = field(default_factory=dict)
-    transient: bool = False
 
 
 @pytest.fixture(scope="module")
