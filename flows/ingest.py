@@ -115,10 +115,17 @@ def probe_batch(rows: list[dict]) -> list[tuple[dict, incremental.FileStamp | No
 
 
 def ingest_voxceleb(
-    cfg: IngestConfig, out_dir: Path, downloads: Path, extracted: Sequence[Path], deny: denylist.Denylist
-) -> list[dict]:
+    cfg: IngestConfig,
+    out_dir: Path,
+    downloads: Path,
+    extracted: Sequence[Path],
+    deny: denylist.Denylist,
+    previous: dict[str, dict],
+    recorded: dict[str, incremental.FileStamp],
+) -> tuple[list[dict], dict[str, incremental.FileStamp]]:
     """Download and extract the configured archives, then map every tree to manifest rows
-    (VoxCeleb2 media and/or YouTube re-downloads, as the sources ask)."""
+    (VoxCeleb2 media and/or YouTube re-downloads, as the sources ask). Returns the rows and the
+    stamps of the metadata files parsed (or reused from `previous`: see voxceleb.scan)."""
     from preprocessing.ingest.archive import ArchiveError
 
     vox = cfg.voxceleb2
@@ -141,66 +148,79 @@ def ingest_voxceleb(
                 error = f"{type(err).__name__}: {err}"
                 rows.append(voxceleb.archive_row(archive.name, manifest.BAD_ARCHIVE, error, vox.licence))
         roots.append(vox_root)
+    stamps: dict[str, incremental.FileStamp] = {}
     for root in roots:
-        found, tracks = voxceleb.scan(root, vox.licence)
+        found, parsed = voxceleb.scan(root, vox.licence, previous, recorded)
+        stamps.update(parsed)
         if "voxceleb2" in cfg.sources:
             rows += voxceleb.media_rows(found)
         if "youtube" in cfg.sources:
-            rows += ingest_youtube(cfg, found, tracks, out_dir / "youtube", downloads / "youtube", deny)
-    return rows
+            rows += ingest_youtube(cfg, found, out_dir / "youtube", downloads / "youtube", deny)
+    return rows, stamps
 
 
 def ingest_youtube(
-    cfg: IngestConfig, vox_rows: list[dict], tracks: dict, out_dir: Path, cache: Path, deny: denylist.Denylist
+    cfg: IngestConfig, vox_rows: list[dict], out_dir: Path, cache: Path, deny: denylist.Denylist
 ) -> list[dict]:
     """Re-download each metadata track's YouTube video and cut + crop it at cfg.youtube.size (never
-    for a row the takedown denylist covers)."""
+    for a row the takedown denylist covers). Each distinct video is one `fetch_youtube` task, all
+    submitted at once to the flow's task runner; a track is read again only when it is cut."""
+    from prefect.futures import wait
+
     from preprocessing.decode import DecodeError
     from preprocessing.ingest.youtube import UnavailableError, cut_and_crop
 
     yt = cfg.youtube
-    references: dict[str, Path | str] = {}  # youtube id -> file, or the reason it is unavailable
-    rows = []
+    rows: list[dict] = []
+    to_cut: list[tuple[int, dict]] = []  # (index in rows, vox row) of tracks whose re-cut is not there yet
     for vox_row in sorted(vox_rows, key=lambda r: r["clip_id"]):
-        track = tracks.get(vox_row["clip_id"])
-        if track is None:
+        if vox_row["frame_start"] is None:  # no metadata, or metadata that did not parse
             continue
         row = voxceleb.youtube_row(vox_row, out_dir)
         taken = deny.reason(row)
         if taken is not None:
             rows.append(row | {"status": denylist.TAKEN_DOWN, "error": taken})
-            continue
-        target = Path(row["media_path"])
-        if track.units != "fraction":
+        elif row["bbox_units"] != "fraction":
             rows.append(row | {"status": manifest.BAD_METADATA, "error": "pixel boxes (VoxCeleb1): frame size unknown"})
+        else:
+            if not Path(row["media_path"]).exists():
+                to_cut.append((len(rows), vox_row))
+            rows.append(row)
+
+    fetch = fetch_youtube.with_options(retries=yt.retries, retry_delay_seconds=yt.retry_delay_s)
+    futures = {yid: fetch.submit(yid, cache, yt) for yid in dict.fromkeys(v["youtube_id"] for _, v in to_cut)}
+    wait(list(futures.values()))
+    references: dict[str, Path | str] = {}  # youtube id -> file, or the reason it is unavailable
+    for youtube_id, future in futures.items():
+        try:
+            references[youtube_id] = future.result()
+        except UnavailableError as err:
+            references[youtube_id] = str(err)
+
+    for index, vox_row in to_cut:
+        row = rows[index]
+        reference = references[vox_row["youtube_id"]]
+        if isinstance(reference, str):
+            rows[index] = row | {"status": manifest.UNAVAILABLE, "error": reference}
             continue
-        if not target.exists():
-            if track.youtube_id not in references:
-                try:
-                    references[track.youtube_id] = fetch_youtube.with_options(
-                        retries=yt.retries, retry_delay_seconds=yt.retry_delay_s
-                    )(track.youtube_id, cache, yt)
-                except UnavailableError as err:
-                    references[track.youtube_id] = str(err)
-            reference = references[track.youtube_id]
-            if isinstance(reference, str):
-                rows.append(row | {"status": manifest.UNAVAILABLE, "error": reference})
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                cut_and_crop(
-                    Path(reference),
-                    track.frames,
-                    track.boxes,
-                    target,
-                    size=yt.size,
-                    enlarge=yt.enlarge,
-                    smooth_frames=yt.smooth_frames,
-                )
-            except (ValueError, DecodeError) as err:
-                rows.append(row | {"status": manifest.UNREADABLE, "error": str(err)})
-                continue
-        rows.append(row)
+        utterance = voxceleb.Utterance(vox_row["speaker_id"], vox_row["youtube_id"], vox_row["utterance"], "train")
+        target = Path(row["media_path"])
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            track = voxceleb.read_track(Path(vox_row["metadata_path"]), utterance)
+            cut_and_crop(
+                Path(reference),
+                track.frames,
+                track.boxes,
+                target,
+                size=yt.size,
+                enlarge=yt.enlarge,
+                smooth_frames=yt.smooth_frames,
+            )
+        except (voxceleb.MetadataError, OSError) as err:  # changed or gone since the scan
+            rows[index] = row | {"status": manifest.BAD_METADATA, "error": str(err)}
+        except (ValueError, DecodeError) as err:
+            rows[index] = row | {"status": manifest.UNREADABLE, "error": str(err)}
     return rows
 
 
@@ -220,19 +240,22 @@ def ingest_flow(
     Call it through `run`, which keeps secrets out of these (stored) parameters."""
     out_dir.mkdir(parents=True, exist_ok=True)
     deny = denylist.load(denylist_path) if denylist_path else denylist.Denylist()
+    manifest_path, state_path = out_dir / MANIFEST_NAME, out_dir / STATE_NAME
+    existing = {row["clip_id"]: row for row in manifest.read_existing(manifest_path)}
+    state, parsed_state = incremental.read_states(state_path)
+    parsed: dict[str, incremental.FileStamp] = {}
     rows: list[dict] = []
     if "sample" in cfg.sources:
         rows += sources.scan_sample(_required(sample_dir, "sample", "--sample-dir"))
     if "local" in cfg.sources:
         rows += sources.scan_local(_required(local_dir, "local", "--local-dir"), cfg.local, local_csv)
     if {"voxceleb2", "youtube"} & set(cfg.sources):
-        rows += ingest_voxceleb(cfg, out_dir, downloads_dir or out_dir / "downloads", voxceleb_dirs or [], deny)
+        downloads = downloads_dir or out_dir / "downloads"
+        vox_rows, parsed = ingest_voxceleb(cfg, out_dir, downloads, voxceleb_dirs or [], deny, existing, parsed_state)
+        rows += vox_rows
     rows = splits.assign_splits(rows, cfg.holdout_speakers, cfg.val_fraction)
     rows, _ = denylist.mark(rows, deny)  # taken-down rows are `ready`: never hashed or probed
 
-    manifest_path, state_path = out_dir / MANIFEST_NAME, out_dir / STATE_NAME
-    existing = {row["clip_id"]: row for row in manifest.read_existing(manifest_path)}
-    state = incremental.read_state(state_path)
     ready, todo = incremental.plan(rows, existing, state)
     batches = [todo[i : i + cfg.probe_batch] for i in range(0, len(todo), cfg.probe_batch)]
     probed = []
@@ -248,7 +271,7 @@ def ingest_flow(
     manifest.write_manifest(manifest_path, merged)
     stamps = {cid: incremental.FileStamp(e.get("size"), e.get("mtime_ns")) for cid, e in state.items()}
     stamps.update((row["clip_id"], stamp) for row, stamp in probed)
-    incremental.write_state(state_path, merged, stamps)
+    incremental.write_state(state_path, merged, stamps, parsed)
     counts = dict(sorted(Counter(row["status"] for row in merged).items()))
     print(f"manifest {manifest_path}: {len(merged)} clips, by status {counts}, {len(todo)} probed this run")
     return counts

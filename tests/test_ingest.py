@@ -340,7 +340,7 @@ def test_extracted_tree_copy_is_scanned(prefect_harness, params, fixtures_dir, t
 # --- YouTube re-download and credentials, against a server on 127.0.0.1 -------------------------
 
 
-def test_youtube_source_recuts_tracks_and_records_unavailable(prefect_harness, params, tmp_path):
+def test_youtube_source_recuts_tracks_and_records_unavailable(prefect_harness, params, tmp_path, monkeypatch):
     from tests.http_server import running_server
 
     reference = _talking_clip(tmp_path / "reference.mp4", seconds=6, size=320)
@@ -357,8 +357,12 @@ def test_youtube_source_recuts_tracks_and_records_unavailable(prefect_harness, p
         cfg = _config(params, sources=("youtube",), youtube=youtube)
         run(cfg, tmp_path / "out", voxceleb_dirs=[tmp_path / "vox"], downloads_dir=tmp_path / "dl")
         requests_made = len(server.state.requests)
+        parsed = []
+        real_parse = voxceleb.parse_metadata
+        monkeypatch.setattr(voxceleb, "parse_metadata", lambda text: parsed.append(text) or real_parse(text))
         run(cfg, tmp_path / "out", voxceleb_dirs=[tmp_path / "vox"], downloads_dir=tmp_path / "dl")
         assert len(server.state.requests) == requests_made + 1  # only the unavailable one is asked again
+        assert parsed == []  # unchanged metadata is not read again, not even for the youtube-only rows
     df = _manifest(tmp_path / "out")
     cut = df.loc["youtube:id00012/21Uxsk56VDQ/00001"]
     assert (cut.status, cut.source_kind, cut.n_frames, cut.width, cut.fps) == ("ok", "youtube", 50, 128, 25)

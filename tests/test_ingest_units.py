@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from preprocessing.ingest import incremental, manifest, sources, splits
+from preprocessing.ingest import incremental, manifest, sources, splits, voxceleb
 
 
 @pytest.mark.parametrize(
@@ -107,3 +107,58 @@ def test_write_manifest_refuses_unknown_splits(tmp_path):
     with pytest.raises(ValueError, match="unknown splits"):
         manifest.write_manifest(tmp_path / "m.parquet", [row])
     assert not Path(tmp_path / "m.parquet").exists()
+
+
+def _vox_tree(root: Path, clips: int = 4) -> None:
+    """A VoxCeleb2-layout tree: clean metadata for every clip, media (not probed here) for all but the last."""
+    for n in range(clips):
+        speaker, youtube_id, utterance = f"id0000{n % 2}", f"vid{n:08d}", f"{n:05d}"
+        txt = root / "txt" / speaker / youtube_id / f"{utterance}.txt"
+        txt.parent.mkdir(parents=True)
+        rows = "".join(f"{100 + i:06d} \t0.{n + 1}00 \t0.200 \t0.400 \t0.600 \n" for i in range(5))
+        header = f"Identity  :\t{speaker}\nReference :\t{youtube_id}\nOffset    :\t{n}\n\nFRAME \tX \tY \tW \tH \n"
+        txt.write_text(header + rows)
+        if n < clips - 1:
+            mp4 = root / "mp4" / speaker / youtube_id / f"{utterance}.mp4"
+            mp4.parent.mkdir(parents=True)
+            mp4.write_bytes(b"media")
+
+
+def test_voxceleb_rescan_reads_only_changed_metadata(tmp_path, monkeypatch):
+    root, out = tmp_path / "vox", tmp_path / "out"
+    _vox_tree(root)
+    parsed = []
+    real_parse = voxceleb.parse_metadata
+    monkeypatch.setattr(voxceleb, "parse_metadata", lambda text: parsed.append(text) or real_parse(text))
+
+    def ingest(previous: dict, recorded: dict) -> tuple[bytes, dict]:
+        rows, stamps = voxceleb.scan(root, "cc-by", previous, recorded)
+        manifest.write_manifest(out / "manifest.parquet", rows)
+        incremental.write_state(out / "state.json", rows, {}, stamps)
+        return (out / "manifest.parquet").read_bytes(), stamps
+
+    full, stamps = ingest({}, {})
+    assert len(parsed) == 4 and len(stamps) == 4
+    previous = {row["clip_id"]: row for row in manifest.read_manifest(out / "manifest.parquet")}
+    _, recorded = incremental.read_states(out / "state.json")
+    assert recorded == stamps
+
+    parsed.clear()
+    again, _ = ingest(previous, recorded)
+    assert parsed == [] and again == full  # nothing read, same bytes (float32 track columns included)
+
+    # A youtube-only ingest keeps only the re-cut rows: their carried track is reused just the same.
+    recuts = [voxceleb.youtube_row(row, tmp_path / "yt") for row in previous.values()]
+    recuts = {row["clip_id"]: row for row in recuts}
+    assert voxceleb.scan(root, "cc-by", recuts, recorded)[0] == voxceleb.scan(root, "cc-by", previous, recorded)[0]
+    assert parsed == []
+
+    touched = root / "txt" / "id00001" / "vid00000001" / "00001.txt"
+    touched.write_text(touched.read_text().replace("\t0.200 ", "\t0.250 "))
+    info = touched.stat()
+    os.utime(touched, ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000_000))
+    changed, _ = ingest(previous, recorded)
+    assert len(parsed) == 1 and "vid00000001" in parsed[0]
+    rows = {row["clip_id"]: row for row in manifest.read_manifest(out / "manifest.parquet")}
+    assert rows["voxceleb2:id00001/vid00000001/00001"]["bbox_y"] == pytest.approx(0.25)
+    assert changed != full

@@ -6,6 +6,8 @@ replaced in place by one of the same size (a re-encode at constant bitrate, a fi
 keep a stale sha256. The (size, mtime) seen when a file was hashed lives in a small state file
 beside the manifest, not in the manifest, so the manifest's bytes depend only on the inputs'
 content. Without a state entry (first run, state deleted) the file is hashed again: on doubt, re-hash.
+VoxCeleb metadata files are handled alike: one parsed cleanly is read again only when its stamp
+changed (its track columns come from the previous manifest row, see voxceleb.scan).
 
 Rows of clips whose media has gone since they were ingested are kept and marked `missing_media`.
 """
@@ -56,24 +58,41 @@ class FileStamp:
 
 def read_state(path: Path) -> dict[str, dict]:
     """clip_id -> {"media_path", "size", "mtime_ns"} as recorded when the media was last hashed."""
+    return read_states(path)[0]
+
+
+def read_states(path: Path) -> tuple[dict[str, dict], dict[str, FileStamp]]:
+    """(media entries as `read_state` gives them, clip_id -> stamp of its metadata file when it
+    was last parsed cleanly), from one read of the state file."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return {}  # no state (or a damaged one): everything is re-hashed, which is always safe
+        return {}, {}  # no state (or a damaged one): everything is re-read, which is always safe
     if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
-        return {}
-    return data.get("files", {})
+        return {}, {}
+    try:
+        metadata = {cid: FileStamp(size, mtime) for cid, (size, mtime) in data.get("metadata", {}).items()}
+    except (AttributeError, TypeError, ValueError):
+        metadata = {}
+    return data.get("files", {}), metadata
 
 
-def write_state(path: Path, rows: Iterable[dict], stamps: dict[str, FileStamp]) -> None:
-    """Record the stamp taken before hashing each probed row's media (clip ids are escaped UTF-8)."""
+def write_state(
+    path: Path, rows: Iterable[dict], stamps: dict[str, FileStamp], metadata: dict[str, FileStamp] | None = None
+) -> None:
+    """Record the stamp taken before hashing each probed row's media (clip ids are escaped UTF-8)
+    and `metadata`: the stamps of this run's cleanly parsed metadata files (voxceleb.scan)."""
     files = {}
     for row in rows:
         stamp = stamps.get(row["clip_id"])
         if stamp is not None and row["sha256"]:
             media = manifest.escape_text(row["media_path"])
             files[row["clip_id"]] = {"media_path": media, "size": stamp.size, "mtime_ns": stamp.mtime_ns}
-    write_json(path, {"version": STATE_VERSION, "files": dict(sorted(files.items()))})
+    parsed = {clip_id: [stamp.size, stamp.mtime_ns] for clip_id, stamp in (metadata or {}).items()}
+    state = {"version": STATE_VERSION, "files": dict(sorted(files.items()))}
+    if parsed:
+        state["metadata"] = dict(sorted(parsed.items()))
+    write_json(path, state)
 
 
 def plan(rows: list[dict], existing: dict[str, dict], state: dict[str, dict]) -> tuple[list[dict], list[dict]]:
