@@ -3,8 +3,9 @@
 Run by cluster/slurm/train_latent.sbatch and train_motion.sbatch (`--module vasa.train_motion`) inside
 `srun` (one task per node): the first host of SLURM_JOB_NODELIST is the rendezvous host, the port is
 derived from the job id (so two jobs sharing a node do not collide), machine_rank is SLURM_NODEID and
-the process count is nodes x GPUs per node. `--print` only prints the command (a dry run: what the tests check); otherwise the
-node's process is replaced by it. Standard library only (it runs before anything is imported).
+the process count is nodes x GPUs per node. `--print` only prints the command (a dry run: what the
+tests check); otherwise the node's process is replaced by it. Standard library only (it runs before
+anything is imported).
 """
 
 from __future__ import annotations
