@@ -99,12 +99,7 @@ def run(
         cfg.sync.temperature,
     )  # fmt: skip
 
-    def sync_evaluate(models: dict[str, nn.Module]) -> dict[str, float]:
-        figures = {f"heldout/{k}": v for k, v in sync_check(models[sync_mod.SYNC], heldout, stats, evaluate).items()}
-        for key, value in sorted(figures.items()):
-            log.info("sync %s = %.4f", key, value)
-        return figures
-
+    sync_evaluate = _heldout_check("sync", sync_mod.SYNC, sync_check, heldout, stats, evaluate)
     sync_source = sync_mod.sync_batches(
         train_clips, stats, mel_per_frame, cfg.sync, cfg.sync.train.batch_size, cfg.sync.train.seed
     )
@@ -115,12 +110,7 @@ def run(
     )  # fmt: skip
     capp_task = capp_mod.CappTask(capp_mod.CAPP_PRESETS[cfg.capp.model], cfg.capp.window, train_clips[0].mel.shape[1])
 
-    def capp_evaluate(models: dict[str, nn.Module]) -> dict[str, float]:
-        figures = {f"heldout/{k}": v for k, v in capp_check(models[capp_mod.CAPP], heldout, stats, evaluate).items()}
-        for key, value in sorted(figures.items()):
-            log.info("capp %s = %.4f", key, value)
-        return figures
-
+    capp_evaluate = _heldout_check("capp", capp_mod.CAPP, capp_check, heldout, stats, evaluate)
     capp_source = capp_mod.capp_batches(
         train_clips, stats, cfg.capp.window, cfg.capp.train.batch_size, cfg.capp.train.seed
     )
@@ -130,6 +120,18 @@ def run(
         progress=progress,
     )  # fmt: skip
     return results
+
+
+def _heldout_check(name: str, model_key: str, check, heldout, stats: dict, evaluate: EvaluateConfig):
+    """The engine's `evaluate` hook for one judge: `check` on the evaluation clips, logged, as heldout/* figures."""
+
+    def run_check(models: dict[str, nn.Module]) -> dict[str, float]:
+        figures = {f"heldout/{k}": v for k, v in check(models[model_key], heldout, stats, evaluate).items()}
+        for key, value in sorted(figures.items()):
+            log.info("%s %s = %.4f", name, key, value)
+        return figures
+
+    return run_check
 
 
 def _n_mels(shard_set: ShardSet) -> int:
