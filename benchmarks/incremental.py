@@ -14,7 +14,8 @@ written of all shards, driver RSS after the run, Prefect database bytes. The flo
 
 The planner part compares the key-range trie (preprocessing/shards.py) with the positional layout it
 replaced (bucket by key prefix, then cut every `max` keys): shards whose content changes when 1 % random
-new keys arrive, against the floor 1 - exp(-K/S) that any key-range layout with S shards has.
+new keys arrive, against the floor 1 - exp(-K/S) that any key-range layout with S shards has, and five
+weeks of +1 % with the layout pinned (`vasa pin-shards`) against the same weeks unpinned.
 """
 
 from __future__ import annotations
@@ -206,6 +207,44 @@ def planner(n: int, digits: int, limit: int) -> dict:
     }
 
 
+def pinned_weeks(n: int, limit: int, weeks: int = 5) -> dict:
+    """Weekly +1 % random clips for `weeks` weeks with the layout pinned at week 0, against the same
+    weeks unpinned; then re-pinning (folding the new-clip layer in). Per week: shards of the previous
+    plan whose content changed or that went ("rewritten") and shards that did not exist ("new"), as %
+    of the grown plan's shards."""
+    from preprocessing import shards
+    from vasa.config import ShardConfig
+
+    cfg = ShardConfig(bucket_hex_digits=1, max_clips_per_shard=limit)
+    clips = {key: key[:16] for key in _keys(n, 1)}
+    pin = frozenset(clips.values())
+    prev_pinned = prev_free = shards.plan_layers(clips, cfg, "train", pin)[0]
+    rows = []
+    for week in range(1, weeks + 1):
+        clips |= {key: key[:16] for key in _keys(max(1, n // 100), 100 + week)}
+        t0 = time.perf_counter()
+        pinned = shards.plan_layers(clips, cfg, "train", pin)[0]
+        plan_s = time.perf_counter() - t0
+        free = shards.plan_shards(clips, cfg, "train")
+        row = {"week": week, "plan_s": round(plan_s, 2)}
+        for label, before, after in (("pinned", prev_pinned, pinned), ("unpinned", prev_free, free)):
+            rewritten = sum(1 for name, keys in before.items() if after.get(name) != keys)
+            created = sum(1 for name in after if name not in before)
+            row[f"{label}_rewritten_pct"] = round(100 * rewritten / len(after), 2)
+            row[f"{label}_new_pct"] = round(100 * created / len(after), 2)
+        row["new_layer_shards_pct"] = round(100 * sum(1 for x in pinned if "-x" in x) / len(pinned), 2)
+        rows.append(row)
+        prev_pinned, prev_free = pinned, free
+    folded = shards.plan_layers(clips, cfg, "train", frozenset(clips.values()))[0]
+    fold_rewritten = sum(1 for name, keys in prev_pinned.items() if folded.get(name) != keys)
+    return {
+        "keys": n,
+        "max_clips_per_shard": limit,
+        "weeks": rows,
+        "repin_rewritten_pct": round(100 * fold_rewritten / len(folded), 2),
+    }
+
+
 def _exponent(points: list[tuple[float, float]]) -> float | None:
     """Least-squares slope of log(y) on log(x): y ~ x^slope."""
     pts = [(math.log(x), math.log(y)) for x, y in points if x > 0 and y > 0]
@@ -257,6 +296,13 @@ def main() -> None:
         for digits, limit in ((1, 64), (3, 64)):
             plans.append(planner(n, digits, limit))
             print(json.dumps(plans[-1]), flush=True)
+        plans.append(planner(n, 1, 8))  # small shards: the floor of an order-independent layout falls with them
+        print(json.dumps(plans[-1]), flush=True)
+    weekly = []
+    for n in args.planner_sizes:
+        if n >= 100_000:
+            weekly.append(pinned_weeks(n, 64))
+            print(json.dumps(weekly[-1]), flush=True)
     fits = fit(results, args.target) if len(results) > 1 else {}
     if len(results) > 1:  # Prefect database growth of a from-scratch run, per 1000 clips
         grow = [r["runs"]["scratch"]["prefect_db_bytes"] - r["prefect_db_bytes_empty"] for r in results]
@@ -265,7 +311,8 @@ def main() -> None:
         )
     print(json.dumps({"fits": fits, "target_clips": args.target}))
     if args.out:
-        args.out.write_text(json.dumps({"flow": results, "planner": plans, "fits": fits}, indent=1) + "\n")
+        payload = {"flow": results, "planner": plans, "pinned_weeks": weekly, "fits": fits}
+        args.out.write_text(json.dumps(payload, indent=1) + "\n")
 
 
 if __name__ == "__main__":

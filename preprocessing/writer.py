@@ -45,8 +45,9 @@ UNKNOWN_SPLIT = "unknown_split"
 # Bump when `join_sample` changes what it writes: shards' content digests then change (writer.py is
 # not in the cache's code digest: joining never needs a clip processed again).
 JOIN_VERSION = 1
-# `<split>-<bucket hex or "all">-<4-digit part>.tar`: the only shard names the stage writes or removes.
-SHARD_NAME = re.compile(rf"^(?:{'|'.join(schema.SPLITS)})-(?:[0-9a-f]+|all)-[0-9]{{4}}\.tar$")
+# `<split>-[x]<key prefix or "all">-<4-digit part>.tar` (`x`: the new-clip layer of a pinned layout,
+# preprocessing/shards.py): the only shard names the stage writes or removes.
+SHARD_NAME = re.compile(rf"^(?:{'|'.join(schema.SPLITS)})-{shards.NEW_LAYER}?(?:[0-9a-f]+|all)-[0-9]{{4}}\.tar$")
 
 
 class ManifestNotFoundError(InputError):
@@ -211,6 +212,7 @@ def plan_outputs(
             f"no samples from {len(rows)} manifest rows (left out by reason: {reasons or 'none'}); "
             f"nothing in {out_dir} was changed. Pass --allow-empty to write an empty output."
         )
+    pin = shards.read_pin(cfg.shards.pin) if cfg.shards.pin else frozenset()
     plan = OutputPlan([], {}, {}, failures, owned_files(out_dir))
     by_split: dict[str, list[dict]] = {}
     for row in usable:
@@ -221,7 +223,7 @@ def plan_outputs(
     for split in schema.SPLITS:
         clips = by_split.get(split, [])
         if any(records[row["key"]]["samples"] for row in clips):
-            _plan_split(cfg, split, clips, records, failures_by_split.get(split, []), out_dir, plan)
+            _plan_split(cfg, split, clips, records, failures_by_split.get(split, []), out_dir, plan, pin)
     return plan
 
 
@@ -239,11 +241,11 @@ def _plan_split(
     failures: list[dict],
     out_dir: Path,
     plan: OutputPlan,
+    pin: frozenset[str],
 ) -> None:
     rows = {row["key"]: row for row in clips}
     sample_of = {s["key"]: (key, s) for key in rows for s in records[key]["samples"]}
-    layout = shards.plan_shards(sample_of, cfg.shards, prefix=split)
-    lookup = shards.ShardLookup(layout)
+    layout, lookup = shards.plan_layers({k: clip for k, (clip, _) in sample_of.items()}, cfg.shards, split, pin)
     failures_by_shard: dict[str | None, list[dict]] = {}
     for failure in failures:
         failures_by_shard.setdefault(lookup(failure["key"]), []).append(failure)

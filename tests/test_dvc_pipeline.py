@@ -58,8 +58,8 @@ def test_dvc_repro_twice(tmp_path):
     ).stdout.split()
     for name in listed:
         source = REPO / name
-        # data/ holds stage outputs, except the versioned takedown denylist (a dependency of ingest onward)
-        if source.is_file() and (not name.startswith("data/") or name.startswith("data/takedown/")):
+        # data/ holds stage outputs, except the versioned denylist and shard pin (dependencies of the stages)
+        if source.is_file() and (not name.startswith("data/") or name.startswith(("data/takedown/", "data/layout/"))):
             (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, tmp_path / name)
     _shorten_training(tmp_path / "params.yaml")

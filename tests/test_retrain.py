@@ -35,7 +35,7 @@ def _copy_project(dest: Path) -> None:
     ).stdout.split()  # fmt: skip
     for name in listed:
         source = REPO / name
-        if source.is_file() and (not name.startswith("data/") or name.startswith("data/takedown/")):
+        if source.is_file() and (not name.startswith("data/") or name.startswith(("data/takedown/", "data/layout/"))):
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, dest / name)
 

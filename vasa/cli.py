@@ -207,6 +207,42 @@ def _add_takedown(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return parser
 
 
+def _pin_shards(args: argparse.Namespace, params: Params) -> int:
+    from preprocessing import shards, writer
+
+    out = args.out or params.preprocess.shards.pin
+    if not out:
+        raise InputError("no pin file: pass --out, or set preprocess.shards.pin in params")
+    rows, _ = writer.read_manifest(args.manifest)
+    usable, _ = writer.select(rows)
+    keys = {row["key"] for row in usable}
+    before = shards.read_pin(out) if Path(out).is_file() else frozenset()
+    count = shards.write_pin(Path(out), keys)
+    print(
+        f"pin-shards: {count} clips pinned in {out} ({len(keys - before)} newly pinned, "
+        f"{len(before - keys)} no longer in the manifest); the next `vasa preprocess` folds the new-clip "
+        "layer into the key-range shards"
+    )
+    return 0
+
+
+def _add_pin_shards(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "pin-shards",
+        help="pin the shard layout to the manifest's usable clips (weekly additions then rewrite no pinned shard)",
+        description=(
+            "Write the pin file (params preprocess.shards.pin): the keys of every usable clip of MANIFEST, sorted. "
+            "Pinned clips keep their key-range shards; clips added later go to a new-clip layer "
+            "(`<split>-x<prefix>-<part>`) and rewrite only that layer. Pinning again folds the layer in, "
+            "rewriting the pinned shards whose key ranges gained clips (preprocessing/shards.py)."
+        ),
+    )
+    parser.add_argument("--manifest", type=Path, default=Path("data/ingest/manifest.parquet"), help="ingest manifest")
+    parser.add_argument("--out", type=Path, help="pin file to write (default: params preprocess.shards.pin)")
+    parser.set_defaults(handler=_pin_shards)
+    return parser
+
+
 def _train_latent(args: argparse.Namespace, params: Params) -> int:
     from vasa.train_latent import deepspeed_config, run
 
@@ -647,6 +683,7 @@ STAGES = (
     _add_demo,
     _add_audit,
     _add_takedown,
+    _add_pin_shards,
     _add_train_judges,
     _add_evaluate,
     _add_retrain,
