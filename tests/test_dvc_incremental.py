@@ -21,7 +21,14 @@ from tests.test_dvc_pipeline import _run
 from tests.test_incremental import _cache, _cfg, _rows
 from tests.test_shard_pin import _clips_of, _written
 
-pytestmark = pytest.mark.slow
+
+def test_dvc_versions_the_manifest_not_the_media_work_area():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    outs = [next(iter(o)) if isinstance(o, dict) else o for o in stages["ingest"]["outs"]]
+    assert outs == ["data/ingest/manifest.parquet"]  # downloads, zips and media stay out of the DVC cache
+    assert {"data/ingest/manifest.parquet": {"persist": True}} in stages["ingest"]["outs"]
+    assert {"data/shards": {"persist": True}} in stages["preprocess"]["outs"]
+    assert "data/layout/shards_pin.txt" in {d.split()[0] for d in stages["preprocess"]["deps"]}
 
 
 def _project(tmp_path: Path, params) -> tuple[Path, object]:
@@ -44,6 +51,7 @@ def _project(tmp_path: Path, params) -> tuple[Path, object]:
     return project, cfg
 
 
+@pytest.mark.slow
 def test_dvc_repro_after_new_clips_rewrites_only_their_shards(params, tmp_path):
     project, cfg = _project(tmp_path, params)
     old, new = _rows(400, seed=31), _rows(4, seed=32)
