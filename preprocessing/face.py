@@ -22,6 +22,7 @@ import cv2
 import mediapipe as mp
 import numpy as np
 
+from vasa import native_logs
 from vasa.config import FaceConfig
 
 N_LANDMARKS = 478  # FaceMesh with refine_landmarks: 468 mesh points + 2 x 5 iris points
@@ -33,6 +34,7 @@ SEGMENT_REJECTS = ("no_face", "multiple_faces", "face_too_small", "track_jump", 
 
 
 MAX_FACES = 2  # the graph looks for at most two faces: enough to see a second person
+_face_found = threading.Event()  # set once any tracker of this process has found a face
 
 
 @dataclass(frozen=True)
@@ -61,17 +63,37 @@ class FaceMeshTracker:
     """
 
     def __init__(self, min_detection_confidence: float, min_tracking_confidence: float) -> None:
-        self._mesh = mp.solutions.face_mesh.FaceMesh(
-            static_image_mode=False,
-            refine_landmarks=True,
-            max_num_faces=2,
-            min_detection_confidence=min_detection_confidence,
-            min_tracking_confidence=min_tracking_confidence,
-        )
+        with native_logs.captured():  # MediaPipe's log lines go to `logging` (vasa/native_logs.py)
+            self._mesh = mp.solutions.face_mesh.FaceMesh(
+                static_image_mode=False,
+                refine_landmarks=True,
+                max_num_faces=2,
+                min_detection_confidence=min_detection_confidence,
+                min_tracking_confidence=min_tracking_confidence,
+            )
+            self._wait_until_open()
 
     def reset(self) -> None:
         """Forget the tracked faces: call before the first frame of each clip (see `track`)."""
-        self._mesh.reset()
+        with native_logs.captured():
+            self._mesh.reset()
+            self._wait_until_open()
+
+    def _wait_until_open(self) -> None:
+        """Wait for the graph run just started: its threads load the models and log as they do, so
+        this keeps those lines inside the caller's capture."""
+        self._mesh._graph.wait_until_idle()  # what SolutionBase.process does after each frame
+
+    def _process(self, frame: np.ndarray) -> list:
+        """FaceMesh's faces in one (H, W, 3) uint8 RGB frame. The first face projected in a process
+        logs a warning once (vasa/native_logs.py), so frames are captured until one was found."""
+        if _face_found.is_set():
+            return self._mesh.process(frame).multi_face_landmarks or []
+        with native_logs.captured():
+            found = self._mesh.process(frame).multi_face_landmarks or []
+        if found:
+            _face_found.set()
+        return found
 
     def detect(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Detections in consecutive frames (T, H, W, 3) uint8 RGB, continuing from the last call.
@@ -88,7 +110,7 @@ class FaceMeshTracker:
         detections = np.full((len(frames), MAX_FACES, N_LANDMARKS, 3), np.nan, dtype=np.float32)
         counts = np.zeros(len(frames), dtype=np.int64)
         for index, frame in enumerate(frames):
-            found = self._mesh.process(np.ascontiguousarray(frame)).multi_face_landmarks or []
+            found = self._process(np.ascontiguousarray(frame))
             counts[index] = len(found)
             for slot, face in enumerate(found[:MAX_FACES]):
                 detections[index, slot] = np.array([(p.x, p.y, p.z) for p in face.landmark], dtype=np.float32) * scale
