@@ -4,7 +4,8 @@ VoxCeleb2 ships its dev set as `vox2_dev_mp4_partaa … partai`, byte ranges of 
 joined with `cat` (REFERENCE.md §3). Archives come from mirrors, so extraction refuses members
 that would land outside the destination (zip-slip), symlinks and special files, and records
 why instead of crashing. Outputs appear under their final name only when complete, and members
-already on disk are skipped, so a killed extraction resumes where it stopped.
+already on disk are skipped, so a killed extraction resumes where it stopped. Joining shows a
+bytes progress bar and extraction a members one, both on stderr.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+
+from tqdm import tqdm
+from tqdm.utils import CallbackIOWrapper
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +64,13 @@ def join_parts(parts: Sequence[Path], dest: Path) -> Path:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(dest.name + ".partial")
-    with partial.open("wb") as out:
+    total = sum(Path(part).stat().st_size for part in parts)
+    bar = tqdm(total=total, desc=f"join {dest.name}", unit="B", unit_scale=True, unit_divisor=1024, disable=not total)
+    with partial.open("wb") as out, bar:
+        counted = CallbackIOWrapper(bar.update, out, "write")
         for part in parts:
             with Path(part).open("rb") as src:
-                shutil.copyfileobj(src, out, _COPY_BYTES)
+                shutil.copyfileobj(src, counted, _COPY_BYTES)
     os.replace(partial, dest)
     return dest
 
@@ -127,16 +134,19 @@ def extract_zip(
             dest.mkdir(parents=True, exist_ok=True)
             claimed: dict[str, str] = {}  # normalised target -> first member name
             seen: Counter[str] = Counter()
-            for info in members:
-                outcome = _claim(info, claimed, max_ratio) or _extract_member(zf, info, dest)
-                seen[info.filename] += 1
-                if isinstance(outcome, Path):
-                    extracted.append(outcome)
-                elif outcome is not None:
-                    log.warning("%s: refused member %r: %s", archive, info.filename, outcome)
-                    # The same name twice in one archive gets "#2": one manifest row per refused member.
-                    name = info.filename if seen[info.filename] == 1 else f"{info.filename}#{seen[info.filename]}"
-                    rejected.append((name, outcome))
+            bar = tqdm(total=len(members), desc=f"extract {Path(archive).name}", unit="member", disable=not members)
+            with bar:
+                for info in members:
+                    outcome = _claim(info, claimed, max_ratio) or _extract_member(zf, info, dest)
+                    seen[info.filename] += 1
+                    bar.update()
+                    if isinstance(outcome, Path):
+                        extracted.append(outcome)
+                    elif outcome is not None:
+                        log.warning("%s: refused member %r: %s", archive, info.filename, outcome)
+                        # The same name twice in one archive gets "#2": one manifest row per refused member.
+                        n = seen[info.filename]
+                        rejected.append((info.filename if n == 1 else f"{info.filename}#{n}", outcome))
     except zipfile.BadZipFile as err:
         raise ArchiveError(f"{archive}: not a readable zip archive ({err})") from err
     except (OSError, EOFError) as err:  # truncated mid-central-directory, unreadable file

@@ -10,7 +10,8 @@ re-runs without touching the network.
 
 Secrets: credentials travel as HTTP Basic auth or in the URL's user-info; signed URLs carry
 tokens in their query string. `redact_url` removes both, and every message, log line and file
-name here goes through it.
+name here goes through it. Progress bars (bytes, on stderr) are labelled with the plain file
+name, never the URL.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 from urllib.request import url2pathname
 
 import requests
+from tqdm import tqdm
+from tqdm.utils import CallbackIOWrapper
 
 log = logging.getLogger(__name__)
 
@@ -283,10 +286,13 @@ def _fetch_http(
             else:
                 transient = status in _TRANSIENT_HTTP
                 raise DownloadError(f"{url}: HTTP {status} {response.reason}", transient=transient)
-            _check_reported_total(remote, partial, _reported_total(response, offset))
-            with partial.open(mode) as out:
+            reported = _reported_total(response, offset)
+            _check_reported_total(remote, partial, reported)
+            total = remote.size if reported is None else reported
+            with partial.open(mode) as out, _byte_bar(remote.name, total, offset) as bar:
                 for chunk in response.iter_content(chunk_size=chunk_bytes):
                     out.write(chunk)
+                    bar.update(len(chunk))
                     if deadline is not None and clock() > deadline:
                         raise DeadlineError(f"{url}: deadline reached mid-transfer; {partial.name} kept for resume")
     except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
@@ -307,12 +313,30 @@ def _copy_local(remote: RemoteFile, partial: Path, *, chunk_bytes: int) -> None:
     else:
         source = Path(remote.url)
     try:
-        with source.open("rb") as src, partial.open("wb") as out:
-            shutil.copyfileobj(src, out, chunk_bytes)
+        with (
+            source.open("rb") as src,
+            partial.open("wb") as out,
+            _byte_bar(remote.name, os.fstat(src.fileno()).st_size) as bar,
+        ):
+            shutil.copyfileobj(src, CallbackIOWrapper(bar.update, out, "write"), chunk_bytes)
     except FileNotFoundError as err:
         raise DownloadError(f"{remote.url}: source file not found") from err
     except IsADirectoryError as err:
         raise DownloadError(f"{remote.url}: source is a directory") from err
+
+
+def _byte_bar(name: str, total: int | None, initial: int = 0) -> tqdm:
+    """A bytes progress bar on stderr labelled with the plain file `name` (never the URL, which may
+    hold secrets), starting at the `initial` bytes a resumed partial already holds."""
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=f"download {name}",
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        disable=total is not None and initial >= total,
+    )
 
 
 def _check_content_range(url: str, content_range: str, offset: int) -> None:
