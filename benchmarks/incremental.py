@@ -15,7 +15,7 @@ written of all shards, driver RSS after the run, Prefect database bytes. The flo
 The planner part compares the key-range trie (preprocessing/shards.py) with the positional layout it
 replaced (bucket by key prefix, then cut every `max` keys): shards whose content changes when 1 % random
 new keys arrive, against the floor 1 - exp(-K/S) that any key-range layout with S shards has, and five
-weeks of +1 % with the layout pinned (`vasa pin-shards`) against the same weeks unpinned.
+weeks of +1 % with the layout pinned after each week (`vasa pin-shards`) against the same weeks unpinned.
 """
 
 from __future__ import annotations
@@ -208,17 +208,18 @@ def planner(n: int, digits: int, limit: int) -> dict:
 
 
 def pinned_weeks(n: int, limit: int, weeks: int = 5) -> dict:
-    """Weekly +1 % random clips for `weeks` weeks with the layout pinned at week 0, against the same
-    weeks unpinned; then re-pinning (folding the new-clip layer in). Per week: shards of the previous
-    plan whose content changed or that went ("rewritten") and shards that did not exist ("new"), as %
-    of the grown plan's shards."""
+    """Weekly +1 % random clips for `weeks` weeks, the layout pinned after each week (`vasa pin-shards`:
+    one generation per week), against the same weeks unpinned; then compacting (`--compact`). Per week:
+    shards of the previous plan whose content changed or that went ("rewritten") and shards that did
+    not exist ("new"), as % of the grown plan's shards, and the share of clips in new shards."""
     from preprocessing import shards
     from vasa.config import ShardConfig
 
     cfg = ShardConfig(bucket_hex_digits=1, max_clips_per_shard=limit)
     clips = {key: key[:16] for key in _keys(n, 1)}
-    pin = frozenset(clips.values())
+    pin = shards.grow_pin({}, clips.values())
     prev_pinned = prev_free = shards.plan_layers(clips, cfg, "train", pin)[0]
+    start = dict(prev_pinned)
     rows = []
     for week in range(1, weeks + 1):
         clips |= {key: key[:16] for key in _keys(max(1, n // 100), 100 + week)}
@@ -229,19 +230,30 @@ def pinned_weeks(n: int, limit: int, weeks: int = 5) -> dict:
         row = {"week": week, "plan_s": round(plan_s, 2)}
         for label, before, after in (("pinned", prev_pinned, pinned), ("unpinned", prev_free, free)):
             rewritten = sum(1 for name, keys in before.items() if after.get(name) != keys)
-            created = sum(1 for name in after if name not in before)
+            created = [name for name in after if name not in before]
             row[f"{label}_rewritten_pct"] = round(100 * rewritten / len(after), 2)
-            row[f"{label}_new_pct"] = round(100 * created / len(after), 2)
-        row["new_layer_shards_pct"] = round(100 * sum(1 for x in pinned if "-x" in x) / len(pinned), 2)
+            row[f"{label}_new_pct"] = round(100 * len(created) / len(after), 2)
+            row[f"{label}_clips_written_pct"] = round(
+                100 * sum(len(after[name]) for name in after if before.get(name) != after[name]) / len(clips), 2
+            )
+        pin = shards.grow_pin(pin, clips.values())
+        assert shards.plan_layers(clips, cfg, "train", pin)[0] == pinned, "pinning moved a shard"
+        row["generations"] = len(set(pin.values()))
         rows.append(row)
         prev_pinned, prev_free = pinned, free
-    folded = shards.plan_layers(clips, cfg, "train", frozenset(clips.values()))[0]
-    fold_rewritten = sum(1 for name, keys in prev_pinned.items() if folded.get(name) != keys)
+    folded = shards.plan_layers(clips, cfg, "train", shards.grow_pin(pin, clips.values(), compact=True))[0]
+
+    def gone_pct(before: dict) -> float:
+        return round(100 * sum(1 for name, keys in before.items() if folded.get(name) != keys) / len(folded), 2)
+
     return {
         "keys": n,
         "max_clips_per_shard": limit,
         "weeks": rows,
-        "repin_rewritten_pct": round(100 * fold_rewritten / len(folded), 2),
+        "shards_start": len(start),
+        "shards_pinned_end": len(prev_pinned),
+        "shards_unpinned_end": len(prev_free),
+        "compact_rewritten_pct": gone_pct(prev_pinned),
     }
 
 

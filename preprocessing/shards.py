@@ -15,13 +15,15 @@ clips that is ~ 1 - exp(-0.01 x mean clips per shard), the floor for any key-ran
 (docs/BENCHMARKS.md, "Incremental preprocess at scale").
 
 That floor is what a layout that is a function of the key set alone can do: ~14 % of shards rewritten
-for +1 % clips at VoxCeleb2 scale with 64-clip shards. Weekly additions can cost less with a *pin*
-(params `preprocess.shards.pin`, written by `vasa pin-shards`): a versioned list of clip keys. Pinned
-clips are planned as above; every other clip goes to a second trie, the new-clip layer, whose shards
-are named `<split>-x<prefix>-<part>`. New clips then rewrite no pinned shard, only the new-clip layer
-(small: the clips since the pin). Re-pinning folds that layer into the pinned one, at the key-range
-cost above, once. The layout is then a function of (key set, pin), both versioned inputs: same
-inputs, same shards still holds.
+for +1 % clips at VoxCeleb2 scale with 64-clip shards. Weekly additions cost less with a *pin*
+(params `preprocess.shards.pin`, written by `vasa pin-shards`): a versioned file giving each clip key
+a generation. Each generation is its own trie; generation 0 keeps the names above and generation g
+is named `<split>-g<g>_<prefix>-<part>`. Clips not in the pin form the next generation. So a week's
+new clips only write new shards (their generation's), no shard of an earlier generation changes, and
+pinning them afterwards (`vasa pin-shards` appends them as that generation) moves nothing. Compacting
+(`vasa pin-shards --compact`: every clip in generation 0) folds the generations into one trie, at
+the key-range cost above, once. The layout is a function of (key set, pin), both versioned inputs:
+same inputs, same shards still holds.
 
 Tar members carry a fixed mtime, owner and mode, so shards are byte-identical across runs. Whether a
 shard must be rewritten is decided from small per-clip records (`content_digest`), never by reading
@@ -45,13 +47,12 @@ from vasa.errors import InputError
 TAR_MTIME = 0  # 1970-01-01: no wall-clock time inside an artifact
 KEY_HEX = 16  # hex characters of a clip key (manifest.clip_key): the trie's depth limit
 HEX = "0123456789abcdef"
-NEW_LAYER = "x"  # marks the node of a new-clip layer shard (`train-x3f-0000`): not a hex digit
 PIN_HEADER = (
-    "# Pinned clip keys of the shard layout (vasa pin-shards; params preprocess.shards.pin).\n"
-    "# Clips listed here keep their key-range shards; clips added later go to the new-clip layer\n"
-    "# (`<split>-x<prefix>-<part>`) until the next pin. No keys: one layer, planned from the keys alone.\n"
+    "# Shard layout pin (vasa pin-shards; params preprocess.shards.pin): `<clip key> <generation>` per line.\n"
+    "# Each generation is its own key-range trie (generation g>0: shards `<split>-g<g>_<prefix>-<part>`);\n"
+    "# clips not listed form the next generation. No lines: one trie over all keys.\n"
 )
-_CLIP_KEY = re.compile(rf"^[0-9a-f]{{{KEY_HEX}}}$")
+_PIN_LINE = re.compile(rf"^([0-9a-f]{{{KEY_HEX}}}) ([0-9]{{1,6}})$")
 
 
 @dataclass(frozen=True)
@@ -70,9 +71,10 @@ class Sample:
         return h.hexdigest()
 
 
-def plan_shards(keys: Iterable[str], cfg: ShardConfig, prefix: str, layer: str = "") -> dict[str, list[str]]:
-    """Shard name (`<prefix>-<layer><key prefix or "all">-<part>`) -> the sorted sample keys it holds,
-    in key order (see the module docstring for the trie; `layer` is "" or NEW_LAYER)."""
+def plan_shards(keys: Iterable[str], cfg: ShardConfig, prefix: str, generation: int = 0) -> dict[str, list[str]]:
+    """Shard name (`<prefix>-[g<generation>_]<key prefix or "all">-<part>`) -> the sorted sample keys
+    it holds, in key order (see the module docstring for the trie and the generations)."""
+    layer = f"g{generation}_" if generation else ""
     ordered = sorted(keys)
     plan: dict[str, list[str]] = {}
     limit = cfg.max_clips_per_shard
@@ -101,8 +103,8 @@ def plan_shards(keys: Iterable[str], cfg: ShardConfig, prefix: str, layer: str =
 
 
 def shard_prefix(name: str) -> str:
-    """The key prefix a planned shard name covers ("" for `all`), whichever layer it is in."""
-    node = name.split("-")[1].removeprefix(NEW_LAYER)
+    """The key prefix a planned shard name covers ("" for `all`), whatever its generation."""
+    node = name.split("-")[1].rpartition("_")[2]
     return "" if node == "all" else node
 
 
@@ -125,27 +127,41 @@ class ShardLookup:
         return name if key.startswith(shard_prefix(name)) else None
 
 
-def plan_layers(sample_clips: dict[str, str], cfg: ShardConfig, prefix: str, pin: frozenset[str]):
-    """The plan of one split's samples (sample key -> clip key) and a lookup of the shard covering a
-    failed key: one trie without a pin; with one, the pinned clips' trie followed by the new-clip
-    layer's (module docstring)."""
-    if not pin:
-        plan = plan_shards(sample_clips, cfg, prefix)
-        return plan, ShardLookup(plan)
-    pinned = [key for key, clip in sample_clips.items() if clip in pin]
-    new = [key for key, clip in sample_clips.items() if clip not in pin]
-    old_plan, new_plan = plan_shards(pinned, cfg, prefix), plan_shards(new, cfg, prefix, NEW_LAYER)
-    old_lookup, new_lookup = ShardLookup(old_plan), ShardLookup(new_plan)
+def generation_of(name: str) -> int:
+    """The pin generation of a planned shard name (0 for `train-3f-0000`, 2 for `train-g2_3f-0000`)."""
+    node = name.split("-")[1]
+    return int(node[1:].partition("_")[0]) if node.startswith("g") else 0
+
+
+def plan_layers(sample_clips: dict[str, str], cfg: ShardConfig, prefix: str, pin: dict[str, int]):
+    """The plan of one split's samples (sample key -> clip key), one trie per pin generation (clips
+    not in the pin: the next generation; no pin: one trie), and a lookup of the shard covering a
+    failed key (in its own clip's generation)."""
+    after = max(pin.values(), default=-1) + 1
+
+    def generation(key: str) -> int:
+        return pin.get(key[:KEY_HEX], after)
+
+    by_generation: dict[int, list[str]] = {}
+    for key in sample_clips:
+        by_generation.setdefault(generation(key), []).append(key)
+    plan: dict[str, list[str]] = {}
+    lookups: dict[int, ShardLookup] = {}
+    for number in sorted(by_generation):
+        layer = plan_shards(by_generation[number], cfg, prefix, number)
+        plan |= layer
+        lookups[number] = ShardLookup(layer)
 
     def lookup(key: str) -> str | None:
-        return (old_lookup if key[:KEY_HEX] in pin else new_lookup)(key)
+        found = lookups.get(generation(key))
+        return found(key) if found else None
 
-    return old_plan | new_plan, lookup
+    return plan, lookup
 
 
-def read_pin(path: Path) -> frozenset[str]:
-    """The clip keys of a pin file (one 16-hex key per line; `#` comments and blank lines skipped).
-    Raises InputError for a missing file or a line that is not a clip key, naming the line."""
+def read_pin(path: Path) -> dict[str, int]:
+    """Clip key -> generation, from a pin file (`<16-hex key> <generation>` per line; `#` comments and
+    blank lines skipped). Raises InputError for a missing file or a malformed line, naming the line."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -153,28 +169,42 @@ def read_pin(path: Path) -> frozenset[str]:
         raise InputError(
             f"shard pin file not found: {path} (write it with `vasa pin-shards`, or set preprocess.shards.pin: null)"
         ) from None
-    keys = set()
+    pin = {}
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        if not _CLIP_KEY.match(line):
-            raise InputError(f"{path}:{number}: {line[:40]!r} is not a clip key ({KEY_HEX} lowercase hex digits)")
-        keys.add(line)
-    return frozenset(keys)
+        match = _PIN_LINE.match(line)
+        if not match:
+            raise InputError(
+                f"{path}:{number}: {line[:40]!r} is not `<clip key> <generation>` ({KEY_HEX} lowercase hex, an integer)"
+            )
+        pin[match[1]] = int(match[2])
+    return pin
 
 
-def write_pin(path: Path, keys: Iterable[str]) -> int:
-    """Write a pin file of `keys` (sorted, unique, with the header), atomically; returns how many."""
-    ordered = sorted(set(keys))
-    bad = [key for key in ordered if not _CLIP_KEY.match(key)]
+def write_pin(path: Path, pin: dict[str, int]) -> int:
+    """Write a pin file (clip key -> generation; sorted by key, with the header), atomically; returns
+    how many keys it holds."""
+    bad = [key for key, number in pin.items() if not _PIN_LINE.match(f"{key} {number}")]
     if bad:
-        raise InputError(f"not clip keys: {bad[:3]}")
+        raise InputError(f"not clip keys with a generation: {bad[:3]}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        tmp.write_text(PIN_HEADER + "".join(f"{key}\n" for key in ordered), encoding="utf-8")
-    return len(ordered)
+        tmp.write_text(PIN_HEADER + "".join(f"{key} {pin[key]}\n" for key in sorted(pin)), encoding="utf-8")
+    return len(pin)
+
+
+def grow_pin(pin: dict[str, int], keys: Iterable[str], compact: bool = False) -> dict[str, int]:
+    """The pin after `vasa pin-shards`: `keys` (the manifest's usable clips) keep their generation and
+    the others get the next one, which is the generation their shards already have (pinning moves no
+    shard); keys no longer present are dropped. `compact`: every key in generation 0."""
+    keys = set(keys)
+    if compact:
+        return dict.fromkeys(keys, 0)
+    after = max(pin.values(), default=-1) + 1
+    return {key: pin.get(key, after) for key in keys}
 
 
 def content_digest(samples: Iterable[tuple[str, str]]) -> str:

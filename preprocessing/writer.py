@@ -45,9 +45,9 @@ UNKNOWN_SPLIT = "unknown_split"
 # Bump when `join_sample` changes what it writes: shards' content digests then change (writer.py is
 # not in the cache's code digest: joining never needs a clip processed again).
 JOIN_VERSION = 1
-# `<split>-[x]<key prefix or "all">-<4-digit part>.tar` (`x`: the new-clip layer of a pinned layout,
+# `<split>-[g<generation>_]<key prefix or "all">-<4-digit part>.tar` (generations of a pinned layout,
 # preprocessing/shards.py): the only shard names the stage writes or removes.
-SHARD_NAME = re.compile(rf"^(?:{'|'.join(schema.SPLITS)})-{shards.NEW_LAYER}?(?:[0-9a-f]+|all)-[0-9]{{4}}\.tar$")
+SHARD_NAME = re.compile(rf"^(?:{'|'.join(schema.SPLITS)})-(?:g[0-9]+_)?(?:[0-9a-f]+|all)-[0-9]{{4}}\.tar$")
 
 
 class ManifestNotFoundError(InputError):
@@ -212,7 +212,7 @@ def plan_outputs(
             f"no samples from {len(rows)} manifest rows (left out by reason: {reasons or 'none'}); "
             f"nothing in {out_dir} was changed. Pass --allow-empty to write an empty output."
         )
-    pin = shards.read_pin(cfg.shards.pin) if cfg.shards.pin else frozenset()
+    pin = shards.read_pin(cfg.shards.pin) if cfg.shards.pin else {}
     plan = OutputPlan([], {}, {}, failures, owned_files(out_dir))
     by_split: dict[str, list[dict]] = {}
     for row in usable:
@@ -241,7 +241,7 @@ def _plan_split(
     failures: list[dict],
     out_dir: Path,
     plan: OutputPlan,
-    pin: frozenset[str],
+    pin: dict[str, int],
 ) -> None:
     rows = {row["key"]: row for row in clips}
     sample_of = {s["key"]: (key, s) for key in rows for s in records[key]["samples"]}

@@ -23,30 +23,38 @@ def _sample_clips(n: int, seed: int) -> dict[str, str]:
     return {f"{clip}_00000": clip for clip in clips}
 
 
-def _new_layer(name: str) -> bool:
-    return name.split("-")[1].startswith(shards.NEW_LAYER)
+def _generation(name: str) -> int:
+    return shards.generation_of(name.removesuffix(".tar"))
 
 
-def test_new_keys_go_to_the_new_clip_layer_and_repinning_folds_it_in(params):
+def test_each_pin_generation_is_its_own_trie(params):
     cfg = _cfg(params, digits=1, per_shard=8).shards
-    old, new = _sample_clips(2000, seed=1), _sample_clips(20, seed=2)
-    pin = frozenset(old.values())
+    old, week1, week2 = _sample_clips(2000, seed=1), _sample_clips(20, seed=2), _sample_clips(20, seed=3)
+    pin = shards.grow_pin({}, old.values())
     before, _ = shards.plan_layers(old, cfg, "train", pin)
     assert before == shards.plan_shards(old, cfg, "train")  # pinning what is there moves nothing
-    after, lookup = shards.plan_layers(old | new, cfg, "train", pin)
-    assert {n: ks for n, ks in after.items() if not _new_layer(n)} == before  # no pinned shard changed
-    layer = {n: ks for n, ks in after.items() if _new_layer(n)}
-    assert sorted(k for ks in layer.values() for k in ks) == sorted(new)
+    after, lookup = shards.plan_layers(old | week1, cfg, "train", pin)
+    assert {n: ks for n, ks in after.items() if _generation(n) == 0} == before  # no pinned shard changed
+    layer = {n: ks for n, ks in after.items() if _generation(n) == 1}
+    assert sorted(k for ks in layer.values() for k in ks) == sorted(week1) and len(layer) + len(before) == len(after)
     assert all(writer.SHARD_NAME.match(f"{n}.tar") for n in after)
-    for key in new:  # a failed key is counted in the shard of its own layer's range
+    assert all(n.startswith("train-g1_") for n in layer)
+    for key in week1:  # a failed key is counted in the shard of its own generation's range
         assert lookup(key) in layer and key in layer[lookup(key)]
     assert all(lookup(k) == n for n, ks in before.items() for k in ks)
-    # Without the pin the same keys change shards by range: many more than the new-clip layer's.
-    unpinned = shards.plan_shards(old | new, cfg, "train")
-    assert sum(before.get(n) != ks for n, ks in unpinned.items()) > len(layer)
-    # Pinning again gives the one-layer plan of all keys: the layout is a function of (keys, pin).
-    assert shards.plan_layers(old | new, cfg, "train", pin | set(new.values()))[0] == unpinned
-    assert shards.plan_layers(old | new, cfg, "train", frozenset())[0] == unpinned
+    # Pinning week 1 moves nothing; week 2 then only adds generation 2.
+    pin = shards.grow_pin(pin, (old | week1).values())
+    assert set(pin.values()) == {0, 1} and shards.plan_layers(old | week1, cfg, "train", pin)[0] == after
+    later, _ = shards.plan_layers(old | week1 | week2, cfg, "train", pin)
+    assert {n: ks for n, ks in later.items() if _generation(n) < 2} == after
+    assert sorted(k for n, ks in later.items() if _generation(n) == 2 for k in ks) == sorted(week2)
+    # Without a pin the same two weeks change shards by range: many more than the new generations hold.
+    unpinned = shards.plan_shards(old | week1 | week2, cfg, "train")
+    assert sum(before.get(n) != ks for n, ks in unpinned.items()) > len(later) - len(before)
+    # Compacting gives the one-trie plan of all keys: the layout is a function of (keys, pin).
+    compact = shards.grow_pin(pin, (old | week1 | week2).values(), compact=True)
+    assert shards.plan_layers(old | week1 | week2, cfg, "train", compact)[0] == unpinned
+    assert shards.plan_layers(old | week1 | week2, cfg, "train", {})[0] == unpinned
 
 
 def _written(out: Path) -> dict[str, tuple[int, int]]:
@@ -54,30 +62,38 @@ def _written(out: Path) -> dict[str, tuple[int, int]]:
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.tar")}
 
 
-def test_weekly_additions_rewrite_no_pinned_shard(params, tmp_path):
+def test_weekly_additions_rewrite_no_shard_of_an_earlier_generation(params, tmp_path):
     old, week1, week2 = _rows(600, seed=11), _rows(6, seed=12), _rows(6, seed=13)
     pin_file = tmp_path / "pin.txt"
     cfg = _cfg(params, digits=1, per_shard=8)
     cfg = cfg.replace(shards=cfg.shards.model_dump() | {"pin": str(pin_file)})
     cache_dir, out = tmp_path / "cache", tmp_path / "out"
     records = _cache(old + week1 + week2, cfg, cache_dir)
-    assert shards.write_pin(pin_file, [r["key"] for r in old]) == 600
+
+    def pin(rows: list[dict], compact: bool = False) -> None:
+        current = shards.read_pin(pin_file) if pin_file.exists() else {}
+        shards.write_pin(pin_file, shards.grow_pin(current, [r["key"] for r in rows], compact))
+
+    pin(old)
     writer.write_outputs(cfg, old, records, cache_dir, out, "a" * 64)
-    pinned_tars, pinned_files = _tar_digests(out), _written(out)
-    assert not any(_new_layer(n) for n in pinned_tars)
-    for batch, rows in enumerate((old + week1, old + week1 + week2)):
+    first_tars, kept = _tar_digests(out), _written(out)
+    assert not any(_generation(n) for n in first_tars)
+    for week, rows in enumerate((old + week1, old + week1 + week2), 1):
         writer.write_outputs(cfg, rows, records, cache_dir, out, "b" * 64)
-        tars, files = _tar_digests(out), _written(out)
-        assert {n: files[n] for n in pinned_files} == pinned_files, f"week {batch + 1} rewrote a pinned shard"
-        layer = {n for n in tars if _new_layer(n)}
-        assert set(tars) == set(pinned_tars) | layer
-        assert set().union(*(_clips_of(out / n) for n in layer)) == {r["key"] for r in rows[600:]}
-    # Re-pin: the new-clip layer is folded in, its shards removed; only ranges that gained clips change.
-    shards.write_pin(pin_file, [r["key"] for r in old + week1 + week2])
+        files = _written(out)
+        assert {n: files[n] for n in kept} == kept, f"week {week} rewrote a shard of an earlier generation"
+        layer = {n for n in files if _generation(n) == week}
+        assert set(files) == set(kept) | layer
+        assert set().union(*(_clips_of(out / n) for n in layer)) == {r["key"] for r in rows[600 + 6 * (week - 1) :]}
+        pin(rows)  # the week's clips pinned as the generation they already have: nothing is written
+        assert writer.plan_outputs(cfg, rows, records, out).jobs == []
+        kept = files
+    # Compact: the generations fold into one trie; only ranges that gained clips change.
+    pin(old + week1 + week2, compact=True)
     writer.write_outputs(cfg, old + week1 + week2, records, cache_dir, out, "b" * 64)
     folded = _tar_digests(out)
-    assert not any(_new_layer(n) for n in folded)
-    changed = {n for n in folded.keys() | pinned_tars.keys() if folded.get(n) != pinned_tars.get(n)}
+    assert not any(_generation(n) for n in folded)
+    changed = {n for n in folded.keys() | first_tars.keys() if folded.get(n) != first_tars.get(n)}
     assert 0 < len(changed) <= 2 * 12 and len(changed) < len(folded) / 4
     assert all(_clips_of(out / n) & {r["key"] for r in week1 + week2} for n in changed if n in folded)
     # The same inputs and pin from scratch: byte-identical to the incremental result.
@@ -96,23 +112,30 @@ def test_pin_file_errors_are_clear(tmp_path):
     with pytest.raises(InputError, match=r"pin file not found: .*vasa pin-shards"):
         shards.read_pin(tmp_path / "absent.txt")
     path = tmp_path / "pin.txt"
-    path.write_text("# comment\n\n" + "a" * 16 + "\nnot-a-key\n")
-    with pytest.raises(InputError, match=r"pin.txt:4: 'not-a-key' is not a clip key"):
+    path.write_text("# comment\n\n" + "a" * 16 + " 0\n" + "a" * 16 + "\n")
+    with pytest.raises(InputError, match=r"pin.txt:4: 'a+' is not `<clip key> <generation>`"):
         shards.read_pin(path)
     with pytest.raises(InputError, match="not clip keys"):
-        shards.write_pin(path, ["A" * 16])
-    assert shards.write_pin(path, ["b" * 16, "a" * 16, "b" * 16]) == 2
-    assert shards.read_pin(path) == {"a" * 16, "b" * 16}
-    assert path.read_text() == shards.PIN_HEADER + "a" * 16 + "\n" + "b" * 16 + "\n"
+        shards.write_pin(path, {"A" * 16: 0})
+    assert shards.write_pin(path, {"b" * 16: 1, "a" * 16: 0}) == 2
+    assert shards.read_pin(path) == {"a" * 16: 0, "b" * 16: 1}
+    assert path.read_text() == shards.PIN_HEADER + "a" * 16 + " 0\n" + "b" * 16 + " 1\n"
 
 
 def test_cli_pins_the_usable_clips_of_the_manifest(tmp_path, capsys):
-    rows = _rows(5, seed=21)
+    rows = _rows(6, seed=21)
     rows[1] = rows[1] | {"status": "taken_down"}
     path = tmp_path / "manifest.parquet"
-    manifest.write_manifest(path, rows)
     pin = tmp_path / "layout" / "pin.txt"
     params = Path(__file__).resolve().parent.parent / "params.yaml"
-    assert main(["--params", str(params), "pin-shards", "--manifest", str(path), "--out", str(pin)]) == 0
-    assert shards.read_pin(pin) == {r["key"] for i, r in enumerate(rows) if i != 1}
-    assert "4 clips pinned" in capsys.readouterr().out
+    command = ["--params", str(params), "pin-shards", "--manifest", str(path), "--out", str(pin)]
+    manifest.write_manifest(path, rows[:4])
+    assert main(command) == 0
+    assert shards.read_pin(pin) == {r["key"]: 0 for i, r in enumerate(rows[:4]) if i != 1}
+    assert "3 clips in 1 generation(s)" in capsys.readouterr().out
+    manifest.write_manifest(path, rows[2:])  # two clips gone, two new: the new ones are generation 1
+    assert main(command) == 0
+    assert shards.read_pin(pin) == {rows[2]["key"]: 0, rows[3]["key"]: 0, rows[4]["key"]: 1, rows[5]["key"]: 1}
+    assert "2 newly pinned, 1 no longer in the manifest" in capsys.readouterr().out
+    assert main([*command, "--compact"]) == 0
+    assert set(shards.read_pin(pin).values()) == {0}

@@ -215,13 +215,14 @@ def _pin_shards(args: argparse.Namespace, params: Params) -> int:
         raise InputError("no pin file: pass --out, or set preprocess.shards.pin in params")
     rows, _ = writer.read_manifest(args.manifest)
     usable, _ = writer.select(rows)
-    keys = {row["key"] for row in usable}
-    before = shards.read_pin(out) if Path(out).is_file() else frozenset()
-    count = shards.write_pin(Path(out), keys)
+    before = shards.read_pin(out) if Path(out).is_file() else {}
+    pin = shards.grow_pin(before, (row["key"] for row in usable), compact=args.compact)
+    shards.write_pin(Path(out), pin)
+    added, dropped = len(pin.keys() - before.keys()), len(before.keys() - pin.keys())
+    generations = len(set(pin.values()))
     print(
-        f"pin-shards: {count} clips pinned in {out} ({len(keys - before)} newly pinned, "
-        f"{len(before - keys)} no longer in the manifest); the next `vasa preprocess` folds the new-clip "
-        "layer into the key-range shards"
+        f"pin-shards: {len(pin)} clips in {generations} generation(s) in {out}: {added} newly pinned, "
+        f"{dropped} no longer in the manifest{' (compacted)' if args.compact else ''}"
     )
     return 0
 
@@ -229,16 +230,19 @@ def _pin_shards(args: argparse.Namespace, params: Params) -> int:
 def _add_pin_shards(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = sub.add_parser(
         "pin-shards",
-        help="pin the shard layout to the manifest's usable clips (weekly additions then rewrite no pinned shard)",
+        help="pin the shard layout: clips added later write new shards and rewrite no pinned one",
         description=(
-            "Write the pin file (params preprocess.shards.pin): the keys of every usable clip of MANIFEST, sorted. "
-            "Pinned clips keep their key-range shards; clips added later go to a new-clip layer "
-            "(`<split>-x<prefix>-<part>`) and rewrite only that layer. Pinning again folds the layer in, "
-            "rewriting the pinned shards whose key ranges gained clips (preprocessing/shards.py)."
+            "Update the pin file (params preprocess.shards.pin) from MANIFEST's usable clips: pinned clips keep "
+            "their generation, the others are pinned as the next one (their shards already carry it, so "
+            "nothing moves). Each generation is its own key-range trie, so the clips of a later week only "
+            "write shards of their own generation (`<split>-g<N>_<prefix>-<part>`). --compact puts every clip "
+            "in generation 0: one trie again, rewriting the shards whose key ranges gained clips "
+            "(preprocessing/shards.py)."
         ),
     )
     parser.add_argument("--manifest", type=Path, default=Path("data/ingest/manifest.parquet"), help="ingest manifest")
-    parser.add_argument("--out", type=Path, help="pin file to write (default: params preprocess.shards.pin)")
+    parser.add_argument("--out", type=Path, help="pin file to update (default: params preprocess.shards.pin)")
+    parser.add_argument("--compact", action="store_true", help="every clip in generation 0 (one trie)")
     parser.set_defaults(handler=_pin_shards)
     return parser
 

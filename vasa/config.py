@@ -231,8 +231,8 @@ class ShardConfig(Section):
 
     bucket_hex_digits: int = Field(ge=0, le=4)
     max_clips_per_shard: int = Field(ge=1)
-    # A pin file (`vasa pin-shards`): its clips keep their shards, later clips go to a new-clip layer.
-    # None, or a file without keys: one layer, a function of the key set alone.
+    # A pin file (`vasa pin-shards`): a generation per clip key, one trie per generation, so clips added
+    # later write new shards only. None, or a file without keys: one trie over the key set alone.
     pin: str | None = None
 
 
