@@ -76,6 +76,19 @@ def manifest_change(repo: Path, manifest: str, records: Path) -> dict:
 
 
 @task
+def pin_layout(repo: Path, params: str, manifest: str) -> dict:
+    """Pin the shard layout to the new manifest (`vasa pin-shards`): the run's new clips become the next
+    generation, so preprocess writes them into new shards and rewrites none it promoted before."""
+    from preprocessing import writer
+
+    configured = load_params(repo / params).preprocess.shards.pin
+    if not configured:
+        raise RetrainError("retrain.pin_shards is true but preprocess.shards.pin names no pin file")
+    pin, _ = writer.pin_manifest(repo / configured, repo / manifest)
+    return {"path": configured, "clips": len(pin), "generations": len(set(pin.values()))}
+
+
+@task
 def promote(repo: Path, cfg: RetrainConfig, records: Path, record: dict) -> dict:
     """Push the outputs, then commit dvc.lock and the records and tag the commit (the tags come last: a
     registered version's data is always in the remote)."""
@@ -89,6 +102,8 @@ def promote(repo: Path, cfg: RetrainConfig, records: Path, record: dict) -> dict
     write_json(records / PROMOTED, record)
     if cfg.git_tag:
         paths = [dvc_history.LOCK_FILE, os.path.relpath(run_file, repo), os.path.relpath(records / PROMOTED, repo)]
+        if "shard_pin" in record:  # the pin this run's shards were planned with
+            paths.append(record["shard_pin"]["path"])
         _run(repo, "git", "add", "--", *paths)
         message = f"Promote {version} (retrain run {record['run']})"
         _run(repo, "git", "commit", "-q", "-m", message, "--", *paths)
@@ -126,6 +141,8 @@ def retrain_flow(
         print(f"retrain {record['run']}: {record['reason']}; the promoted bundle stays")
         return record
 
+    if cfg.pin_shards:
+        record["shard_pin"] = pin_layout(root, params, manifest)
     ran += dvc_repro(root, cfg.targets)
     results = decide.check_gate(root, cfg.gate)
     reason = decide.gate_reason(results)

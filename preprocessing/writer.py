@@ -351,3 +351,14 @@ def write_failures(path: Path, failures: list[dict]) -> None:
 
 def _text(value) -> str | None:
     return None if value is None else str(value)
+
+
+def pin_manifest(pin_path: Path, manifest_path: Path, compact: bool = False) -> tuple[dict[str, int], dict[str, int]]:
+    """`vasa pin-shards`: pin the manifest's usable clips (shards.grow_pin) into `pin_path`; returns the
+    (new, previous) pins."""
+    rows, _ = read_manifest(manifest_path)
+    usable, _ = select(rows)
+    before = shards.read_pin(pin_path) if Path(pin_path).is_file() else {}
+    pin = shards.grow_pin(before, (row["key"] for row in usable), compact=compact)
+    shards.write_pin(Path(pin_path), pin)
+    return pin, before

@@ -208,16 +208,12 @@ def _add_takedown(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _pin_shards(args: argparse.Namespace, params: Params) -> int:
-    from preprocessing import shards, writer
+    from preprocessing import writer
 
     out = args.out or params.preprocess.shards.pin
     if not out:
         raise InputError("no pin file: pass --out, or set preprocess.shards.pin in params")
-    rows, _ = writer.read_manifest(args.manifest)
-    usable, _ = writer.select(rows)
-    before = shards.read_pin(out) if Path(out).is_file() else {}
-    pin = shards.grow_pin(before, (row["key"] for row in usable), compact=args.compact)
-    shards.write_pin(Path(out), pin)
+    pin, before = writer.pin_manifest(Path(out), args.manifest, compact=args.compact)
     added, dropped = len(pin.keys() - before.keys()), len(before.keys() - pin.keys())
     generations = len(set(pin.values()))
     print(

@@ -546,6 +546,7 @@ class RetrainConfig(Section):
     stage: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")  # registry stage a promoted version is assigned to
     git_tag: bool  # commit dvc.lock and the promotion record, tag `<artifact>@vX.Y.Z` and `<artifact>#<stage>#N`
     push: bool  # `dvc push` to the default remote on promotion
+    pin_shards: bool  # `vasa pin-shards` after ingest: the run's new clips form a new shard generation
     cron: str  # schedule of `vasa retrain --serve` and of the deployment
 
 
