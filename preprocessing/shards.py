@@ -179,6 +179,8 @@ def read_pin(path: Path) -> dict[str, int]:
             raise InputError(
                 f"{path}:{number}: {line[:40]!r} is not `<clip key> <generation>` ({KEY_HEX} lowercase hex, an integer)"
             )
+        if match[1] in pin:
+            raise InputError(f"{path}:{number}: clip key {match[1]} is listed twice")
         pin[match[1]] = int(match[2])
     return pin
 

@@ -115,6 +115,9 @@ def test_pin_file_errors_are_clear(tmp_path):
     path.write_text("# comment\n\n" + "a" * 16 + " 0\n" + "a" * 16 + "\n")
     with pytest.raises(InputError, match=r"pin.txt:4: 'a+' is not `<clip key> <generation>`"):
         shards.read_pin(path)
+    path.write_text("a" * 16 + " 0\n" + "a" * 16 + " 1\n")
+    with pytest.raises(InputError, match=r"pin.txt:2: clip key a+ is listed twice"):
+        shards.read_pin(path)
     with pytest.raises(InputError, match="not clip keys"):
         shards.write_pin(path, {"A" * 16: 0})
     assert shards.write_pin(path, {"b" * 16: 1, "a" * 16: 0}) == 2
