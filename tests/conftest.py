@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from preprocessing.shards import Sample
+from tests.http_server import Server, running_server
 from vasa.config import Params, load_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,3 +53,10 @@ def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     """A proxy from the environment must not intercept requests to the tests' local servers."""
     for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    """A local HTTP server on 127.0.0.1 (tests/http_server.py) for download tests."""
+    with running_server() as running:
+        yield running

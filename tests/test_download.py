@@ -8,7 +8,6 @@ import logging
 import random
 import socket
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,17 +26,11 @@ from preprocessing.ingest.download import (
     redact_url,
     url_file_name,
 )
-from tests.http_server import Server, running_server
+from tests.http_server import Server
 
 USER, PASSWORD = "vox", "s3cret-Pa55word"
 WRONG_PASSWORD = "not-the-Pa55word-42"
 CHUNK = 1024  # small chunks, so an interrupted transfer has written something before the cut
-
-
-@pytest.fixture
-def server() -> Iterator[Server]:
-    with running_server() as running:
-        yield running
 
 
 def _payload(n: int, seed: int = 0) -> bytes:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import io
-import random
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -15,7 +13,8 @@ from tqdm import tqdm
 from preprocessing.ingest import archive, download
 from preprocessing.ingest.archive import extract_zip, join_parts
 from preprocessing.ingest.download import DownloadError, RemoteFile, url_file_name
-from tests.http_server import Server, running_server
+from tests.http_server import Server
+from tests.test_download import _payload
 
 USER, PASSWORD = "vox", "s3cret-Pa55word"
 TOKEN = "sig-0f1e2d3c4b5a69788796a5b4"
@@ -39,16 +38,6 @@ def bars(monkeypatch: pytest.MonkeyPatch) -> list[tqdm]:
     monkeypatch.setattr(download, "tqdm", recorded)
     monkeypatch.setattr(archive, "tqdm", recorded)
     return made
-
-
-@pytest.fixture
-def server() -> Iterator[Server]:
-    with running_server() as running:
-        yield running
-
-
-def _payload(n: int, seed: int = 0) -> bytes:
-    return random.Random(seed).randbytes(n)
 
 
 def _size(n: int) -> str:
