@@ -27,13 +27,14 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pyarrow as pa
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 from tqdm import tqdm
 
 from preprocessing import cache, writer
-from preprocessing.survey import conclude, damaged, nothing_to_do, survey
+from preprocessing.survey import DIGEST, LOOKUP_BATCH, conclude, damaged, nothing_to_do, survey
 from vasa.config import PreprocessConfig, RunnerConfig
 
 WAVE_PER_WORKER = 4  # tasks in flight per worker: enough to keep workers busy, bounded driver state
@@ -83,24 +84,27 @@ def in_waves(submit: Callable, batches: Iterable, limit: int) -> Iterator:
         yield pending.popleft().result()
 
 
-def _chunks(items: list, size: int) -> Iterator[list]:
+def _chunks(items: list | pa.Table, size: int) -> Iterator:
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
 
-def process(cfg: PreprocessConfig, rows: list[dict], digests: dict[str, str], cache_dir: Path) -> dict[str, dict]:
-    """Process `rows` in batches of `clips_per_task`, in waves; their records by clip key."""
+def process(cfg: PreprocessConfig, rows: pa.Table, cache_dir: Path) -> pa.Table:
+    """Process `rows` (manifest rows with column survey.DIGEST) in batches of `clips_per_task`, in
+    waves; their records as a table (cache.RECORDS_SCHEMA). Only the batches in flight are dicts."""
     limit = WAVE_PER_WORKER * cfg.runner.workers
-    records: dict[str, dict] = {}
+    tables, records = [cache.RECORDS_SCHEMA.empty_table()], []
 
-    def submit(batch: list[dict]):
-        return process_batch.submit(batch, cfg, cache_dir, [digests[row["key"]] for row in batch])
+    def submit(batch: pa.Table):
+        return process_batch.submit(batch.drop_columns([DIGEST]).to_pylist(), cfg, cache_dir, batch[DIGEST].to_pylist())
 
-    with tqdm(total=len(rows), desc="preprocess", unit="clip", disable=not rows) as bar:
+    with tqdm(total=rows.num_rows, desc="preprocess", unit="clip", disable=not rows.num_rows) as bar:
         for result in in_waves(submit, _chunks(rows, cfg.runner.clips_per_task), limit):
-            records |= result
+            records += result.values()
+            if len(records) >= LOOKUP_BATCH:
+                tables, records = [*tables, cache.records_table(records)], []
             bar.update(len(result))
-    return records
+    return pa.concat_tables([*tables, cache.records_table(records)])
 
 
 def assemble(cfg: PreprocessConfig, plan: writer.OutputPlan, cache_dir: Path, out_dir: Path) -> None:
@@ -147,22 +151,21 @@ def preprocess_flow(
     """Process every usable clip of the manifest not yet cached, then write the changed outputs.
     Returns the index (as written to index.json) plus `processed`, `cached` and `assembled` counts."""
     found = survey(cfg, manifest_path, cache_dir, denylist_path)
-    todo = found.todo
-    print(f"{len(found.usable)} usable clips: {len(todo)} to process, {len(found.usable) - len(todo)} cached")
+    todo = found.to_process()
+    usable = found.usable.num_rows
+    print(f"{usable} usable clips: {todo.num_rows} to process, {usable - todo.num_rows} cached")
     with shared_api():
-        found.records |= process(cfg, todo, found.digests, cache_dir)
-        plan = writer.plan_outputs(cfg, found.rows, found.records, out_dir, allow_empty)
+        found.add(process(cfg, todo, cache_dir))
+        plan = writer.plan_outputs(cfg, found.manifest, found.records, out_dir, allow_empty)
         redo = damaged(plan.jobs, cache_dir)
         if redo:
             print(f"{len(redo)} cache entries damaged: processed again")
-            again = [row for row in found.usable if row["key"] in redo]
-            found.records |= process(cfg, again, found.digests, cache_dir)
-            plan = writer.plan_outputs(cfg, found.rows, found.records, out_dir, allow_empty)
-        cache.write_records(cache_dir, found.table | found.records)  # before assembly: a crash keeps them
-        found.table |= found.records
+            found.add(process(cfg, found.to_process(sorted(redo)), cache_dir))
+            plan = writer.plan_outputs(cfg, found.manifest, found.records, out_dir, allow_empty)
+        found.save_records(cache_dir)  # before assembly: a crash keeps them
         out_dir.mkdir(parents=True, exist_ok=True)
         assemble(cfg, plan, cache_dir, out_dir)
-    return conclude(cfg, found, plan, cache_dir, out_dir, processed=len(todo) + len(redo))
+    return conclude(cfg, found, plan, cache_dir, out_dir, processed=todo.num_rows + len(redo))
 
 
 def run(

@@ -27,12 +27,13 @@ import hashlib
 import json
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Protocol
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from preprocessing.files import atomic_path, read_json, write_json
@@ -107,23 +108,32 @@ def code_digest() -> str:
 
 def input_digest(row: dict, cfg: PreprocessConfig, code: str) -> str:
     """What a clip's cached outcome depends on, and nothing else (no provenance, no split)."""
-    return input_digests([row], cfg, code)[row["key"]]
+    return _input_digest(row["sha256"], row["key"], row["av_offset"], _params_code(cfg, code))
 
 
-def input_digests(rows: list[dict], cfg: PreprocessConfig, code: str) -> dict[str, str]:
-    """`input_digest` of every row by clip key; the params are serialised once, not per clip."""
+def input_digests(rows: pa.Table, cfg: PreprocessConfig, code: str) -> pa.Array:
+    """`input_digest` of every row of a manifest table, in row order; the params are serialised once."""
+    shared = _params_code(cfg, code)
+    digests = []
+    for batch in rows.select(["sha256", "key", "av_offset"]).to_batches(max_chunksize=1 << 16):
+        columns = (batch.column(name).to_pylist() for name in ("sha256", "key", "av_offset"))
+        digests += [_input_digest(*values, shared) for values in zip(*columns, strict=True)]
+    return pa.array(digests, pa.string())
+
+
+def _params_code(cfg: PreprocessConfig, code: str) -> str:
     params = json.dumps(cfg.model_dump(mode="json", exclude=set(NOT_SHAPING_PARAMS)), sort_keys=True)
-    shared = hashlib.sha256(f"{params}\0{code}".encode()).hexdigest()
-    digests = {}
-    for row in rows:
-        payload = {
-            "sha256": row["sha256"],
-            "key": row["key"],  # names the samples (`<key>_<start>`)
-            "av_offset": row["av_offset"],  # filters.segment_problems rejects large A/V offsets
-            "params_code": shared,
-        }
-        digests[row["key"]] = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-    return digests
+    return hashlib.sha256(f"{params}\0{code}".encode()).hexdigest()
+
+
+def _input_digest(sha256: str, key: str, av_offset: int | None, params_code: str) -> str:
+    payload = {
+        "sha256": sha256,
+        "key": key,  # names the samples (`<key>_<start>`)
+        "av_offset": av_offset,  # filters.segment_problems rejects large A/V offsets
+        "params_code": params_code,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def paths(cache: Path, key: str) -> tuple[Path, Path]:
@@ -190,31 +200,45 @@ def drop(cache: Path, key: str) -> bool:
     return found
 
 
-def read_records(cache: Path) -> dict[str, dict]:
-    """Clip key -> record, from CACHE/records.parquet ({} when there is none or it is unreadable:
-    then the per-clip JSON records are read, which is slower but always right)."""
+def read_records(cache: Path) -> pa.Table:
+    """CACHE/records.parquet as a table of RECORDS_SCHEMA (empty when there is none or it is
+    unreadable: then the per-clip JSON records are read, which is slower but always right)."""
     path = Path(cache) / RECORDS_FILE
     if not path.is_file():
-        return {}
+        return RECORDS_SCHEMA.empty_table()
     try:
-        rows = pq.read_table(path, schema=RECORDS_SCHEMA).to_pylist()
+        return pq.read_table(path, schema=RECORDS_SCHEMA).replace_schema_metadata(None)
     except (OSError, pa.ArrowException):
-        return {}
-    for row in rows:
-        row["frame_rejections"] = dict(row["frame_rejections"] or [])
-        row["transient"] = False
-    return {row["key"]: row for row in rows}
+        return RECORDS_SCHEMA.empty_table()
 
 
-def write_records(cache: Path, records: dict[str, dict]) -> None:
-    """Write every stored (non-transient) record to CACHE/records.parquet, sorted by key, atomically."""
+def records_table(records: Iterable[dict]) -> pa.Table:
+    """Records (as `store` or `lookup` give them) as a table of RECORDS_SCHEMA. A transient record
+    keeps its failures but gets no `tar_bytes`: it is never written to records.parquet."""
     rows = [
         {name: record.get(name) for name in RECORDS_SCHEMA.names}
         | {"frame_rejections": sorted(record.get("frame_rejections", {}).items())}
-        for _, record in sorted(records.items())
-        if not record.get("transient") and record.get("tar_bytes") is not None
+        | ({"tar_bytes": None} if record.get("transient") else {})
+        for record in records
     ]
-    table = pa.Table.from_pylist(rows, schema=RECORDS_SCHEMA)
+    return pa.Table.from_pylist(rows, schema=RECORDS_SCHEMA)
+
+
+def record_dicts(table: pa.Table) -> dict[str, dict]:
+    """Clip key -> record as `store` returns it, for the rows of a records table (a few at a time:
+    a record as a dict takes a few KB)."""
+    rows = table.to_pylist()
+    for row in rows:
+        row["frame_rejections"] = dict(row["frame_rejections"] or [])
+        row["transient"] = row["tar_bytes"] is None
+    return {row["key"]: row for row in rows}
+
+
+def write_records(cache: Path, records: pa.Table) -> None:
+    """Write every stored record (one with `tar_bytes`) of a records table to CACHE/records.parquet,
+    sorted by key, atomically."""
+    stored = records.filter(pc.is_valid(records["tar_bytes"]))
+    table = stored.sort_by("key").combine_chunks().cast(RECORDS_SCHEMA)
     os.makedirs(cache, exist_ok=True)
     with atomic_path(Path(cache) / RECORDS_FILE) as tmp:
         pq.write_table(table, tmp, compression="zstd")

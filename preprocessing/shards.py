@@ -133,17 +133,17 @@ def generation_of(name: str) -> int:
     return int(node[1:].partition("_")[0]) if node.startswith("g") else 0
 
 
-def plan_layers(sample_clips: dict[str, str], cfg: ShardConfig, prefix: str, pin: dict[str, int]):
-    """The plan of one split's samples (sample key -> clip key), one trie per pin generation (clips
-    not in the pin: the next generation; no pin: one trie), and a lookup of the shard covering a
-    failed key (in its own clip's generation)."""
+def plan_layers(keys: Iterable[str], cfg: ShardConfig, prefix: str, pin: dict[str, int]):
+    """The plan of one split's sample keys, one trie per pin generation of their clips (`<clip key>_...`;
+    clips not in the pin: the next generation; no pin: one trie), and a lookup of the shard covering
+    a failed key (in its own clip's generation)."""
     after = max(pin.values(), default=-1) + 1
 
     def generation(key: str) -> int:
         return pin.get(key[:KEY_HEX], after)
 
     by_generation: dict[int, list[str]] = {}
-    for key in sample_clips:
+    for key in keys:
         by_generation.setdefault(generation(key), []).append(key)
     plan: dict[str, list[str]] = {}
     lookups: dict[int, ShardLookup] = {}

@@ -8,7 +8,9 @@ cache after a licence or split change gives the same bytes as a cold run.
 Shards are written per split (train, val and test never share a shard: held-out speakers stay out of
 training data). Which shards change is decided by `plan_outputs` from the cache's per-clip records
 and the manifest alone (a content digest per shard, kept in its stats file): no tar is opened to
-decide. Only changed shards are assembled (`assemble`, run as tasks by the flow). Safety rules:
+decide. Only changed shards are assembled (`assemble`, run as tasks by the flow). The manifest and
+the records come in as Arrow tables and the plan is made from their columns: only the clips of a
+shard being written become dicts, one shard at a time (`ShardJobs`). Safety rules:
 
 - Nothing in OUT is touched before every sample and failure is known, and a run that would leave
   zero samples fails (NoSamplesError, with the reasons) unless `allow_empty` is given.
@@ -25,10 +27,13 @@ import hashlib
 import json
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from preprocessing import cache, schema, shards
@@ -64,32 +69,33 @@ def require_manifest(path: Path) -> None:
         raise ManifestNotFoundError(f"manifest not found: {path} (nothing was read, written or removed)")
 
 
-def read_manifest(path: Path) -> tuple[list[dict], str]:
-    """The manifest's rows and the sha256 of its bytes (recorded in index.json's dataset block).
-    Raises ManifestNotFoundError when `path` is not a file."""
+def read_manifest(path: Path) -> tuple[pa.Table, str]:
+    """The manifest as a table (`manifest.read_table`) and the sha256 of its bytes (recorded in
+    index.json's dataset block). Raises ManifestNotFoundError when `path` is not a file."""
     path = Path(path)
     require_manifest(path)
     digest = hashlib.sha256()
     with path.open("rb") as stream:
         for block in iter(lambda: stream.read(1 << 20), b""):
             digest.update(block)
-    return manifest.read_manifest(path), digest.hexdigest()
+    return manifest.read_table(path), digest.hexdigest()
 
 
-def select(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+def select(rows: pa.Table) -> tuple[pa.Table, list[dict]]:
     """(rows to process, failure rows for the others): a clip whose ingest status is not ok, or whose
-    split is not one of schema.SPLITS, is recorded and left out."""
-    usable, left_out = [], []
-    for row in rows:
+    split is not one of schema.SPLITS, is recorded and left out. Only left-out rows become dicts."""
+    ok = pc.fill_null(pc.equal(rows["status"], manifest.OK), False)
+    known = pc.fill_null(pc.is_in(rows["split"], value_set=pa.array(schema.SPLITS)), False)
+    usable = pc.and_(ok, known)
+    left_out = []
+    for row in rows.filter(pc.invert(usable)).to_pylist():
         if row["status"] != manifest.OK:
             left_out.append(_failure(row, INGEST_STATUS, row["status"], row["error"] or ""))
         elif row["split"] not in schema.SPLITS:
             left_out.append(
                 _failure(row, INGEST_STATUS, UNKNOWN_SPLIT, f"split {row['split']!r} not in {schema.SPLITS}")
             )
-        else:
-            usable.append(row)
-    return usable, left_out
+    return (rows.filter(usable) if left_out else rows), left_out
 
 
 def _failure(row: dict, status: str, reason: str, detail: str, key: str | None = None) -> dict:
@@ -126,9 +132,13 @@ def _join(sample: Sample, provenance_: dict, split: str) -> Sample:
     return Sample(sample.key, members, sample.frames, sample.seconds)
 
 
-def clip_failures(row: dict, record: dict) -> list[dict]:
-    """A processed clip's failures (media-derived, from the cache) with clip id and split joined."""
-    return [_failure(row, f["status"], f["reason"], f["detail"], key=f["key"]) for f in record["failures"]]
+def clip_failures(rows: pa.Table, failures: pa.ChunkedArray) -> list[dict]:
+    """The processed clips' failures (media-derived: the `failures` column of their cache records,
+    row for row with `rows`) with clip id and split joined, in row order."""
+    clips, failures = _flatten(failures)
+    owners = rows.select(["clip_id", "key", "split"]).take(clips).to_pylist()
+    joined = zip(owners, failures.to_pylist(), strict=True)
+    return [_failure(row, f["status"], f["reason"], f["detail"], key=f["key"]) for row, f in joined]
 
 
 def dataset_block(cfg: PreprocessConfig, manifest_sha256: str, splits: list[str]) -> dict:
@@ -181,12 +191,56 @@ class ShardJob:
     stats: dict
 
 
+class ShardJobs(Sequence[ShardJob]):
+    """The shard jobs of a plan, each made when it is read: a job's clips as dicts (a few KB per clip)
+    exist only while the job is checked or sent, never all at once (a from-scratch run writes every
+    shard). Held meanwhile: the shard's name, keys and stats, and its clips' rows in the tables."""
+
+    def __init__(self) -> None:
+        self._specs: list[tuple] = []
+
+    def add(self, name: str, clips: _Clips, at: list[int], keys: tuple[str, ...], stats: dict) -> None:
+        """A job for shard `name`: its clips are those `at` these positions of `clips`."""
+        self._specs.append((name, clips.rows.take(at), clips.record_rows.take(at), keys, stats, clips))
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def __getitem__(self, at):
+        if isinstance(at, slice):
+            return [self._job(*spec) for spec in self._specs[at]]
+        return self._job(*self._specs[at])
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    @staticmethod
+    def _job(name: str, rows: pa.Array, record_rows: pa.Array, keys: tuple, stats: dict, clips: _Clips) -> ShardJob:
+        found = cache.record_dicts(clips.records.take(record_rows))
+        owners = sorted(clips.usable.take(rows).to_pylist(), key=lambda row: row["key"])
+        joined = tuple((r["key"], found[r["key"]], {"provenance": provenance(r), "split": clips.split}) for r in owners)
+        return ShardJob(name, joined, keys, stats)
+
+
+@dataclass(frozen=True)
+class _Clips:
+    """The usable clips of one split, without copying the tables: `rows` of `usable` (manifest rows),
+    their `record_rows` in `records`, and `joined` (their `_joined_digest`)."""
+
+    split: str
+    usable: pa.Table
+    records: pa.Table
+    rows: pa.Array
+    record_rows: pa.Array
+    joined: pa.Array
+
+
 @dataclass
 class OutputPlan:
     """What a run writes: shard jobs (the changed shards), stats files whose counts alone changed,
     the index entries per split, every failure row, and the files the previous run listed."""
 
-    jobs: list[ShardJob]
+    jobs: ShardJobs
     stats_only: dict[str, dict]
     entries: dict[str, list[dict]]
     failures: list[dict]
@@ -194,36 +248,38 @@ class OutputPlan:
 
 
 def plan_outputs(
-    cfg: PreprocessConfig, rows: list[dict], records: dict[str, dict], out_dir: Path, allow_empty: bool = False
+    cfg: PreprocessConfig, rows: pa.Table, records: pa.Table, out_dir: Path, allow_empty: bool = False
 ) -> OutputPlan:
-    """Decide, from the manifest rows and the cache records alone (no tar is opened), which shards
-    must be written. `rows`: every manifest row; `records`: cache record per usable clip key (see
-    preprocessing.cache). Raises NoSamplesError when no sample would remain and `allow_empty` is False."""
-    usable, failures = select(rows)
-    unprocessed = [row["clip_id"] for row in usable if row["key"] not in records]
-    if unprocessed:  # a bug in the caller, not a clip status: never drop clips silently
+    """Decide, from the manifest and the cache records alone (no tar is opened), which shards must be
+    written. `rows`: the manifest table (`manifest.read_table`); `records`: a records table
+    (cache.RECORDS_SCHEMA) holding one record per usable clip key, and maybe others. Only the clips of
+    the shards to write become dicts. Raises NoSamplesError when no sample would remain and
+    `allow_empty` is False."""
+    usable, failures = select(rows.select([*schema.PROVENANCE_COLUMNS, "status", "error"]))
+    found = pc.index_in(usable["key"], value_set=records["key"])  # usable row -> its record's row
+    if found.null_count:  # a bug in the caller, not a clip status: never drop clips silently
+        unprocessed = usable["clip_id"].filter(pc.is_null(found)).to_pylist()
         raise ValueError(f"{len(unprocessed)} usable clips have no outcome, e.g. {unprocessed[:3]}")
-    for row in usable:
-        failures += clip_failures(row, records[row["key"]])
-    n_samples = sum(len(records[row["key"]]["samples"]) for row in usable)
+    failures += clip_failures(usable, records["failures"].take(found))
+    lengths = pc.list_value_length(records["samples"]).take(found)
+    n_samples = pc.sum(lengths).as_py() or 0
     if n_samples == 0 and not allow_empty:
         reasons = dict(sorted(Counter(f["reason"] for f in failures).items()))
         raise NoSamplesError(
-            f"no samples from {len(rows)} manifest rows (left out by reason: {reasons or 'none'}); "
+            f"no samples from {rows.num_rows} manifest rows (left out by reason: {reasons or 'none'}); "
             f"nothing in {out_dir} was changed. Pass --allow-empty to write an empty output."
         )
     pin = shards.read_pin(cfg.shards.pin) if cfg.shards.pin else {}
-    plan = OutputPlan([], {}, {}, failures, owned_files(out_dir))
-    by_split: dict[str, list[dict]] = {}
-    for row in usable:
-        by_split.setdefault(row["split"], []).append(row)
+    plan = OutputPlan(ShardJobs(), {}, {}, failures, owned_files(out_dir))
     failures_by_split: dict[str, list[dict]] = {}
     for failure in failures:
         failures_by_split.setdefault(failure["split"], []).append(failure)
+    joined = _joined_digests(usable)
     for split in schema.SPLITS:
-        clips = by_split.get(split, [])
-        if any(records[row["key"]]["samples"] for row in clips):
-            _plan_split(cfg, split, clips, records, failures_by_split.get(split, []), out_dir, plan, pin)
+        at = pa.array(np.flatnonzero(pc.equal(usable["split"], split).to_numpy()), pa.int64())
+        if pc.sum(lengths.take(at)).as_py():
+            clips = _Clips(split, usable, records, at, found.take(at).combine_chunks(), joined.take(at))
+            _plan_split(cfg, split, clips, failures_by_split.get(split, []), out_dir, plan, pin)
     return plan
 
 
@@ -233,32 +289,51 @@ def _joined_digest(row: dict) -> str:
     return hashlib.sha256(json.dumps(joined, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _joined_digests(clips: pa.Table) -> pa.Array:
+    """`_joined_digest` of every row of a manifest table, in row order."""
+    digests = []
+    for batch in clips.select(list(schema.PROVENANCE_COLUMNS)).to_batches(max_chunksize=1 << 14):
+        digests += [_joined_digest(row) for row in batch.to_pylist()]
+    return pa.array(digests, pa.string())
+
+
+def _sample_table(clips: _Clips) -> pa.Table:
+    """One row per sample of the clips: its key, frames, seconds and media digest, its clip's
+    position in `clips`, and the digest of what is joined into it."""
+    clip, flat = _flatten(clips.records["samples"].take(clips.record_rows))
+    columns = {name: pc.struct_field(flat, name) for name in ("key", "frames", "seconds", "digest")}
+    return pa.table(columns | {"clip": clip, "joined": clips.joined.take(clip)})
+
+
+def _flatten(lists: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
+    """(row of each item, the items) of a list column, items in row order."""
+    lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy()
+    return np.repeat(np.arange(len(lengths)), lengths), pc.list_flatten(lists.combine_chunks())
+
+
 def _plan_split(
     cfg: PreprocessConfig,
     split: str,
-    clips: list[dict],
-    records: dict[str, dict],
+    clips: _Clips,
     failures: list[dict],
     out_dir: Path,
     plan: OutputPlan,
     pin: dict[str, int],
 ) -> None:
-    rows = {row["key"]: row for row in clips}
-    sample_of = {s["key"]: (key, s) for key in rows for s in records[key]["samples"]}
-    layout, lookup = shards.plan_layers({k: clip for k, (clip, _) in sample_of.items()}, cfg.shards, split, pin)
+    samples = _sample_table(clips)
+    layout, lookup = shards.plan_layers(samples["key"].to_pylist(), cfg.shards, split, pin)
     failures_by_shard: dict[str | None, list[dict]] = {}
     for failure in failures:
         failures_by_shard.setdefault(lookup(failure["key"]), []).append(failure)
-    joined: dict[str, str] = {}
+    planned = pa.array([key for keys in layout.values() for key in keys], pa.string())
+    samples = samples.take(pc.index_in(planned, value_set=samples["key"]))  # in layout order
     entries = plan.entries.setdefault(split, [])
+    start = 0
     for name, keys in layout.items():
-        samples = [sample_of[k][1] for k in keys]
-        clip_keys = sorted({sample_of[k][0] for k in keys})
-        for clip in clip_keys:
-            if clip not in joined:
-                joined[clip] = _joined_digest(rows[clip])
-        content = shards.content_digest((s["digest"], joined[sample_of[s["key"]][0]]) for s in samples)
-        stats = shards.shard_stats(name, samples, failures_by_shard.get(name, []), content)
+        shard = samples.slice(start, len(keys)).to_pylist()
+        start += len(keys)
+        content = shards.content_digest((s["digest"], s["joined"]) for s in shard)
+        stats = shards.shard_stats(name, shard, failures_by_shard.get(name, []), content)
         tar_path, stats_path = out_dir / f"{name}.tar", out_dir / _stats_name(f"{name}.tar")
         old = read_json(stats_path) or {}
         try:
@@ -270,8 +345,7 @@ def _plan_split(
             if full != old:
                 plan.stats_only[name] = full
         else:
-            clips_ = tuple((c, records[c], {"provenance": provenance(rows[c]), "split": split}) for c in clip_keys)
-            plan.jobs.append(ShardJob(name, clips_, tuple(keys), stats))
+            plan.jobs.add(name, clips, sorted({s["clip"] for s in shard}), tuple(keys), stats)
         entries.append({"shard": f"{name}.tar", "samples": stats["samples"], "frames": stats["frames"]})
 
 
@@ -321,8 +395,8 @@ def finish(cfg: PreprocessConfig, plan: OutputPlan, out_dir: Path, manifest_sha2
 
 def write_outputs(
     cfg: PreprocessConfig,
-    rows: list[dict],
-    records: dict[str, dict],
+    rows: pa.Table,
+    records: pa.Table,
     cache_dir: Path,
     out_dir: Path,
     manifest_sha256: str,
@@ -359,6 +433,6 @@ def pin_manifest(pin_path: Path, manifest_path: Path, compact: bool = False) -> 
     rows, _ = read_manifest(manifest_path)
     usable, _ = select(rows)
     before = shards.read_pin(pin_path) if Path(pin_path).is_file() else {}
-    pin = shards.grow_pin(before, (row["key"] for row in usable), compact=compact)
+    pin = shards.grow_pin(before, usable["key"].to_pylist(), compact=compact)
     shards.write_pin(Path(pin_path), pin)
     return pin, before

@@ -68,3 +68,29 @@ def test_bad_file_names_the_file(tmp_path):
     path.write_text("kind,id,reason,date\nspeaker,x,,2026-11-22\n")
     with pytest.raises(DenylistError, match=str(path.name)):
         denylist.load(path)
+
+
+def test_marking_a_manifest_table_equals_marking_its_rows():
+    from preprocessing.ingest import manifest
+    from preprocessing.survey import mark
+
+    rows = [
+        manifest.new_row(
+            f"vox:id{i % 4}/v{i % 3}/{i:05d}", "voxceleb2", speaker_id=f"id{i % 4}", youtube_id=f"v{i % 3}"
+        )
+        for i in range(24)
+    ]
+    rows[5] |= {"youtube_id": "", "source_url": "https://example.org/v.mp4"}  # video id falls back to the URL
+    rows[6] |= {"speaker_id": None, "youtube_id": None}
+    requests = (
+        Request("speaker", "id1", "asked", "2026-11-22"),
+        Request("video", "https://example.org/v.mp4", "r", "2026-11-21"),
+        Request("clip", rows[8]["clip_id"], "c", "2026-11-20"),
+        Request("video", "v2", "v", "2026-11-19"),
+    )
+    deny = Denylist(tuple(sorted(requests)))
+    expected, covered = denylist.mark(rows, deny)
+    table, keys = mark(manifest.to_table(rows), deny)
+    assert table.to_pylist() == expected and keys == [row["key"] for row in covered]
+    assert 0 < len(keys) < len(rows)
+    assert mark(manifest.to_table(rows), Denylist())[1] == []

@@ -47,6 +47,11 @@ def _cache(rows: list[dict], cfg, cache_dir: Path) -> dict[str, dict]:
     return {r["key"]: cache.store(cache_dir, r["key"], cache.input_digest(r, cfg, code), _outcome(r)) for r in rows}
 
 
+def _write(cfg, rows: list[dict], records: dict[str, dict], cache_dir: Path, out: Path, sha: str) -> dict:
+    table, records = manifest.to_table(rows), cache.records_table(records.values())
+    return writer.write_outputs(cfg, table, records, cache_dir, out, sha)
+
+
 def _tar_digests(out: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.glob("*.tar")}
 
@@ -98,9 +103,9 @@ def test_one_percent_new_clips_rewrite_only_the_shards_of_their_ranges(params, t
     old, new = _rows(2000, seed=1), _rows(20, seed=2)
     cache_dir, out = tmp_path / "cache", tmp_path / "out"
     records = _cache(old + new, cfg, cache_dir)
-    writer.write_outputs(cfg, old, {r["key"]: records[r["key"]] for r in old}, cache_dir, out, "a" * 64)
+    _write(cfg, old, {r["key"]: records[r["key"]] for r in old}, cache_dir, out, "a" * 64)
     before = _tar_digests(out)
-    writer.write_outputs(cfg, old + new, records, cache_dir, out, "b" * 64)
+    _write(cfg, old + new, records, cache_dir, out, "b" * 64)
     after = _tar_digests(out)
     changed = {n for n in before.keys() | after.keys() if before.get(n) != after.get(n)}
     layout = shards.plan_shards([s["key"] for r in records.values() for s in r["samples"]], cfg.shards, "train")
@@ -117,9 +122,9 @@ def test_one_percent_new_clips_rewrite_only_the_shards_of_their_ranges(params, t
     opened = []
     real_open = tarfile.open
     monkeypatch.setattr(tarfile, "open", lambda *a, **k: opened.append(a) or real_open(*a, **k))
-    plan = writer.plan_outputs(cfg, old + new, records, out)
+    plan = writer.plan_outputs(cfg, manifest.to_table(old + new), cache.records_table(records.values()), out)
     assert plan.jobs == [] and plan.stats_only == {}
-    writer.write_outputs(cfg, old + new, records, cache_dir, out, "b" * 64)
+    _write(cfg, old + new, records, cache_dir, out, "b" * 64)
     assert opened == [] and _tar_digests(out) == after
 
 
@@ -129,9 +134,9 @@ def test_incremental_output_equals_a_cold_build(params, tmp_path):
     cache_dir = tmp_path / "cache"
     records = _cache(old + new, cfg, cache_dir)
     warm, cold = tmp_path / "warm", tmp_path / "cold"
-    writer.write_outputs(cfg, old, {r["key"]: records[r["key"]] for r in old}, cache_dir, warm, "c" * 64)
-    writer.write_outputs(cfg, old + new, records, cache_dir, warm, "c" * 64)
-    writer.write_outputs(cfg, old + new, records, cache_dir, cold, "c" * 64)
+    _write(cfg, old, {r["key"]: records[r["key"]] for r in old}, cache_dir, warm, "c" * 64)
+    _write(cfg, old + new, records, cache_dir, warm, "c" * 64)
+    _write(cfg, old + new, records, cache_dir, cold, "c" * 64)
     files = sorted(p.name for p in cold.iterdir())
     assert sorted(p.name for p in warm.iterdir()) == files
     assert all((warm / n).read_bytes() == (cold / n).read_bytes() for n in files)
@@ -142,11 +147,12 @@ def test_records_table_round_trips(tmp_path, params):
     rows = _rows(5, seed=5)
     records = _cache(rows, cfg, tmp_path)
     records["x" * 16] = {"key": "x" * 16, "transient": True, "samples": [], "failures": []}
-    cache.write_records(tmp_path, records)
+    cache.write_records(tmp_path, cache.records_table(reversed(records.values())))
     table = cache.read_records(tmp_path)
-    assert table == {k: r for k, r in records.items() if k != "x" * 16}
+    assert table["key"].to_pylist() == sorted(k for k in records if k != "x" * 16)  # sorted, transient left out
+    assert cache.record_dicts(table) == {k: r for k, r in records.items() if k != "x" * 16}
     (tmp_path / cache.RECORDS_FILE).write_bytes(b"not parquet")
-    assert cache.read_records(tmp_path) == {}
+    assert cache.read_records(tmp_path).num_rows == 0
 
 
 # --- the flow: a no-op run opens no cached tar ----------------------------------------------------

@@ -156,7 +156,8 @@ def test_join_replaces_stale_provenance_and_checks_ownership():
 
 
 def _write(cfg, rows, records, cache_dir, out, allow_empty=False):
-    return writer.write_outputs(cfg, rows, records, cache_dir, out, "f" * 64, allow_empty=allow_empty)
+    table, records = manifest.to_table(rows), cache.records_table(records.values())
+    return writer.write_outputs(cfg, table, records, cache_dir, out, "f" * 64, allow_empty=allow_empty)
 
 
 def test_writer_splits_owns_and_refuses_to_empty(params, tmp_path):

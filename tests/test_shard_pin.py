@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from preprocessing import shards, writer
+from preprocessing import cache, shards, writer
 from preprocessing.ingest import manifest
-from tests.test_incremental import _cache, _cfg, _rows, _tar_digests
+from tests.test_incremental import _cache, _cfg, _rows, _tar_digests, _write
 from vasa.cli import main
 from vasa.errors import InputError
 
@@ -75,22 +75,22 @@ def test_weekly_additions_rewrite_no_shard_of_an_earlier_generation(params, tmp_
         shards.write_pin(pin_file, shards.grow_pin(current, [r["key"] for r in rows], compact))
 
     pin(old)
-    writer.write_outputs(cfg, old, records, cache_dir, out, "a" * 64)
+    _write(cfg, old, records, cache_dir, out, "a" * 64)
     first_tars, kept = _tar_digests(out), _written(out)
     assert not any(_generation(n) for n in first_tars)
     for week, rows in enumerate((old + week1, old + week1 + week2), 1):
-        writer.write_outputs(cfg, rows, records, cache_dir, out, "b" * 64)
+        _write(cfg, rows, records, cache_dir, out, "b" * 64)
         files = _written(out)
         assert {n: files[n] for n in kept} == kept, f"week {week} rewrote a shard of an earlier generation"
         layer = {n for n in files if _generation(n) == week}
         assert set(files) == set(kept) | layer
         assert set().union(*(_clips_of(out / n) for n in layer)) == {r["key"] for r in rows[600 + 6 * (week - 1) :]}
         pin(rows)  # the week's clips pinned as the generation they already have: nothing is written
-        assert writer.plan_outputs(cfg, rows, records, out).jobs == []
+        assert writer.plan_outputs(cfg, manifest.to_table(rows), cache.records_table(records.values()), out).jobs == []
         kept = files
     # Compact: the generations fold into one trie; only ranges that gained clips change.
     pin(old + week1 + week2, compact=True)
-    writer.write_outputs(cfg, old + week1 + week2, records, cache_dir, out, "b" * 64)
+    _write(cfg, old + week1 + week2, records, cache_dir, out, "b" * 64)
     folded = _tar_digests(out)
     assert not any(_generation(n) for n in folded)
     changed = {n for n in folded.keys() | first_tars.keys() if folded.get(n) != first_tars.get(n)}
@@ -98,7 +98,7 @@ def test_weekly_additions_rewrite_no_shard_of_an_earlier_generation(params, tmp_
     assert all(_clips_of(out / n) & {r["key"] for r in week1 + week2} for n in changed if n in folded)
     # The same inputs and pin from scratch: byte-identical to the incremental result.
     cold = tmp_path / "cold"
-    writer.write_outputs(cfg, old + week1 + week2, records, cache_dir, cold, "b" * 64)
+    _write(cfg, old + week1 + week2, records, cache_dir, cold, "b" * 64)
     assert sorted(p.name for p in cold.iterdir()) == sorted(p.name for p in out.iterdir())
     assert all((cold / p.name).read_bytes() == p.read_bytes() for p in out.iterdir())
 

@@ -92,7 +92,7 @@ def test_takedown_of_a_speaker_reaches_manifest_shards_and_cache(params, prefect
     assert all("request by the rights holder" in d for d in failures["detail"])
     for row in astronaut:  # cached outcomes dropped, from the files and from the records table
         assert not any(p.exists() for p in cache.paths(cache_dir, row["key"]))
-        assert row["key"] not in cache.read_records(cache_dir)
+        assert row["key"] not in cache.read_records(cache_dir)["key"].to_pylist()
 
     # Ingest with the request: the speaker's rows are marked, never probed again.
     counts = run_ingest(ingest_cfg, ingest_dir, sample_dir=sample_corpus, denylist_path=deny)
