@@ -89,9 +89,16 @@ def _chunks(items: list | pa.Table, size: int) -> Iterator:
         yield items[start : start + size]
 
 
+def batch_size(runner: RunnerConfig, clips: int) -> int:
+    """Clips per task: enough tasks to fill the waves (WAVE_PER_WORKER per worker) when there are few
+    clips, at most `clips_per_task` when there are many (each task run is a row set in Prefect's
+    database: ~20 KB, so 64 clips per task is ~0.3 MB per 1000 clips)."""
+    return max(1, min(runner.clips_per_task, -(-clips // (WAVE_PER_WORKER * runner.workers))))
+
+
 def process(cfg: PreprocessConfig, rows: pa.Table, cache_dir: Path) -> pa.Table:
-    """Process `rows` (manifest rows with column survey.DIGEST) in batches of `clips_per_task`, in
-    waves; their records as a table (cache.RECORDS_SCHEMA). Only the batches in flight are dicts."""
+    """Process `rows` (manifest rows with column survey.DIGEST) in batches (`batch_size`), in waves;
+    their records as a table (cache.RECORDS_SCHEMA). Only the batches in flight are dicts."""
     limit = WAVE_PER_WORKER * cfg.runner.workers
     tables, records = [cache.RECORDS_SCHEMA.empty_table()], []
 
@@ -99,7 +106,7 @@ def process(cfg: PreprocessConfig, rows: pa.Table, cache_dir: Path) -> pa.Table:
         return process_batch.submit(batch.drop_columns([DIGEST]).to_pylist(), cfg, cache_dir, batch[DIGEST].to_pylist())
 
     with tqdm(total=rows.num_rows, desc="preprocess", unit="clip", disable=not rows.num_rows) as bar:
-        for result in in_waves(submit, _chunks(rows, cfg.runner.clips_per_task), limit):
+        for result in in_waves(submit, _chunks(rows, batch_size(cfg.runner, rows.num_rows)), limit):
             records += result.values()
             if len(records) >= LOOKUP_BATCH:
                 tables, records = [*tables, cache.records_table(records)], []

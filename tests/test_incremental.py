@@ -200,3 +200,12 @@ def _clips_of(path: Path) -> set[str]:
         return set()
     with tarfile.open(path) as tar:
         return {info.name.split("_")[0] for info in tar}
+
+
+def test_batches_fill_every_worker_when_few_clips_and_stay_bounded_when_many(params):
+    from flows.preprocess import WAVE_PER_WORKER, batch_size
+
+    runner = params.preprocess.runner.replace(workers=2, clips_per_task=64)
+    assert WAVE_PER_WORKER * 2 == 8
+    assert [batch_size(runner, n) for n in (0, 1, 8, 9, 100, 512, 10**6)] == [1, 1, 1, 2, 13, 64, 64]
+    assert batch_size(runner.replace(clips_per_task=4), 10**6) == 4
