@@ -208,7 +208,7 @@ def ingest_youtube(
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             track = voxceleb.read_track(Path(vox_row["metadata_path"]), utterance)
-            cut_and_crop(
+            cut = cut_and_crop(
                 Path(reference),
                 track.frames,
                 track.boxes,
@@ -217,6 +217,7 @@ def ingest_youtube(
                 enlarge=yt.enlarge,
                 smooth_frames=yt.smooth_frames,
             )
+            rows[index] = row | {"max_outside_fraction": round(float(cut["max_outside_fraction"]), 6)}
         except (voxceleb.MetadataError, OSError) as err:  # changed or gone since the scan
             rows[index] = row | {"status": manifest.BAD_METADATA, "error": str(err)}
         except (ValueError, DecodeError) as err:

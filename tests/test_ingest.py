@@ -367,6 +367,7 @@ def test_youtube_source_recuts_tracks_and_records_unavailable(prefect_harness, p
     cut = df.loc["youtube:id00012/21Uxsk56VDQ/00001"]
     assert (cut.status, cut.source_kind, cut.n_frames, cut.width, cut.fps) == ("ok", "youtube", 50, 128, 25)
     assert (cut.frame_start, cut.frame_end) == (25, 74)
+    assert 0.0 <= cut.max_outside_fraction < 1.0  # recorded at the cut, kept by the second (no-op) run
     gone = df.loc["youtube:id00012/GoneGoneGon/00001"]
     assert gone.status == "unavailable" and "GoneGoneGon" in gone.error
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from preprocessing.ingest import incremental, manifest, sources, splits, voxceleb
+from vasa.errors import InputError
 
 
 @pytest.mark.parametrize(
@@ -162,3 +163,18 @@ def test_voxceleb_rescan_reads_only_changed_metadata(tmp_path, monkeypatch):
     rows = {row["clip_id"]: row for row in manifest.read_manifest(out / "manifest.parquet")}
     assert rows["voxceleb2:id00001/vid00000001/00001"]["bbox_y"] == pytest.approx(0.25)
     assert changed != full
+
+
+def test_a_manifest_from_before_an_added_column_reads_with_nulls_there(tmp_path):
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "manifest.parquet"
+    manifest.write_manifest(path, [manifest.new_row("local:a.mp4", "local", max_outside_fraction=0.25)])
+    assert manifest.read_manifest(path)[0]["max_outside_fraction"] == 0.25
+    older = pq.read_table(path).drop_columns(list(manifest.ADDED_COLUMNS))
+    pq.write_table(older, path)
+    rows = manifest.read_manifest(path)
+    assert rows[0]["clip_id"] == "local:a.mp4" and rows[0]["max_outside_fraction"] is None
+    pq.write_table(older.drop_columns(["licence"]), path)  # a column that was always there: still refused
+    with pytest.raises(InputError, match="missing columns"):
+        manifest.read_manifest(path)

@@ -36,6 +36,7 @@ MEDIA_FIELDS = (
     "height",
     "audio_sample_rate",
     "audio_channels",
+    "max_outside_fraction",  # recorded when a YouTube track was cut: kept while the cut is unchanged
 )
 STATE_VERSION = 1
 

@@ -81,12 +81,18 @@ SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("audio_sample_rate", pa.int32()),
         ("audio_channels", pa.int32()),
+        # YouTube re-cuts: largest share of a crop that fell outside the source video's frame (black
+        # border), from the cut; null for other sources, and for a cut an interrupted run did not record.
+        ("max_outside_fraction", pa.float32()),
         ("split", pa.string()),  # schema.SPLITS: train | val | test (whole speakers)
         ("status", pa.string()),
         ("error", pa.string()),
     ]
 )
 COLUMNS = tuple(SCHEMA.names)
+# Columns added after manifests were first versioned: an older manifest (a promoted one in the DVC
+# cache, read by `vasa retrain` and `vasa audit --history`) has none and reads as null there.
+ADDED_COLUMNS = ("max_outside_fraction",)
 # Who and where a clip is from, and its metadata face track: carried to derived clips (YouTube re-cuts).
 IDENTITY_COLUMNS = ("speaker_id", "youtube_id", "utterance", "source_url", "licence", "split", "metadata_path")
 TRACK_COLUMNS = (
@@ -185,6 +191,9 @@ def read_table(path: str | Path) -> pa.Table:
         table = pq.read_table(path)
     except (OSError, pa.ArrowException) as err:
         raise InputError(f"{path}: not a readable parquet manifest: {err}") from None
+    for column in ADDED_COLUMNS:  # manifests written before a column existed read as null there
+        if column not in table.column_names:
+            table = table.append_column(SCHEMA.field(column), pa.nulls(table.num_rows, SCHEMA.field(column).type))
     missing = set(COLUMNS) - set(table.column_names)
     if missing:
         raise InputError(f"{path}: not a manifest of this version, missing columns {sorted(missing)}")
