@@ -34,6 +34,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 from tqdm import tqdm
 
 from preprocessing import cache, writer
+from preprocessing.ingest import manifest
 from preprocessing.survey import DIGEST, LOOKUP_BATCH, conclude, damaged, nothing_to_do, survey
 from vasa.config import PreprocessConfig, RunnerConfig
 
@@ -103,7 +104,8 @@ def process(cfg: PreprocessConfig, rows: pa.Table, cache_dir: Path) -> pa.Table:
     tables, records = [cache.RECORDS_SCHEMA.empty_table()], []
 
     def submit(batch: pa.Table):
-        return process_batch.submit(batch.drop_columns([DIGEST]).to_pylist(), cfg, cache_dir, batch[DIGEST].to_pylist())
+        rows_ = manifest.row_dicts(batch.drop_columns([DIGEST]))  # media paths as real file names
+        return process_batch.submit(rows_, cfg, cache_dir, batch[DIGEST].to_pylist())
 
     with tqdm(total=rows.num_rows, desc="preprocess", unit="clip", disable=not rows.num_rows) as bar:
         for result in in_waves(submit, _chunks(rows, batch_size(cfg.runner, rows.num_rows)), limit):

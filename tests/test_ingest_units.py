@@ -178,3 +178,14 @@ def test_a_manifest_from_before_an_added_column_reads_with_nulls_there(tmp_path)
     pq.write_table(older.drop_columns(["licence"]), path)  # a column that was always there: still refused
     with pytest.raises(InputError, match="missing columns"):
         manifest.read_manifest(path)
+
+
+def test_a_file_name_that_is_not_utf8_survives_the_manifest_table(tmp_path):
+    name = str(tmp_path / "media" / "caf\udce9 \\ x.mp4")  # a byte that is not UTF-8, and a backslash
+    path = tmp_path / "data" / "manifest.parquet"
+    manifest.write_manifest(path, [manifest.new_row("local:caf\\xe9.mp4", "local", media_path=name)])
+    table = manifest.read_table(path)  # Arrow strings are UTF-8: the path column stays escaped
+    assert table["media_path"][0].as_py() == manifest.escape_text(name)
+    assert manifest.row_dicts(table)[0]["media_path"] == name == manifest.read_manifest(path)[0]["media_path"]
+    again = manifest.to_table(manifest.read_manifest(path))
+    assert again.equals(table) and manifest.row_dicts(again)[0]["media_path"] == name

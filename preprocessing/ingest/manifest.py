@@ -178,12 +178,14 @@ def read_manifest(path: str | Path) -> list[dict]:
     from any working directory and moved together with its media. Raises ManifestNotFoundError
     if `path` does not exist, InputError if it is not a manifest of this version.
     """
-    return read_table(path).to_pylist()
+    return row_dicts(read_table(path))
 
 
 def read_table(path: str | Path) -> pa.Table:
     """`read_manifest` as an Arrow table of COLUMNS (a few hundred bytes per row, where the rows as
-    dicts take a few KB: what a driver holding a VoxCeleb2-size manifest keeps)."""
+    dicts take a few KB: what a driver holding a VoxCeleb2-size manifest keeps). Path columns are
+    absolute but stay escaped (`escape_text`: Arrow strings are UTF-8 only, file names are bytes);
+    `row_dicts` turns rows back into dicts with real file names."""
     path = Path(path)
     if not path.is_file():
         raise ManifestNotFoundError(f"{path}: manifest not found (run `vasa ingest` first, or check the path)")
@@ -201,14 +203,25 @@ def read_table(path: str | Path) -> pa.Table:
     table = table.select(list(COLUMNS))
     for column in PATH_COLUMNS:
         stored = table.column(column).to_pylist()
-        resolved = [os.path.normpath(os.path.join(base, unescape_text(v))) if v else v for v in stored]
+        resolved = [escape_text(os.path.normpath(os.path.join(base, unescape_text(v)))) if v else v for v in stored]
         table = table.set_column(COLUMNS.index(column), column, pa.array(resolved, pa.string()))
     return table
 
 
 def to_table(rows: Iterable[dict]) -> pa.Table:
     """Manifest rows (as `new_row` or `read_manifest` gives them) as a table like `read_table`'s."""
-    return pa.Table.from_pylist(list(rows), schema=SCHEMA)
+    escaped = [row | {c: escape_text(row[c]) for c in PATH_COLUMNS if row.get(c)} for row in rows]
+    return pa.Table.from_pylist(escaped, schema=SCHEMA)
+
+
+def row_dicts(table: pa.Table) -> list[dict]:
+    """Rows of a manifest table (`read_table`, `to_table`) as dicts, path columns as real file names."""
+    rows = table.to_pylist()
+    for row in rows:
+        for column in PATH_COLUMNS:
+            if row.get(column):
+                row[column] = unescape_text(row[column])
+    return rows
 
 
 def read_existing(path: str | Path) -> list[dict]:
