@@ -219,7 +219,7 @@ def pinned_weeks(n: int, limit: int, weeks: int = 5) -> dict:
     clips = {key: key[:16] for key in _keys(n, 1)}
     pin = shards.grow_pin({}, clips.values())
     prev_pinned = prev_free = shards.plan_layers(clips, cfg, "train", pin)[0]
-    start = dict(prev_pinned)
+    shards_start = len(prev_pinned)
     rows = []
     for week in range(1, weeks + 1):
         clips |= {key: key[:16] for key in _keys(max(1, n // 100), 100 + week)}
@@ -250,7 +250,7 @@ def pinned_weeks(n: int, limit: int, weeks: int = 5) -> dict:
         "keys": n,
         "max_clips_per_shard": limit,
         "weeks": rows,
-        "shards_start": len(start),
+        "shards_start": shards_start,
         "shards_pinned_end": len(prev_pinned),
         "shards_unpinned_end": len(prev_free),
         "compact_rewritten_pct": gone_pct(prev_pinned),
