@@ -140,6 +140,8 @@ def test_overlapping_blocks_across_threads_lose_and_duplicate_nothing(tmp_path):
         f"ERROR vasa.native_logs: E0000 00:00:1.0 {n} t.cc:1] thread {n} line {i}" for n in range(8) for i in range(20)
     )
     assert sorted(line for line in stderr if line.startswith("ERROR")) == expected
+    # No re-emitted record was caught by a later block and re-emitted again, wrapped in a second prefix.
+    assert sorted(line for line in stderr if " t.cc:1] thread " in line) == expected, result.stderr
     assert stderr[-1] == "console again"
     assert not list(tmp_path.iterdir())  # every capture file removed
 

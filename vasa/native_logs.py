@@ -9,7 +9,8 @@ INFO:/WARNING:/ERROR:), or WARNING without a prefix, so a real native error stil
 
 fd 2 is process-wide, so concurrent blocks share one redirection: the first thread to enter points
 fd 2 at the capture file, later ones join it, and the last to leave restores fd 2 and re-emits
-everything captured (a lock guards only that switch: no block waits for another's work). While any
+everything captured (a lock guards that switch and the re-emission: no block waits for another's
+work, only for a switch or a re-emission in progress). While any
 block is open, whatever any thread writes to fd 2, Python tracebacks and log records included, is
 held back and re-emitted afterwards like an unknown native line: keep blocks short (building a
 graph, its first frame), not whole loops. A native abort inside a block cannot re-emit anything; its last words stay
@@ -89,9 +90,7 @@ def captured() -> Iterator[None]:
     try:
         yield
     finally:
-        text = _leave()
-        if text:
-            emit(text)
+        _leave()
 
 
 def _enter() -> bool:
@@ -116,13 +115,17 @@ def _enter() -> bool:
         return True
 
 
-def _leave() -> str:
-    """Leave the redirection; the last block out restores fd 2 and returns what was captured."""
+def _leave() -> None:
+    """Leave the redirection; the last block out restores fd 2 and re-emits what was captured.
+
+    The re-emission happens under the lock, so no other thread can point fd 2 at a new capture file
+    while these records are written: they would be caught and re-emitted a second time, wrapped.
+    """
     global _open, _saved_fd, _capture_fd, _capture_path
     with _lock:
         _open -= 1
         if _open > 0:
-            return ""
+            return
         _flush_python_stderr()
         os.dup2(_saved_fd, 2)
         os.close(_saved_fd)
@@ -131,7 +134,7 @@ def _leave() -> str:
             data = capture.read()
         os.unlink(_capture_path)
         _saved_fd = _capture_fd = _capture_path = None
-    return data.decode("utf-8", errors="replace")
+        emit(data.decode("utf-8", errors="replace"))
 
 
 def _flush_python_stderr() -> None:
