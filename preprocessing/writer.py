@@ -427,12 +427,19 @@ def _text(value) -> str | None:
     return None if value is None else str(value)
 
 
-def pin_manifest(pin_path: Path, manifest_path: Path, compact: bool = False) -> tuple[dict[str, int], dict[str, int]]:
+def pin_manifest(
+    pin_path: Path, manifest_path: Path, compact: bool = False, max_generations: int = 0
+) -> tuple[dict[str, int], dict[str, int], bool]:
     """`vasa pin-shards`: pin the manifest's usable clips (shards.grow_pin) into `pin_path`; returns the
-    (new, previous) pins."""
+    new pin, the previous one and whether it was compacted. `max_generations` > 0: compact when the
+    grown pin would hold more generations than that (params retrain.compact_generations)."""
     rows, _ = read_manifest(manifest_path)
     usable, _ = select(rows)
+    keys = usable["key"].to_pylist()
     before = shards.read_pin(pin_path) if Path(pin_path).is_file() else {}
-    pin = shards.grow_pin(before, usable["key"].to_pylist(), compact=compact)
+    pin = shards.grow_pin(before, keys)
+    compacted = compact or 0 < max_generations < len(set(pin.values()))
+    if compacted:
+        pin = shards.grow_pin(before, keys, compact=True)
     shards.write_pin(Path(pin_path), pin)
-    return pin, before
+    return pin, before, compacted

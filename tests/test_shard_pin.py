@@ -142,3 +142,27 @@ def test_cli_pins_the_usable_clips_of_the_manifest(tmp_path, capsys):
     assert "2 newly pinned, 1 no longer in the manifest" in capsys.readouterr().out
     assert main([*command, "--compact"]) == 0
     assert set(shards.read_pin(pin).values()) == {0}
+
+
+def test_max_generations_compacts_when_a_run_would_exceed_it(tmp_path, capsys):
+    """Scheduled retraining's policy (retrain.compact_generations): new clips form a new generation
+    until that would leave more than N; then everything folds into generation 0, once."""
+    rows = _rows(8, seed=23)
+    path = tmp_path / "manifest.parquet"
+    pin = tmp_path / "pin.txt"
+    params = Path(__file__).resolve().parent.parent / "params.yaml"
+    command = ["--params", str(params), "pin-shards", "--manifest", str(path), "--out", str(pin)]
+    command += ["--max-generations", "3"]
+    for week, upto in enumerate((2, 4, 6)):  # generations 0, 1, 2: at the limit, no compaction
+        manifest.write_manifest(path, rows[:upto])
+        assert main(command) == 0
+        assert len(set(shards.read_pin(pin).values())) == week + 1
+        assert "(compacted)" not in capsys.readouterr().out
+    manifest.write_manifest(path, rows)  # a fourth generation would exceed 3: one trie instead
+    assert main(command) == 0
+    assert shards.read_pin(pin) == {r["key"]: 0 for r in rows}
+    assert "8 clips in 1 generation(s)" in capsys.readouterr().out
+    new, before, compacted = writer.pin_manifest(pin, path, max_generations=3)  # nothing new: nothing moves
+    assert (new, compacted) == (before, False)
+    manifest.write_manifest(path, rows[:7])  # a clip gone, none added: still one generation
+    assert writer.pin_manifest(pin, path, max_generations=1)[2] is False

@@ -213,12 +213,12 @@ def _pin_shards(args: argparse.Namespace, params: Params) -> int:
     out = args.out or params.preprocess.shards.pin
     if not out:
         raise InputError("no pin file: pass --out, or set preprocess.shards.pin in params")
-    pin, before = writer.pin_manifest(Path(out), args.manifest, compact=args.compact)
+    pin, before, compacted = writer.pin_manifest(Path(out), args.manifest, args.compact, args.max_generations)
     added, dropped = len(pin.keys() - before.keys()), len(before.keys() - pin.keys())
     generations = len(set(pin.values()))
     print(
         f"pin-shards: {len(pin)} clips in {generations} generation(s) in {out}: {added} newly pinned, "
-        f"{dropped} no longer in the manifest{' (compacted)' if args.compact else ''}"
+        f"{dropped} no longer in the manifest{' (compacted)' if compacted else ''}"
     )
     return 0
 
@@ -239,6 +239,14 @@ def _add_pin_shards(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--manifest", type=Path, default=Path("data/ingest/manifest.parquet"), help="ingest manifest")
     parser.add_argument("--out", type=Path, help="pin file to update (default: params preprocess.shards.pin)")
     parser.add_argument("--compact", action="store_true", help="every clip in generation 0 (one trie)")
+    parser.add_argument(
+        "--max-generations",
+        type=int,
+        default=0,
+        metavar="N",
+        help="compact instead when the pin would hold more than N generations (0: never; scheduled retraining "
+        "uses params retrain.compact_generations)",
+    )
     parser.set_defaults(handler=_pin_shards)
     return parser
 
