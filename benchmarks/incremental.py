@@ -2,7 +2,7 @@
 corpora, and the shard planner alone up to 1e6 keys, with fitted growth and a 1.13 M-clip projection.
 
     python benchmarks/incremental.py [--sizes 1000 3000 10000] [--planner-sizes 10000 100000 1000000]
-                                     [--work /tmp/bench_incremental] [--out result.json]
+                                     [--work /tmp/bench_incremental] [--out result.json] [--policy-weeks 26]
 
 Each corpus size runs in its own process (clean peak RSS), with its own Prefect home (database size
 measured). Clips' outcomes are synthesised straight into the cache (tiny members under distinct keys,
@@ -15,7 +15,8 @@ written of all shards, driver RSS after the run, Prefect database bytes. The flo
 The planner part compares the key-range trie (preprocessing/shards.py) with the positional layout it
 replaced (bucket by key prefix, then cut every `max` keys): shards whose content changes when 1 % random
 new keys arrive, against the floor 1 - exp(-K/S) that any key-range layout with S shards has, and five
-weeks of +1 % with the layout pinned after each week (`vasa pin-shards`) against the same weeks unpinned.
+weeks of +1 % with the layout pinned after each week (`vasa pin-shards`) against the same weeks unpinned,
+and half a year of weeks under each compaction policy (`retrain.compact_generations`).
 """
 
 from __future__ import annotations
@@ -110,34 +111,60 @@ def _warm_up() -> None:
     flow(name="warm-up")(lambda: None)()
 
 
+def _config():
+    from vasa.config import load_params
+
+    cfg = load_params(REPO / "params.yaml").preprocess
+    return cfg.replace(
+        runner=cfg.runner.model_dump() | {"kind": "threads", "workers": 2},
+        shards={"bucket_hex_digits": 1, "max_clips_per_shard": 64},
+    )
+
+
+def _prepare(n: int, work: Path, grown: bool) -> None:
+    """Write the manifests and seed the cache (the first corpus, or the +1 % clips when `grown`). Runs in
+    a child process, so the measured driver never holds the corpus as rows nor keeps their arenas."""
+    from preprocessing.ingest import manifest
+
+    rows, new = _rows(n, seed=1), _rows(max(1, n // 100), seed=2)
+    if grown:
+        _seed(new, _config(), work / "cache")
+        return
+    manifest.write_manifest(work / "first.parquet", rows)
+    manifest.write_manifest(work / "grown.parquet", rows + new)
+    _seed(rows, _config(), work / "cache")
+
+
+def _in_child(target, *args) -> None:
+    import multiprocessing
+
+    child = multiprocessing.get_context("spawn").Process(target=target, args=args)
+    child.start()
+    child.join()
+    if child.exitcode:
+        raise RuntimeError(f"{target.__name__}{args} failed with exit code {child.exitcode}")
+
+
 def one_size(n: int, work: Path) -> dict:
     os.environ["PREFECT_HOME"] = str(work / "prefect")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+    started = time.perf_counter()
+    _in_child(_prepare, n, work, False)
+    result = {"clips": n, "seed_s": round(time.perf_counter() - started, 2), "runs": {}}
     from flows.preprocess import run
-    from preprocessing.ingest import manifest
-    from vasa.config import load_params
 
-    cfg = load_params(REPO / "params.yaml").preprocess
-    cfg = cfg.replace(
-        runner=cfg.runner.model_dump() | {"kind": "threads", "workers": 2},
-        shards={"bucket_hex_digits": 1, "max_clips_per_shard": 64},
-    )
-    rows, new = _rows(n, seed=1), _rows(max(1, n // 100), seed=2)
+    cfg = _config()
     cache_dir, out = work / "cache", work / "out"
     first, grown = work / "first.parquet", work / "grown.parquet"
-    manifest.write_manifest(first, rows)
-    manifest.write_manifest(grown, rows + new)
-    started = time.perf_counter()
-    _seed(rows, cfg, cache_dir)
-    result = {"clips": n, "seed_s": round(time.perf_counter() - started, 2), "runs": {}}
     home = Path(os.environ["PREFECT_HOME"])
     _warm_up()  # the ephemeral Prefect server starts here, not inside the first timed run
     result["prefect_db_bytes_empty"] = _db_bytes(home)
+    result["rss_mb_before"] = round(_rss_mb(), 1)  # imports, Prefect's server: what the runs add is on top
     for name, path in (("scratch", first), ("noop", first), ("plus1pct", grown)):
         if name == "plus1pct":
-            _seed(new, cfg, cache_dir)  # the new clips' "processing"
+            _in_child(_prepare, n, work, True)  # the new clips' "processing"
         read0, t0 = _io_read(), time.perf_counter()
         summary = run(cfg, path, out, cache_dir)
         seconds = time.perf_counter() - t0
@@ -257,6 +284,54 @@ def pinned_weeks(n: int, limit: int, weeks: int = 5) -> dict:
     }
 
 
+def compaction_policy(n: int, limit: int, weeks: int, max_generations: int, fold: bool = True) -> dict:
+    """`weeks` weeks of +1 % random clips under scheduled retraining's pin policy: each week pinned as a
+    new generation, then at most `max_generations` kept, by folding the newest (`fold`, shards.fold_pin,
+    what `vasa retrain` does) or by compacting everything into one trie (`vasa pin-shards --compact`);
+    `max_generations` 0: never pinned, one trie every week. Per week: the previous plan's shards
+    rewritten or gone (% of them) and the clips written (% of the corpus: what the week's shard assembly
+    reads and writes), as mean, median and worst week; the shard count at the end and at most."""
+    from preprocessing import shards
+    from vasa.config import ShardConfig
+
+    cfg = ShardConfig(bucket_hex_digits=1, max_clips_per_shard=limit)
+    clips = {key: key[:16] for key in _keys(n, 1)}
+    pin = shards.grow_pin({}, clips.values())
+    before = shards.plan_layers(clips, cfg, "train", pin)[0]
+    start, most, folds = len(before), len(before), 0
+    rewritten, written = [], []
+    for week in range(1, weeks + 1):
+        clips |= {key: key[:16] for key in _keys(max(1, n // 100), 100 + week)}
+        grown = shards.grow_pin(pin, clips.values(), compact=max_generations == 0)
+        if fold:
+            grown, folded = shards.fold_pin(grown, max_generations)
+            folds += bool(folded)
+        elif len(set(grown.values())) > max_generations:
+            grown, folds = shards.grow_pin(pin, clips.values(), compact=True), folds + 1
+        after = shards.plan_layers(clips, cfg, "train", grown)[0]
+        rewritten.append(100 * sum(1 for name, keys in before.items() if after.get(name) != keys) / len(before))
+        written.append(100 * sum(len(keys) for name, keys in after.items() if before.get(name) != keys) / len(clips))
+        pin, before, most = grown, after, max(most, len(after))
+
+    def summary(values: list[float]) -> dict:
+        ordered = sorted(values)
+        middle, worst = ordered[weeks // 2], ordered[-1]
+        return {"mean": round(sum(values) / weeks, 2), "median": round(middle, 2), "worst": round(worst, 2)}
+
+    return {
+        "keys": n,
+        "weeks": weeks,
+        "max_generations": max_generations,
+        "policy": "unpinned" if max_generations == 0 else "fold" if fold else "compact",
+        "folds": folds,
+        "shards_rewritten_pct": summary(rewritten),
+        "clips_written_pct": summary(written),
+        "shards_start": start,
+        "shards_end": len(before),
+        "shards_most": most,
+    }
+
+
 def _exponent(points: list[tuple[float, float]]) -> float | None:
     """Least-squares slope of log(y) on log(x): y ~ x^slope."""
     pts = [(math.log(x), math.log(y)) for x, y in points if x > 0 and y > 0]
@@ -287,6 +362,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_incremental"))
     parser.add_argument("--target", type=int, default=1_130_000, help="clips to project to (VoxCeleb2: 1.13 M)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    parser.add_argument(
+        "--policy-weeks", type=int, default=26, help="weeks of the compaction sweep (retrain.compact_generations)"
+    )
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: one corpus size
     args = parser.parse_args()
     if args.one:
@@ -315,6 +393,12 @@ def main() -> None:
         if n >= 100_000:
             weekly.append(pinned_weeks(n, 64))
             print(json.dumps(weekly[-1]), flush=True)
+    policies = []
+    for n in args.planner_sizes:
+        if n >= 100_000 and args.policy_weeks:
+            for max_generations, fold in ((0, True), (5, False), (3, True), (5, True), (8, True), (13, True)):
+                policies.append(compaction_policy(n, 64, args.policy_weeks, max_generations, fold))
+                print(json.dumps(policies[-1]), flush=True)
     fits = fit(results, args.target) if len(results) > 1 else {}
     if len(results) > 1:  # Prefect database growth of a from-scratch run, per 1000 clips
         grow = [r["runs"]["scratch"]["prefect_db_bytes"] - r["prefect_db_bytes_empty"] for r in results]
@@ -323,7 +407,7 @@ def main() -> None:
         )
     print(json.dumps({"fits": fits, "target_clips": args.target}))
     if args.out:
-        payload = {"flow": results, "planner": plans, "pinned_weeks": weekly, "fits": fits}
+        payload = {"flow": results, "planner": plans, "pinned_weeks": weekly, "policies": policies, "fits": fits}
         args.out.write_text(json.dumps(payload, indent=1) + "\n")
 
 

@@ -78,16 +78,16 @@ def manifest_change(repo: Path, manifest: str, records: Path) -> dict:
 @task
 def pin_layout(repo: Path, params: str, manifest: str, max_generations: int) -> dict:
     """Pin the shard layout to the new manifest (`vasa pin-shards`): the run's new clips become the next
-    generation, so preprocess writes them into new shards and rewrites none it promoted before. When
-    that would make more than `max_generations` generations (retrain.compact_generations), compact
-    instead: one trie again, this run rewrites the shards whose key ranges gained clips."""
+    generation, so preprocess writes them into new shards and rewrites none it promoted before; past
+    `max_generations` (retrain.max_shard_generations) the newest generations are folded into one,
+    size-tiered (preprocessing/shards.py `fold_pin`), and this run rewrites their shards."""
     from preprocessing import writer
 
     configured = load_params(repo / params).preprocess.shards.pin
     if not configured:
         raise RetrainError("retrain.pin_shards is true but preprocess.shards.pin names no pin file")
-    pin, _, compacted = writer.pin_manifest(repo / configured, repo / manifest, max_generations=max_generations)
-    return {"path": configured, "clips": len(pin), "generations": len(set(pin.values())), "compacted": compacted}
+    pin, _, folded = writer.pin_manifest(repo / configured, repo / manifest, max_generations=max_generations)
+    return {"path": configured, "clips": len(pin), "generations": len(set(pin.values())), "folded": folded}
 
 
 @task
@@ -144,7 +144,7 @@ def retrain_flow(
         return record
 
     if cfg.pin_shards:
-        record["shard_pin"] = pin_layout(root, params, manifest, cfg.compact_generations)
+        record["shard_pin"] = pin_layout(root, params, manifest, cfg.max_shard_generations)
     ran += dvc_repro(root, cfg.targets)
     results = decide.check_gate(root, cfg.gate)
     reason = decide.gate_reason(results)

@@ -20,9 +20,11 @@ for +1 % clips at VoxCeleb2 scale with 64-clip shards. Weekly additions cost les
 a generation. Each generation is its own trie; generation 0 keeps the names above and generation g
 is named `<split>-g<g>_<prefix>-<part>`. Clips not in the pin form the next generation. So a week's
 new clips only write new shards (their generation's), no shard of an earlier generation changes, and
-pinning them afterwards (`vasa pin-shards` appends them as that generation) moves nothing. Compacting
-(`vasa pin-shards --compact`: every clip in generation 0) folds the generations into one trie, at
-the key-range cost above, once. The layout is a function of (key set, pin), both versioned inputs:
+pinning them afterwards (`vasa pin-shards` appends them as that generation) moves nothing. Generations
+are bounded by folding (`fold_pin`, `vasa pin-shards --max-generations N`, what scheduled retraining
+does): the newest small generations merge into one, size-tiered, so the big first build is not
+rewritten for a week's clips. Compacting (`--compact`: every clip in generation 0) folds everything
+into one trie, at the key-range cost above, once. The layout is a function of (key set, pin), both versioned inputs:
 same inputs, same shards still holds.
 
 Tar members carry a fixed mtime, owner and mode, so shards are byte-identical across runs. Whether a
@@ -207,6 +209,30 @@ def grow_pin(pin: dict[str, int], keys: Iterable[str], compact: bool = False) ->
         return dict.fromkeys(keys, 0)
     after = max(pin.values(), default=-1) + 1
     return {key: pin.get(key, after) for key in keys}
+
+
+def fold_pin(pin: dict[str, int], max_generations: int) -> tuple[dict[str, int], list[int]]:
+    """Size-tiered compaction of a pin to at most `max_generations` generations (0: no limit); returns
+    the pin and the generations folded (oldest last; empty when none).
+
+    Starting from the newest generation, older ones are taken in while there are still too many or the
+    next older one is no larger than all taken so far; the taken ones become one generation under the
+    oldest number among them. Generations are thus kept in decreasing size, so a clip is rewritten
+    about log2(corpus / weekly batch) times in its life, and the large old generations (the first
+    build, generation 0) are only folded once the clips added since outnumber them. Compare `--compact`
+    (everything into generation 0), which rewrites every shard whose key range gained clips, each time.
+    """
+    sizes = Counter(pin.values())
+    left = sorted(sizes)
+    if max_generations <= 0 or len(left) <= max_generations:
+        return pin, []
+    taken = [left.pop()]
+    total = sizes[taken[0]]
+    while left and (len(left) + 1 > max_generations or sizes[left[-1]] <= total):
+        taken.append(left.pop())
+        total += sizes[taken[-1]]
+    into, folded = taken[-1], set(taken)
+    return {key: into if number in folded else number for key, number in pin.items()}, taken
 
 
 def content_digest(samples: Iterable[tuple[str, str]]) -> str:

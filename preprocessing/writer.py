@@ -429,17 +429,13 @@ def _text(value) -> str | None:
 
 def pin_manifest(
     pin_path: Path, manifest_path: Path, compact: bool = False, max_generations: int = 0
-) -> tuple[dict[str, int], dict[str, int], bool]:
-    """`vasa pin-shards`: pin the manifest's usable clips (shards.grow_pin) into `pin_path`; returns the
-    new pin, the previous one and whether it was compacted. `max_generations` > 0: compact when the
-    grown pin would hold more generations than that (params retrain.compact_generations)."""
+) -> tuple[dict[str, int], dict[str, int], list[int]]:
+    """`vasa pin-shards`: pin the manifest's usable clips (shards.grow_pin) into `pin_path`, then fold
+    it to at most `max_generations` generations (shards.fold_pin; 0: no limit); returns the new pin,
+    the previous one and the generations folded into one (empty when none)."""
     rows, _ = read_manifest(manifest_path)
     usable, _ = select(rows)
-    keys = usable["key"].to_pylist()
     before = shards.read_pin(pin_path) if Path(pin_path).is_file() else {}
-    pin = shards.grow_pin(before, keys)
-    compacted = compact or 0 < max_generations < len(set(pin.values()))
-    if compacted:
-        pin = shards.grow_pin(before, keys, compact=True)
+    pin, folded = shards.fold_pin(shards.grow_pin(before, usable["key"].to_pylist(), compact), max_generations)
     shards.write_pin(Path(pin_path), pin)
-    return pin, before, compacted
+    return pin, before, folded

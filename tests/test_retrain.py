@@ -123,7 +123,7 @@ def test_retrain_promotes_then_refuses_new_data_that_fails_the_gate(tmp_path, mo
         assert promoted["run"] == first["run"] and "promoted.json" in _git(repo, "show", "--stat", "HEAD")
         # The shard layout was pinned after ingest and committed with the promotion: 4 clips, generation 0.
         assert "data/layout/shards_pin.txt" in _git(repo, "show", "--stat", "HEAD")
-        pinned = {"path": "data/layout/shards_pin.txt", "clips": 4, "generations": 1, "compacted": False}
+        pinned = {"path": "data/layout/shards_pin.txt", "clips": 4, "generations": 1, "folded": []}
         assert first["shard_pin"] == pinned
 
         # Nothing new since the promotion: the run stops after ingest, nothing rebuilt or pushed.
@@ -155,7 +155,7 @@ def test_retrain_promotes_then_refuses_new_data_that_fails_the_gate(tmp_path, mo
             else:
                 assert before.get(name) == digest, f"{name} rewritten without a new clip in it"
         # Pinned: the new clips went to new shards of generation 1 and no promoted shard was rewritten.
-        assert second["shard_pin"]["generations"] == 2 and not second["shard_pin"]["compacted"]
+        assert second["shard_pin"]["generations"] == 2 and second["shard_pin"]["folded"] == []
         assert {n: after[n] for n in before} == before
         assert set(after) > set(before) and all("-g1_" in name for name in set(after) - set(before))
         index = json.loads((repo / "data" / "shards" / schema.INDEX_FILE).read_text())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -63,16 +64,19 @@ def _written(out: Path) -> dict[str, tuple[int, int]]:
 
 
 def test_weekly_additions_rewrite_no_shard_of_an_earlier_generation(params, tmp_path):
-    old, week1, week2 = _rows(600, seed=11), _rows(6, seed=12), _rows(6, seed=13)
+    old, week1, week2, week3 = _rows(600, seed=11), _rows(6, seed=12), _rows(6, seed=13), _rows(6, seed=14)
     pin_file = tmp_path / "pin.txt"
     cfg = _cfg(params, digits=1, per_shard=8)
     cfg = cfg.replace(shards=cfg.shards.model_dump() | {"pin": str(pin_file)})
     cache_dir, out = tmp_path / "cache", tmp_path / "out"
-    records = _cache(old + week1 + week2, cfg, cache_dir)
+    records = _cache(old + week1 + week2 + week3, cfg, cache_dir)
+    everything = old + week1 + week2 + week3
 
-    def pin(rows: list[dict], compact: bool = False) -> None:
+    def pin(rows: list[dict], compact: bool = False, max_generations: int = 0) -> list[int]:
         current = shards.read_pin(pin_file) if pin_file.exists() else {}
-        shards.write_pin(pin_file, shards.grow_pin(current, [r["key"] for r in rows], compact))
+        grown, folded = shards.fold_pin(shards.grow_pin(current, [r["key"] for r in rows], compact), max_generations)
+        shards.write_pin(pin_file, grown)
+        return folded
 
     pin(old)
     _write(cfg, old, records, cache_dir, out, "a" * 64)
@@ -88,17 +92,26 @@ def test_weekly_additions_rewrite_no_shard_of_an_earlier_generation(params, tmp_
         pin(rows)  # the week's clips pinned as the generation they already have: nothing is written
         assert writer.plan_outputs(cfg, manifest.to_table(rows), cache.records_table(records.values()), out).jobs == []
         kept = files
+    # Week 3 with at most 2 generations: the three small ones fold into generation 1, size-tiered;
+    # generation 0 (600 clips) is not touched.
+    assert pin(everything, max_generations=2) == [3, 2, 1]
+    _write(cfg, everything, records, cache_dir, out, "b" * 64)
+    files = _written(out)
+    assert {n: files[n] for n in first_tars} == {n: kept[n] for n in first_tars}
+    assert {_generation(n) for n in files} == {0, 1}
+    tiered = {n for n in files if _generation(n) == 1}
+    assert set().union(*(_clips_of(out / n) for n in tiered)) == {r["key"] for r in week1 + week2 + week3}
     # Compact: the generations fold into one trie; only ranges that gained clips change.
-    pin(old + week1 + week2, compact=True)
-    _write(cfg, old + week1 + week2, records, cache_dir, out, "b" * 64)
+    pin(everything, compact=True)
+    _write(cfg, everything, records, cache_dir, out, "b" * 64)
     folded = _tar_digests(out)
     assert not any(_generation(n) for n in folded)
     changed = {n for n in folded.keys() | first_tars.keys() if folded.get(n) != first_tars.get(n)}
-    assert 0 < len(changed) <= 2 * 12 and len(changed) < len(folded) / 4
-    assert all(_clips_of(out / n) & {r["key"] for r in week1 + week2} for n in changed if n in folded)
+    assert 0 < len(changed) <= 2 * 18 and len(changed) < len(folded) / 4
+    assert all(_clips_of(out / n) & {r["key"] for r in week1 + week2 + week3} for n in changed if n in folded)
     # The same inputs and pin from scratch: byte-identical to the incremental result.
     cold = tmp_path / "cold"
-    _write(cfg, old + week1 + week2, records, cache_dir, cold, "b" * 64)
+    _write(cfg, everything, records, cache_dir, cold, "b" * 64)
     assert sorted(p.name for p in cold.iterdir()) == sorted(p.name for p in out.iterdir())
     assert all((cold / p.name).read_bytes() == p.read_bytes() for p in out.iterdir())
 
@@ -144,25 +157,52 @@ def test_cli_pins_the_usable_clips_of_the_manifest(tmp_path, capsys):
     assert set(shards.read_pin(pin).values()) == {0}
 
 
-def test_max_generations_compacts_when_a_run_would_exceed_it(tmp_path, capsys):
-    """Scheduled retraining's policy (retrain.compact_generations): new clips form a new generation
-    until that would leave more than N; then everything folds into generation 0, once."""
-    rows = _rows(8, seed=23)
+def test_fold_pin_is_size_tiered():
+    def sizes(pin: dict[str, int]) -> dict[int, int]:
+        return dict(sorted(Counter(pin.values()).items()))
+
+    def pin_of(counts: dict[int, int], batch: int = 0) -> dict[str, int]:
+        return {f"{batch:x}{g:02x}{i:013x}": g for g, n in counts.items() for i in range(n)}
+
+    weekly = pin_of({0: 100, **dict.fromkeys(range(1, 9), 1)})  # the first build, then 8 weeks of 1 %
+    assert shards.fold_pin(weekly, 0) == (weekly, [])  # no limit
+    assert shards.fold_pin(weekly, 9) == (weekly, [])  # within the limit
+    folded, taken = shards.fold_pin(weekly, 8)
+    assert taken == [8, 7, 6, 5, 4, 3, 2, 1] and sizes(folded) == {0: 100, 1: 8}  # generation 0 untouched
+    # Eight more weeks: they fold with the older generation of their own size (a binary counter: the
+    # folded generations double), still not with generation 0.
+    grown = folded | pin_of(dict.fromkeys(range(2, 10), 1), batch=1)
+    folded, taken = shards.fold_pin(grown, 8)
+    assert taken == [9, 8, 7, 6, 5, 4, 3, 2, 1] and sizes(folded) == {0: 100, 1: 16}
+    # A larger older generation stops the fold: the sizes stay decreasing.
+    grown = folded | pin_of(dict.fromkeys(range(2, 10), 1), batch=2)
+    folded, taken = shards.fold_pin(grown, 8)
+    assert taken == [9, 8, 7, 6, 5, 4, 3, 2] and sizes(folded) == {0: 100, 1: 16, 2: 8}
+    # Generation 0 folds only once what came after outnumbers it; --max 1 is a full compaction.
+    folded, taken = shards.fold_pin(pin_of({0: 12, 1: 6, 2: 5}), 2)
+    assert taken == [2, 1] and sizes(folded) == {0: 12, 1: 11}
+    folded, taken = shards.fold_pin(pin_of({0: 10, 1: 6, 2: 5}), 2)
+    assert taken == [2, 1, 0] and sizes(folded) == {0: 21}
+    assert shards.fold_pin(pin_of({0: 12, 1: 6, 2: 5}), 1)[1] == [2, 1, 0]
+    assert sizes(shards.fold_pin(pin_of({0: 10, 1: 6, 2: 2, 3: 1}), 3)[0]) == {0: 10, 1: 6, 2: 3}
+
+
+def test_cli_max_generations_folds_the_newest(tmp_path, capsys):
+    rows = _rows(13, seed=23)
     path = tmp_path / "manifest.parquet"
     pin = tmp_path / "pin.txt"
     params = Path(__file__).resolve().parent.parent / "params.yaml"
     command = ["--params", str(params), "pin-shards", "--manifest", str(path), "--out", str(pin)]
     command += ["--max-generations", "3"]
-    for week, upto in enumerate((2, 4, 6)):  # generations 0, 1, 2: at the limit, no compaction
+    for week, upto in enumerate((7, 9, 11)):  # generations 0, 1, 2: at the limit, nothing folded
         manifest.write_manifest(path, rows[:upto])
         assert main(command) == 0
         assert len(set(shards.read_pin(pin).values())) == week + 1
-        assert "(compacted)" not in capsys.readouterr().out
-    manifest.write_manifest(path, rows)  # a fourth generation would exceed 3: one trie instead
+        assert "folded" not in capsys.readouterr().out
+    manifest.write_manifest(path, rows)  # a fourth generation: 1, 2 and 3 fold into 1, generation 0 stays
     assert main(command) == 0
-    assert shards.read_pin(pin) == {r["key"]: 0 for r in rows}
-    assert "8 clips in 1 generation(s)" in capsys.readouterr().out
-    new, before, compacted = writer.pin_manifest(pin, path, max_generations=3)  # nothing new: nothing moves
-    assert (new, compacted) == (before, False)
-    manifest.write_manifest(path, rows[:7])  # a clip gone, none added: still one generation
-    assert writer.pin_manifest(pin, path, max_generations=1)[2] is False
+    assert shards.read_pin(pin) == {r["key"]: 0 if i < 7 else 1 for i, r in enumerate(rows)}
+    out = capsys.readouterr().out
+    assert "generations 1, 2, 3 folded into generation 1" in out and "13 clips in 2 generation(s)" in out
+    new, before, folded = writer.pin_manifest(pin, path, max_generations=3)  # nothing new: nothing moves
+    assert (new, folded) == (before, [])

@@ -213,12 +213,14 @@ def _pin_shards(args: argparse.Namespace, params: Params) -> int:
     out = args.out or params.preprocess.shards.pin
     if not out:
         raise InputError("no pin file: pass --out, or set preprocess.shards.pin in params")
-    pin, before, compacted = writer.pin_manifest(Path(out), args.manifest, args.compact, args.max_generations)
+    pin, before, folded = writer.pin_manifest(Path(out), args.manifest, args.compact, args.max_generations)
     added, dropped = len(pin.keys() - before.keys()), len(before.keys() - pin.keys())
     generations = len(set(pin.values()))
+    if folded:
+        print(f"pin-shards: generations {', '.join(map(str, reversed(folded)))} folded into generation {folded[-1]}")
     print(
         f"pin-shards: {len(pin)} clips in {generations} generation(s) in {out}: {added} newly pinned, "
-        f"{dropped} no longer in the manifest{' (compacted)' if compacted else ''}"
+        f"{dropped} no longer in the manifest{' (compacted)' if args.compact else ''}"
     )
     return 0
 
@@ -244,8 +246,8 @@ def _add_pin_shards(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="N",
-        help="compact instead when the pin would hold more than N generations (0: never; scheduled retraining "
-        "uses params retrain.compact_generations)",
+        help="then fold the newest generations into one until at most N are left, size-tiered (0: no limit; "
+        "scheduled retraining uses params retrain.max_shard_generations)",
     )
     parser.set_defaults(handler=_pin_shards)
     return parser

@@ -547,8 +547,8 @@ class RetrainConfig(Section):
     git_tag: bool  # commit dvc.lock and the promotion record, tag `<artifact>@vX.Y.Z` and `<artifact>#<stage>#N`
     push: bool  # `dvc push` to the default remote on promotion
     pin_shards: bool  # `vasa pin-shards` after ingest: the run's new clips form a new shard generation
-    # Compact the pin (one trie again) when a run would leave more generations than this; 0 = never.
-    compact_generations: int = Field(ge=0)
+    # At most this many pinned generations: past it the newest are folded into one, size-tiered; 0 = no limit.
+    max_shard_generations: int = Field(ge=0)
     cron: str  # schedule of `vasa retrain --serve` and of the deployment
 
 
