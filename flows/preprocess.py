@@ -15,7 +15,8 @@ runner; finally stats, failures.parquet and index.json are written.
 A run with nothing to process and no shard to write finishes without starting Prefect
 (`preprocessing.survey`, which also decides what the flow does).
 Work is submitted in waves of at most WAVE_PER_WORKER x workers tasks in flight, so the driver's
-memory does not grow with the corpus. Clips covered by the takedown denylist are left out (failure
+memory does not grow with the corpus; a task gets its clips as an Arrow batch (`Sealed`: Prefect
+does not walk it) and returns their records as one. Clips covered by the takedown denylist are left out (failure
 reason `taken_down`) and their cached outcomes removed, whatever the manifest says.
 """
 
@@ -26,6 +27,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import pyarrow as pa
 from prefect import flow, task
@@ -35,30 +37,50 @@ from tqdm import tqdm
 
 from preprocessing import cache, writer
 from preprocessing.ingest import manifest
-from preprocessing.survey import DIGEST, LOOKUP_BATCH, conclude, damaged, nothing_to_do, survey
+from preprocessing.survey import DIGEST, conclude, damaged, nothing_to_do, survey
 from vasa.config import PreprocessConfig, RunnerConfig
 
+T = TypeVar("T")
+TABLES_TO_COMBINE = 64  # per-task record tables gathered before they are combined into one
 WAVE_PER_WORKER = 4  # tasks in flight per worker: enough to keep workers busy, bounded driver state
 SHARDS_PER_TASK = 8  # shards assembled per task: fewer task runs in Prefect's database at scale
 
 
+class Sealed(Generic[T]):
+    """A task parameter Prefect hands over without walking it. Prefect visits every element of list,
+    dict and dataclass parameters looking for upstream results, and matches plain dicts by id() alone:
+    ids of freed results are recycled, so unrelated task runs got linked as inputs (~2.4 KB of bogus
+    `task_inputs` per task run at 10^5 clips, repeated in each of its state events). This is no
+    collection, and it can be weakly referenced, so Prefect checks its identity properly. Prefect's own
+    `quote` is a tuple, which Dask rebuilds as a plain tuple on the way to a worker."""
+
+    __slots__ = ("value", "__weakref__")
+
+    def __init__(self, value: T) -> None:
+        self.value = value
+
+
 @task(cache_policy=NO_CACHE)
-def process_batch(rows: list[dict], cfg: PreprocessConfig, cache_dir: Path, digests: list[str]) -> dict[str, dict]:
-    """Process clips and cache each outcome; returns each clip's record (without sample bytes)."""
+def process_batch(batch: Sealed[pa.Table], cfg: PreprocessConfig, cache_dir: Path) -> pa.Table:
+    """Process the batch's clips (manifest rows with column survey.DIGEST) and cache each outcome;
+    returns their records (cache.RECORDS_SCHEMA, without sample bytes)."""
     from preprocessing.decode import bound_frame_allocations
     from preprocessing.process import process_clip
 
     bound_frame_allocations()  # per worker process (idempotent): keeps decoded pictures off the heap
-    return {
-        row["key"]: cache.store(cache_dir, row["key"], digest, process_clip(row, cfg))
+    rows = manifest.row_dicts(batch.value.drop_columns([DIGEST]))  # media paths as real file names
+    digests = batch.value[DIGEST].to_pylist()
+    records = [
+        cache.store(cache_dir, row["key"], digest, process_clip(row, cfg))
         for row, digest in zip(rows, digests, strict=True)
-    }
+    ]
+    return cache.records_table(records)
 
 
 @task(cache_policy=NO_CACHE)
-def assemble_shards(jobs: list[writer.ShardJob], cache_dir: Path, out_dir: Path) -> list[dict]:
+def assemble_shards(jobs: Sealed[list[writer.ShardJob]], cache_dir: Path, out_dir: Path) -> list[dict]:
     """Write changed shards from the cache; returns their stats."""
-    return [writer.assemble(job, cache_dir, out_dir) for job in jobs]
+    return [writer.assemble(job, cache_dir, out_dir) for job in jobs.value]
 
 
 def task_runner(cfg: RunnerConfig) -> TaskRunner:
@@ -101,19 +123,18 @@ def process(cfg: PreprocessConfig, rows: pa.Table, cache_dir: Path) -> pa.Table:
     """Process `rows` (manifest rows with column survey.DIGEST) in batches (`batch_size`), in waves;
     their records as a table (cache.RECORDS_SCHEMA). Only the batches in flight are dicts."""
     limit = WAVE_PER_WORKER * cfg.runner.workers
-    tables, records = [cache.RECORDS_SCHEMA.empty_table()], []
+    tables = [cache.RECORDS_SCHEMA.empty_table()]
 
     def submit(batch: pa.Table):
-        rows_ = manifest.row_dicts(batch.drop_columns([DIGEST]))  # media paths as real file names
-        return process_batch.submit(rows_, cfg, cache_dir, batch[DIGEST].to_pylist())
+        return process_batch.submit(Sealed(batch), cfg, cache_dir)
 
     with tqdm(total=rows.num_rows, desc="preprocess", unit="clip", disable=not rows.num_rows) as bar:
         for result in in_waves(submit, _chunks(rows, batch_size(cfg.runner, rows.num_rows)), limit):
-            records += result.values()
-            if len(records) >= LOOKUP_BATCH:
-                tables, records = [*tables, cache.records_table(records)], []
-            bar.update(len(result))
-    return pa.concat_tables([*tables, cache.records_table(records)])
+            tables.append(result)
+            if len(tables) >= TABLES_TO_COMBINE:  # one chunk per task would be ~10^4 chunks at 10^6 clips
+                tables = [pa.concat_tables(tables).combine_chunks()]
+            bar.update(result.num_rows)
+    return pa.concat_tables(tables).combine_chunks()
 
 
 def assemble(cfg: PreprocessConfig, plan: writer.OutputPlan, cache_dir: Path, out_dir: Path) -> None:
@@ -122,7 +143,7 @@ def assemble(cfg: PreprocessConfig, plan: writer.OutputPlan, cache_dir: Path, ou
     print(f"{len(plan.jobs)} shards to write, {unchanged} unchanged")
 
     def submit(jobs: list[writer.ShardJob]):
-        return assemble_shards.submit(jobs, cache_dir, out_dir)
+        return assemble_shards.submit(Sealed(jobs), cache_dir, out_dir)
 
     per_task = max(1, min(SHARDS_PER_TASK, -(-len(plan.jobs) // cfg.runner.workers)))
     batches = _chunks(plan.jobs, per_task)
