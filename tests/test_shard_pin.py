@@ -206,3 +206,5 @@ def test_cli_max_generations_folds_the_newest(tmp_path, capsys):
     assert "generations 1, 2, 3 folded into generation 1" in out and "13 clips in 2 generation(s)" in out
     new, before, folded = writer.pin_manifest(pin, path, max_generations=3)  # nothing new: nothing moves
     assert (new, folded) == (before, [])
+    assert main([*command[:-1], "-1"]) == 2
+    assert "--max-generations must be 0 (no limit) or more, not -1" in capsys.readouterr().err

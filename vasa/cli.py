@@ -213,6 +213,8 @@ def _pin_shards(args: argparse.Namespace, params: Params) -> int:
     out = args.out or params.preprocess.shards.pin
     if not out:
         raise InputError("no pin file: pass --out, or set preprocess.shards.pin in params")
+    if args.max_generations < 0:
+        raise InputError(f"--max-generations must be 0 (no limit) or more, not {args.max_generations}")
     pin, before, folded = writer.pin_manifest(Path(out), args.manifest, args.compact, args.max_generations)
     added, dropped = len(pin.keys() - before.keys()), len(before.keys() - pin.keys())
     generations = len(set(pin.values()))
