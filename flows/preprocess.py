@@ -15,9 +15,10 @@ runner; finally stats, failures.parquet and index.json are written.
 A run with nothing to process and no shard to write finishes without starting Prefect
 (`preprocessing.survey`, which also decides what the flow does).
 Work is submitted in waves of at most WAVE_PER_WORKER x workers tasks in flight, so the driver's
-memory does not grow with the corpus; a task gets its clips as an Arrow batch (`Sealed`: Prefect
-does not walk it) and returns their records as one. Clips covered by the takedown denylist are left out (failure
-reason `taken_down`) and their cached outcomes removed, whatever the manifest says.
+memory does not grow with the corpus; a task gets its clips as an Arrow batch and returns their
+records as one, and shard jobs travel `Sealed` (neither is walked by Prefect). Clips covered by the
+takedown denylist are left out (failure reason `taken_down`) and their cached outcomes removed,
+whatever the manifest says.
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ class Sealed(Generic[T]):
     dict and dataclass parameters looking for upstream results, and matches plain dicts by id() alone:
     ids of freed results are recycled, so unrelated task runs got linked as inputs (~2.4 KB of bogus
     `task_inputs` per task run at 10^5 clips, repeated in each of its state events). This is no
-    collection, and it can be weakly referenced, so Prefect checks its identity properly. Prefect's own
-    `quote` is a tuple, which Dask rebuilds as a plain tuple on the way to a worker."""
+    collection, and it can be weakly referenced, so Prefect checks its identity properly (an Arrow
+    table is both already, so a batch of clips goes as it is). Prefect's own `quote` is a tuple, which
+    Dask rebuilds as a plain tuple on the way to a worker."""
 
     __slots__ = ("value", "__weakref__")
 
@@ -61,15 +63,15 @@ class Sealed(Generic[T]):
 
 
 @task(cache_policy=NO_CACHE)
-def process_batch(batch: Sealed[pa.Table], cfg: PreprocessConfig, cache_dir: Path) -> pa.Table:
+def process_batch(batch: pa.Table, cfg: PreprocessConfig, cache_dir: Path) -> pa.Table:
     """Process the batch's clips (manifest rows with column survey.DIGEST) and cache each outcome;
     returns their records (cache.RECORDS_SCHEMA, without sample bytes)."""
     from preprocessing.decode import bound_frame_allocations
     from preprocessing.process import process_clip
 
     bound_frame_allocations()  # per worker process (idempotent): keeps decoded pictures off the heap
-    rows = manifest.row_dicts(batch.value.drop_columns([DIGEST]))  # media paths as real file names
-    digests = batch.value[DIGEST].to_pylist()
+    rows = manifest.row_dicts(batch.drop_columns([DIGEST]))  # media paths as real file names
+    digests = batch[DIGEST].to_pylist()
     records = [
         cache.store(cache_dir, row["key"], digest, process_clip(row, cfg))
         for row, digest in zip(rows, digests, strict=True)
@@ -126,7 +128,7 @@ def process(cfg: PreprocessConfig, rows: pa.Table, cache_dir: Path) -> pa.Table:
     tables = [cache.RECORDS_SCHEMA.empty_table()]
 
     def submit(batch: pa.Table):
-        return process_batch.submit(Sealed(batch), cfg, cache_dir)
+        return process_batch.submit(batch, cfg, cache_dir)
 
     with tqdm(total=rows.num_rows, desc="preprocess", unit="clip", disable=not rows.num_rows) as bar:
         for result in in_waves(submit, _chunks(rows, batch_size(cfg.runner, rows.num_rows)), limit):

@@ -36,6 +36,7 @@ from preprocessing.media import write_mp4
 from preprocessing.sample.portraits import prepare_portrait
 from preprocessing.shards import Sample
 from tests.conftest import REPO, FakeOutcome
+from tests.test_incremental import task_runs_with_inputs
 
 slow = pytest.mark.slow
 real_code_digest = cache.code_digest  # the slow tests pin cache.code_digest (see fixed_code_digest)
@@ -326,6 +327,8 @@ def _warm_cache(run: Run, tmp_path: Path, drop: list[dict] = ()) -> Path:
 def test_sample_corpus_shards_are_complete(params, sample_manifest, cold):
     cfg = _cfg(params)
     assert cold.summary["processed"] == 8 and cold.summary["cached"] == 0
+    runs, linked = task_runs_with_inputs("process_batch")  # clips go as an Arrow batch, not walked
+    assert runs and not linked, linked
     assert cold.summary["splits"]["train"]["samples"] == 8 and cold.summary["failures_by_reason"] == {}
     index = json.loads((cold.out / schema.INDEX_FILE).read_text())
     assert index == {k: v for k, v in cold.summary.items() if k not in ("processed", "cached", "assembled")}
