@@ -329,6 +329,7 @@ def compaction_policy(n: int, limit: int, weeks: int, max_generations: int, fold
         "shards_start": start,
         "shards_end": len(before),
         "shards_most": most,
+        "clips_written_pct_by_week": [round(value, 2) for value in written],
     }
 
 
