@@ -27,7 +27,7 @@ import numpy as np
 from preprocessing import audio, decode, face, filters
 from preprocessing.media import VideoWriter
 from preprocessing.process import BACKEND, process_clip
-from vasa.config import load_params
+from vasa.core.config import load_params
 
 SETTINGS = (("veryfast", 18), ("superfast", 18), ("ultrafast", 18), ("ultrafast", 23))
 

@@ -60,14 +60,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from preprocessing.audio import log_mel
-from vasa.config import DiffusionConfig, Params, load_params
+from vasa.core.config import DiffusionConfig, Params, load_params
 from vasa.diffusion import NoiseSchedule, guided_denoiser, sliding_windows
-from vasa.export import Bundle, bundle_meta
-from vasa.generate import Conditions, open_session, render, stream
+from vasa.inference.bundle import Bundle, bundle_meta
+from vasa.inference.generate import Conditions, open_session, render, stream
+from vasa.inference.portrait import Portrait, paste_back
 from vasa.models.face_latent import FaceLatent
 from vasa.models.motion_dit import MotionDiT
 from vasa.models.presets import get_motion_preset, get_preset
-from vasa.portrait import Portrait, paste_back
 
 FPS = 25
 POSE_DIM = 7

@@ -112,7 +112,7 @@ def _warm_up() -> None:
 
 
 def _config():
-    from vasa.config import load_params
+    from vasa.core.config import load_params
 
     cfg = load_params(REPO / "params.yaml").preprocess
     return cfg.replace(
@@ -202,7 +202,7 @@ def _changed(before: dict, after: dict) -> int:
 
 def planner(n: int, digits: int, limit: int) -> dict:
     from preprocessing import shards
-    from vasa.config import ShardConfig
+    from vasa.core.config import ShardConfig
 
     cfg = ShardConfig(bucket_hex_digits=digits, max_clips_per_shard=limit)
     old, new = _keys(n, 1), _keys(max(1, n // 100), 2)
@@ -240,7 +240,7 @@ def pinned_weeks(n: int, limit: int, weeks: int = 5) -> dict:
     shards of the previous plan whose content changed or that went ("rewritten") and shards that did
     not exist ("new"), as % of the grown plan's shards, and the share of clips in new shards."""
     from preprocessing import shards
-    from vasa.config import ShardConfig
+    from vasa.core.config import ShardConfig
 
     cfg = ShardConfig(bucket_hex_digits=1, max_clips_per_shard=limit)
     clips = {key: key[:16] for key in _keys(n, 1)}
@@ -292,7 +292,7 @@ def compaction_policy(n: int, limit: int, weeks: int, max_generations: int, fold
     rewritten or gone (% of them) and the clips written (% of the corpus: what the week's shard assembly
     reads and writes), as mean, median and worst week; the shard count at the end and at most."""
     from preprocessing import shards
-    from vasa.config import ShardConfig
+    from vasa.core.config import ShardConfig
 
     cfg = ShardConfig(bucket_hex_digits=1, max_clips_per_shard=limit)
     clips = {key: key[:16] for key in _keys(n, 1)}

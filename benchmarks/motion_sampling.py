@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from vasa.config import DiffusionConfig
+from vasa.core.config import DiffusionConfig
 from vasa.diffusion import NoiseSchedule, generate
 from vasa.models.motion_dit import MotionDiT, count_parameters
 from vasa.models.presets import get_motion_preset

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from flows.preprocess import run
 from preprocessing.ingest import manifest
-from vasa.config import load_params
+from vasa.core.config import load_params
 
 
 def main() -> None:

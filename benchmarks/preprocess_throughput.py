@@ -135,7 +135,7 @@ def measure(path: str, params: str, crop_sizes: tuple[int, ...], repeat: int, wa
     from preprocessing import face
     from preprocessing.decode import bound_frame_allocations, open_clip
     from preprocessing.process import process_clip
-    from vasa.config import load_params
+    from vasa.core.config import load_params
 
     bound_frame_allocations()  # as a pipeline worker should (see decode.bound_frame_allocations)
     cfg = load_params(params).preprocess

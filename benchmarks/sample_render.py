@@ -20,7 +20,7 @@ import numpy as np
 
 from preprocessing.sample.animate import FaceRig, MotionTrack, motion_track
 from preprocessing.sample.portraits import prepare_portrait
-from vasa.config import load_params
+from vasa.core.config import load_params
 
 
 def homography(size: int, centre: np.ndarray, depth: float, track: MotionTrack, index: int) -> np.ndarray:

@@ -27,10 +27,10 @@ import torch
 from safetensors.torch import save_file
 from torch.utils.flop_counter import FlopCounterMode
 
-from vasa.config import load_params
+from vasa.core.config import load_params
 from vasa.losses import VGG19Features
 from vasa.models.presets import get_preset
-from vasa.train_latent_task import LatentTask
+from vasa.training.latent_task import LatentTask
 
 VOXCELEB2_SPEAKERS = 5994  # dev identities: the CosFace head's size at scale
 

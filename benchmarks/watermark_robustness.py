@@ -1,4 +1,4 @@
-"""How well the video watermark (vasa/watermark.py) survives re-encoding, resizing and cropping, how
+"""How well the video watermark (vasa/labelling/watermark.py) survives re-encoding, resizing and cropping, how
 often it fires on unmarked video, what it costs in PSNR and how fast it runs.
 
     python benchmarks/watermark_robustness.py [--fixtures ../shared/fixtures] [--lengths 2 5 8]
@@ -37,7 +37,7 @@ import cv2
 import numpy as np
 
 from preprocessing.media import write_mp4
-from vasa import watermark
+from vasa.labelling import watermark
 
 FPS = 25
 ATTACKS = ("crf18", "re-crf23", "re-crf28", "half+crf23", "crop90+crf23")

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from preprocessing import denylist
 from preprocessing.ingest import incremental, manifest, probe, sources, splits, voxceleb
-from vasa.config import ArchiveConfig, IngestConfig, YoutubeConfig
+from vasa.core.config import ArchiveConfig, IngestConfig, YoutubeConfig
 
 MANIFEST_NAME = "manifest.parquet"
 STATE_NAME = "probe_state.json"  # (size, mtime) of each file when it was hashed: see incremental.py

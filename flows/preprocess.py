@@ -39,7 +39,7 @@ from tqdm import tqdm
 from preprocessing import cache, writer
 from preprocessing.ingest import manifest
 from preprocessing.survey import DIGEST, conclude, damaged, nothing_to_do, survey
-from vasa.config import PreprocessConfig, RunnerConfig
+from vasa.core.config import PreprocessConfig, RunnerConfig
 
 T = TypeVar("T")
 TABLES_TO_COMBINE = 64  # per-task record tables gathered before they are combined into one

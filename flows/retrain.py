@@ -4,7 +4,7 @@
     vasa retrain --serve                  # long-running: runs on params retrain.cron (flow.serve)
     vasa retrain --deploy vasa-pool       # register a deployment on a work pool (flow.deploy), see README
 
-Recipe (each step a task; the decisions are vasa/retrain.py's):
+Recipe (each step a task; the decisions are vasa/provenance/promotion.py's):
   1. `dvc repro ingest`, then diff the manifest against the one the promoted bundle was built from (read
      from DVC's cache by the md5 in data/retrain/promoted.json). Nothing added, removed or changed and a
      bundle already promoted: stop, decision `unchanged`.
@@ -30,11 +30,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from prefect import flow, task
 
-from preprocessing.files import read_json, write_json
-from vasa import dvc_history
-from vasa import retrain as decide
-from vasa.config import RetrainConfig, load_params
-from vasa.errors import InputError
+from vasa.core.config import RetrainConfig, load_params
+from vasa.core.errors import InputError
+from vasa.core.files import read_json, write_json
+from vasa.provenance import history as dvc_history
+from vasa.provenance import promotion as decide
 
 RUNS, PROMOTED = "runs", "promoted.json"
 INGEST_STAGE = "ingest"

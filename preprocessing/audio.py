@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vasa.config import AudioFeatureConfig
+from vasa.core.config import AudioFeatureConfig
 
 # Floor added to the mel power before the log: ~83 dB below a full-scale sine (mel power ~209 with
 # the default params), ~35 dB above 16-bit quantisation noise. Below it lie only codec artefacts (AAC

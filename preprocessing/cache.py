@@ -36,16 +36,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from preprocessing.files import atomic_path, read_json, write_json
 from preprocessing.shards import Sample, write_shard
-from vasa.config import PreprocessConfig
+from vasa.core.config import PreprocessConfig
+from vasa.core.digests import NEUTRAL, ROOT, import_closure
+from vasa.core.files import atomic_path, read_json, write_json
 
 PREPROCESSING = Path(__file__).resolve().parent
 # Modules of preprocessing/ that never shape a cached clip (the shard writer and the run's survey read
 # the cache and the manifest; ingest/ and sample/ are other stages). Every other top-level module is in the code digest,
 # so a new module imported by process.py can never be forgotten (tests/test_preprocess.py checks that
 # every module process.py imports, directly or not, is covered).
-NOT_IN_CODE_DIGEST = frozenset({"__init__.py", "writer.py", "survey.py"})
+CLIP_MODULES = ("preprocessing.process",)  # what turns one clip into its sample (not the writer, not the survey)
 # Installed packages whose version changes the bytes of a sample: the FaceMesh model and graph,
 # OpenCV's warps and resizes, numpy's maths, PyAV/libx264 encoding and decoding, librosa's mel
 # filters, decord's decoding, soxr's resampling (the sample corpus digests its packages the same way).
@@ -77,10 +78,11 @@ class Outcome(Protocol):
 
 
 def code_modules() -> list[Path]:
-    """The files whose content is in the code digest: preprocessing/*.py (but NOT_IN_CODE_DIGEST) and
-    the assets (the face template), sorted."""
-    modules = [p for p in sorted(PREPROCESSING.glob("*.py")) if p.name not in NOT_IN_CODE_DIGEST]
-    return modules + sorted(p for p in (PREPROCESSING / "assets").glob("*") if p.is_file())
+    """The files whose content is in the code digest: the import closure of the per-clip processing
+    (preprocessing.process, vasa.core.digests.import_closure; the writer and the survey that read the
+    cache are not in it) and the assets (the face template), sorted."""
+    assets = sorted(p for p in (PREPROCESSING / "assets").glob("*") if p.is_file())
+    return [*import_closure(CLIP_MODULES, skip=NEUTRAL), *assets]
 
 
 def package_versions() -> dict[str, str]:
@@ -102,7 +104,7 @@ def code_digest() -> str:
     digest.update(json.dumps(package_versions(), sort_keys=True).encode())
     for path in code_modules():
         content = path.read_bytes()
-        digest.update(f"\0{path.relative_to(PREPROCESSING)}\0{len(content)}\0".encode() + content)
+        digest.update(f"\0{path.relative_to(ROOT).as_posix()}\0{len(content)}\0".encode() + content)
     return digest.hexdigest()
 
 

@@ -23,8 +23,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from preprocessing.files import atomic_path
-from vasa.errors import InputError
+from vasa.core.errors import InputError
+from vasa.core.files import atomic_path
 
 DEFAULT_PATH = Path("data/takedown/denylist.csv")
 COLUMNS = ("kind", "id", "reason", "date")

@@ -22,8 +22,8 @@ import cv2
 import mediapipe as mp
 import numpy as np
 
-from vasa import native_logs
-from vasa.config import FaceConfig
+from vasa.core import native_logs
+from vasa.core.config import FaceConfig
 
 N_LANDMARKS = 478  # FaceMesh with refine_landmarks: 468 mesh points + 2 x 5 iris points
 FOREHEAD, CHIN = 10, 152  # top of the forehead and bottom of the chin on the mesh midline
@@ -63,7 +63,7 @@ class FaceMeshTracker:
     """
 
     def __init__(self, min_detection_confidence: float, min_tracking_confidence: float) -> None:
-        with native_logs.captured():  # MediaPipe's log lines go to `logging` (vasa/native_logs.py)
+        with native_logs.captured():  # MediaPipe's log lines go to `logging` (vasa/core/native_logs.py)
             self._mesh = mp.solutions.face_mesh.FaceMesh(
                 static_image_mode=False,
                 refine_landmarks=True,
@@ -86,7 +86,7 @@ class FaceMeshTracker:
 
     def _process(self, frame: np.ndarray) -> list:
         """FaceMesh's faces in one (H, W, 3) uint8 RGB frame. The first face projected in a process
-        logs a warning once (vasa/native_logs.py), so frames are captured until one was found."""
+        logs a warning once (vasa/core/native_logs.py), so frames are captured until one was found."""
         if _face_found.is_set():
             return self._mesh.process(frame).multi_face_landmarks or []
         with native_logs.captured():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from vasa.config import FilterConfig
+from vasa.core.config import FilterConfig
 
 # Reasons, as they appear in stats and the failure report.
 TOO_SHORT = "too_short"

@@ -27,7 +27,7 @@ import numpy as np
 from preprocessing import audio, decode, face, filters, pose, schema
 from preprocessing.media import VideoWriter
 from preprocessing.shards import Sample
-from vasa.config import PreprocessConfig
+from vasa.core.config import PreprocessConfig
 
 # Failure statuses: the media could not be used at all, or a segment was filtered out.
 ERROR, REJECTED = "error", "rejected"

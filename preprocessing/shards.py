@@ -37,14 +37,15 @@ from __future__ import annotations
 import bisect
 import hashlib
 import re
+import tarfile
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from preprocessing.files import atomic_path
-from vasa.config import ShardConfig
-from vasa.errors import InputError
+from vasa.core.config import ShardConfig
+from vasa.core.errors import InputError
+from vasa.core.files import atomic_path
 
 TAR_MTIME = 0  # 1970-01-01: no wall-clock time inside an artifact
 KEY_HEX = 16  # hex characters of a clip key (manifest.clip_key): the trie's depth limit
@@ -277,3 +278,30 @@ def shard_stats(name: str, samples: list[dict], failures: list[dict], content: s
 def members_sha256(samples: list[Sample]) -> str:
     """sha256 of the shard's member bytes as `vasa audit --content` recomputes it from the tar."""
     return hashlib.sha256("".join(s.digest() for s in samples).encode()).hexdigest()
+
+
+def read_shard(path: Path, content: bool = False) -> tuple[list[str], str | None]:
+    """Sample keys of a webdataset tar from its member names (`<key>.<member>`), in tar order; with
+    `content` also its `members_sha256` as `shard_stats` computes it (member bytes
+    hashed, never decoded)."""
+    members: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(path) as tar:
+            for info in tar:
+                key, _, ext = info.name.partition(".")
+                stream = tar.extractfile(info) if content and info.isfile() else None
+                digest = hashlib.file_digest(stream, "sha256").digest() if stream else b""
+                members.setdefault(key, {})[ext] = digest
+    except FileNotFoundError:
+        raise InputError(f"{path}: listed in index.json but missing") from None
+    except tarfile.TarError as err:
+        raise InputError(f"{path}: not a readable shard: {err}") from None
+    if not content:
+        return list(members), None
+    samples = []
+    for key, found in members.items():  # Sample.digest
+        digest = hashlib.sha256(key.encode())
+        for ext in sorted(found):
+            digest.update(ext.encode() + b"\0" + found[ext])
+        samples.append(digest.hexdigest())
+    return list(members), hashlib.sha256("".join(samples).encode()).hexdigest()

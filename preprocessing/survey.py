@@ -11,7 +11,7 @@ The manifest and the records stay Arrow tables (a few hundred bytes per clip; as
 ~4.5 KB, ~5 GB of driver memory at VoxCeleb2's 1.13 M clips): only the clips to process, the
 takedowns and the clips of the shards to write become dicts (docs/BENCHMARKS.md, "Columnar driver").
 
-Not part of the cache's code digest (see cache.NOT_IN_CODE_DIGEST): nothing here shapes a clip.
+Not part of the cache's code digest (see cache.CLIP_MODULES): nothing here shapes a clip.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from preprocessing import cache, denylist, writer
-from vasa.config import PreprocessConfig
+from vasa.core.config import PreprocessConfig
 
 DIGEST = "input_digest"  # the column `Survey.to_process` adds to manifest rows
 LOOKUP_BATCH = 1 << 12  # per-clip JSON records gathered into a table this many at a time

@@ -37,11 +37,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from preprocessing import cache, schema, shards
-from preprocessing.files import PARTIAL_SUFFIX, atomic_path, read_json, write_json
 from preprocessing.ingest import manifest
 from preprocessing.shards import Sample
-from vasa.config import PreprocessConfig
-from vasa.errors import InputError
+from vasa.core.config import PreprocessConfig
+from vasa.core.errors import InputError
+from vasa.core.files import PARTIAL_SUFFIX, atomic_path, read_json, write_json
 
 FAILURE_SCHEMA = pa.schema([(name, pa.string()) for name in schema.FAILURE_COLUMNS])
 # Statuses of failure rows: the clip never reached processing (its manifest status is the reason).

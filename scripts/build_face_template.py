@@ -47,7 +47,7 @@ from preprocessing.face import (
     get_tracker,
 )
 from preprocessing.pose import RIGID_LANDMARKS, Template, draw_pose_axes, head_pose, umeyama
-from vasa.config import FaceConfig, load_params
+from vasa.core.config import FaceConfig, load_params
 
 SOURCES = (
     "vid01_sadtalker_WDA_KatieHill_000.mp4",

@@ -24,7 +24,7 @@ from preprocessing import schema
 from preprocessing.decode import read_frames
 from preprocessing.pose import Pose, draw_pose_axes
 from preprocessing.process import process_clip
-from vasa.config import load_params
+from vasa.core.config import load_params
 
 IDENTITY = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
 

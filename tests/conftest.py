@@ -9,7 +9,7 @@ import pytest
 
 from preprocessing.shards import Sample
 from tests.http_server import Server, running_server
-from vasa.config import Params, load_params
+from vasa.core.config import Params, load_params
 
 REPO = Path(__file__).resolve().parents[1]
 # The real-media fixtures live beside the checkout (../shared/fixtures); VASA_FIXTURES overrides.

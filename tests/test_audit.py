@@ -11,17 +11,19 @@ import pytest
 import yaml
 
 from preprocessing import denylist, schema
-from preprocessing.files import write_json
 from preprocessing.ingest import manifest
 from preprocessing.shards import Sample, write_shard
 from preprocessing.writer import write_failures
-from vasa import audit as audit_module
-from vasa import croissant
-from vasa.audit import AUDIT_JSON, AUDIT_MD, CLIPS_FILE, TakedownPresentError, audit, write_report
 from vasa.cli import main
-from vasa.croissant import CROISSANT_FILE
-from vasa.errors import InputError
-from vasa.training.checkpoint import MODEL_JSON, sha256_file, shards_lineage
+from vasa.core.digests import sha256_file
+from vasa.core.errors import InputError
+from vasa.core.files import write_json
+from vasa.core.weights import MODEL_JSON
+from vasa.provenance import audit as audit_module
+from vasa.provenance import croissant
+from vasa.provenance.audit import AUDIT_JSON, AUDIT_MD, CLIPS_FILE, TakedownPresentError, audit, write_report
+from vasa.provenance.croissant import CROISSANT_FILE
+from vasa.training.checkpoint import shards_lineage
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE1 = "a" * 64

@@ -13,9 +13,9 @@ import pytest
 from preprocessing import denylist
 from tests import test_audit
 from tests.conftest import REPO
-from vasa import dvc_history
-from vasa.audit import AUDIT_JSON, AUDIT_MD
 from vasa.cli import main
+from vasa.provenance import history as dvc_history
+from vasa.provenance.audit import AUDIT_JSON, AUDIT_MD
 
 STAGES = [  # stand-in stages: `dvc commit` records their outputs in dvc.lock and the cache without running them
     ["-n", "ingest", "-o", "data/ingest", "true"],

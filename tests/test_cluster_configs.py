@@ -72,7 +72,7 @@ def test_deepspeed_configs_are_complete_once_the_engine_fills_them():
 
 
 def _train_config():
-    from vasa.config import load_params
+    from vasa.core.config import load_params
 
     return load_params(REPO / "params.yaml").train_latent.train
 
@@ -86,7 +86,7 @@ def test_slurm_launch_command_renders_rendezvous_from_the_node_list():
     from accelerate.commands.launch import launch_command_parser
 
     script = REPO / "cluster" / "slurm" / "accelerate_command.py"
-    args = ["--params", "params.yaml", "--shards", "data/shards", "--out", "data/latent", "--resume"]
+    args = ["--params", "params.yaml", "train-latent", "--shards", "data/shards", "--out", "data/latent", "--resume"]
     done = subprocess.run(
         [sys.executable, str(script), "--print", "--", *args], env=_slurm_env(), capture_output=True, text=True
     )
@@ -97,7 +97,7 @@ def test_slurm_launch_command_renders_rendezvous_from_the_node_list():
     assert launch.main_process_ip == "gpu007" and launch.main_process_port == 20000 + 4242
     assert launch.num_machines == 3 and launch.num_processes == 24 and launch.machine_rank == 2
     assert launch.config_file == "cluster/accelerate/multinode.yaml" and launch.module
-    assert launch.training_script == "vasa.train_latent" and launch.training_script_args == args
+    assert launch.training_script == "vasa.cli" and launch.training_script_args == args
     bad = subprocess.run(
         [sys.executable, str(script), "--print"], env=_slurm_env(SLURM_NNODES="2"), capture_output=True, text=True
     )
@@ -168,15 +168,15 @@ def test_training_sbatch_scripts_launch_one_accelerate_per_node(stage, tmp_path)
     assert done.returncode == 0, done.stderr
     command = shlex.split(done.stdout)
     launch = launch_command_parser().parse_args(command[2:])
-    assert launch.module and launch.training_script == f"vasa.{stage}"
+    assert launch.module and launch.training_script == "vasa.cli"
     assert launch.num_machines == 2 and launch.num_processes == 16 and launch.machine_rank == 1
-    expected = ["--params", "params.yaml", data, "data/in", "--out", "data/out", "--no-progress", "--resume"]
+    command = stage.replace("_", "-")
+    expected = ["--params", "params.yaml", command, data, "data/in", "--out", "data/out", "--no-progress", "--resume"]
     assert launch.training_script_args == expected
     from vasa.cli import build_parser
 
-    module_args = launch.training_script_args
-    cli = ["--params", module_args[1], stage.replace("_", "-"), *module_args[2:]]
-    assert build_parser().parse_args(cli).out == Path("data/out")  # the vasa CLI accepts them
+    parsed = build_parser().parse_args(launch.training_script_args)  # the vasa CLI accepts them
+    assert parsed.out == Path("data/out") and parsed.resume
 
 
 def test_dask_preprocess_sbatch_runs_scheduler_workers_and_vasa_preprocess(tmp_path):
@@ -207,7 +207,7 @@ def test_dask_preprocess_sbatch_runs_scheduler_workers_and_vasa_preprocess(tmp_p
     assert preprocess[1:3] == ["-m", "vasa.cli"] and parsed.params == Path(params_cmd[params_cmd.index("--out") + 1])
 
     # The params file it renders is valid for the project and names the cluster.
-    from vasa.config import load_params
+    from vasa.core.config import load_params
 
     out = tmp_path / "run" / "params.yaml"
     helper = REPO / "cluster" / "slurm" / "dask_params.py"
@@ -222,7 +222,7 @@ def test_prefect_deployment_recipe_names_the_retrain_flow_and_its_parameters():
 
     from prefect.flows import load_flow_from_entrypoint
 
-    from vasa.config import load_params
+    from vasa.core.config import load_params
 
     recipe = yaml.safe_load((REPO / "cluster" / "prefect" / "prefect.yaml").read_text())
     (deployment,) = recipe["deployments"]

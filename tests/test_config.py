@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from vasa.config import ConfigError, load_params
+from vasa.core.config import ConfigError, load_params
 
 
 def _write(tmp_path: Path, mutate) -> Path:

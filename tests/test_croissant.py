@@ -10,8 +10,8 @@ import pytest
 
 from preprocessing import schema
 from tests.conftest import REPO
-from vasa import croissant
-from vasa.croissant import CroissantError, describe, validate
+from vasa.provenance import croissant
+from vasa.provenance.croissant import CroissantError, describe, validate
 
 SHARDS = REPO / "data" / "shards"
 MANIFEST = REPO / "data" / "ingest" / "manifest.parquet"
@@ -125,7 +125,7 @@ def test_shards_from_another_manifest_are_refused(sample_shards, tmp_path):
 def test_speech_features_are_described_only_when_the_shards_hold_them(tmp_path):
     from preprocessing.shards import Sample, write_shard
     from tests.test_audit import write_inputs
-    from vasa.audit import read_shard
+    from vasa.provenance.audit import read_shard
 
     paths = write_inputs(tmp_path)  # synthetic shards: train, val and test, three licences
     description = describe(paths["shards"], paths["manifest"], tmp_path / "audit")

@@ -23,7 +23,7 @@ from preprocessing.face import box_transform, crop_box, crop_frame, outside_frac
 from preprocessing.media import write_mp4
 from preprocessing.pose import head_pose
 from preprocessing.process import clean_detail, process_clip
-from vasa.config import ConfigError, Params, PreprocessConfig, load_params
+from vasa.core.config import ConfigError, Params, PreprocessConfig, load_params
 
 FPS, RATE, FRAMES, SIDE = 25, 16000, 40, 384
 ROLL_DEG = 12.0 * np.sin(2 * np.pi * np.arange(FRAMES) / FRAMES)  # counter-clockwise in the image (cv2)
@@ -316,7 +316,7 @@ def test_params_that_cannot_work_are_rejected(tmp_path, change, message):
 _MEASURE_RSS = """
 import json, resource, sys
 from preprocessing.process import process_clip
-from vasa.config import PreprocessConfig
+from vasa.core.config import PreprocessConfig
 cfg = PreprocessConfig.model_validate_json(sys.argv[1])
 peaks = []
 for path in sys.argv[2:]:

@@ -1,4 +1,4 @@
-"""The stage-1 loader (vasa/data.py) on synthetic shards written here with the schema's members.
+"""The stage-1 loader (vasa/loaders/pairs.py) on synthetic shards written here with the schema's members.
 
 Every frame encodes where it came from in flat colours that survive H.264: red = 12 x frame index,
 green = 30 x clip number, blue = 60 x speaker number; pose.npy column 0 holds the frame index. So
@@ -18,9 +18,10 @@ import torch
 from preprocessing import schema
 from preprocessing.media import write_mp4
 from preprocessing.shards import Sample, write_shard
-from vasa.config import LatentDataConfig
-from vasa.data import heldout_batch, open_shards, pair_batches, train_frames, worker_shards
-from vasa.errors import InputError
+from vasa.core.config import LatentDataConfig
+from vasa.core.errors import InputError
+from vasa.loaders.pairs import heldout_batch, pair_batches, train_frames
+from vasa.loaders.shards import open_shards, worker_shards
 
 FRAMES, SIDE, SIZE = 20, 32, 16
 
@@ -182,9 +183,9 @@ def test_a_shuffle_buffer_of_one_speaker_still_finds_cross_identity_frames(shard
 
 
 def test_a_worker_whose_shards_hold_one_speaker_fails_clearly(tmp_path, monkeypatch):
-    import vasa.data
+    from vasa.loaders import pairs
 
-    monkeypatch.setattr(vasa.data, "STARVED_CLIPS", 5)
+    monkeypatch.setattr(pairs, "STARVED_CLIPS", 5)
     root = write_synthetic_shards(tmp_path / "s", {"train": [[(0, 0)], [(1, 1)]]})
     shard_set = open_shards(root)
     lonely = dataclasses.replace(shard_set, splits={"train": shard_set.train[:1]})  # only speaker 0's shard

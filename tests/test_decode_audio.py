@@ -16,7 +16,7 @@ from preprocessing import audio, decode
 from preprocessing.decode import DecodeError, frame_indices, load_clip
 from preprocessing.media import write_mp4
 from scripts.build_face_template import SOURCES
-from vasa.config import Params
+from vasa.core.config import Params
 
 VIDEOS = SOURCES  # every real fixture video (the list the face template is built from)
 VFR = "vid03_retalking_face1.mp4"  # r_frame_rate 30, average 22.13: frames dropped from a 30 fps grid

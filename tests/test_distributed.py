@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.test_training_engine import run_toy, toy_config, weights_digest
-from vasa.training import checkpoint
+from vasa.training import checkpoint  # FIXME split module
 
 pytestmark = pytest.mark.slow
 

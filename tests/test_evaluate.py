@@ -1,4 +1,4 @@
-"""The evaluate stage (vasa/evaluate.py): which clips it evaluates, how it summarises and plots, the feature
+"""The evaluate stage (vasa/stages/evaluate.py): which clips it evaluates, how it summarises and plots, the feature
 networks given by path (identity, FVD), and end to end on the sample corpus's shards and bundle: judges trained,
 real, generated and audio-shifted video scored, real beats shifted audio."""
 
@@ -16,11 +16,11 @@ import torch
 from preprocessing.shards import Sample, write_shard
 from tests.conftest import REPO
 from tests.test_extract_motion import _one_thread  # noqa: F401 (autouse fixture: one intra-op thread)
-from vasa.config import Params
-from vasa.data import ShardSet
-from vasa.evaluate import CONDITIONS, SKIPPED, feature_figures, summarise, write_plots
+from vasa.core.config import Params
 from vasa.evaluation.features import FVD_FRAMES, fvd, identity_similarity, load_feature_net
-from vasa.evaluation.judge_data import JudgeClip, evaluation_set
+from vasa.loaders.judge_clips import JudgeClip, evaluation_set
+from vasa.loaders.shards import ShardSet
+from vasa.stages.evaluate import CONDITIONS, SKIPPED, feature_figures, summarise, write_plots
 
 # --- which clips are evaluation clips ------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""extract_motion (vasa/motion_data.py): a tiny stage-1 motion encoder over synthetic shards written here
+"""extract_motion (vasa/stages/extract_motion.py): a tiny stage-1 motion encoder over synthetic shards written here
 with the schema's members -> motion shards, stats over the train split, incremental re-runs.
 
 Every synthetic frame t carries its index in mel.npy (column 0 of its 4 mel rows = t), so windows can be
@@ -19,23 +19,15 @@ from preprocessing import schema
 from preprocessing.media import write_mp4
 from preprocessing.shards import Sample, write_shard
 from tests.test_data_loader import _npy
-from vasa.config import ExtractMotionConfig
-from vasa.errors import InputError
+from vasa.core.config import ExtractMotionConfig
+from vasa.core.errors import InputError
+from vasa.core.weights import write_weights
+from vasa.inference.encoder import load_stage1_encoder
+from vasa.loaders.motion import AUDIO, DISTANCE, EMOTION, INDEX_FILE, MEMBERS, MOTION, STATS_FILE
+from vasa.loaders.shards import read_samples
 from vasa.models.motion_encoder import MotionEncoder
 from vasa.models.presets import get_preset
-from vasa.motion_data import (
-    AUDIO,
-    DISTANCE,
-    EMOTION,
-    INDEX_FILE,
-    MEMBERS,
-    MOTION,
-    STATS_FILE,
-    extract,
-    load_stage1_encoder,
-    read_samples,
-)
-from vasa.training.checkpoint import write_weights
+from vasa.stages.extract_motion import extract
 
 FRAMES, SIDE, MELS, K_MEL = 40, 32, 80, 4
 _FIXTURE: dict[str, Path] = {}  # motion_fixture's folders, shared by the modules that import the fixture
@@ -161,7 +153,7 @@ def test_motion_shards_have_the_members_shapes_and_provenance(motion_fixture):
                 assert load(out, EMOTION).shape == (FRAMES, 2)
                 np.testing.assert_array_equal(load(out, schema.GAZE), load(source, schema.GAZE))
     # The stored motion is the encoder's output on the decoded frames.
-    from vasa.data import decode_frames
+    from vasa.loaders.shards import decode_frames
 
     first = next(read_samples(motion_fixture["shards"] / "train-0-0000.tar"))
     expected = encoder.encode(decode_frames(first[schema.MP4], SIDE), 7)

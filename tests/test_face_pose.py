@@ -38,7 +38,7 @@ from preprocessing.pose import (
     load_template,
     main_gaze,
 )
-from vasa.config import FaceConfig, Params
+from vasa.core.config import FaceConfig, Params
 
 FRAMES = 75
 MIRROR = np.array([-1.0, 1.0, 1.0])

@@ -1,4 +1,4 @@
-"""Export and generate (vasa/export.py, vasa/generate.py, vasa/verify.py): a bundle of freshly initialised
+"""Export and generate (vasa/stages/export.py, vasa/inference/, vasa/labelling/): a bundle of freshly initialised
 `tiny` networks animates real portraits with real speech; streaming equals offline; bad inputs fail clearly
 and leave nothing behind. The trained path runs in tests/test_dvc_pipeline.py (stages export and demo)."""
 
@@ -18,14 +18,22 @@ from preprocessing import face as face_mod
 from preprocessing.audio import log_mel
 from preprocessing.decode import read_frames
 from vasa.cli import main as cli_main
-from vasa.demo import reencode
-from vasa.errors import InputError
-from vasa.export import bundle_meta, load_bundle, write_bundle
-from vasa.generate import AudioFeatures, chunks, conditions_for, generate_file, open_session, prepare_portrait, stream
+from vasa.core.errors import InputError
+from vasa.inference.bundle import bundle_meta, load_bundle, write_bundle
+from vasa.inference.generate import (
+    AudioFeatures,
+    chunks,
+    conditions_for,
+    generate_file,
+    open_session,
+    prepare_portrait,
+    stream,
+)
+from vasa.labelling.verify import verify_file
 from vasa.models.face_latent import FaceLatent
 from vasa.models.motion_dit import MotionDiT
 from vasa.models.presets import get_motion_preset, get_preset
-from vasa.verify import verify_file
+from vasa.stages.demo import reencode
 
 PORTRAIT = "img01_float_sam_altman_512x512.jpg"
 SPEECH = "aud01_sadtalker_RD_Radio31_000.wav"
@@ -252,7 +260,7 @@ def test_several_faces_pick_the_largest_and_say_so(params, fixtures_dir, tmp_pat
     canvas[:, :384], canvas[96:288, 432:624] = big, small
     path = tmp_path / "two.png"
     Image.fromarray(canvas).save(path)
-    with caplog.at_level("WARNING", logger="vasa.generate"):
+    with caplog.at_level("WARNING", logger="vasa.inference.generate"):
         portrait = prepare_portrait(path, 64, params.preprocess.crop_size, params.preprocess.face, 1024)
     assert portrait.faces == 2 and "2 faces found; animating the largest" in caplog.text
     x0 = -portrait.transform[0, 2] / portrait.transform[0, 0]  # crop box left edge, portrait pixels
@@ -280,7 +288,7 @@ FORMATS = [("mp3", "libmp3lame", 44100), ("m4a", "aac", 48000), ("flac", "flac",
 
 @pytest.mark.parametrize(("suffix", "codec", "rate"), FORMATS)
 def test_common_audio_formats_and_rates_load_as_speech(params, tmp_path, suffix, codec, rate):
-    from vasa.generate import load_speech
+    from vasa.inference.generate import load_speech
 
     t = np.arange(int(2.0 * rate)) / rate
     tone = (0.3 * np.sin(2 * np.pi * 220 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)

@@ -16,7 +16,7 @@ import pytest
 from flows.ingest import MANIFEST_NAME, run
 from preprocessing.ingest import manifest, probe, sources, splits, voxceleb
 from preprocessing.media import write_mp4
-from vasa.errors import InputError
+from vasa.core.errors import InputError
 
 pytestmark = pytest.mark.slow
 

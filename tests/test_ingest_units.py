@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from preprocessing.ingest import incremental, manifest, sources, splits, voxceleb
-from vasa.errors import InputError
+from vasa.core.errors import InputError
 
 
 @pytest.mark.parametrize(

@@ -12,10 +12,9 @@ import pytest
 import torch
 
 from tests.test_extract_motion import _one_thread  # noqa: F401 (autouse fixture: one intra-op thread)
-from vasa.config import Params
+from vasa.core.config import Params
 from vasa.evaluation import capp as capp_mod
 from vasa.evaluation import sync as sync_mod
-from vasa.evaluation.judge_data import LIP_CORNERS, MOUTH_H, MOUTH_W, OUTER_LIP, JudgeClip, mel_stats, mouth_crops
 from vasa.evaluation.metrics import (
     cosine,
     delta_pose,
@@ -24,7 +23,8 @@ from vasa.evaluation.metrics import (
     shift_audio,
     sync_score,
 )
-from vasa.train_judges import capp_check, sync_check
+from vasa.loaders.judge_clips import LIP_CORNERS, MOUTH_H, MOUTH_W, OUTER_LIP, JudgeClip, mel_stats, mouth_crops
+from vasa.stages.train_judges import capp_check, sync_check
 from vasa.training.engine import train
 
 # --- metric functions on inputs with a known answer ---------------------------------------------------------

@@ -1,4 +1,4 @@
-"""AI-generated labels on generated videos: container tags and a signed C2PA manifest (vasa/labels.py)."""
+"""AI-generated labels on generated videos: container tags and a signed C2PA manifest (vasa/labelling/labels.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from preprocessing.media import write_mp4
-from vasa import labels
-from vasa.errors import InputError
+from vasa.core.errors import InputError
+from vasa.labelling import labels
 
 BUNDLE = "0123456789abcdef" * 4
 VERSION = "0.1.0"

@@ -9,7 +9,7 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import save_file
 
-from vasa.errors import InputError
+from vasa.core.errors import InputError
 from vasa.losses import (
     VGG19Features,
     cosface_loss,
@@ -24,7 +24,7 @@ from vasa.losses import (
     transfer_consistency_loss,
 )
 from vasa.models.presets import get_preset
-from vasa.train_latent_task import LatentTask
+from vasa.training.latent_task import LatentTask
 
 from .test_latent_model import SMALL, loss_cfg, synthetic_batch
 
@@ -138,7 +138,7 @@ def test_task_uses_perceptual_weights_or_logs_that_it_is_off(vgg_file: str, capl
     _, terms = with_vgg.loss("generator", with_vgg.build(), batch, {})
     assert terms["perceptual"] > 0
     assert "adversarial" not in terms and "transfer" not in terms  # zero weight: not computed
-    with caplog.at_level(logging.WARNING, logger="vasa.train_latent_task"):
+    with caplog.at_level(logging.WARNING, logger="vasa.training.latent_task"):
         without = LatentTask(loss_cfg(perceptual=10.0, perceptual_weights=None, **cheap), preset, 2)
     assert sum("perceptual loss is off" in r.getMessage() for r in caplog.records) == 1
     _, terms = without.loss("generator", without.build(), batch, {})

@@ -10,7 +10,8 @@ import torch
 
 from preprocessing.pose import euler_to_matrix
 from preprocessing.schema import POSE_COLUMNS
-from vasa.config import LatentLossConfig
+from vasa.core.config import LatentLossConfig
+from vasa.core.weights import load_weights
 from vasa.models.discriminator import MultiScaleDiscriminator
 from vasa.models.face_latent import FaceLatent
 from vasa.models.motion_encoder import POSE_DIM, shard_pose_to_model
@@ -23,7 +24,7 @@ from vasa.models.warping import (
     rotation_matrix,
     sample_volume,
 )
-from vasa.train_latent_task import LatentTask
+from vasa.training.latent_task import LatentTask
 
 SMALL = 32  # tests run `tiny` at 32² (volume 16 x 8 x 8 x 8): same code paths, a quarter of the cost of 64²
 
@@ -303,8 +304,7 @@ def test_latent_task_learns_a_fixed_batch_with_a_plain_loop() -> None:
 def test_latent_task_through_the_training_engine(tmp_path) -> None:
     """Three steps of the real engine (vasa/training) with LatentTask: EMA weights load into a freshly built
     FaceLatent, every weighted loss term is logged, the grid PNG is written."""
-    from vasa.config import TrainConfig
-    from vasa.training import checkpoint
+    from vasa.core.config import TrainConfig
     from vasa.training.engine import TrainTask, train
 
     preset = get_preset("tiny", SMALL)
@@ -325,7 +325,7 @@ def test_latent_task_through_the_training_engine(tmp_path) -> None:
             step += 1
 
     train(task, cfg, batches, tmp_path, meta={"lineage": {}}, resume=False, progress=False)
-    weights, meta = checkpoint.load_weights(tmp_path / "model")
+    weights, meta = load_weights(tmp_path / "model")
     assert meta["task"] == task.describe() and meta["step"] == 3
     FaceLatent(preset, n_speakers=2).load_state_dict(weights["generator"])
     metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())

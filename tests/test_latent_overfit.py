@@ -15,11 +15,12 @@ import pytest
 import torch
 
 from tests.test_extract_motion import _one_thread  # noqa: F401 (autouse fixture: one intra-op thread)
-from vasa.data import Clip, decode_frames, draw_pair, pair_item
+from vasa.loaders.pairs import Clip, draw_pair, pair_item
+from vasa.loaders.shards import decode_frames
 from vasa.models.presets import get_preset
-from vasa.train_latent import heldout_psnr
-from vasa.train_latent_task import LatentTask
+from vasa.stages.train_latent import heldout_psnr
 from vasa.training.engine import train
+from vasa.training.latent_task import LatentTask
 
 pytestmark = pytest.mark.slow
 

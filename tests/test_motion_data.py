@@ -1,4 +1,4 @@
-"""The motion-window loader (vasa/motion_data.py) on motion shards extracted from synthetic shards: the
+"""The motion-window loader (vasa/loaders/motion.py) on motion shards extracted from synthetic shards: the
 batch contract of MotionTask, context handling at clip starts, train split only, seeded streams."""
 
 from __future__ import annotations
@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from tests.test_extract_motion import FRAMES, motion_fixture  # noqa: F401 (fixture)
-from vasa.config import MotionDataConfig
-from vasa.errors import InputError
-from vasa.motion_data import heldout_windows, open_motion, read_clip, read_samples, window_batches
+from vasa.core.config import MotionDataConfig
+from vasa.core.errors import InputError
+from vasa.loaders.motion import heldout_windows, open_motion, read_clip, window_batches
+from vasa.loaders.shards import read_samples
 
 W, K, B = 10, 3, 8
 

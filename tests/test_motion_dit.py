@@ -1,4 +1,4 @@
-"""The motion DiT (vasa/models/motion_dit.py) and its TrainTask (vasa/train_motion_task.py) on synthetic motion:
+"""The motion DiT (vasa/models/motion_dit.py) and its TrainTask (vasa/training/motion_task.py) on synthetic motion:
 shapes, presets, condition dropout, the engine loop (loss falls, kill-and-resume is bit-identical, curves PNG).
 
 The synthetic data (`synthetic_windows`) is also what tests/test_diffusion.py trains on: per frame
@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from vasa.config import DiffusionConfig, GuidanceConfig, MotionLossConfig, TrainConfig
+from vasa.core.config import DiffusionConfig, GuidanceConfig, MotionLossConfig, TrainConfig
+from vasa.core.weights import load_weights
 from vasa.models.motion_dit import CONDITIONS, MotionDiT, count_parameters
 from vasa.models.presets import MOTION_PRESETS, get_motion_preset
-from vasa.train_motion_task import MotionTask
-from vasa.training import checkpoint
+from vasa.training import checkpoint  # FIXME split module
 from vasa.training.engine import TrainTask, train
+from vasa.training.motion_task import MotionTask
 
 WINDOW, CONTEXT = 16, 4
 MOTION_DIM, AUDIO_DIM, EMOTION_DIM = 10, 8, 2
@@ -252,7 +253,7 @@ def test_training_through_the_engine_lowers_the_loss_and_writes_curves(tmp_path)
     assert last < 0.6 * first, (first, last)
     metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())
     assert {"t_0-250", "t_750-1000"} <= set(metrics["loss"]["dit"]["x0_by_noise"])  # loss by noise level, plotted
-    weights, meta = checkpoint.load_weights(tmp_path / "model")
+    weights, meta = load_weights(tmp_path / "model")
     assert meta["task"]["task"] == "train_motion" and set(weights) == {"dit"}
     from PIL import Image
 
@@ -279,8 +280,8 @@ def test_kill_and_resume_gives_identical_weights(tmp_path):
     assert [s for s, _ in checkpoint.complete_states(tmp_path / "killed" / "checkpoints")] == [3]
     resumed = train(make_task(), cfg, source, tmp_path / "killed", meta={}, resume=True, progress=False)
     assert resumed.step == 6 and resumed.parameter_digests == straight.parameter_digests
-    a, _ = checkpoint.load_weights(tmp_path / "straight" / "model")
-    b, _ = checkpoint.load_weights(tmp_path / "killed" / "model")
+    a, _ = load_weights(tmp_path / "straight" / "model")
+    b, _ = load_weights(tmp_path / "killed" / "model")
     assert all(torch.equal(a["dit"][k], b["dit"][k]) for k in a["dit"])
 
 

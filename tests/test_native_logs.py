@@ -1,4 +1,4 @@
-"""vasa.native_logs: native lines on fd 2 are caught, known noise goes to DEBUG, the rest is re-emitted.
+"""vasa.core.native_logs: native lines on fd 2 are caught, known noise goes to DEBUG, the rest is re-emitted.
 
 fd 2 is process-wide, so each test runs its writer in a child process and reads the child's real
 stderr: that is what a console would show.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from vasa import native_logs
+from vasa.core import native_logs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,7 +90,7 @@ def test_noise_is_caught_and_unknown_lines_are_reemitted(tmp_path):
     lines = "".join(f"{line}\n" for line in (*NOISE_LINES, UNKNOWN_ERROR))
     result = _run_child(
         f"""
-        from vasa import native_logs
+        from vasa.core import native_logs
         before = os.fstat(2)
         with native_logs.captured():
             os.write(2, {lines.encode()!r})  # as native code does: straight to the descriptor
@@ -104,20 +104,20 @@ def test_noise_is_caught_and_unknown_lines_are_reemitted(tmp_path):
     stderr = result.stderr.splitlines()
     assert not [line for line in stderr if any(mark in line for mark in NOISE_MARKS)], result.stderr
     # The unknown error comes back once, through logging at its own level, not raw.
-    assert stderr.count(f"ERROR vasa.native_logs: {UNKNOWN_ERROR}") == 1, result.stderr
+    assert stderr.count(f"ERROR vasa.core.native_logs: {UNKNOWN_ERROR}") == 1, result.stderr
     assert UNKNOWN_ERROR not in stderr
     assert not list(tmp_path.iterdir())  # the capture file is removed
     assert stderr[-1] == "plain write after the block"  # fd 2 reaches the console again
     # The noise is not lost either: it is on the DEBUG stream.
     for line in NOISE_LINES:
-        assert f"DEBUG vasa.native_logs: {line}" in result.stdout.splitlines()
+        assert f"DEBUG vasa.core.native_logs: {line}" in result.stdout.splitlines()
 
 
 def test_overlapping_blocks_across_threads_lose_and_duplicate_nothing(tmp_path):
     result = _run_child(
         """
         import threading
-        from vasa import native_logs
+        from vasa.core import native_logs
         start = threading.Barrier(8)
         def work(n):
             start.wait()
@@ -137,7 +137,9 @@ def test_overlapping_blocks_across_threads_lose_and_duplicate_nothing(tmp_path):
     assert result.returncode == 0, result.stderr
     stderr = result.stderr.splitlines()
     expected = sorted(
-        f"ERROR vasa.native_logs: E0000 00:00:1.0 {n} t.cc:1] thread {n} line {i}" for n in range(8) for i in range(20)
+        f"ERROR vasa.core.native_logs: E0000 00:00:1.0 {n} t.cc:1] thread {n} line {i}"
+        for n in range(8)
+        for i in range(20)
     )
     assert sorted(line for line in stderr if line.startswith("ERROR")) == expected
     # No re-emitted record was caught by a later block and re-emitted again, wrapped in a second prefix.
@@ -149,7 +151,7 @@ def test_overlapping_blocks_across_threads_lose_and_duplicate_nothing(tmp_path):
 def test_closed_fd2_runs_the_block_uncaptured():
     result = _run_child(
         """
-        from vasa import native_logs
+        from vasa.core import native_logs
         os.close(2)
         with native_logs.captured():
             ran = True
@@ -168,7 +170,7 @@ def test_facemesh_tracker_leaves_no_native_noise_on_stderr(fixtures_dir):
         import mediapipe  # importing prints nothing; the graph does
         from preprocessing.decode import read_frames
         from preprocessing import face
-        from vasa.config import load_params
+        from vasa.core.config import load_params
         frames = read_frames({str(clip)!r})[0][:6]
         cfg = load_params("params.yaml").preprocess.face
         try:
@@ -187,6 +189,6 @@ def test_facemesh_tracker_leaves_no_native_noise_on_stderr(fixtures_dir):
     noise = [line for line in result.stderr.splitlines() if any(mark in line for mark in NOISE_MARKS)]
     assert not noise, "\n".join(noise)
     # The graph did log (so the test can fail): construction, both resets and the first face.
-    debug = [line for line in result.stdout.splitlines() if line.startswith("DEBUG vasa.native_logs:")]
+    debug = [line for line in result.stdout.splitlines() if line.startswith("DEBUG vasa.core.native_logs:")]
     assert sum("inference_feedback_manager" in line for line in debug) >= 6, debug
     assert sum("landmark_projection_calculator" in line for line in debug) == 1, debug

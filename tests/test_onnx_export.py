@@ -11,11 +11,9 @@ import pytest
 import torch
 
 from tests.test_extract_motion import _one_thread  # noqa: F401 (autouse fixture: one intra-op thread)
-from vasa import onnx_export
-from vasa.models.face_latent import FaceLatent
-from vasa.models.motion_dit import CONDITIONS, MotionDiT
-from vasa.models.presets import get_motion_preset, get_preset
-from vasa.onnx_export import (
+from vasa.core.weights import write_weights
+from vasa.inference import onnx_export
+from vasa.inference.onnx_export import (
     DENOISER_INPUTS,
     OPSET,
     RENDERER_INPUTS,
@@ -29,7 +27,9 @@ from vasa.onnx_export import (
     random_pose,
     renderer_inputs,
 )
-from vasa.training.checkpoint import write_weights
+from vasa.models.face_latent import FaceLatent
+from vasa.models.motion_dit import CONDITIONS, MotionDiT
+from vasa.models.presets import get_motion_preset, get_preset
 
 # Renderer outputs lie in [-1, 1] (measured max abs difference ~1.5e-6); the DiT's x0 is O(1) (~5e-7).
 TOLERANCE = 1e-4

@@ -88,10 +88,10 @@ def test_code_digest_covers_every_module_process_imports():
 
 
 def test_layering_config_and_library_import_without_the_entry_points():
-    """vasa.config is the ground floor (no CLI, flows or Prefect); the cache and writer are library
+    """vasa.core.config is the ground floor (no CLI, flows or Prefect); the cache and writer are library
     code that flows only wire (no Prefect, no MediaPipe)."""
     code = (
-        "import sys, vasa.config; bad = {'vasa.cli', 'flows', 'prefect'} & set(sys.modules); assert not bad, bad\n"
+        "import sys, vasa.core.config; bad = {'vasa.cli', 'flows', 'prefect'} & set(sys.modules); assert not bad, bad\n"
         "import preprocessing.cache, preprocessing.writer\n"
         "bad = {'prefect', 'flows', 'mediapipe', 'preprocessing.process'} & set(sys.modules); assert not bad, bad"
     )

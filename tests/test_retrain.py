@@ -20,10 +20,10 @@ import yaml
 from preprocessing import schema
 from preprocessing.ingest import manifest as ingest_manifest
 from tests.conftest import REPO
-from vasa import dvc_history
-from vasa import retrain as decide
-from vasa.audit import read_shard
-from vasa.config import RetrainGateConfig
+from vasa.core.config import RetrainGateConfig
+from vasa.provenance import history as dvc_history
+from vasa.provenance import promotion as decide
+from vasa.provenance.audit import read_shard
 
 STEPS = 4  # training steps per stage: the gate is what is tested, not the models
 
@@ -207,7 +207,7 @@ def test_deployments_on_a_work_pool(tmp_path):
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.retrain import deploy
-    from vasa.config import load_params
+    from vasa.core.config import load_params
 
     cfg = load_params(REPO / "params.yaml").retrain
     with prefect_test_harness(server_startup_timeout=180), get_client(sync_client=True) as client:

@@ -16,7 +16,7 @@ from preprocessing import cache, shards, writer
 from preprocessing.ingest import manifest
 from tests.test_incremental import _cache, _cfg, _rows, _tar_digests, _write
 from vasa.cli import main
-from vasa.errors import InputError
+from vasa.core.errors import InputError
 
 
 def _sample_clips(n: int, seed: int) -> dict[str, str]:

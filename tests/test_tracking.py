@@ -17,7 +17,7 @@ from preprocessing.face import (
     merge_duplicates,
 )
 from preprocessing.pose import load_template
-from vasa.config import FaceConfig, Params
+from vasa.core.config import FaceConfig, Params
 
 T = 200
 

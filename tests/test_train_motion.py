@@ -13,10 +13,10 @@ from PIL import Image
 
 from tests.conftest import REPO
 from tests.test_extract_motion import motion_fixture  # noqa: F401 (fixture)
-from vasa.extract_motion import main as extract_main
-from vasa.train_motion import main as train_main
-from vasa.train_motion import mouth_audio_check
-from vasa.training.checkpoint import load_weights, sha256_file
+from vasa.cli import main as cli_main
+from vasa.core.digests import sha256_file
+from vasa.core.weights import load_weights
+from vasa.stages.train_motion import mouth_audio_check
 
 
 def small_params(tmp_path: Path) -> Path:
@@ -38,14 +38,17 @@ def small_params(tmp_path: Path) -> Path:
 def test_extract_and_train_motion_end_to_end(tmp_path, motion_fixture):  # noqa: F811
     params = small_params(tmp_path)
     motion = tmp_path / "motion"
-    argv = ["--params", str(params), "--shards", str(motion_fixture["shards"]), "--latent",
+    argv = ["--params", str(params), "extract-motion", "--shards", str(motion_fixture["shards"]), "--latent",
             str(motion_fixture["stage1"]), "--out", str(motion), "--no-progress"]  # fmt: skip
-    assert extract_main(argv) == 0
+    assert cli_main(argv) == 0
     # Same inputs and code as the fixture's library call: byte-identical motion shards.
     for name in ("train-0-0000.tar", "test-0-0000.tar", "stats.json"):
         assert (motion / name).read_bytes() == (motion_fixture["motion"] / name).read_bytes()
     out = tmp_path / "run"
-    assert train_main(["--params", str(params), "--motion", str(motion), "--out", str(out), "--no-progress"]) == 0
+    assert (
+        cli_main(["--params", str(params), "train-motion", "--motion", str(motion), "--out", str(out), "--no-progress"])
+        == 0
+    )
     weights, meta = load_weights(out / "model")
     assert list(weights) == ["dit"] and meta["step"] == 6
     index = json.loads((motion / "index.json").read_text())
@@ -61,7 +64,12 @@ def test_extract_and_train_motion_end_to_end(tmp_path, motion_fixture):  # noqa:
 
 def test_train_motion_rejects_a_folder_without_motion_shards(tmp_path, capsys):
     params = small_params(tmp_path)
-    assert train_main(["--params", str(params), "--motion", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        cli_main(
+            ["--params", str(params), "train-motion", "--motion", str(tmp_path / "none"), "--out", str(tmp_path / "o")]
+        )
+        == 2
+    )
     assert "not found" in capsys.readouterr().err
 
 

@@ -19,9 +19,11 @@ import yaml
 from torch import nn
 from torch.nn import functional as F
 
-from vasa.config import TrainConfig
-from vasa.errors import InputError
-from vasa.training import checkpoint
+from vasa.core.config import TrainConfig
+from vasa.core.digests import sha256_file
+from vasa.core.errors import InputError
+from vasa.core.weights import load_weights, write_weights
+from vasa.training import checkpoint  # FIXME split module
 from vasa.training.ema import EMA
 from vasa.training.engine import TrainTask, train
 from vasa.training.schedule import lr_factor
@@ -101,7 +103,7 @@ def toy_config(**changes) -> TrainConfig:
 
 def weights_digest(folder: Path) -> str:
     """sha256 over the EMA output tensors (names and raw bytes)."""
-    weights, _ = checkpoint.load_weights(folder)
+    weights, _ = load_weights(folder)
     digest = hashlib.sha256()
     for module in sorted(weights):
         for key, tensor in sorted(weights[module].items()):
@@ -153,15 +155,15 @@ def test_ema_blends_and_round_trips():
 
 def test_weights_round_trip_without_pickle_and_detect_tampering(tmp_path):
     state = {"generator": {"w": torch.arange(6.0).view(2, 3)}}
-    checkpoint.write_weights(tmp_path, state, {"task": {"name": "x"}, "step": 3})
-    weights, meta = checkpoint.load_weights(tmp_path)
+    write_weights(tmp_path, state, {"task": {"name": "x"}, "step": 3})
+    weights, meta = load_weights(tmp_path)
     assert torch.equal(weights["generator"]["w"], state["generator"]["w"]) and meta["step"] == 3
     first = (tmp_path / "generator.safetensors").read_bytes()
-    checkpoint.write_weights(tmp_path, state, {"task": {"name": "x"}, "step": 3})
+    write_weights(tmp_path, state, {"task": {"name": "x"}, "step": 3})
     assert (tmp_path / "generator.safetensors").read_bytes() == first  # same tensors -> same bytes
     (tmp_path / "generator.safetensors").write_bytes(first[:-1] + bytes([first[-1] ^ 1]))
     with pytest.raises(ValueError, match="sha256"):
-        checkpoint.load_weights(tmp_path)
+        load_weights(tmp_path)
 
 
 def test_toy_task_satisfies_the_protocol():
@@ -174,7 +176,7 @@ def test_toy_task_satisfies_the_protocol():
 def test_training_writes_ema_weights_metrics_grids_and_states(tmp_path):
     result = run_toy(tmp_path, toy_config())
     assert result.step == 6
-    weights, meta = checkpoint.load_weights(tmp_path / "model")
+    weights, meta = load_weights(tmp_path / "model")
     assert set(weights) == {"generator"} and meta["step"] == 6 and meta["task"]["task"] == "toy"
     assert meta["lineage"]["index_sha256"] == "0" * 64
     ema_generator = ToyTask().build()["generator"]
@@ -253,9 +255,9 @@ def test_resume_refuses_a_checkpoint_of_another_task(tmp_path):
 
 @pytest.mark.slow  # ~10 s on an idle 2-core machine (the tiny networks build and run twice)
 def test_train_latent_main_runs_stage1_end_to_end_on_synthetic_shards(tmp_path, params):
-    """`vasa.train_latent.main(argv)` with the real LatentTask (tiny preset) on shards written here."""
+    """`vasa train-latent` (vasa.cli.main) with the real LatentTask (tiny preset) on shards written here."""
     from tests.test_data_loader import write_synthetic_shards
-    from vasa.train_latent import main as train_latent_main
+    from vasa.cli import main as cli_main
 
     shards = write_synthetic_shards(
         tmp_path / "shards", {"train": [[(0, 0), (1, 1)], [(2, 0), (3, 1)]], "test": [[(4, 2)]]}, {"crop_size": 32}
@@ -267,18 +269,18 @@ def test_train_latent_main_runs_stage1_end_to_end_on_synthetic_shards(tmp_path, 
     params_file.write_text(yaml.safe_dump(params.model_dump(mode="json") | {"train_latent": section}))
     out = tmp_path / "run"
     torch.set_num_threads(1)
-    argv = ["--params", str(params_file), "--shards", str(shards), "--out", str(out), "--no-progress"]
-    assert train_latent_main(argv) == 0
-    weights, meta = checkpoint.load_weights(out / "model")
+    argv = ["--params", str(params_file), "train-latent", "--shards", str(shards), "--out", str(out), "--no-progress"]
+    assert cli_main(argv) == 0
+    weights, meta = load_weights(out / "model")
     assert set(weights) == {"generator"} and meta["step"] == 2 and meta["task"]["preset"]["name"] == "tiny"
-    assert meta["lineage"]["index_sha256"] == checkpoint.sha256_file(shards / "index.json")
+    assert meta["lineage"]["index_sha256"] == sha256_file(shards / "index.json")
     assert meta["speakers"] == ["spk0", "spk1"] and meta["params"]["train_latent"]["train"]["steps"] == 2
     metrics = json.loads((out / "live" / "metrics.json").read_text())
     for group in ("heldout_frames", "heldout_speakers"):
         assert {"psnr_model_db", "psnr_copy_source_db", "margin_db"} <= set(metrics[group]), metrics
     grid = (out / "images" / "step_0000002.png").read_bytes()
     assert grid.startswith(b"\x89PNG")
-    assert train_latent_main([*argv, "--resume"]) == 0  # already done: resumes at the end, rewrites outputs
+    assert cli_main([*argv, "--resume"]) == 0  # already done: resumes at the end, rewrites outputs
 
 
 # ---------------------------------------------------------------- entry point for subprocess tests

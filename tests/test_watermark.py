@@ -9,8 +9,8 @@ import pytest
 from scipy import ndimage
 
 from preprocessing.media import write_mp4
-from vasa import watermark
-from vasa.watermark import PAYLOAD_BYTES, Watermarker, WatermarkReading, detect, detect_file, embed
+from vasa.labelling import watermark
+from vasa.labelling.watermark import PAYLOAD_BYTES, Watermarker, WatermarkReading, detect, detect_file, embed
 
 PAYLOAD = bytes.fromhex("5a17c0ffee0b4d1e")
 assert len(PAYLOAD) == PAYLOAD_BYTES

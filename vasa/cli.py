@@ -12,8 +12,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from vasa.config import ConfigError, Params, load_params
-from vasa.errors import InputError
+from vasa.core.config import ConfigError, Params, load_params
+from vasa.core.errors import InputError
 
 Handler = Callable[[argparse.Namespace, Params], int]
 
@@ -47,7 +47,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def _write_metrics(path: Path | None, counts: dict) -> None:
     """A stage's counts as a small JSON (DVC `metrics`): functions of the inputs only, so re-runs agree."""
     if path is not None:
-        from preprocessing.files import write_json
+        from vasa.core.files import write_json
 
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, counts)
@@ -255,8 +255,16 @@ def _add_pin_shards(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return parser
 
 
+def deepspeed_config(path: Path | None) -> dict | None:
+    """The DeepSpeed JSON named on the command line, or by `accelerate launch --config_file` with a
+    DeepSpeed section (it exports ACCELERATE_DEEPSPEED_CONFIG_FILE)."""
+    named = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    path = path or (Path(named) if named else None)
+    return None if path is None else json.loads(path.read_text())
+
+
 def _train_latent(args: argparse.Namespace, params: Params) -> int:
-    from vasa.train_latent import deepspeed_config, run
+    from vasa.stages.train_latent import run
 
     result = run(
         params.train_latent,
@@ -282,7 +290,7 @@ def _add_train_latent(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
             "safetensors + model.json with preset, params, step and the shards' lineage), OUT/live (DVCLive "
             "metrics, including held-out PSNR against the copy-the-source baseline), OUT/images (PNG grids) and "
             "OUT/checkpoints (resumable states: --resume). Multi-process and multi-node launch commands: "
-            "vasa/train_latent.py and cluster/README.md."
+            "vasa/stages/train_latent.py and cluster/README.md."
         ),
     )
     parser.add_argument("--shards", type=Path, required=True, help="preprocess output folder (index.json + shards)")
@@ -300,7 +308,7 @@ def _add_train_latent(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def _extract_motion(args: argparse.Namespace, params: Params) -> int:
-    from vasa.motion_data import extract
+    from vasa.stages.extract_motion import extract
 
     counts = extract(params.extract_motion, args.shards, args.latent, args.out, progress=not args.no_progress)
     print(
@@ -332,8 +340,7 @@ def _add_extract_motion(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
 
 
 def _train_motion(args: argparse.Namespace, params: Params) -> int:
-    from vasa.train_latent import deepspeed_config
-    from vasa.train_motion import run
+    from vasa.stages.train_motion import run
 
     result = run(
         params.train_motion,
@@ -371,11 +378,11 @@ def _add_train_motion(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def _export(args: argparse.Namespace, params: Params) -> int:
-    from vasa.export import export
+    from vasa.stages.export import export
 
     digest = export(params, args.latent, args.motion_dit, args.out, dvc_lock=args.dvc_lock)
     if params.export.onnx:
-        from vasa.onnx_export import export_bundle_onnx
+        from vasa.inference.onnx_export import export_bundle_onnx
 
         export_bundle_onnx(args.out)
     print(f"export: bundle {digest[:12]} in {args.out}")
@@ -387,10 +394,10 @@ def _add_export(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "export",
         help="bundle the trained stages into one real-time checkpoint folder",
         description=(
-            "Write the self-describing bundle (vasa/export.py): EMA weights of the stage-1 face latent model and "
-            "the stage-2 motion DiT as safetensors, and model.json with presets, audio-feature settings, crop "
-            "geometry, motion normalisation, sampling/guidance defaults and lineage. Refuses a motion model "
-            "trained on another stage-1 model's motion."
+            "Write the self-describing bundle (vasa/inference/bundle.py): EMA weights of the stage-1 face "
+            "latent model and the stage-2 motion DiT as safetensors, and model.json with presets, audio-feature "
+            "settings, crop geometry, motion normalisation, sampling/guidance defaults and lineage. Refuses a "
+            "motion model trained on another stage-1 model's motion."
         ),
     )
     parser.add_argument("--latent", type=Path, required=True, help="stage-1 model folder (train-latent OUT/model)")
@@ -419,8 +426,8 @@ def _floats(text: str) -> list[float]:
 
 
 def _generate(args: argparse.Namespace, params: Params) -> int:
-    from vasa.export import load_bundle
-    from vasa.generate import generate_file, resolve_device
+    from vasa.inference.bundle import load_bundle
+    from vasa.inference.generate import generate_file, resolve_device
 
     bundle = load_bundle(args.bundle, resolve_device(params.generate.device))
     result = generate_file(
@@ -466,7 +473,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _verify(args: argparse.Namespace, params: Params) -> int:
-    from vasa.verify import verify_file
+    from vasa.labelling.verify import verify_file
 
     report = verify_file(args.video, max_frames=args.max_frames)
     print(json.dumps(report, indent=2))
@@ -486,7 +493,7 @@ def _add_verify(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _demo(args: argparse.Namespace, params: Params) -> int:
-    from vasa.demo import run_demo
+    from vasa.stages.demo import run_demo
 
     report = run_demo(params, args.sample, args.bundle, args.out, args.report)
     print(f"demo: {len(report['videos'])} videos in {args.out}; every check passed: {report['all_ok']}")
@@ -513,7 +520,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def _audit(args: argparse.Namespace, params: Params) -> int:
     from preprocessing import denylist
-    from vasa.audit import audit, write_report
+    from vasa.provenance.audit import audit, write_report
 
     requests = denylist.load(args.denylist) if args.denylist else None
     report = audit(
@@ -537,7 +544,7 @@ def _add_audit(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "audit",
         help="list the clips, speakers and licences that went into a bundle, verified against its lineage",
         description=(
-            "Provenance audit (vasa/audit.py): follow the lineage in TARGET/model.json (a bundle or a "
+            "Provenance audit (vasa/provenance/audit.py): follow the lineage in TARGET/model.json (a bundle or a "
             "train-latent/train-motion model folder) to the shards and the ingest manifest, check their sha256 "
             "against the recorded digests, and write OUT/clips.parquet (every sample trained on or used for "
             "evaluation, and every excluded clip with its reason: speaker, source, licence, media sha256), "
@@ -572,7 +579,7 @@ def _add_audit(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _train_judges(args: argparse.Namespace, params: Params) -> int:
-    from vasa.train_judges import run
+    from vasa.stages.train_judges import run
 
     results = run(
         params.judges, params.evaluate, args.shards, args.out, resume=args.resume, progress=not args.no_progress
@@ -609,7 +616,7 @@ def _add_train_judges(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def _evaluate(args: argparse.Namespace, params: Params) -> int:
-    from vasa.evaluate import run_evaluation
+    from vasa.stages.evaluate import run_evaluation
 
     report = run_evaluation(params, args.shards, args.bundle, args.judges, args.out)
     figures = {

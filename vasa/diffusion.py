@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from vasa.config import DiffusionConfig
+from vasa.core.config import DiffusionConfig
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]  # (x_t (B, W, M), t (B,)) -> x̂_0 (B, W, M)
 COSINE_OFFSET = 0.008  # s of the cosine schedule (Nichol & Dhariwal 2021, eq. 17)

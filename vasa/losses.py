@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
-from vasa.errors import InputError
+from vasa.core.errors import InputError
 
 # torchvision's vgg19 `features` layout, so a converted torchvision state dict loads by key
 # ("features.<index>.weight"). "M" = 2x2 max pool. Perceptual features are taken after relu1_1,

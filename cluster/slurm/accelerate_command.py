@@ -1,11 +1,11 @@
 """Build the `accelerate launch` command of one Slurm node from the job's environment.
 
-Run by cluster/slurm/train_latent.sbatch and train_motion.sbatch (`--module vasa.train_motion`) inside
-`srun` (one task per node): the first host of SLURM_JOB_NODELIST is the rendezvous host, the port is
-derived from the job id (so two jobs sharing a node do not collide), machine_rank is SLURM_NODEID and
-the process count is nodes x GPUs per node. `--print` only prints the command (a dry run: what the
-tests check); otherwise the node's process is replaced by it. Standard library only (it runs before
-anything is imported).
+Run by cluster/slurm/train_latent.sbatch and train_motion.sbatch (`-m vasa.cli`; the subcommand comes with the
+arguments) inside `srun` (one task per node): the first host of SLURM_JOB_NODELIST is the rendezvous host, the
+port is derived from the job id (so two jobs sharing a node do not collide), machine_rank is SLURM_NODEID and
+the process count is nodes x GPUs per node. `--print` only prints the command (a dry run: what the tests
+check); otherwise the node's process is replaced by it. Standard library only (it runs before anything is
+imported).
 """
 
 from __future__ import annotations
@@ -42,9 +42,7 @@ def expand_nodelist(nodelist: str) -> list[str]:
     return hosts
 
 
-def launch_command(
-    env: Mapping[str, str], config: str, script_args: Sequence[str], module: str = "vasa.train_latent"
-) -> list[str]:
+def launch_command(env: Mapping[str, str], config: str, cli_args: Sequence[str]) -> list[str]:
     """The `accelerate launch` argv for this node of the job described by `env` (Slurm variables)."""
     hosts = expand_nodelist(env["SLURM_JOB_NODELIST"])
     nodes = int(env.get("SLURM_NNODES", len(hosts)))
@@ -61,22 +59,23 @@ def launch_command(
         "--main_process_ip", hosts[0],
         "--main_process_port", str(port),
         "--rdzv_backend", "static",
-        "-m", module,
-        *script_args,
+        "-m", "vasa.cli",
+        *cli_args,
     ]  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="cluster/accelerate/multinode.yaml", help="accelerate config file")
-    parser.add_argument(
-        "--module", default="vasa.train_latent", help="training module: vasa.train_latent | vasa.train_motion"
-    )
     parser.add_argument("--print", action="store_true", help="print the command instead of running it")
-    parser.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments of the training module (after --)")
+    parser.add_argument(
+        "script_args",
+        nargs=argparse.REMAINDER,
+        help="`vasa` arguments (after --): [--params P] train-latent|train-motion ...",
+    )
     args = parser.parse_args(argv)
     script_args = args.script_args[1:] if args.script_args[:1] == ["--"] else args.script_args
-    command = launch_command(os.environ, args.config, script_args, args.module)
+    command = launch_command(os.environ, args.config, script_args)
     if args.print:
         print(shlex.join(command))
         return 0

@@ -20,8 +20,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from preprocessing.files import write_json
 from preprocessing.ingest import manifest
+from vasa.core.files import write_json
 
 # Rows whose media is hashed and inspected (a bad metadata file does not stop us probing its media).
 PROBED_STATUSES = (manifest.OK, manifest.BAD_METADATA)

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from preprocessing.denylist import TAKEN_DOWN
 from preprocessing.schema import SPLITS, TRAIN
-from vasa.errors import InputError
+from vasa.core.errors import InputError
 
 # Status values. Anything but OK is excluded downstream and explained in `error`.
 OK = "ok"

@@ -9,8 +9,8 @@ import os
 from pathlib import Path, PurePosixPath
 
 from preprocessing.ingest import manifest
-from vasa.config import LocalSourceConfig
-from vasa.errors import InputError
+from vasa.core.config import LocalSourceConfig
+from vasa.core.errors import InputError
 
 
 class SourceError(InputError):

@@ -37,7 +37,7 @@ from preprocessing.sample.portraits import (
     UPPER_INNER_LIP,
     Portrait,
 )
-from vasa.config import MotionConfig
+from vasa.core.config import MotionConfig
 
 MOUTH_INTERIOR_RGB = (70, 22, 28)
 TEETH_RGB = (222, 216, 205)

@@ -13,7 +13,6 @@ Layout of the output folder:
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -28,14 +27,15 @@ from pathlib import Path
 import numpy as np
 import soxr
 
-from preprocessing.files import write_json
 from preprocessing.media import AAC_FRAME, write_mp4
 from preprocessing.pose import matrix_to_euler
 from preprocessing.sample import tts
 from preprocessing.sample.animate import FaceRig, MotionTrack, motion_track, speech_envelope
 from preprocessing.sample.portraits import prepare_portrait
 from preprocessing.schema import SCHEMA_VERSION
-from vasa.config import IdentityConfig, SampleConfig
+from vasa.core import digests
+from vasa.core.config import IdentityConfig, SampleConfig
+from vasa.core.files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -68,20 +68,11 @@ MAX_SENTENCES = 3
 INDEX_NAME = "index.json"
 # Packages whose version changes a clip's bytes; part of `plan_key`.
 VERSIONED_PACKAGES = ("av", "espeakng-loader", "numpy", "opencv-contrib-python", "soxr", "vasa-pipeline")
-# Source files whose content shapes a clip's bytes (the truth's rest pose comes from preprocessing.pose
-# and the face template); part of `plan_key`, so a re-run never keeps clips made by other code.
-PREPROCESSING = Path(__file__).resolve().parents[1]
-CODE_FILES = (
-    "sample/animate.py",
-    "sample/corpus.py",
-    "sample/meshes.py",
-    "sample/portraits.py",
-    "sample/tts.py",
-    "media.py",
-    "pose.py",
-    "schema.py",  # its version is written into every truth file
-    "assets/face_template.npz",
-)
+# The code that shapes a clip's bytes is the import closure of this module (the truth's rest pose comes
+# from preprocessing.pose) plus the face template; part of `plan_key`, so a re-run never keeps clips
+# made by other code.
+CODE_MODULES = ("preprocessing.sample.corpus",)
+CODE_ASSETS = ("preprocessing/assets/face_template.npz",)
 
 
 @dataclass(frozen=True)
@@ -155,14 +146,9 @@ def plan_key(plan: ClipPlan, cfg: SampleConfig) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-@functools.cache
 def code_digest() -> str:
-    """sha256 over the content of CODE_FILES (read once per process)."""
-    digest = hashlib.sha256()
-    for name in CODE_FILES:
-        content = (PREPROCESSING / name).read_bytes()
-        digest.update(f"{name}\0{len(content)}\0".encode() + content)
-    return digest.hexdigest()
+    """sha256 over the code that shapes a clip (CODE_MODULES' import closure, CODE_ASSETS)."""
+    return digests.code_digest(CODE_MODULES, CODE_ASSETS)
 
 
 def make_clip(plan: ClipPlan, cfg: SampleConfig, out_dir: Path) -> dict:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from vasa.evaluation.judge_data import JudgeClip, normalise_mel
+from vasa.loaders.judge_clips import JudgeClip, normalise_mel
 
 CAPP = "capp"
 POSE_UNIT_DEG = 0.5  # per-frame change; the sample corpus moves ~0.3-0.5 deg per frame

@@ -21,8 +21,8 @@ from torch.nn import functional as F
 
 from preprocessing.face import FaceMeshTracker
 from preprocessing.pose import head_pose
-from vasa.data import to_uint8
 from vasa.models.face_latent import FaceLatent
+from vasa.models.images import to_uint8
 
 JUDGE_SIDE = 256  # renderings are upsampled to this side before FaceMesh (it misses faces at 64²)
 MIN_GAP_DEG = 2.0  # pairs whose measured A/B rotation gap is smaller say nothing about the direction

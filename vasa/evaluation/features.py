@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import torch
 
-from vasa.errors import InputError
+from vasa.core.errors import InputError
 from vasa.evaluation.metrics import cosine, frechet_distance
 
 IDENTITY_SIDE = 112

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from vasa.evaluation.judge_data import MOUTH_H, MOUTH_W, JudgeClip, normalise_mel
+from vasa.loaders.judge_clips import MOUTH_H, MOUTH_W, JudgeClip, normalise_mel
 
 SYNC = "sync"
 FRAMES = 5  # video frames per window (SyncNet: 5 frames = 0.2 s at 25 fps)

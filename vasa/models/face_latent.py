@@ -15,13 +15,13 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from vasa.core.weights import load_weights
 from vasa.models.appearance_encoder import AppearanceEncoder
 from vasa.models.decoder import Decoder
 from vasa.models.identity_encoder import CosFaceHead, IdentityEncoder
 from vasa.models.motion_encoder import MotionEncoder
 from vasa.models.presets import LatentPreset, preset_from_json
 from vasa.models.warping import WarpingGenerator, compose_grids, sample_volume
-from vasa.training.checkpoint import load_weights
 
 
 @dataclass(frozen=True)

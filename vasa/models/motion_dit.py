@@ -27,6 +27,10 @@ CONDITIONS = ("context", "audio", "gaze", "distance", "emotion")  # what `drop` 
 GAZE_UNIT_DEG = 30.0  # gaze (theta, phi) in degrees is divided by this so the inputs are ~unit
 FREQUENCY_DIM = 256  # sinusoidal timestep features (DiT)
 
+# The emotion condition: the shards' expression columns that neither the speech (mouth) nor blinks (eyes)
+# drive (preprocessing.schema EXPRESSION_COLUMNS).
+EMOTION_COLUMNS = ("smile", "brow_raise")
+
 
 def timestep_embedding(t: Tensor, dim: int = FREQUENCY_DIM, max_period: float = 10_000.0) -> Tensor:
     """Sinusoidal features of the noise level: t (B,) in [0, T) -> (B, dim) in [-1, 1]."""

@@ -12,7 +12,6 @@ Two kinds:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -20,54 +19,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from preprocessing.files import atomic_path, read_json, write_json
+from vasa.core.digests import sha256_file
+from vasa.core.files import atomic_path, read_json, write_json
+from vasa.core.weights import contiguous_cpu
 
-MODEL_JSON = "model.json"
 ENGINE_JSON = "engine.json"
+
+
 EMA_FILE = "ema.safetensors"
+
+
 STEP_PREFIX = "step_"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _contiguous_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").contiguous() for k, v in sorted(state.items())}
-
-
-def write_weights(folder: Path, weights: dict[str, dict[str, torch.Tensor]], meta: dict) -> None:
-    """Write `<name>.safetensors` for each module's state dict and `model.json` = meta + file sha256s.
-
-    Same tensors and meta give the same bytes (sorted keys, no time stamps).
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    files = {}
-    for name, state in sorted(weights.items()):
-        path = folder / f"{name}.safetensors"
-        with atomic_path(path) as tmp:
-            save_file(_contiguous_cpu(state), str(tmp), metadata={"module": name})
-        path.chmod(0o644)  # the temporary file's private mode must not stick to a published artifact
-        files[name] = {"file": path.name, "sha256": sha256_file(path)}
-    write_json(folder / MODEL_JSON, {**meta, "weights": files})
-
-
-def load_weights(folder: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-    """Read what `write_weights` wrote; verifies each file's sha256. Returns (weights by module, meta)."""
-    meta = read_json(folder / MODEL_JSON)
-    if meta is None:
-        raise FileNotFoundError(f"{folder / MODEL_JSON}: missing or unreadable")
-    weights = {}
-    for name, entry in meta["weights"].items():
-        path = folder / entry["file"]
-        if sha256_file(path) != entry["sha256"]:
-            raise ValueError(f"{path}: sha256 does not match {MODEL_JSON}")
-        weights[name] = load_file(str(path))
-    return weights, meta
 
 
 def shards_lineage(index_path: Path) -> dict:
@@ -105,7 +67,7 @@ def write_engine_state(folder: Path, ema: dict[str, dict[str, torch.Tensor]], in
     """EMA shadows (keys `<module>/<param>`) and the engine's JSON; engine.json last marks completion."""
     flat = {f"{name}/{key}": value for name, state in ema.items() for key, value in state.items()}
     with atomic_path(folder / EMA_FILE) as tmp:
-        save_file(_contiguous_cpu(flat), str(tmp))
+        save_file(contiguous_cpu(flat), str(tmp))
     write_json(folder / ENGINE_JSON, info)
 
 

@@ -30,8 +30,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from vasa.config import TrainConfig
-from vasa.errors import InputError
+from vasa.core.config import TrainConfig
+from vasa.core.errors import InputError
+from vasa.core.weights import write_weights
 from vasa.training import checkpoint
 from vasa.training.ema import EMA
 from vasa.training.schedule import lr_factor
@@ -399,7 +400,7 @@ def train(
             evaluation = evaluate(final)
             monitor.summary(evaluation)
         info = {**meta, "task": task.describe(), "step": run.step, "ema_decay": cfg.ema_decay}
-        checkpoint.write_weights(layout.model, {n: final[n].state_dict() for n in run.ema}, info)
+        write_weights(layout.model, {n: final[n].state_dict() for n in run.ema}, info)
     monitor.close()
     digests = run.parameter_digests()
     run.accelerator.wait_for_everyone()

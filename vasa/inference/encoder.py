@@ -1,0 +1,72 @@
+"""The stage-1 motion encoder at inference: a trained stage-1 output folder -> per frame [z_pose, z_dyn].
+
+Used by stage `extract_motion` (the DiT's training data) and by generation (the portrait's own motion).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vasa.core.errors import InputError
+from vasa.core.weights import load_weights
+from vasa.models.images import to_tensor
+
+log = logging.getLogger(__name__)
+
+
+GENERATOR = "generator"  # the stage-1 module holding the motion encoder (vasa/training/latent_task.py)
+
+
+@dataclass
+class Stage1Encoder:
+    """The stage-1 motion encoder with its EMA weights: (B, 3, S, S) in [-1, 1] -> (B, 7 + Z)."""
+
+    module: torch.nn.Module
+    resolution: int  # S
+    weights_sha256: str  # of the generator's safetensors file (from model.json, verified on load)
+    device: torch.device
+
+    @torch.no_grad()
+    def encode(self, frames: np.ndarray, batch_size: int) -> np.ndarray:
+        """(T, S, S, 3) uint8 RGB -> (T, 7 + Z) float32 [z_pose, z_dyn], `batch_size` frames at a time."""
+        out = []
+        for start in range(0, len(frames), batch_size):
+            batch = torch.stack([to_tensor(f) for f in frames[start : start + batch_size]]).to(self.device)
+            pose, dyn = self.module(batch)
+            out.append(torch.cat([pose, dyn], dim=1).float().cpu().numpy())
+        return np.concatenate(out).astype(np.float32)
+
+
+def load_stage1_encoder(model_dir: Path, device: str) -> Stage1Encoder:
+    """The motion encoder out of a stage-1 output folder (model.json + generator.safetensors; sha256
+    checked, no pickle). `device`: auto | cpu | cuda."""
+    from vasa.models.motion_encoder import MotionEncoder
+    from vasa.models.presets import preset_from_json
+
+    try:
+        weights, meta = load_weights(model_dir)
+    except (FileNotFoundError, OSError, KeyError) as err:
+        raise InputError(f"{model_dir}: no stage-1 model ({err}); run train-latent first") from None
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    if GENERATOR not in weights:
+        raise InputError(f"{model_dir}: no `{GENERATOR}` weights (modules: {sorted(weights)})")
+    described = meta.get("task", {}).get("preset")
+    if not isinstance(described, dict):
+        raise InputError(f"{model_dir}/model.json: no task.preset block")
+    preset = preset_from_json(described)
+    prefix = "motion."
+    state = {k[len(prefix) :]: v for k, v in weights[GENERATOR].items() if k.startswith(prefix)}
+    module = MotionEncoder(preset)
+    module.load_state_dict(state, strict=True)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("extract_motion.device is cuda but no GPU is available")
+    target = torch.device(device)
+    return Stage1Encoder(module.to(target).eval(), preset.resolution, meta["weights"][GENERATOR]["sha256"], target)

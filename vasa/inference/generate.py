@@ -1,0 +1,407 @@
+"""Generate talking faces (`vasa generate`): one portrait + one speech clip -> a labelled mp4.
+
+    portrait --FaceMesh--> box crop (the shards' geometry) --encoders--> canonical face, z_id      (once)
+    speech --log-mel--> audio features --motion DiT, window by window--> pose + z_dyn per frame
+    per frame: warp + decode (stage 1 renderer) -> paste back into the portrait (feathered) -> watermark
+    -> H.264 + the original audio (PyAV) with container tags -> C2PA manifest (vasa/labelling/labels.py)
+
+`stream` is the same path as a generator: audio chunks in, frame chunks out, one motion window at a
+time (memory bounded by one window whatever the length). `generate` drives it over a whole file.
+Reenactment: `driving` frames give pose and dynamics from the motion encoder instead of the DiT;
+`pose_from` / `dynamics_from` take one factor from a driving video and keep the other.
+
+Inputs fail with a clear `InputError` and leave no output file: no face in the portrait (several:
+the largest is used and a warning says so), unreadable or silent audio, audio over the length limit.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from preprocessing import face as face_mod
+from preprocessing.audio import log_mel
+from preprocessing.decode import DecodeError
+from preprocessing.media import VideoWriter
+from vasa.core.config import AudioFeatureConfig, DiffusionConfig, FaceConfig, GenerateConfig
+from vasa.core.errors import InputError
+from vasa.diffusion import NoiseSchedule, sliding_windows
+from vasa.inference.bundle import Bundle
+from vasa.inference.encoder import Stage1Encoder
+from vasa.inference.portrait import IMAGE_SUFFIXES, Paster, Portrait, prepare_portrait
+from vasa.inference.speech import AudioFeatures, load_speech
+from vasa.models.face_latent import Canonical
+from vasa.models.images import to_tensor, to_uint8
+from vasa.models.motion_encoder import POSE_DIM
+
+log = logging.getLogger(__name__)
+
+
+# --- the generator -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Conditions:
+    """Per-clip conditions of the motion DiT (VASA-1 §3.2) and guidance/sampling settings."""
+
+    gaze: np.ndarray  # (2,) degrees
+    distance: float
+    emotion: np.ndarray  # (E,)
+    cfg_audio: float
+    cfg_gaze: float
+    steps: int
+    seed: int
+
+
+@dataclass
+class Session:
+    """A portrait ready to animate: the canonical face is computed once."""
+
+    bundle: Bundle
+    portrait: Portrait
+    canonical: Canonical
+    z_id: torch.Tensor  # (1, I)
+    own_motion: torch.Tensor  # (1, 7 + Z) the portrait's own pose and dynamics (model units)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def open_session(bundle: Bundle, portrait: Portrait) -> Session:
+    start = time.perf_counter()
+    image = to_tensor(portrait.crop)[None].to(bundle.device)
+    code = bundle.face.encode(image)
+    canonical = bundle.face.canonical(code, image)
+    if bundle.device.type == "cuda":
+        torch.cuda.synchronize()
+    session = Session(bundle, portrait, canonical, code.z_id, torch.cat([code.pose, code.dyn], dim=1))
+    session.timings["encode_s"] = time.perf_counter() - start
+    # librosa compiles its STFT helpers (numba) on first use: seconds that must not land on the first window.
+    audio = bundle.meta["audio"]
+    log_mel(np.zeros(audio["sample_rate"] // 5, np.float32), audio["sample_rate"], bundle.meta["fps"],
+            AudioFeatureConfig(**audio["features"]))  # fmt: skip
+    session.timings["warmup_s"] = time.perf_counter() - start - session.timings["encode_s"]
+    return session
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on a GPU that supports it (fp16 otherwise), plain fp32 on CPU."""
+    if device.type != "cuda":
+        return torch.autocast("cpu", enabled=False)
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def denormalise(motion: torch.Tensor, stats: dict) -> torch.Tensor:
+    """Normalised DiT motion (..., M) -> model units (z_pose, z_dyn), as extract_motion encoded them."""
+    mean = motion.new_tensor(stats["motion"]["mean"])
+    std = motion.new_tensor(stats["motion"]["std"])
+    return motion * std + mean
+
+
+@torch.no_grad()
+def render(session: Session, motion: torch.Tensor, batch: int) -> np.ndarray:
+    """(T, 7 + Z) model-unit motion -> (T, S, S, 3) uint8 crops."""
+    face, out = session.bundle.face, []
+    for start in range(0, len(motion), batch):
+        part = motion[start : start + batch].to(session.bundle.device)
+        n = len(part)
+        canon = Canonical(
+            volume=session.canonical.volume.expand(n, -1, -1, -1, -1),
+            source_grid=session.canonical.source_grid.expand(n, -1, -1, -1, -1),
+            image=session.canonical.image.expand(n, -1, -1, -1),
+        )
+        with autocast(session.bundle.device):
+            images = face.render(canon, session.z_id.expand(n, -1), part[:, :POSE_DIM], part[:, POSE_DIM:])
+        out.append(to_uint8(images))
+    return np.concatenate(out)
+
+
+def stream(
+    session: Session,
+    audio_chunks: Iterable[np.ndarray],
+    conditions: Conditions,
+    *,
+    crop_only: bool = False,
+    render_batch: int = 25,
+    feather: float = 0.12,
+    driving: torch.Tensor | None = None,
+    pose_from: torch.Tensor | None = None,
+    dynamics_from: torch.Tensor | None = None,
+) -> Iterator[np.ndarray]:
+    """Audio chunks ((n,) float32 at the bundle's sample rate) in, frame chunks ((F, H, W, 3) uint8) out.
+
+    A window of W frames is generated as soon as its audio (plus the STFT's half window) has arrived, so
+    the first frames come after W / fps seconds of audio plus one window's compute. `driving` (T, 7 + Z)
+    replaces the DiT's motion (reenactment); `pose_from` / `dynamics_from` replace one factor only.
+    Exactly one frame per whole 1/fps of audio.
+    """
+    bundle, meta = session.bundle, session.bundle.meta
+    dit, stats, device = bundle.dit, meta["normalisation"], bundle.device
+    features = AudioFeatures(meta["audio"]["sample_rate"], meta["fps"], AudioFeatureConfig(**meta["audio"]["features"]),
+                             stats["audio"])  # fmt: skip
+    sampling = meta["sampling"]
+    schedule = NoiseSchedule(
+        DiffusionConfig(train_steps=sampling["train_steps"], schedule=sampling["schedule"],
+                        sampling_steps=conditions.steps, eta=sampling["eta"])
+    )  # fmt: skip
+    gaze = torch.as_tensor(conditions.gaze, dtype=torch.float32)[None]
+    distance = torch.tensor([[conditions.distance]], dtype=torch.float32)
+    emotion = torch.as_tensor(conditions.emotion, dtype=torch.float32)[None]
+    scales = {"audio": conditions.cfg_audio, "gaze": conditions.cfg_gaze}
+    paster = None if crop_only else Paster(session.portrait, meta["crop"]["crop_size"], feather)
+    context: tuple[torch.Tensor, torch.Tensor] | None = None
+    produced = 0
+
+    def window_frames(feats: np.ndarray) -> Iterator[np.ndarray]:
+        """One window (n <= W frames of features) -> its n output frames, `render_batch` at a time."""
+        nonlocal context, produced
+        audio = torch.from_numpy(feats)[None]
+        with autocast(device):
+            (_, motion), *_ = sliding_windows(
+                dit, schedule, audio, gaze, distance, emotion, steps=conditions.steps, eta=float(sampling["eta"]),
+                scales=scales, seed=conditions.seed + produced,
+                motion_pre=None if context is None else context[0], audio_pre=None if context is None else context[1],
+            )  # fmt: skip
+        n, k = motion.shape[1], dit.context
+        if n >= k:  # the next window is conditioned on this one's last K frames and their audio
+            context = (motion[:, n - k :], audio[:, n - k :].to(motion.device))
+        units = _override(denormalise(motion[0].float().cpu(), stats), produced, driving, pose_from, dynamics_from)
+        produced += n
+        for start in range(0, n, render_batch):  # yield as soon as a batch is drawn, not after the whole window
+            crops = render(session, units[start : start + render_batch], render_batch)
+            yield crops if crop_only else paster(crops)
+
+    pending = np.zeros((0, features.dim), np.float32)
+    for chunk in audio_chunks:
+        pending = np.concatenate([pending, features.push(chunk)])
+        while len(pending) >= dit.window:
+            yield from window_frames(pending[: dit.window])
+            pending = pending[dit.window :]
+    pending = np.concatenate([pending, features.finish()])
+    for start in range(0, len(pending), dit.window):
+        yield from window_frames(pending[start : start + dit.window])
+
+
+def _override(
+    units: torch.Tensor,
+    start: int,
+    driving: torch.Tensor | None,
+    pose_from: torch.Tensor | None,
+    dynamics_from: torch.Tensor | None,
+) -> torch.Tensor:
+    """Reenactment: frames [start, start + len(units)) of the driving motion replace the generated ones
+    (the last driving frame is held when the audio is longer)."""
+
+    def take(source: torch.Tensor) -> torch.Tensor:
+        index = torch.arange(start, start + len(units)).clamp(max=len(source) - 1)
+        return source[index]
+
+    if driving is not None:
+        return take(driving)
+    units = units.clone()
+    if pose_from is not None:
+        units[:, :POSE_DIM] = take(pose_from)[:, :POSE_DIM]
+    if dynamics_from is not None:
+        units[:, POSE_DIM:] = take(dynamics_from)[:, POSE_DIM:]
+    return units
+
+
+@torch.no_grad()
+def encode_video(bundle: Bundle, path: Path, face_cfg: FaceConfig, crop_size: int) -> torch.Tensor:
+    """(T, 7 + Z) motion-encoder output for a driving video: its face box-cropped as the shards crop it."""
+    from preprocessing.decode import read_frames
+
+    try:
+        frames, rate = read_frames(path)  # video only: a driving video needs no audio
+    except DecodeError as err:
+        raise InputError(f"{path}: unreadable driving video ({err})") from None
+    fps = bundle.meta["fps"]
+    if rate > 0 and abs(rate - fps) > 0.01:  # resample in time to the bundle's frame rate (nearest frame)
+        count = max(1, int(len(frames) * fps / rate))
+        frames = frames[np.minimum((np.arange(count) * rate / fps).astype(np.int64), len(frames) - 1)]
+    track = face_mod.get_tracker(face_cfg).track(frames)
+    if not np.isfinite(track.landmarks[:, :, 0]).any():
+        raise InputError(f"{path}: no face in the driving video")
+    transform = face_mod.box_transform(track.landmarks, crop_size, face_cfg.crop_scale, frames.shape[1:3])
+    crops = face_mod.apply_crops(frames, np.repeat(transform[None], len(frames), 0), crop_size)
+    side = bundle.resolution
+    small = np.stack([cv2.resize(c, (side, side), interpolation=cv2.INTER_AREA) for c in crops])
+    encoder = Stage1Encoder(bundle.face.motion, side, bundle.sha256, bundle.device)  # extract_motion's encoder
+    return torch.from_numpy(encoder.encode(small, batch_size=64))
+
+
+def chunks(audio: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    for start in range(0, len(audio), size):
+        yield audio[start : start + size]
+
+
+def conditions_for(portrait: Portrait, bundle: Bundle, cfg: GenerateConfig, **overrides) -> Conditions:
+    """The portrait's own gaze, distance and emotion unless overridden; the bundle's guidance defaults."""
+    sampling = bundle.meta["sampling"]
+    values = {
+        "gaze": portrait.gaze,
+        "distance": portrait.distance,
+        "emotion": portrait.emotion,
+        "cfg_audio": sampling["cfg_audio"],
+        "cfg_gaze": sampling["cfg_gaze"],
+        "steps": cfg.steps or sampling["steps"],
+        "seed": cfg.seed,
+    }
+    values |= {k: v for k, v in overrides.items() if v is not None}
+    values["gaze"] = np.asarray(values["gaze"], np.float32)
+    values["emotion"] = np.asarray(values["emotion"], np.float32)
+    return Conditions(**values)
+
+
+def write_video(
+    out: Path,
+    frames: Iterable[np.ndarray],
+    audio: np.ndarray,
+    sample_rate: int,
+    fps: int,
+    cfg: GenerateConfig,
+    tags: dict[str, str],
+    watermark=None,
+) -> int:
+    """Encode frame chunks + the audio into `out` (temporary name until complete). Returns frames written."""
+    writer: VideoWriter | None = None
+    count = 0
+    try:
+        for chunk in frames:
+            if watermark is not None:
+                chunk = watermark.apply(chunk)
+            if writer is None:
+                writer = VideoWriter(out, chunk.shape[2], chunk.shape[1], fps, cfg.crf, cfg.preset,
+                                     audio_rate=sample_rate, metadata=tags)  # fmt: skip
+            for frame in chunk:
+                writer.write(frame)
+            count += len(chunk)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if writer is None:
+        raise InputError("no frames were generated (audio shorter than one video frame)")
+    writer.close(audio[: math.ceil(count * sample_rate / fps)])
+    return count
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("generate.device is cuda but no GPU is available")
+    return torch.device(device)
+
+
+# --- one call: files in, a labelled mp4 out ------------------------------------------------------------
+
+
+def package_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("vasa-pipeline")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass
+class Result:
+    path: Path
+    frames: int
+    seconds: float  # audio duration
+    bundle_sha256: str
+    signed: bool
+    timings: dict[str, float]
+
+
+def generate_file(
+    bundle: Bundle,
+    image: Path,
+    audio_path: Path,
+    out: Path,
+    params_generate: GenerateConfig,
+    face_cfg: FaceConfig,
+    *,
+    crop_only: bool = False,
+    driving_video: Path | None = None,
+    pose_from: Path | None = None,
+    dynamics_from: Path | None = None,
+    **overrides,
+) -> Result:
+    """portrait + speech -> `out` (mp4, H.264 + AAC), labelled: container tags, watermark, C2PA manifest.
+
+    `overrides`: gaze, distance, emotion, cfg_audio, cfg_gaze, steps, seed (None = default). Nothing is
+    left at `out` (or beside it) when anything fails.
+    """
+    from vasa.labelling import labels
+    from vasa.labelling.watermark import Watermarker
+
+    cfg = params_generate
+    if out.suffix.lower() != ".mp4":
+        raise InputError(f"{out}: the output must be an .mp4 file")
+    if Path(image).suffix.lower() not in IMAGE_SUFFIXES:
+        raise InputError(f"{image}: not an image file ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    for path, what in ((image, "portrait"), (audio_path, "audio"), (driving_video, "driving video"),
+                       (pose_from, "pose video"), (dynamics_from, "dynamics video")):  # fmt: skip
+        if path is not None and not Path(path).is_file():
+            raise InputError(f"{path}: {what} not found")
+    meta = bundle.meta
+    rate, fps, crop_size = meta["audio"]["sample_rate"], meta["fps"], meta["crop"]["crop_size"]
+    start = time.perf_counter()
+    portrait = prepare_portrait(Path(image), bundle.resolution, crop_size, face_cfg, cfg.max_side)
+    speech = load_speech(Path(audio_path), rate, cfg)
+    motion_sources = {}
+    for name, path in (("driving", driving_video), ("pose_from", pose_from), ("dynamics_from", dynamics_from)):
+        if path is not None:
+            motion_sources[name] = encode_video(bundle, Path(path), face_cfg, crop_size)
+    session = open_session(bundle, portrait)
+    conditions = conditions_for(portrait, bundle, cfg, **overrides)
+    frames = stream(
+        session, chunks(speech, rate), conditions, crop_only=crop_only, render_batch=cfg.render_batch,
+        feather=cfg.feather, **motion_sources,
+    )  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    unsigned = out.with_name(f".{out.stem}.unsigned.mp4")
+    tags = labels.container_tags(bundle.sha256, package_version())
+    marker = Watermarker(bytes.fromhex(bundle.sha256)[:8])
+    try:
+        count = write_video(unsigned, frames, speech, rate, fps, cfg, tags, watermark=marker)
+        signed = _sign(unsigned, out, cfg, bundle.sha256)
+    finally:
+        unsigned.unlink(missing_ok=True)
+    seconds = len(speech) / rate
+    timings = {"total_s": time.perf_counter() - start, **session.timings}
+    log.info("%s: %d frames (%.2f s of audio), bundle %s, C2PA %s", out, count, seconds, bundle.sha256[:12],
+             "signed" if signed else "off")  # fmt: skip
+    return Result(out, count, seconds, bundle.sha256, signed, timings)
+
+
+def _sign(unsigned: Path, out: Path, cfg: GenerateConfig, bundle_sha256: str) -> bool:
+    """C2PA-sign `unsigned` into `out` (or move it there unsigned when signing is off). True if signed."""
+    import tempfile
+
+    from vasa.labelling import labels
+
+    if cfg.c2pa.chain and cfg.c2pa.key:
+        labels.sign_c2pa(unsigned, out, Path(cfg.c2pa.chain), Path(cfg.c2pa.key), bundle_sha256, package_version())
+        return True
+    if cfg.c2pa.dev_certificate:
+        # A throwaway, untrusted certificate that lives only for this call: the manifest still says
+        # "AI-generated" and detects tampering; only a C2PA-trusted CA makes it trusted.
+        with tempfile.TemporaryDirectory(prefix="vasa-dev-cert-") as folder:
+            chain, key = labels.make_dev_certificate(Path(folder))
+            labels.sign_c2pa(unsigned, out, chain, key, bundle_sha256, package_version())
+        return True
+    log.warning("generate.c2pa: no certificate and dev_certificate off: %s has no C2PA manifest", out)
+    unsigned.replace(out)
+    return False

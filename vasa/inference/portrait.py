@@ -1,0 +1,136 @@
+"""The portrait side of generation: find the face, place the shards' crop on it, measure its conditions,
+and blend rendered crops back into it (vasa/inference/generate.py runs these)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from preprocessing import face as face_mod
+from preprocessing import pose as pose_mod
+from vasa.core.config import FaceConfig
+from vasa.core.errors import InputError
+from vasa.models.motion_dit import EMOTION_COLUMNS
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+@dataclass
+class Portrait:
+    """A prepared portrait: the frame to paste into, the crop transform and the measured conditions."""
+
+    frame: np.ndarray  # (H, W, 3) uint8 RGB, H and W even, longer side <= max_side
+    transform: np.ndarray  # (2, 3) frame pixels -> crop pixels (crop side = crop_size)
+    crop: np.ndarray  # (S, S, 3) uint8 model-resolution crop
+    gaze: np.ndarray  # (2,) degrees, theta/phi, as the shards measure it
+    distance: float  # log(crop_size / scale_px), as extract_motion computes it
+    emotion: np.ndarray  # (E,) EMOTION_COLUMNS of the expression descriptor
+    faces: int  # faces FaceMesh found (the largest is used)
+
+
+def read_portrait(path: Path, max_side: int) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of an image file, reduced so the longer side is at most max_side, even sides."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            rgb = image.convert("RGB")
+    except FileNotFoundError:
+        raise InputError(f"{path}: portrait not found") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise InputError(f"{path}: not a readable image ({err})") from None
+    scale = min(1.0, max_side / max(rgb.size))
+    width, height = (max(2, int(round(side * scale)) // 2 * 2) for side in rgb.size)
+    if (width, height) != rgb.size:
+        rgb = rgb.resize((width, height), Image.Resampling.LANCZOS)
+    return np.asarray(rgb, dtype=np.uint8).copy()
+
+
+def largest_face(detections: np.ndarray, count: int) -> np.ndarray:
+    """(478, 3) landmarks of the largest of `count` detections (2, 478, 3) NaN-padded."""
+    boxes = face_mod.landmark_boxes(detections[:count])  # (n, 4) x0, y0, x1, y1
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return detections[int(np.nanargmax(areas))]
+
+
+def prepare_portrait(path: Path, resolution: int, crop_size: int, face_cfg: FaceConfig, max_side: int) -> Portrait:
+    """Detect the face, place the shards' box crop on it and measure gaze, distance and emotion."""
+    frame = read_portrait(path, max_side)
+    tracker = face_mod.get_tracker(face_cfg)
+    detections, counts = _detect(tracker, frame)
+    faces = int(counts[0])
+    if faces == 0:
+        raise InputError(f"{path}: no face found in the portrait")
+    landmarks = largest_face(detections[0], faces)
+    if faces > 1:
+        log.warning("%s: %d faces found; animating the largest", path, faces)
+    transform = face_mod.box_transform(landmarks[None], crop_size, face_cfg.crop_scale, frame.shape[:2])
+    crop = face_mod.crop_frame(frame, transform, crop_size)
+    if crop_size != resolution:
+        crop = cv2.resize(crop, (resolution, resolution), interpolation=cv2.INTER_AREA)
+    in_crop = face_mod.transform_points(landmarks[None], transform[None])  # (1, 478, 3) crop pixels
+    head = pose_mod.head_pose(in_crop)
+    gaze = pose_mod.gaze(in_crop, head)[0]
+    expression = pose_mod.expression(in_crop, head)[0]
+    columns = [pose_mod.EXPRESSION_COLUMNS.index(c) for c in EMOTION_COLUMNS]
+    return Portrait(
+        frame=frame,
+        transform=transform,
+        crop=np.ascontiguousarray(crop),
+        gaze=np.nan_to_num(gaze).astype(np.float32),
+        distance=float(np.log(crop_size / head.scale[0])),
+        emotion=expression[columns].astype(np.float32),
+        faces=faces,
+    )
+
+
+def _detect(tracker: face_mod.FaceMeshTracker, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    tracker.reset()  # a still image: detection from scratch, no state from an earlier clip
+    return tracker.detect(frame[None])
+
+
+class Paster:
+    """Blends rendered crops back into the portrait through the inverse crop transform, with a feathered
+    edge. The mask and its warp are computed once per portrait; only the mask's bounding box is blended."""
+
+    def __init__(self, portrait: Portrait, crop_size: int, feather: float) -> None:
+        height, width = portrait.frame.shape[:2]
+        self.portrait, self.crop_size = portrait, crop_size
+        self.inverse = cv2.invertAffineTransform(portrait.transform)
+        ramp = max(1, int(round(feather * crop_size)))
+        mask = np.zeros((crop_size, crop_size), np.float32)
+        mask[ramp:-ramp, ramp:-ramp] = 1.0
+        mask = cv2.GaussianBlur(mask, (0, 0), sigmaX=ramp / 2) if ramp > 1 else mask
+        alpha = cv2.warpAffine(mask, self.inverse, (width, height), flags=cv2.INTER_LINEAR, borderValue=0.0)
+        rows, cols = np.nonzero(alpha > 0)
+        if len(rows) == 0:
+            raise InputError("the face crop lies outside the portrait")
+        self.box = (rows.min(), rows.max() + 1, cols.min(), cols.max() + 1)
+        top, bottom, left, right = self.box
+        self.alpha = alpha[top:bottom, left:right, None]
+        self.base = portrait.frame[top:bottom, left:right].astype(np.float32)
+        # The crop -> portrait warp, shifted so it writes straight into the box.
+        self.warp = self.inverse - np.array([[0, 0, left], [0, 0, top]], dtype=np.float64)
+
+    def __call__(self, crops: np.ndarray) -> np.ndarray:
+        """(T, S, S, 3) uint8 crops -> (T, H, W, 3) uint8 frames."""
+        top, bottom, left, right = self.box
+        size = (right - left, bottom - top)
+        out = np.repeat(self.portrait.frame[None], len(crops), axis=0)
+        for index, crop in enumerate(crops):
+            big = cv2.resize(crop, (self.crop_size, self.crop_size), interpolation=cv2.INTER_CUBIC)
+            placed = cv2.warpAffine(big, self.warp, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            blend = self.alpha * placed + (1 - self.alpha) * self.base
+            out[index, top:bottom, left:right] = np.clip(blend, 0, 255).round().astype(np.uint8)
+        return out
+
+
+def paste_back(portrait: Portrait, crops: np.ndarray, crop_size: int, feather: float) -> np.ndarray:
+    """(T, S, S, 3) rendered crops blended into the portrait frame through the crop transform: (T, H, W, 3)."""
+    return Paster(portrait, crop_size, feather)(crops)

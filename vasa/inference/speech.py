@@ -1,0 +1,90 @@
+"""The speech side of generation: load any audio file as speech, and the shards' log-mel features computed
+from audio arriving in chunks (vasa/inference/generate.py runs these)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from preprocessing.audio import log_mel, mel_frames_per_video_frame
+from preprocessing.decode import DecodeError, read_audio
+from vasa.core.config import AudioFeatureConfig, GenerateConfig
+from vasa.core.errors import InputError
+
+
+def load_speech(path: Path, sample_rate: int, cfg: GenerateConfig) -> np.ndarray:
+    """(N,) float32 mono speech at `sample_rate`; InputError if unreadable, silent or too long."""
+    if not Path(path).is_file():
+        raise InputError(f"{path}: audio not found")
+    try:
+        audio = read_audio(path, sample_rate)
+    except DecodeError as err:
+        raise InputError(f"{path}: unreadable audio ({err})") from None
+    seconds = len(audio) / sample_rate
+    if seconds < 1 / 25:
+        raise InputError(f"{path}: no audio samples")
+    if seconds > cfg.max_audio_seconds:
+        raise InputError(
+            f"{path}: {seconds:.1f} s of audio is over generate.max_audio_seconds ({cfg.max_audio_seconds:g} s)"
+        )
+    rms = float(np.sqrt(np.mean(np.square(audio, dtype=np.float64))))
+    if rms < cfg.min_audio_rms:
+        raise InputError(f"{path}: the audio is silent (RMS {rms:.2e} < generate.min_audio_rms {cfg.min_audio_rms:g})")
+    return audio
+
+
+class AudioFeatures:
+    """Log-mel features per video frame, normalised as the motion shards are, from audio in chunks.
+
+    Video frame t owns mel frames [t k, (t + 1) k), centred inside its samples; each needs n_fft / 2
+    samples on both sides. `push` returns the frames whose windows have fully arrived, computed on a
+    segment that starts whole frames earlier (the STFT's edge padding only touches those history frames,
+    which are dropped); `finish` computes the rest up to the true end as `log_mel` does for a whole
+    file. So the features equal `log_mel` over the whole clip whatever the chunking, and memory holds
+    only a few frames of history.
+    """
+
+    def __init__(self, sample_rate: int, fps: int, cfg: AudioFeatureConfig, stats: dict) -> None:
+        self.sample_rate, self.fps, self.cfg = sample_rate, fps, cfg
+        self.k = mel_frames_per_video_frame(sample_rate, fps, cfg.hop_length)
+        self.per_frame = sample_rate // fps
+        self.margin = cfg.n_fft // 2
+        self.history = -(-self.margin // self.per_frame)  # whole frames of samples in front of the first new one
+        self.mean = np.asarray(stats["mean"], np.float32)
+        self.std = np.asarray(stats["std"], np.float32)
+        self.buffer = np.zeros(0, np.float32)  # samples from `offset` on
+        self.offset = 0  # absolute index of buffer[0], a whole number of frames
+        self.done = 0  # video frames emitted
+        self.total = 0  # samples pushed
+
+    @property
+    def dim(self) -> int:
+        return self.k * self.cfg.n_mels
+
+    def push(self, chunk: np.ndarray) -> np.ndarray:
+        """Append (n,) float32 samples; (F, A) features of the frames they complete (F may be 0)."""
+        chunk = np.asarray(chunk, np.float32).reshape(-1)
+        self.buffer = np.concatenate([self.buffer, chunk])
+        self.total += len(chunk)
+        last_centre_offset = (self.k - 1) * self.cfg.hop_length  # frame t's last mel centre: t * per_frame + this
+        complete = (self.total - self.margin - last_centre_offset) // self.per_frame  # frames with every window in
+        return self._emit(min(max(complete, 0), self.total // self.per_frame), final=False)
+
+    def finish(self) -> np.ndarray:
+        """Features of the remaining whole frames, the end treated as the end of the file."""
+        return self._emit(self.total // self.per_frame, final=True)
+
+    def _emit(self, end: int, final: bool) -> np.ndarray:
+        if end <= self.done:
+            return np.zeros((0, self.dim), np.float32)
+        first = max(self.done - self.history, 0)
+        start = first * self.per_frame - self.offset
+        stop = None if final else end * self.per_frame + self.margin + self.per_frame - self.offset
+        mel = log_mel(self.buffer[start:stop], self.sample_rate, self.fps, self.cfg)
+        feats = mel[(self.done - first) * self.k : (end - first) * self.k].reshape(-1, self.dim)
+        self.done = end
+        keep = max(end - self.history, 0) * self.per_frame
+        self.buffer = self.buffer[keep - self.offset :]
+        self.offset = keep
+        return ((feats - self.mean) / self.std).astype(np.float32)

@@ -1,0 +1,276 @@
+"""Stage-2 data: the motion-shard format (written by vasa/stages/extract_motion.py) and the motion-window
+loader of `train_motion`.
+
+extract_motion (VASA-1 §3.2 trains the diffusion model on the motion latents of stage 1): the shards'
+crop mp4 -> the trained stage-1 motion encoder (EMA weights, safetensors) -> per frame [z_pose (7), z_dyn]
+-> one motion shard per input shard, same shard names and sample keys, with these members per sample:
+
+    motion.npy    (T, M) float32, M = 7 + dynamics_dim: z_pose in the motion encoder's units (yaw, pitch,
+                  roll in degrees, project sign convention; tx, ty, tz in half crop sides; log scale),
+                  then z_dyn. Raw: normalise with stats.json.
+    audio.npy     (T, k * n_mels) float32: the shard's log-mel, the k mel frames of each video frame
+                  flattened (k = 4 at 25 fps with a 10 ms hop), so frame t's audio is row t.
+    gaze.npy      (T, 2) float32 schema.GAZE_COLUMNS, degrees, relative to the head (copied).
+    distance.npy  (T, 1) float32 head distance: log(crop side / scale_px), larger = farther (a pinhole
+                  camera's apparent head size is inversely proportional to distance).
+    emotion.npy   (T, E) float32 EMOTION_COLUMNS of the shard's expression.npy (smile and brow raise:
+                  the expression columns that neither the speech (mouth) nor blinks (eyes) drive).
+    json          the input sample's JSON (provenance included), unchanged.
+
+Beside them: index.json (splits -> shards with their input digest and sha256; dataset block with the
+stage-1 weights digest and dims) and stats.json (mean/std per motion and audio dimension over the TRAIN
+split only; training normalises with it, generation undoes it). An input shard is re-encoded only when
+its input digest changed (input shard sha256 + stage-1 weights sha256 + this code + settings).
+
+Loader: windows of W frames with the K frames before them as context (zeros and has_pre False at a
+clip's start), from the train split, shards resampled under a seed of (seed, epoch, rank, worker),
+split by node then worker with vasa.loaders.shards.worker_shards. Batch contract of vasa.training.motion_task:
+    motion (B, W, M), motion_pre (B, K, M): normalised; audio (B, W, A), audio_pre (B, K, A): normalised;
+    has_pre (B,) bool; gaze (B, 2) window-mean degrees; distance (B, 1) window mean; emotion (B, E) window mean.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from preprocessing import schema
+from vasa.core.config import MotionDataConfig
+from vasa.core.errors import InputError
+from vasa.core.files import read_json
+from vasa.loaders.shards import read_samples, split_shards, worker_shards
+
+log = logging.getLogger(__name__)
+
+
+# Members of a motion shard sample (see the module docstring).
+MOTION = "motion.npy"
+
+
+AUDIO = "audio.npy"
+
+
+GAZE = schema.GAZE
+
+
+DISTANCE = "distance.npy"
+
+
+EMOTION = "emotion.npy"
+
+
+JSON = schema.JSON
+
+
+MEMBERS = (MOTION, AUDIO, GAZE, DISTANCE, EMOTION, JSON)
+
+
+POSE_NAMES = ("yaw_deg", "pitch_deg", "roll_deg", "tx", "ty", "tz", "log_scale")  # MotionEncoder z_pose
+
+
+STATS_FILE = "stats.json"
+
+
+INDEX_FILE = schema.INDEX_FILE
+
+
+FORMAT = "vasa-motion-shards/1"
+
+
+def npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def read_index(path: Path) -> dict:
+    """A shards folder's index.json (input or motion shards), checked to hold a `splits` mapping."""
+    try:
+        index = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: not found (run the preprocess stage first)") from None
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path}: unreadable: {err}") from None
+    if not isinstance(index, dict) or not isinstance(index.get("splits"), dict):
+        raise InputError(f"{path}: no `splits` mapping")
+    return index
+
+
+@dataclass(frozen=True)
+class MotionSet:
+    """The motion shards of one extract_motion output, as its index.json and stats.json describe them."""
+
+    root: Path
+    index_path: Path
+    splits: dict[str, tuple[Path, ...]]
+    stats: dict
+    dims: dict[str, int]
+
+    @property
+    def train(self) -> tuple[Path, ...]:
+        return self.splits.get(schema.TRAIN, ())
+
+    def heldout(self) -> tuple[Path, ...]:
+        return tuple(p for split in (schema.VAL, schema.TEST) for p in self.splits.get(split, ()))
+
+
+def open_motion(root: Path) -> MotionSet:
+    """Read `root/index.json` and `root/stats.json`; errors name the file and what is wrong."""
+    index_path = root / INDEX_FILE
+    index = read_index(index_path)
+    dataset = index.get("dataset") or {}
+    if dataset.get("format") != FORMAT:
+        raise InputError(f"{index_path}: not motion shards of format {FORMAT} (got {dataset.get('format')!r})")
+    stats = read_json(root / STATS_FILE)
+    if stats is None:
+        raise InputError(f"{root / STATS_FILE}: missing or unreadable (re-run extract-motion)")
+    splits = split_shards(index, root, index_path)
+    if not splits.get(schema.TRAIN):
+        raise InputError(f"{index_path}: the train split has no motion shards")
+    return MotionSet(root, index_path, splits, stats, dataset["dims"])
+
+
+@dataclass
+class MotionClip:
+    """One clip's per-frame arrays, normalised where the contract says so (T frames each)."""
+
+    key: str
+    motion: np.ndarray  # (T, M)
+    audio: np.ndarray  # (T, A)
+    gaze: np.ndarray  # (T, 2)
+    distance: np.ndarray  # (T, 1)
+    emotion: np.ndarray  # (T, E)
+
+
+def read_clip(sample: dict[str, bytes], stats: dict) -> MotionClip:
+    def norm(x: np.ndarray, block: dict) -> np.ndarray:
+        return ((x - np.asarray(block["mean"])) / np.asarray(block["std"])).astype(np.float32)
+
+    return MotionClip(
+        sample["__key__"],
+        norm(load_npy(sample[MOTION]), stats["motion"]),
+        norm(load_npy(sample[AUDIO]), stats["audio"]),
+        load_npy(sample[GAZE]).astype(np.float32),
+        load_npy(sample[DISTANCE]).astype(np.float32),
+        load_npy(sample[EMOTION]).astype(np.float32),
+    )
+
+
+def window_item(clip: MotionClip, start: int, window: int, context: int) -> dict[str, torch.Tensor]:
+    """The window clip[start : start + window] with its K context frames. A window with fewer than K
+    frames before it is a clip-start window: zero context, has_pre False (VASA-1 generates the first
+    window without X_pre/A_pre)."""
+    end = start + window
+    has_pre = start >= context
+    if has_pre:
+        motion_pre, audio_pre = clip.motion[start - context : start], clip.audio[start - context : start]
+    else:
+        motion_pre = np.zeros((context, clip.motion.shape[1]), np.float32)
+        audio_pre = np.zeros((context, clip.audio.shape[1]), np.float32)
+    return {
+        "motion": torch.from_numpy(clip.motion[start:end].copy()),
+        "motion_pre": torch.from_numpy(np.ascontiguousarray(motion_pre)),
+        "audio": torch.from_numpy(clip.audio[start:end].copy()),
+        "audio_pre": torch.from_numpy(np.ascontiguousarray(audio_pre)),
+        "has_pre": torch.tensor(has_pre),
+        "gaze": torch.from_numpy(clip.gaze[start:end].mean(0)),
+        "distance": torch.from_numpy(clip.distance[start:end].mean(0)),
+        "emotion": torch.from_numpy(clip.emotion[start:end].mean(0)),
+    }
+
+
+def draw_start(rng: random.Random, frames: int, window: int, context: int) -> int:
+    """A window start in [0, frames - window]; starts with fewer than K frames before them snap to 0, so
+    has_pre False always means a true clip start."""
+    start = rng.randrange(frames - window + 1)
+    return 0 if start < context else start
+
+
+class WindowStream(IterableDataset):
+    """Endless stream of single motion windows from the train split for one rank and epoch."""
+
+    def __init__(
+        self, motion_set: MotionSet, cfg: MotionDataConfig, window: int, context: int, seed: int, epoch: int,
+        rank: int, world: int,
+    ):  # fmt: skip
+        self.shards, self.stats, self.cfg = motion_set.train, motion_set.stats, cfg
+        self.window, self.context = window, context
+        self.seed, self.epoch, self.rank, self.world = seed, epoch, rank, world
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        # A str seed is hashed with SHA-512 by `random`: stable across runs and platforms.
+        rng = random.Random(f"vasa.motion_data/{self.seed}/{self.epoch}/{self.rank}/{worker}")
+        mine = worker_shards(self.shards, self.rank, self.world, worker, workers)
+        buffer: list[MotionClip] = []
+        usable, visited = 0, set()
+        for path, clip in self._clips(rng, mine):
+            visited.add(path)
+            if len(clip.motion) < self.window:
+                if usable == 0 and len(visited) == len(set(mine)):  # every shard read once, not one window
+                    raise InputError(f"no train clip of {mine[0].parent} has the {self.window} frames a window needs")
+                continue
+            usable += 1
+            if len(buffer) >= self.cfg.shuffle_buffer:
+                buffer.pop(rng.randrange(len(buffer)))
+            buffer.append(clip)
+            for _ in range(self.cfg.windows_per_clip):
+                chosen = buffer[rng.randrange(len(buffer))]
+                yield window_item(chosen, draw_start(rng, len(chosen.motion), self.window, self.context), self.window,
+                                  self.context)  # fmt: skip
+
+    def _clips(self, rng: random.Random, shards: tuple[Path, ...]) -> Iterator[tuple[Path, MotionClip]]:
+        while True:  # shards resampled with replacement, forever
+            path = shards[rng.randrange(len(shards))]
+            for sample in read_samples(path):
+                yield path, read_clip(sample, self.stats)
+
+
+def window_batches(
+    motion_set: MotionSet, cfg: MotionDataConfig, window: int, context: int, batch_size: int, seed: int
+) -> Callable[[int, int, int], Iterator[dict[str, torch.Tensor]]]:
+    """The engine's batch source: `(epoch, rank, world) -> iterator of batch dicts`."""
+
+    def source(epoch: int, rank: int, world: int) -> Iterator[dict[str, torch.Tensor]]:
+        stream = WindowStream(motion_set, cfg, window, context, seed, epoch, rank, world)
+        return iter(DataLoader(stream, batch_size=batch_size, num_workers=cfg.workers))
+
+    return source
+
+
+def heldout_windows(
+    motion_set: MotionSet, cfg: MotionDataConfig, window: int, context: int, seed: int
+) -> tuple[str, dict[str, torch.Tensor]] | None:
+    """Deterministic evaluation windows: from the val/test splits when they have clips long enough,
+    else from the train split (then the figures are not held out: the group name says which).
+    Returns (group, batch of up to `cfg.eval_windows` windows) or None when no clip is long enough."""
+    rng = random.Random(f"vasa.motion_data.heldout/{seed}")
+    for group, shards in (("heldout", motion_set.heldout()), ("train", motion_set.train)):
+        clips = [
+            clip
+            for path in shards
+            for clip in (read_clip(s, motion_set.stats) for s in read_samples(path))
+            if len(clip.motion) >= window
+        ]
+        if not clips:
+            continue
+        items = []
+        for n in range(cfg.eval_windows):
+            clip = clips[n % len(clips)]
+            items.append(window_item(clip, draw_start(rng, len(clip.motion), window, context), window, context))
+        return group, {key: torch.stack([item[key] for item in items]) for key in items[0]}
+    return None

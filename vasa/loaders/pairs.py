@@ -1,0 +1,205 @@
+"""Stage-1 loader: frame pairs from the webdataset shards that `preprocess` writes.
+
+shards' index.json -> the `train` split's shard list -> split by node, then by worker -> shards
+resampled (drawn with replacement) under a seed of (seed, epoch, rank, worker) -> crop mp4 decoded
+in the worker (PyAV, from bytes) and resized to the preset's resolution -> a shuffle buffer of
+decoded clips -> source/driver pairs from one clip and an `other` frame from a clip of a different
+speaker (VASA-1 §3.1's cross-identity term needs one) -> batches.
+
+Only the train split is read for training, and of every train clip only the first
+(1 - holdout_fraction) of its frames: the tail is never trained on and serves, with any val/test
+split, as held-out pairs (`heldout_batch`). Member names and columns come from preprocessing.schema.
+
+Batch (float32 unless said; S = preset resolution):
+    source, driver, other:            (B, 3, S, S) in [-1, 1]
+    source_pose, driver_pose, other_pose: (B, 7) schema.POSE_COLUMNS (degrees, crop pixels), raw
+    speaker, other_speaker:           (B,) int64, index among the train split's speakers (sorted ids);
+                                      -1 for a held-out speaker
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import random
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from preprocessing import schema
+from vasa.core.config import LatentDataConfig
+from vasa.core.errors import InputError
+from vasa.loaders.shards import ShardSet, decode_frames, meta_speaker, read_samples, worker_shards
+from vasa.models.images import to_tensor
+
+log = logging.getLogger(__name__)
+
+
+STARVED_CLIPS = 200  # clips in a row without any cross-identity partner before a worker gives up
+
+
+@dataclass
+class Clip:
+    """One decoded sample: frames (T, S, S, 3) uint8, pose (T, 7), its speaker index."""
+
+    key: str
+    frames: np.ndarray
+    pose: np.ndarray
+    speaker: int
+
+
+def decode_sample(sample: dict[str, bytes], size: int, speakers: dict[str, int]) -> Clip:
+    meta = json.loads(sample[schema.JSON])
+    frames = decode_frames(sample[schema.MP4], size)
+    pose = np.load(io.BytesIO(sample[schema.POSE]), allow_pickle=False).astype(np.float32)
+    n = min(len(frames), len(pose))  # equal by the schema; a short decode must not index past the end
+    return Clip(sample["__key__"], frames[:n], pose[:n], speakers.get(meta_speaker(meta), -1))
+
+
+def train_frames(n: int, holdout_fraction: float) -> int:
+    """Frames of a clip available to training: the head; the last ceil(n * fraction) are held out."""
+    return n - math.ceil(n * holdout_fraction)
+
+
+def draw_pair(rng: random.Random, lo: int, hi: int, min_gap: int) -> tuple[int, int] | None:
+    """Two frame indices in [lo, hi) at least `min_gap` apart, or None if the range is too short."""
+    if hi - lo <= min_gap:
+        return None
+    while True:
+        i, j = rng.randrange(lo, hi), rng.randrange(lo, hi)
+        if abs(i - j) >= max(min_gap, 1) or (min_gap == 0 and hi - lo == 1):
+            return i, j
+
+
+def pair_item(rng: random.Random, clip: Clip, i: int, j: int, other: Clip) -> dict[str, torch.Tensor]:
+    k = rng.randrange(len(other.frames))
+    return {
+        "source": to_tensor(clip.frames[i]),
+        "driver": to_tensor(clip.frames[j]),
+        "source_pose": torch.from_numpy(clip.pose[i].copy()),
+        "driver_pose": torch.from_numpy(clip.pose[j].copy()),
+        "other": to_tensor(other.frames[k]),
+        "other_pose": torch.from_numpy(other.pose[k].copy()),
+        "speaker": torch.tensor(clip.speaker, dtype=torch.int64),
+        "other_speaker": torch.tensor(other.speaker, dtype=torch.int64),
+    }
+
+
+class PairStream(IterableDataset):
+    """Endless stream of single training pairs (see module docstring) for one rank and epoch."""
+
+    def __init__(
+        self, shard_set: ShardSet, size: int, cfg: LatentDataConfig, seed: int, epoch: int, rank: int, world: int
+    ):
+        self.shards, self.size, self.cfg = shard_set.train, size, cfg
+        self.speakers = shard_set.speaker_index()
+        self.seed, self.epoch, self.rank, self.world = seed, epoch, rank, world
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        # A str seed is hashed with SHA-512 by `random`: stable across runs and platforms.
+        rng = random.Random(f"vasa.data/{self.seed}/{self.epoch}/{self.rank}/{worker}")
+        mine = worker_shards(self.shards, self.rank, self.world, worker, workers)
+        buffer: list[Clip] = []
+        # Clips evicted from the shuffle buffer stay available as cross-identity `other` frames for a
+        # while: with few speakers, a buffer of one speaker's clips happens by chance.
+        evicted: deque[Clip] = deque(maxlen=self.cfg.shuffle_buffer)
+        starved = 0  # clips in a row that gave no pair (no second speaker in reach)
+        for clip in self._clips(rng, mine):
+            if len(buffer) >= self.cfg.shuffle_buffer:
+                evicted.append(buffer.pop(rng.randrange(len(buffer))))
+            buffer.append(clip)
+            made = 0
+            for _ in range(self.cfg.pairs_per_clip):
+                item = self._pair(rng, buffer, evicted)
+                if item is not None:
+                    made += 1
+                    yield item
+            starved = 0 if made else starved + 1
+            if starved > STARVED_CLIPS:
+                raise InputError(
+                    f"loader worker {worker} (rank {self.rank}): {starved} clips in a row without a second speaker "
+                    f"in reach; its shards {[p.name for p in mine][:5]} hold one speaker"
+                )
+
+    def _clips(self, rng: random.Random, shards: tuple[Path, ...]) -> Iterator[Clip]:
+        """Resampled shards (with replacement, forever); clips too short for a pair are skipped."""
+        while True:
+            path = shards[rng.randrange(len(shards))]
+            for sample in read_samples(path):
+                try:
+                    clip = decode_sample(sample, self.size, self.speakers)
+                except (ValueError, KeyError, av.FFmpegError) as err:
+                    log.warning("%s: sample %s unreadable, skipped: %s", path.name, sample.get("__key__"), err)
+                    continue
+                if train_frames(len(clip.frames), self.cfg.holdout_fraction) > self.cfg.min_frame_gap:
+                    yield clip
+
+    def _pair(self, rng: random.Random, buffer: list[Clip], evicted: deque[Clip]) -> dict[str, torch.Tensor] | None:
+        clip = buffer[rng.randrange(len(buffer))]
+        others = [c for c in buffer if c.speaker != clip.speaker] or [c for c in evicted if c.speaker != clip.speaker]
+        pair = draw_pair(rng, 0, train_frames(len(clip.frames), self.cfg.holdout_fraction), self.cfg.min_frame_gap)
+        if pair is None or not others:
+            return None
+        return pair_item(rng, clip, *pair, others[rng.randrange(len(others))])
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decoding parallelism comes from the workers themselves
+
+
+def pair_batches(shard_set: ShardSet, size: int, cfg: LatentDataConfig, batch_size: int, seed: int):
+    """The engine's batch source: `(epoch, rank, world) -> iterator of batch dicts`."""
+
+    def source(epoch: int, rank: int, world: int) -> Iterator[dict[str, torch.Tensor]]:
+        stream = PairStream(shard_set, size, cfg, seed, epoch, rank, world)
+        loader = DataLoader(
+            stream, batch_size=batch_size, num_workers=cfg.workers, worker_init_fn=_worker_init if cfg.workers else None
+        )
+        return iter(loader)
+
+    return source
+
+
+def heldout_batch(shard_set: ShardSet, size: int, cfg: LatentDataConfig, seed: int) -> dict[str, dict]:
+    """Deterministic held-out pairs, by group: `frames` (the held-out tail of train clips: known
+    speakers, unseen frames) and `speakers` (the val/test splits, when they have shards). Each group
+    is a batch dict of up to `cfg.eval_pairs` pairs; the `other` frame comes from the same pool."""
+    speakers = shard_set.speaker_index()
+    groups = {"frames": (shard_set.train, True)}
+    heldout = tuple(p for split in (schema.VAL, schema.TEST) for p in shard_set.splits.get(split, ()))
+    if heldout:
+        groups["speakers"] = (heldout, False)
+    out = {}
+    for name, (shards, tail_only) in groups.items():
+        rng = random.Random(f"vasa.data.heldout/{seed}/{name}")
+        clips = []
+        for path in shards:
+            for sample in read_samples(path):
+                clip = decode_sample(sample, size, speakers)
+                start = train_frames(len(clip.frames), cfg.holdout_fraction) if tail_only else 0
+                if len(clip.frames) - start > cfg.min_frame_gap:
+                    clips.append((clip, start))
+                if len(clips) >= cfg.eval_pairs:
+                    break
+            if len(clips) >= cfg.eval_pairs:
+                break
+        if not clips:
+            continue
+        items = []
+        for n in range(cfg.eval_pairs):
+            clip, start = clips[n % len(clips)]
+            pair = draw_pair(rng, start, len(clip.frames), cfg.min_frame_gap)
+            others = [c for c, _ in clips if c.key != clip.key] or [clip]
+            items.append(pair_item(rng, clip, *pair, others[rng.randrange(len(others))]))
+        out[name] = {key: torch.stack([item[key] for item in items]) for key in items[0]}
+    return out

@@ -1,0 +1,183 @@
+"""LatentTask: stage 1 (VASA-1 §3.1) as a `TrainTask` of the shared engine (vasa/training/engine.py).
+
+Two modules, stepped generator first: the face latent model (`FaceLatent`) and the multi-scale PatchGAN.
+The generator's loss is the weighted sum of (weights in params `train_latent.loss`):
+  l1, perceptual          reconstruction of the driver frame from the source's appearance + driver's motion
+  adversarial, feature_matching   hinge GAN on that reconstruction (MegaPortraits)
+  pose                    the motion encoder's z_pose against the shards' measured head pose
+  transfer                VASA-1's pairwise pose/dynamics transfer consistency (frames i, j of one clip)
+  cross_identity          the stop-gradient identity judge keeps the source identity under another motion
+  identity                CosFace over the train speakers, which trains that judge (the identity encoder)
+A zero weight skips a term; terms with their own forward pass (transfer, perceptual, GAN, pose) are then
+not computed at all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from vasa.core.config import LatentLossConfig
+from vasa.losses import (
+    VGG19Features,
+    cosface_loss,
+    cross_identity_loss,
+    feature_matching_loss,
+    hinge_discriminator_loss,
+    hinge_generator_loss,
+    load_vgg19,
+    multiscale_l1,
+    perceptual_loss,
+    pose_supervision_loss,
+    transfer_consistency_loss,
+)
+from vasa.models.discriminator import MultiScaleDiscriminator
+from vasa.models.face_latent import FaceLatent
+from vasa.models.motion_encoder import ANGLE_UNIT_DEG, shard_pose_to_model
+from vasa.models.presets import LatentPreset
+
+log = logging.getLogger(__name__)
+
+GENERATOR, DISCRIMINATOR = "generator", "discriminator"
+GRID_ROWS = 4  # samples shown in the logging grid
+
+
+class LatentTask:
+    """Stage-1 training task. `crop_size` (index.json `dataset.crop_size`) converts the shards' pose from
+    crop pixels; it is required when the pose weight is > 0."""
+
+    def __init__(
+        self, cfg: LatentLossConfig, preset: LatentPreset, n_speakers: int, crop_size: int | None = None
+    ) -> None:
+        if n_speakers < 2:
+            raise ValueError(f"stage 1 needs at least 2 train speakers (cross-identity pairs), got {n_speakers}")
+        if cfg.pose > 0 and crop_size is None:
+            raise ValueError("loss.pose > 0 needs the shards' crop_size to convert their head pose")
+        self.cfg, self.preset, self.n_speakers, self.crop_size = cfg, preset, n_speakers, crop_size
+        self.vgg: VGG19Features | None = None
+        if cfg.perceptual > 0 and cfg.perceptual_weights is not None:
+            self.vgg = load_vgg19(cfg.perceptual_weights)
+        elif cfg.perceptual > 0:
+            log.warning("perceptual loss is off: train_latent.loss.perceptual_weights is null (no VGG19 weights)")
+
+    # --- the TrainTask protocol -------------------------------------------------------------------
+
+    def build(self) -> dict[str, nn.Module]:
+        """{"generator": FaceLatent, "discriminator": MultiScaleDiscriminator}, freshly initialised."""
+        return {
+            GENERATOR: FaceLatent(self.preset, self.n_speakers),
+            DISCRIMINATOR: MultiScaleDiscriminator(self.preset),
+        }
+
+    def update_order(self) -> list[str]:
+        return [GENERATOR, DISCRIMINATOR]
+
+    def ema_modules(self) -> list[str]:
+        return [GENERATOR]
+
+    def lr_scale(self, name: str) -> float:
+        """Same learning rate for both (MegaPortraits, REFERENCE §7)."""
+        return 1.0
+
+    def describe(self) -> dict:
+        """Preset, loss settings and speaker count, as plain JSON values (tuples become lists)."""
+        info = {
+            "task": "train_latent",
+            "preset": self.preset.describe(),
+            "loss": self.cfg.model_dump(mode="json"),
+            "n_speakers": self.n_speakers,
+            "crop_size": self.crop_size,
+        }
+        return json.loads(json.dumps(info))
+
+    def loss(
+        self, name: str, models: dict[str, nn.Module], batch: dict[str, Tensor], scratch: dict
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss of module `name` and its logged terms (detached scalars); the generator leaves its fake in
+        `scratch` for the discriminator."""
+        if name == GENERATOR:
+            return self._generator_loss(models, batch, scratch)
+        if name == DISCRIMINATOR:
+            return self._discriminator_loss(models, batch, scratch)
+        raise KeyError(f"LatentTask has no module {name!r}; modules: {self.update_order()}")
+
+    def reconstruct(self, models: dict[str, nn.Module], batch: dict[str, Tensor]) -> Tensor:
+        """The driver frame rendered from the source's appearance and the driver's motion: (B, 3, S, S)."""
+        return models[GENERATOR](batch["source"], batch["driver"], batch["other"], transfer=False)["recon"]
+
+    def images(self, models: dict[str, nn.Module], batch: dict[str, Tensor]) -> np.ndarray:
+        """Grid (rows = samples) of source | driver | reconstruction | cross-identity | pose swap: uint8 HxWx3.
+
+        Cross-identity = the source face driven by `other`'s pose and dynamics; pose swap = the source's own
+        dynamics with `other`'s head pose.
+        """
+        n = min(GRID_ROWS, batch["source"].shape[0])
+        part = {k: v[:n] for k, v in batch.items()}
+        with torch.no_grad():
+            out = models[GENERATOR](part["source"], part["driver"], part["other"], transfer=False, pose_swap=True)
+        columns = [part["source"], part["driver"], out["recon"], out["cross"], out["pose_swap"]]
+        grid = torch.cat([torch.cat(list(col.float()), dim=1) for col in columns], dim=2)  # (3, n*S, 5*S)
+        return ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+    # --- the two losses ---------------------------------------------------------------------------
+
+    def _generator_loss(
+        self, models: dict[str, nn.Module], batch: dict[str, Tensor], scratch: dict
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        cfg = self.cfg
+        out = models[GENERATOR](batch["source"], batch["driver"], batch["other"], transfer=cfg.transfer > 0)
+        recon, driver = out["recon"], batch["driver"]
+        terms: dict[str, Tensor] = {"l1": multiscale_l1(recon, driver, cfg.l1_scales)}
+        if self.vgg is not None:
+            self.vgg.to(recon.device)
+            terms["perceptual"] = perceptual_loss(self.vgg, recon, driver)
+        if cfg.adversarial > 0 or cfg.feature_matching > 0:
+            fake_out = models[DISCRIMINATOR](recon)
+            terms["adversarial"] = hinge_generator_loss([logits for _, logits in fake_out])
+            if cfg.feature_matching > 0:
+                with torch.no_grad():
+                    real_out = models[DISCRIMINATOR](driver)
+                terms["feature_matching"] = feature_matching_loss([f for f, _ in real_out], [f for f, _ in fake_out])
+        if cfg.pose > 0:
+            terms["pose"] = (
+                sum(
+                    pose_supervision_loss(
+                        out[f"{role}_pose"],
+                        shard_pose_to_model(batch[f"{role}_pose"], self.crop_size, self.preset.canonical_scale),
+                        ANGLE_UNIT_DEG,
+                    )
+                    for role in ("source", "driver", "other")
+                )
+                / 3
+            )
+        if cfg.transfer > 0:
+            terms["transfer"] = transfer_consistency_loss(out["transfer_a"], out["transfer_b"])
+        labels = torch.cat([batch["speaker"], batch["speaker"], batch["other_speaker"]])
+        terms["identity"] = cosface_loss(out["id_logits"], labels, cfg.cosface_margin, cfg.cosface_scale)
+        terms["cross_identity"] = cross_identity_loss(out["cross_id"], out["source_id"])
+        # identity and cross_identity are always computed (cheap, and a zero weight keeps every parameter in
+        # the graph, as DDP expects); the other terms exist only when weighted.
+        total = sum(getattr(cfg, key) * value for key, value in terms.items())
+        scratch["fake"] = recon.detach()
+        # Logged terms stay detached 0-dim tensors (the engine converts them when it logs): no device sync per term.
+        # The engine logs them as loss/generator/<term>.
+        logged = {key: value.detach() for key, value in terms.items()}
+        logged["total"] = total.detach()
+        return total, logged
+
+    def _discriminator_loss(
+        self, models: dict[str, nn.Module], batch: dict[str, Tensor], scratch: dict
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        if "fake" not in scratch:
+            raise RuntimeError("the discriminator is stepped after the generator: its fake is missing from scratch")
+        real = [logits for _, logits in models[DISCRIMINATOR](batch["driver"])]
+        fake = [logits for _, logits in models[DISCRIMINATOR](scratch["fake"])]
+        loss = hinge_discriminator_loss(real, fake)
+        # Without adversarial and feature-matching terms nothing reads D: its loss is zeroed (not skipped, so
+        # the engine's step and a DDP reducer still see every parameter in the graph).
+        weight = 1.0 if (self.cfg.adversarial > 0 or self.cfg.feature_matching > 0) else 0.0
+        return loss * weight, {"hinge": loss.detach()}
