@@ -15,6 +15,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import soundfile
 from PIL import Image
 
@@ -50,8 +51,15 @@ def pick_clips(sample_dir: Path) -> list[dict]:
     return [last[speaker] for speaker in sorted(last)]
 
 
-def check_video(path: Path, bundle_sha256: str, audio_seconds: float, params: Params) -> dict:
-    frames, _ = read_frames(path)
+def check_video(
+    path: Path, bundle_sha256: str, speech: np.ndarray, rate: int, portrait: np.ndarray, params: Params
+) -> dict:
+    """What a user would check on one generated video: length, a face in every frame, the labels (also
+    after a re-encode), and the judge-free measures of vasa.evaluation.independent (mouth opening vs the
+    speech's loudness, sharpness vs the portrait, yaw jitter). `speech` (N,) float32 at `rate` Hz."""
+    from vasa.evaluation.independent import measure_video
+
+    frames, fps = read_frames(path)
     track = face_mod.get_tracker(params.preprocess.face).track(frames)
     report = verify_file(path)
     copy = path.with_name(f"{path.stem}.crf{REENCODE_CRF}.mp4")
@@ -60,7 +68,8 @@ def check_video(path: Path, bundle_sha256: str, audio_seconds: float, params: Pa
         again = verify_file(copy)["watermark"]
     finally:
         copy.unlink(missing_ok=True)
-    expected = int(audio_seconds * 25)
+    expected = int(len(speech) / rate * fps)
+    seen = measure_video(frames, speech, fps, portrait, params.preprocess.face, sample_rate=rate)
     return {
         "frames": len(frames),
         "expected_frames": expected,
@@ -74,6 +83,8 @@ def check_video(path: Path, bundle_sha256: str, audio_seconds: float, params: Pa
         "watermark_score": report["watermark"]["score"],
         "reencoded_watermark_ok": again["verified"] and again["payload"] == bundle_sha256[:16],
         "reencoded_watermark_score": again["score"],
+        "independent": {key: seen[key] for key in ("mouth_r", "mouth_lag", "mouth_std", "sharpness_ratio")}
+        | {"yaw_lag1_autocorr": seen["yaw_lag1_autocorr"], "faces_found": seen["faces_found"]},
     }
 
 
@@ -86,19 +97,22 @@ def run_demo(params: Params, sample_dir: Path, bundle_dir: Path, out: Path, repo
     for clip in pick_clips(sample_dir):
         source = sample_dir / clip["file"]
         portrait, speech = inputs / f"{clip['clip_id']}.png", inputs / f"{clip['clip_id']}.wav"
-        Image.fromarray(read_frames(source)[0][0]).save(portrait)
+        first = read_frames(source)[0][0]
+        Image.fromarray(first).save(portrait)
         audio = read_audio(source, rate)
         soundfile.write(speech, audio, rate, subtype="PCM_16")
         video = out / f"{clip['speaker_id']}.mp4"
         result = generate_file(bundle, portrait, speech, video, params.generate, params.preprocess.face)
         videos[video.name] = {"clip": clip["clip_id"], "seconds": result.seconds,
-                              **check_video(video, bundle.sha256, result.seconds, params)}  # fmt: skip
+                              **check_video(video, bundle.sha256, audio, rate, first, params)}  # fmt: skip
         log.info("demo %s: %s", video.name, videos[video.name])
     keys = ("length_ok", "face_every_frame", "labelled", "container_ok", "c2pa_ok", "watermark_ok",
             "reencoded_watermark_ok")  # fmt: skip
+    measured = [v["independent"] for v in videos.values()]
     report = {
         "bundle_sha256": bundle.sha256,
         "videos": videos,
+        "independent_mean": {key: float(np.nanmean([m[key] for m in measured])) for key in measured[0]},
         "all_ok": all(v[k] for v in videos.values() for k in keys),
     }
     report_path.parent.mkdir(parents=True, exist_ok=True)

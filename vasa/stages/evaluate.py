@@ -12,6 +12,8 @@ each with the true audio and with the audio rotated by `evaluate.shift_frames` (
 the control must score worse). Identity similarity and FVD need feature networks given by local path
 (`evaluate.identity_weights`, `evaluate.fvd_weights`, TorchScript); without them they are recorded as
 "skipped: no weights", never estimated. SyncNet's own LSE-C/LSE-D are likewise skipped (no weights).
+Beside them, judge-free figures of what a viewer sees (vasa.evaluation.independent: FaceMesh mouth opening
+against the loudness, face sharpness against the portrait, yaw jitter), per video and in `independent`.
 
 Writes OUT/metrics.json (DVC metrics; which clip set was used is part of it), OUT/plots/<figure>.csv (per
 clip and condition, DVC plots), OUT/side_by_side.mp4 and OUT/side_by_side.png (real | generated, first clip).
@@ -48,6 +50,9 @@ log = logging.getLogger(__name__)
 SKIPPED = "skipped: no weights"
 CONDITIONS = ("real", "generated", "real_shifted", "generated_shifted")
 STRIP_FRAMES = 8  # frames in the PNG strip
+# Judge-free figures per video (vasa.evaluation.independent.measure_video): mouth opening vs loudness r,
+# its std, face-region sharpness / the portrait's, lag-1 autocorrelation of the yaw change.
+INDEPENDENT = ("mouth_r", "mouth_std", "sharpness_ratio", "yaw_lag1_autocorr")
 
 
 @dataclass
@@ -146,16 +151,24 @@ def side_by_side(out: Path, real: np.ndarray, generated: np.ndarray, wav: bytes,
     Image.fromarray(strip).save(out / "side_by_side.png")
 
 
-def clip_rows(judges: Judges, clip: JudgeClip, generated: np.ndarray, params: Params) -> dict[str, dict[str, float]]:
+def clip_rows(
+    judges: Judges, clip: JudgeClip, generated: np.ndarray, params: Params, fps: float
+) -> dict[str, dict[str, float]]:
     """The figures of one clip for every condition: real and generated video, each with the true and the
-    shifted audio (ΔP and the share of frames with a face for the videos themselves)."""
+    shifted audio (ΔP and the share of frames with a face for the videos themselves), and for the videos
+    the judge-free measures of vasa.evaluation.independent (against the clip's first frame, the portrait)."""
+    from vasa.evaluation.independent import measure_video
+
     cfg = params.evaluate
     mel = normalise_mel(clip.mel, judges.stats)
+    speech, rate = soundfile.read(io.BytesIO(clip.wav), dtype="float32")
     rows = {}
     for video, frames in (("real", clip.frames), ("generated", generated)):
         found = measure(frames, params.preprocess.face)
         rows[video] = score(judges, found, mel, cfg.sync_offsets, cfg.capp_stride)
         rows[video] |= {"delta_pose_deg": delta_pose(found.angles), "face_frames": found.face_frames}
+        seen = measure_video(frames, speech, fps, clip.frames[0], params.preprocess.face, sample_rate=rate)
+        rows[video] |= {key: float(seen[key]) for key in INDEPENDENT}
         rows[f"{video}_shifted"] = score(judges, found, shift_audio(mel, cfg.shift_frames), cfg.sync_offsets,
                                          cfg.capp_stride)  # fmt: skip
     log.info("evaluate %s: %s", clip.clip_id, {c: {k: round(v, 3) for k, v in r.items()} for c, r in rows.items()})
@@ -171,7 +184,7 @@ def _mean(rows: list[dict[str, float]], key: str) -> float:
 def write_plots(folder: Path, per_clip: dict[str, dict[str, dict[str, float]]]) -> None:
     """One CSV per figure, a row per clip and condition (`item` = clip/condition): DVC bar plots."""
     folder.mkdir(parents=True, exist_ok=True)
-    figures = ("S_C", "S_D", "CAPP", "delta_pose_deg")
+    figures = ("S_C", "S_D", "CAPP", "delta_pose_deg", *INDEPENDENT)
     for figure in figures:
         lines = ["item,value"]
         for clip, conditions in sorted(per_clip.items()):
@@ -203,7 +216,7 @@ def run_evaluation(params: Params, shards: Path, bundle_dir: Path, judges_dir: P
     for clip in clips:
         try:
             generated = generate_clip(bundle, clip, params, inputs)
-            per_clip[clip.clip_id] = clip_rows(judges, clip, generated, params)
+            per_clip[clip.clip_id] = clip_rows(judges, clip, generated, params, bundle.meta["fps"])
         except (InputError, ValueError) as err:  # e.g. no face FaceMesh can find in the generated frames
             log.warning("evaluate %s: left out: %s", clip.clip_id, err)
             failed[clip.clip_id] = str(err)[:200]
@@ -240,6 +253,15 @@ def summarise(per_clip: dict, group: str, why: str, bundle_sha256: str, digests:
             "CAPP": report[video]["CAPP"] - report[f"{video}_shifted"]["CAPP"],
         }
         for video in ("real", "generated")
+    }
+    real, generated = report["real"], report["generated"]
+    report["independent"] = {  # what a viewer sees, measured without the judges (VASA-1 has no such figure)
+        "mouth_r_generated": generated["mouth_r"],
+        "mouth_r_real": real["mouth_r"],
+        "mouth_std_ratio": generated["mouth_std"] / real["mouth_std"] if real["mouth_std"] > 0 else float("nan"),
+        "sharpness_ratio_generated": generated["sharpness_ratio"],
+        "yaw_lag1_autocorr_generated": generated["yaw_lag1_autocorr"],
+        "yaw_lag1_autocorr_real": real["yaw_lag1_autocorr"],
     }
     report["LSE_C_LSE_D"] = SKIPPED
     return report
