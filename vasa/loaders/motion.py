@@ -32,7 +32,6 @@ split by node then worker with vasa.loaders.shards.worker_shards. Batch contract
 from __future__ import annotations
 
 import io
-import json
 import logging
 import random
 from collections.abc import Callable, Iterator
@@ -47,7 +46,7 @@ from preprocessing import schema
 from vasa.core.config import MotionDataConfig
 from vasa.core.errors import InputError
 from vasa.core.files import read_json
-from vasa.loaders.shards import read_samples, split_shards, worker_shards
+from vasa.loaders.shards import read_index, read_samples, split_shards, worker_shards
 
 log = logging.getLogger(__name__)
 
@@ -94,19 +93,6 @@ def npy(array: np.ndarray) -> bytes:
 
 def load_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
-
-
-def read_index(path: Path) -> dict:
-    """A shards folder's index.json (input or motion shards), checked to hold a `splits` mapping."""
-    try:
-        index = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: not found (run the preprocess stage first)") from None
-    except (OSError, ValueError) as err:
-        raise InputError(f"{path}: unreadable: {err}") from None
-    if not isinstance(index, dict) or not isinstance(index.get("splits"), dict):
-        raise InputError(f"{path}: no `splits` mapping")
-    return index
 
 
 @dataclass(frozen=True)

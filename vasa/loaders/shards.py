@@ -55,18 +55,24 @@ def split_shards(index: dict, root: Path, index_path: Path) -> dict[str, tuple[P
     return splits
 
 
+def read_index(path: Path) -> dict:
+    """A shards folder's index.json (input or motion shards), checked to hold a `splits` mapping."""
+    try:
+        index = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: not found (run the preprocess stage first)") from None
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path}: unreadable: {err}") from None
+    if not isinstance(index, dict) or not isinstance(index.get("splits"), dict):
+        raise InputError(f"{path}: no `splits` mapping")
+    return index
+
+
 def open_shards(root: Path) -> ShardSet:
     """Read `root/index.json` (defensively: the `dataset` block is optional) and list the train
     speakers. Errors name the file and what is wrong."""
     index_path = root / INDEX_FILE
-    try:
-        index = json.loads(index_path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{index_path}: not found (run the preprocess stage first)") from None
-    except (OSError, ValueError) as err:
-        raise InputError(f"{index_path}: unreadable: {err}") from None
-    if not isinstance(index, dict) or not isinstance(index.get("splits"), dict):
-        raise InputError(f"{index_path}: no `splits` mapping")
+    index = read_index(index_path)
     dataset = index.get("dataset") if isinstance(index.get("dataset"), dict) else {}
     version = dataset.get("schema_version")
     if version is not None and version != schema.SCHEMA_VERSION:

@@ -37,9 +37,8 @@ from vasa.loaders.motion import (
     STATS_FILE,
     load_npy,
     npy,
-    read_index,
 )
-from vasa.loaders.shards import decode_frames, read_samples
+from vasa.loaders.shards import decode_frames, read_index, read_samples
 from vasa.models.motion_dit import EMOTION_COLUMNS
 
 log = logging.getLogger(__name__)
