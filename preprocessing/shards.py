@@ -68,10 +68,16 @@ class Sample:
     seconds: float
 
     def digest(self) -> str:
-        h = hashlib.sha256(self.key.encode())
-        for ext in sorted(self.members):
-            h.update(ext.encode() + b"\0" + hashlib.sha256(self.members[ext]).digest())
-        return h.hexdigest()
+        return sample_digest(self.key, {ext: hashlib.sha256(data).digest() for ext, data in self.members.items()})
+
+
+def sample_digest(key: str, member_digests: dict[str, bytes]) -> str:
+    """sha256 of a sample from its key and the raw sha256 of each member (by extension, sorted): what
+    `members_sha256` chains, computable from a tar without decoding anything."""
+    h = hashlib.sha256(key.encode())
+    for ext in sorted(member_digests):
+        h.update(ext.encode() + b"\0" + member_digests[ext])
+    return h.hexdigest()
 
 
 def plan_shards(keys: Iterable[str], cfg: ShardConfig, prefix: str, generation: int = 0) -> dict[str, list[str]]:
@@ -298,10 +304,5 @@ def read_shard(path: Path, content: bool = False) -> tuple[list[str], str | None
         raise InputError(f"{path}: not a readable shard: {err}") from None
     if not content:
         return list(members), None
-    samples = []
-    for key, found in members.items():  # Sample.digest
-        digest = hashlib.sha256(key.encode())
-        for ext in sorted(found):
-            digest.update(ext.encode() + b"\0" + found[ext])
-        samples.append(digest.hexdigest())
+    samples = [sample_digest(key, found) for key, found in members.items()]
     return list(members), hashlib.sha256("".join(samples).encode()).hexdigest()

@@ -25,7 +25,6 @@ model saw: `absent`, or `PRESENT` (an error: the outputs are written as evidence
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
@@ -39,6 +38,7 @@ from preprocessing import denylist as takedown
 from preprocessing import schema
 from preprocessing.ingest import manifest as ingest_manifest
 from preprocessing.shards import read_shard
+from vasa.core.digests import sha256_file
 from vasa.core.errors import InputError
 from vasa.core.files import atomic_path, read_json, write_json
 from vasa.provenance import croissant
@@ -567,11 +567,6 @@ def _read_json(path: Path, what: str) -> dict:
 
 def _split_rank(split: str | None) -> int:
     return schema.SPLITS.index(split) if split in schema.SPLITS else len(schema.SPLITS)
-
-
-def sha256_file(path: Path) -> str:
-    with Path(path).open("rb") as stream:
-        return hashlib.file_digest(stream, "sha256").hexdigest()
 
 
 def _short(value: str | None) -> str:

@@ -19,7 +19,6 @@ readers ignore when they do not know them.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -30,6 +29,7 @@ from pathlib import Path
 
 from preprocessing import schema
 from preprocessing.ingest import manifest as ingest_manifest
+from vasa.core.digests import sha256_file
 from vasa.core.errors import InputError
 from vasa.core.files import atomic_path, read_json
 
@@ -183,7 +183,7 @@ def describe(shards: Path, manifest: Path, out_dir: Path) -> dict:
         raise InputError(f"{Path(shards) / schema.INDEX_FILE}: shards index missing or unreadable")
     dataset = index.get("dataset") or {}
     rows = ingest_manifest.read_manifest(manifest)
-    manifest_sha256 = _sha256(manifest)
+    manifest_sha256 = sha256_file(manifest)
     if dataset.get("manifest_sha256") not in (None, manifest_sha256):
         raise InputError(f"{manifest}: not the manifest the shards were made from (sha256 differs from index.json)")
     entries = [(split, e) for split, block in sorted((index.get("splits") or {}).items()) for e in block["shards"]]
@@ -219,12 +219,12 @@ def describe(shards: Path, manifest: Path, out_dir: Path) -> dict:
             "speech, head pose, gaze, expression, landmarks and log-mel features aligned to the frames."
         ),
         "version": f"{dataset.get('schema_version', schema.SCHEMA_VERSION)}.0.0",
-        "identifier": f"sha256:{_sha256(Path(shards) / schema.INDEX_FILE)}",
+        "identifier": f"sha256:{sha256_file(Path(shards) / schema.INDEX_FILE)}",
         "license": _licences(used),
         "keywords": ["talking face", "audio-driven", "head pose", "webdataset", "VASA-1"],
         "citeAs": (
             "@misc{vasa_shards, title={vasa-pipeline shards, index.json sha256 "
-            f"{_sha256(Path(shards) / schema.INDEX_FILE)[:12]}" + "}, note={Made by vasa preprocess}}"
+            f"{sha256_file(Path(shards) / schema.INDEX_FILE)[:12]}" + "}, note={Made by vasa preprocess}}"
         ),
         "isBasedOn": [_source(kind, used) for kind in kinds],
         "prov:wasDerivedFrom": {"@id": "manifest"},
@@ -321,7 +321,7 @@ def _tar_object(shards: Path, base: Path, split: str, entry: dict) -> dict:
         "contentUrl": (base / entry["shard"]).as_posix(),
         "contentSize": f"{path.stat().st_size} B",
         "encodingFormat": "application/x-tar",
-        "sha256": _sha256(path),
+        "sha256": sha256_file(path),
     }
 
 
@@ -474,8 +474,3 @@ def _count_by(rows: list[dict], column: str) -> int:
 
 def _speaker_counts(rows: list[dict]) -> str:
     return ", ".join(f"{speaker} {n}" for speaker, n in sorted(Counter(r["speaker_id"] for r in rows).items()))
-
-
-def _sha256(path: Path) -> str:
-    with Path(path).open("rb") as stream:
-        return hashlib.file_digest(stream, "sha256").hexdigest()
