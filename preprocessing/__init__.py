@@ -1,0 +1,1 @@
+"""The data half: ingest -> decode -> face -> pose -> audio -> filter -> shard (webdataset)."""

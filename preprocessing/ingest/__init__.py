@@ -1,0 +1,1 @@
+"""Sources -> media files + one provenance manifest (local, sample, VoxCeleb2, YouTube)."""

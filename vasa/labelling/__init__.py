@@ -1,0 +1,1 @@
+"""AI-generated labels on every generated video: container tags and C2PA, watermark, verify."""

@@ -1,0 +1,1 @@
+"""Loaders over the shards: stage-1 frame pairs, stage-2 motion windows, judge clips."""

@@ -1,0 +1,1 @@
+"""What went into an artifact: audit, Croissant description, DVC history, retraining promotion."""
