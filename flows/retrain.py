@@ -2,7 +2,7 @@
 
     vasa retrain                          # once, now (params `retrain`)
     vasa retrain --serve                  # long-running: runs on params retrain.cron (flow.serve)
-    vasa retrain --deploy vasa-pool       # register a deployment on a work pool (flow.deploy), see README
+    vasa retrain --deploy vasa-pool       # register a deployment on a work pool (flow.deploy), see docs/OPERATIONS.md
 
 Recipe (each step a task; the decisions are vasa/provenance/promotion.py's):
   1. `dvc repro ingest`, then diff the manifest against the one the promoted bundle was built from (read

@@ -49,7 +49,7 @@ def test_accelerate_configs_load_with_accelerate_and_name_existing_deepspeed_fil
         settings = yaml.safe_load(path.read_text())
         assert config.num_processes == settings["num_processes"] >= 1, path.name
         if settings["num_processes"] > 1:
-            # the REFERENCE §5 trap: --cpu/use_cpu with 2 processes silently runs one
+            # Accelerate's trap: --cpu/use_cpu with 2 processes silently runs one
             assert settings["use_cpu"] is False, path.name
         if config.distributed_type == "DEEPSPEED":
             assert (REPO / config.deepspeed_config["deepspeed_config_file"]).is_file(), path.name

@@ -1,4 +1,4 @@
-"""Incremental preprocess at scale (issue #9): key-range shards, and decisions from records alone.
+"""Incremental preprocess at scale : key-range shards, and decisions from records alone.
 
 Synthetic clips (small fake members, cached as `process_clip` would cache them) stand in for
 processed media, so these tests measure the planner and the writer, never FaceMesh.

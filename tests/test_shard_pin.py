@@ -1,4 +1,4 @@
-"""A pinned shard layout (issue #9): clips added after a pin rewrite no pinned shard.
+"""A pinned shard layout : clips added after a pin rewrite no pinned shard.
 
 Synthetic cached clips (as in tests/test_incremental.py) stand in for processed media.
 """

@@ -503,7 +503,7 @@ def _demo(args: argparse.Namespace, params: Params) -> int:
 def _add_demo(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = sub.add_parser(
         "demo",
-        help="animate a held-out portrait of each sample-corpus speaker with the bundle, and check the videos",
+        help="animate the first frame of each sample-corpus speaker's last clip with its speech, and check the videos",
         description=(
             "For each speaker of the sample corpus: the first frame of its last clip as the portrait and that "
             "clip's audio as the speech -> OUT/<speaker>.mp4 through `vasa generate`; then checks (length, one "
@@ -674,7 +674,8 @@ def _add_retrain(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "removed or changed, check params retrain.gate on the metrics, and promote (dvc push, commit dvc.lock, "
             "registry tags <artifact>@vX.Y.Z and <artifact>#<stage>#N) or refuse with the reason. Every run is "
             "recorded in RECORDS/runs/<run>.json; RECORDS/promoted.json names the promoted one. --serve runs it "
-            "on params retrain.cron; --deploy registers it on a Prefect work pool (README, cluster/README.md)."
+            "on params retrain.cron; --deploy registers it on a Prefect work pool (docs/OPERATIONS.md, "
+            "cluster/README.md)."
         ),
     )
     parser.add_argument("--repo", type=Path, default=Path("."), help="DVC project root (default: %(default)s)")
