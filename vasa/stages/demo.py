@@ -1,5 +1,5 @@
-"""The `demo` stage (`vasa demo`): the exported bundle animates the first frame of each sample-corpus speaker's last clip (a training clip: the sample corpus
-has no held-out speaker) with that clip's speech.
+"""The `demo` stage (`vasa demo`): the exported bundle animates the first frame of each sample-corpus
+speaker's last clip (a training clip: the sample corpus has no held-out speaker) with that clip's speech.
 
 For each speaker of the sample corpus, its last clip gives a portrait (the clip's first frame) and the
 speech (the clip's audio, which the bundle never trained on when the clip is in the test split). Each
