@@ -42,7 +42,18 @@ def _sample(tmp, clip: int, speaker: int, split: str) -> Sample:
     pose[:, 0] = np.arange(FRAMES)
     key = f"{clip:04d}abcd_0"
     meta = {"key": key, "split": split, "provenance": {"speaker_id": f"spk{speaker}", "split": split}}
-    members = {schema.MP4: path.read_bytes(), schema.POSE: _npy(pose), schema.JSON: json.dumps(meta).encode()}
+    expression = np.zeros((FRAMES, len(schema.EXPRESSION_COLUMNS)), np.float32)
+    expression[:, 0] = 0.01 * np.arange(FRAMES)  # mouth_open
+    landmarks = np.full((FRAMES, schema.N_LANDMARKS, 3), SIDE / 2, np.float16)
+    landmarks[:, 61, 0], landmarks[:, 291, 0] = SIDE * 0.35, SIDE * 0.65  # lip corners: a mouth mid-low
+    landmarks[:, 0, 1], landmarks[:, 17, 1] = SIDE * 0.7, SIDE * 0.8
+    members = {
+        schema.MP4: path.read_bytes(),
+        schema.POSE: _npy(pose),
+        schema.EXPRESSION: _npy(expression),
+        schema.LANDMARKS: _npy(landmarks),
+        schema.JSON: json.dumps(meta).encode(),
+    }
     return Sample(key, members, frames=FRAMES, seconds=FRAMES / 25)
 
 
@@ -105,6 +116,11 @@ def test_batches_hold_same_clip_pairs_and_a_cross_identity_frame(shards):
         assert t_src < limit and t_drv < limit  # the held-out tail is never trained on
         assert batch["source_pose"][b, 0] == t_src and batch["driver_pose"][b, 0] == t_drv
         assert batch["other_pose"][b, 0] == t_oth
+        # expression and the driver's mouth box travel with their frames (mouth_open = 0.01 t here)
+        assert torch.isclose(batch["driver_expression"][b, 0], torch.tensor(0.01 * t_drv))
+        assert torch.isclose(batch["source_expression"][b, 0], torch.tensor(0.01 * t_src))
+        x0, y0, x1, y1 = batch["driver_mouth"][b].tolist()
+        assert 0 <= x0 < 0.35 and 0.65 < x1 <= 1 and y0 < 0.7 and 0.8 < y1 <= 1  # lips inside, with a margin
         assert spk_oth != spk_src and batch["speaker"][b] == spk_src and batch["other_speaker"][b] == spk_oth
         assert spk_src != 3  # speaker 3 is in the test split only
 

@@ -33,7 +33,9 @@ MIN_PSNR_DB, MIN_MARGIN_DB = 18.0, 4.0
 
 def _clip(path, key: str, speaker: int, side: int) -> Clip:
     frames = decode_frames(path.read_bytes(), side)[:FRAMES]
-    return Clip(key, frames, np.zeros((len(frames), 7), np.float32), speaker)
+    n = len(frames)
+    lower_half = np.tile(np.float32([0.0, 0.5, 1.0, 1.0]), (n, 1))  # no landmarks: the mouth term's default box
+    return Clip(key, frames, np.zeros((n, 7), np.float32), speaker, np.zeros((n, 6), np.float32), lower_half)
 
 
 def _batch(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

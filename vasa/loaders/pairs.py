@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from preprocessing import schema
 from vasa.core.config import LatentDataConfig
 from vasa.core.errors import InputError
-from vasa.loaders.shards import ShardSet, decode_frames, meta_speaker, read_samples, worker_shards
+from vasa.loaders.shards import ShardSet, decode_frames, meta_speaker, read_samples, video_side, worker_shards
 from vasa.models.images import to_tensor
 
 log = logging.getLogger(__name__)
@@ -46,22 +46,52 @@ log = logging.getLogger(__name__)
 STARVED_CLIPS = 200  # clips in a row without any cross-identity partner before a worker gives up
 
 
+# Outer-lip FaceMesh landmarks: the mouth box the stage-1 mouth term weights (VASA-1's faces talk; an L1
+# over the whole crop lets a model that never opens the mouth score well, the mouth being ~2 % of it).
+OUTER_LIP = (61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291, 409, 270, 269, 267, 0, 37, 39, 40, 185)
+MOUTH_MARGIN = 0.35  # the box grows by this fraction of the lip-corner distance on every side (open jaw, chin)
+
+
 @dataclass
 class Clip:
-    """One decoded sample: frames (T, S, S, 3) uint8, pose (T, 7), its speaker index."""
+    """One decoded sample: frames (T, S, S, 3) uint8, pose (T, 7), expression (T, E) schema.EXPRESSION_COLUMNS
+    (template units), mouth (T, 4) box x0, y0, x1, y1 as fractions of the crop side, its speaker index."""
 
     key: str
     frames: np.ndarray
     pose: np.ndarray
     speaker: int
+    expression: np.ndarray
+    mouth: np.ndarray
 
 
-def decode_sample(sample: dict[str, bytes], size: int, speakers: dict[str, int]) -> Clip:
+def mouth_boxes(landmarks: np.ndarray, side: float) -> np.ndarray:
+    """(T, 478, 3) landmarks in crop pixels of a `side`-pixel crop -> (T, 4) mouth boxes as fractions of the
+    side, clipped to [0, 1]; frames without landmarks (NaN) get the whole crop's lower half."""
+    lips = landmarks[:, OUTER_LIP, :2].astype(np.float64) / side
+    lo, hi = np.nanmin(lips, axis=1), np.nanmax(lips, axis=1)
+    margin = MOUTH_MARGIN * (hi[:, :1] - lo[:, :1])
+    box = np.concatenate([lo - margin, hi + margin], axis=1)
+    box[~np.isfinite(box).all(axis=1)] = (0.0, 0.5, 1.0, 1.0)
+    return np.clip(box, 0.0, 1.0).astype(np.float32)
+
+
+def decode_sample(sample: dict[str, bytes], size: int, speakers: dict[str, int], crop_size: int | None = None) -> Clip:
+    """A shard sample decoded at `size` pixels. `crop_size`: the shards' crop side (the landmarks' pixel
+    unit); None reads it from the mp4."""
     meta = json.loads(sample[schema.JSON])
     frames = decode_frames(sample[schema.MP4], size)
-    pose = np.load(io.BytesIO(sample[schema.POSE]), allow_pickle=False).astype(np.float32)
-    n = min(len(frames), len(pose))  # equal by the schema; a short decode must not index past the end
-    return Clip(sample["__key__"], frames[:n], pose[:n], speakers.get(meta_speaker(meta), -1))
+    pose = _npy(sample[schema.POSE])
+    expression = _npy(sample[schema.EXPRESSION])
+    landmarks = np.load(io.BytesIO(sample[schema.LANDMARKS]), allow_pickle=False)
+    side = crop_size or video_side(sample[schema.MP4])
+    n = min(len(frames), len(pose), len(expression), len(landmarks))  # equal by the schema; never index past
+    speaker = speakers.get(meta_speaker(meta), -1)
+    return Clip(sample["__key__"], frames[:n], pose[:n], speaker, expression[:n], mouth_boxes(landmarks[:n], side))
+
+
+def _npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False).astype(np.float32)
 
 
 def train_frames(n: int, holdout_fraction: float) -> int:
@@ -88,6 +118,10 @@ def pair_item(rng: random.Random, clip: Clip, i: int, j: int, other: Clip) -> di
         "driver_pose": torch.from_numpy(clip.pose[j].copy()),
         "other": to_tensor(other.frames[k]),
         "other_pose": torch.from_numpy(other.pose[k].copy()),
+        "source_expression": torch.from_numpy(clip.expression[i].copy()),
+        "driver_expression": torch.from_numpy(clip.expression[j].copy()),
+        "other_expression": torch.from_numpy(other.expression[k].copy()),
+        "driver_mouth": torch.from_numpy(clip.mouth[j].copy()),
         "speaker": torch.tensor(clip.speaker, dtype=torch.int64),
         "other_speaker": torch.tensor(other.speaker, dtype=torch.int64),
     }
@@ -100,7 +134,7 @@ class PairStream(IterableDataset):
         self, shard_set: ShardSet, size: int, cfg: LatentDataConfig, seed: int, epoch: int, rank: int, world: int
     ):
         self.shards, self.size, self.cfg = shard_set.train, size, cfg
-        self.speakers = shard_set.speaker_index()
+        self.speakers, self.crop_size = shard_set.speaker_index(), shard_set.crop_size
         self.seed, self.epoch, self.rank, self.world = seed, epoch, rank, world
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -137,7 +171,7 @@ class PairStream(IterableDataset):
             path = shards[rng.randrange(len(shards))]
             for sample in read_samples(path):
                 try:
-                    clip = decode_sample(sample, self.size, self.speakers)
+                    clip = decode_sample(sample, self.size, self.speakers, self.crop_size)
                 except (ValueError, KeyError, av.FFmpegError) as err:
                     log.warning("%s: sample %s unreadable, skipped: %s", path.name, sample.get("__key__"), err)
                     continue
@@ -185,7 +219,7 @@ def heldout_batch(shard_set: ShardSet, size: int, cfg: LatentDataConfig, seed: i
         clips = []
         for path in shards:
             for sample in read_samples(path):
-                clip = decode_sample(sample, size, speakers)
+                clip = decode_sample(sample, size, speakers, shard_set.crop_size)
                 start = train_frames(len(clip.frames), cfg.holdout_fraction) if tail_only else 0
                 if len(clip.frames) - start > cfg.min_frame_gap:
                     clips.append((clip, start))

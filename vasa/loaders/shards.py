@@ -135,6 +135,12 @@ def decode_frames(mp4: bytes, size: int) -> np.ndarray:
     return np.stack(frames)
 
 
+def video_side(mp4: bytes) -> int:
+    """The frame width of an mp4 (bytes), read from its header (crops are square)."""
+    with av.open(io.BytesIO(mp4)) as container:
+        return int(container.streams.video[0].codec_context.width)
+
+
 def worker_shards(shards: tuple[Path, ...], rank: int, world: int, worker: int, workers: int) -> tuple[Path, ...]:
     """Split by node (rank) then by worker; when there are fewer shards than slices, every slice
     reads all shards (resampling under distinct seeds still gives different streams)."""
