@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup repro test lint clean
+.PHONY: setup repro test lint typecheck clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
@@ -26,9 +26,14 @@ repro: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+# The type check alone: mypy over the core, models, training and inference layers (pyproject.toml [tool.mypy]).
+typecheck: $(STAMP)
+	$(BIN)/mypy
 
 test: lint
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

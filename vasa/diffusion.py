@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from vasa.core.config import DiffusionConfig
+
+if TYPE_CHECKING:
+    from vasa.models.motion_dit import MotionDiT
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]  # (x_t (B, W, M), t (B,)) -> x̂_0 (B, W, M)
 COSINE_OFFSET = 0.008  # s of the cosine schedule (Nichol & Dhariwal 2021, eq. 17)
@@ -128,7 +132,7 @@ def guided_denoiser(model: nn.Module, cond: Mapping[str, Tensor], scales: Mappin
 
 
 def sliding_windows(
-    model: nn.Module,
+    model: MotionDiT,
     schedule: NoiseSchedule,
     audio: Tensor,
     gaze: Tensor,
@@ -179,7 +183,7 @@ def sliding_windows(
 
 
 def generate(
-    model: nn.Module,
+    model: MotionDiT,
     schedule: NoiseSchedule,
     audio: Tensor,
     gaze: Tensor,

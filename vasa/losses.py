@@ -8,6 +8,7 @@ Images are (B, 3, S, S) in [-1, 1] throughout.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors.torch import load_file
@@ -29,6 +30,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class VGG19Features(nn.Module):
     """VGG19 convolutional trunk up to relu5_1: (B, 3, S, S) in [-1, 1] -> five ReLU feature maps."""
 
+    mean: torch.Tensor  # buffers registered in __init__
+    std: torch.Tensor
+
     def __init__(self) -> None:
         super().__init__()
         layers: list[nn.Module] = []
@@ -37,6 +41,7 @@ class VGG19Features(nn.Module):
             if v == "M":
                 layers.append(nn.MaxPool2d(2, 2))
             else:
+                assert isinstance(v, int)  # every other VGG19_LAYOUT entry is a channel count
                 layers += [nn.Conv2d(c_in, v, 3, padding=1), nn.ReLU(inplace=False)]
                 c_in = v
         self.features = nn.Sequential(*layers)
@@ -80,7 +85,10 @@ def perceptual_loss(vgg: VGG19Features, fake: torch.Tensor, real: torch.Tensor) 
     """Weighted L1 between VGG19 features of fake and real (real detached): a scalar >= 0."""
     with torch.no_grad():
         real_feats = vgg(real)
-    return sum(w * F.l1_loss(f, r) for w, f, r in zip(VGG19_TAP_WEIGHTS, vgg(fake), real_feats, strict=True))
+    # A sum over the (five) taps: a Tensor, never sum()'s start value 0.
+    return cast(
+        torch.Tensor, sum(w * F.l1_loss(f, r) for w, f, r in zip(VGG19_TAP_WEIGHTS, vgg(fake), real_feats, strict=True))
+    )
 
 
 def multiscale_l1(fake: torch.Tensor, real: torch.Tensor, scales: int) -> torch.Tensor:
@@ -95,22 +103,26 @@ def multiscale_l1(fake: torch.Tensor, real: torch.Tensor, scales: int) -> torch.
 
 def hinge_discriminator_loss(real_logits: list[torch.Tensor], fake_logits: list[torch.Tensor]) -> torch.Tensor:
     """Hinge loss of a multi-scale discriminator: mean relu(1 - D(real)) + relu(1 + D(fake)), summed over scales."""
-    return sum(F.relu(1 - r).mean() + F.relu(1 + f).mean() for r, f in zip(real_logits, fake_logits, strict=True))
+    # Over a discriminator's (non-empty) scales: a Tensor, never sum()'s start value 0.
+    return cast(
+        torch.Tensor,
+        sum(F.relu(1 - r).mean() + F.relu(1 + f).mean() for r, f in zip(real_logits, fake_logits, strict=True)),
+    )
 
 
 def hinge_generator_loss(fake_logits: list[torch.Tensor]) -> torch.Tensor:
     """Generator side of the hinge game: -mean D(fake), summed over scales (can be negative)."""
-    return sum(-f.mean() for f in fake_logits)
+    return cast(torch.Tensor, sum(-f.mean() for f in fake_logits))  # non-empty scales: a Tensor, not 0
 
 
 def feature_matching_loss(real_feats: list[list[torch.Tensor]], fake_feats: list[list[torch.Tensor]]) -> torch.Tensor:
     """L1 between discriminator features of real (detached) and fake, averaged over layers, summed over scales."""
-    total = 0.0
+    total: torch.Tensor | float = 0.0
     for real_scale, fake_scale in zip(real_feats, fake_feats, strict=True):
         total = total + sum(F.l1_loss(f, r.detach()) for r, f in zip(real_scale, fake_scale, strict=True)) / len(
             real_scale
         )
-    return total
+    return cast(torch.Tensor, total)  # non-empty scales: a Tensor, not the 0.0 start
 
 
 def cosface_loss(cosines: torch.Tensor, labels: torch.Tensor, margin: float, scale: float) -> torch.Tensor:

@@ -65,7 +65,7 @@ def level_of(line: str) -> int:
     if match := _ABSL.match(line):
         return _ABSL_LEVELS[match.group(1)]
     if match := _TFLITE.match(line):
-        return logging.getLevelName(match.group(1))
+        return logging.getLevelNamesMapping()[match.group(1)]
     return logging.WARNING
 
 
@@ -126,6 +126,8 @@ def _leave() -> None:
         _open -= 1
         if _open > 0:
             return
+        # _enter() set all three when it opened the redirection that this last block closes.
+        assert _saved_fd is not None and _capture_fd is not None and _capture_path is not None
         _flush_python_stderr()
         os.dup2(_saved_fd, 2)
         os.close(_saved_fd)

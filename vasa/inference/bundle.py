@@ -45,8 +45,6 @@ BUNDLE_VERSION = 1
 FACE, DIT = "face_latent", "motion_dit"
 
 
-
-
 PACKAGES = ("torch", "numpy", "safetensors", "av", "mediapipe", "librosa", "accelerate")
 
 

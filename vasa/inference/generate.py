@@ -177,7 +177,7 @@ def stream(
         produced += n
         for start in range(0, n, render_batch):  # yield as soon as a batch is drawn, not after the whole window
             crops = render(session, units[start : start + render_batch], render_batch)
-            yield crops if crop_only else paster(crops)
+            yield crops if paster is None else paster(crops)  # paster is None exactly when crop_only
 
     pending = np.zeros((0, features.dim), np.float32)
     for chunk in audio_chunks:
@@ -230,7 +230,9 @@ def encode_video(bundle: Bundle, path: Path, face_cfg: FaceConfig, crop_size: in
     track = face_mod.get_tracker(face_cfg).track(frames)
     if not np.isfinite(track.landmarks[:, :, 0]).any():
         raise InputError(f"{path}: no face in the driving video")
-    transform = face_mod.box_transform(track.landmarks, crop_size, face_cfg.crop_scale, frames.shape[1:3])
+    transform = face_mod.box_transform(
+        track.landmarks, crop_size, face_cfg.crop_scale, (frames.shape[1], frames.shape[2])
+    )
     crops = face_mod.apply_crops(frames, np.repeat(transform[None], len(frames), 0), crop_size)
     side = bundle.resolution
     small = np.stack([cv2.resize(c, (side, side), interpolation=cv2.INTER_AREA) for c in crops])

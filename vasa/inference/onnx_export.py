@@ -43,6 +43,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -278,13 +279,16 @@ def load_motion_dit(model_dir: Path) -> tuple[MotionDiT, dict]:
 def export_checked(kind: str, model: nn.Module, out: Path, batches: Sequence[int], runs: int) -> dict:
     """Export one network (`kind` "renderer" or "denoiser") into `out/<kind>.onnx` and check it at each batch
     size (different from the traced one: the batch axis must really be dynamic). Returns the JSON record."""
+    graph: nn.Module
     if kind == "renderer":
+        assert isinstance(model, FaceLatent)
         path = export_renderer(model, out / "renderer.onnx")
-        graph, make_inputs = RendererGraph(model), renderer_inputs
+        graph, make_inputs = RendererGraph(model), partial(renderer_inputs, model)
     else:
+        assert isinstance(model, MotionDiT)
         path = export_denoiser(model, out / "denoiser.onnx")
-        graph, make_inputs = DenoiserGraph(model), denoiser_inputs
-    checks = [check_onnx(path, graph, make_inputs(model, batch, seed=batch), runs) for batch in batches]
+        graph, make_inputs = DenoiserGraph(model), partial(denoiser_inputs, model)
+    checks = [check_onnx(path, graph, make_inputs(batch, seed=batch), runs) for batch in batches]
     for check in checks:
         log.info("%s batch %d: %s", kind, check["batch"], check)
     return {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path), "checks": checks}

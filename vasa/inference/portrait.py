@@ -70,7 +70,9 @@ def prepare_portrait(path: Path, resolution: int, crop_size: int, face_cfg: Face
     landmarks = largest_face(detections[0], faces)
     if faces > 1:
         log.warning("%s: %d faces found; animating the largest", path, faces)
-    transform = face_mod.box_transform(landmarks[None], crop_size, face_cfg.crop_scale, frame.shape[:2])
+    transform = face_mod.box_transform(
+        landmarks[None], crop_size, face_cfg.crop_scale, (frame.shape[0], frame.shape[1])
+    )
     crop = face_mod.crop_frame(frame, transform, crop_size)
     if crop_size != resolution:
         crop = cv2.resize(crop, (resolution, resolution), interpolation=cv2.INTER_AREA)
@@ -104,10 +106,11 @@ class Paster:
         self.portrait, self.crop_size = portrait, crop_size
         self.inverse = cv2.invertAffineTransform(portrait.transform)
         ramp = max(1, int(round(feather * crop_size)))
-        mask = np.zeros((crop_size, crop_size), np.float32)
+        mask: np.ndarray = np.zeros((crop_size, crop_size), np.float32)
         mask[ramp:-ramp, ramp:-ramp] = 1.0
         mask = cv2.GaussianBlur(mask, (0, 0), sigmaX=ramp / 2) if ramp > 1 else mask
-        alpha = cv2.warpAffine(mask, self.inverse, (width, height), flags=cv2.INTER_LINEAR, borderValue=0.0)
+        # OpenCV's stubs type the Scalar borderValue as a Sequence only; a number is a valid Scalar.
+        alpha = cv2.warpAffine(mask, self.inverse, (width, height), flags=cv2.INTER_LINEAR, borderValue=0.0)  # type: ignore[call-overload]
         rows, cols = np.nonzero(alpha > 0)
         if len(rows) == 0:
             raise InputError("the face crop lies outside the portrait")

@@ -41,6 +41,7 @@ class Decoder(nn.Module):
         if self.source_skip:
             self.depth_weights = nn.Conv2d(folded, preset.volume_depth, 1)
             self.mix = nn.Conv2d(widths[-1], 3, 3, padding=1)
+            assert self.mix.bias is not None  # nn.Conv2d's default bias=True
             with torch.no_grad():
                 self.mix.weight.mul_(0.1)
                 self.mix.bias.copy_(torch.tensor(MIX_INIT_BIAS))

@@ -66,6 +66,7 @@ class FaceLatent(nn.Module):
 
     def canonical(self, code: FaceCode, image: torch.Tensor) -> Canonical:
         """V_app of `code` (encoded from `image`) moved to the canonical (pose- and dynamics-free) frame."""
+        assert code.volume is not None, "canonical() needs the volume: encode(image, appearance=True)"
         grid = self.warping.to_canonical_grid(code.pose, code.dyn, code.z_id, code.volume.shape)
         return Canonical(volume=sample_volume(code.volume, grid), source_grid=grid, image=image)
 

@@ -134,6 +134,7 @@ class MotionDiT(nn.Module):
         self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.out = nn.Linear(width, motion_dim)
         for layer in (self.modulation[-1], self.final_modulation[-1], self.out):  # DiT: zero-initialised heads
+            assert isinstance(layer, nn.Linear)
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,8 @@ def get_preset(name: str, resolution: int | None = None) -> LatentPreset:
 
 def preset_from_json(described: dict) -> LatentPreset:
     """A preset back from its `describe()` JSON (model.json `task.preset`; lists become tuples)."""
-    return LatentPreset(**{k: tuple(v) if isinstance(v, list) else v for k, v in described.items()})
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in described.items()}
+    return LatentPreset(**fields)
 
 
 # --- stage 2: the motion diffusion transformer (vasa/models/motion_dit.py) ----------------------------

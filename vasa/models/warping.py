@@ -91,6 +91,7 @@ class FlowGenerator(nn.Module):
         self.blocks = nn.ModuleList(ResBlock3d(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True))
         self.norm = group_norm(widths[-1])
         self.out = nn.Conv3d(widths[-1], 3, 3, padding=1)
+        assert self.out.bias is not None  # nn.Conv3d's default bias=True
         with torch.no_grad():
             self.out.weight.mul_(FLOW_INIT_GAIN)
             self.out.bias.zero_()

@@ -3,6 +3,7 @@ and StyleGAN-family training, because it is smoother than the last raw iterate."
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -17,7 +18,12 @@ class EMA:
     into a freshly built module with `load_state_dict`.
     """
 
-    def __init__(self, module: nn.Module, decay: float, gather: type[AbstractContextManager] | None = None):
+    def __init__(
+        self,
+        module: nn.Module,
+        decay: float,
+        gather: Callable[[list[nn.Parameter]], AbstractContextManager] | None = None,
+    ):
         if not 0 <= decay < 1:
             raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
         self.decay = decay

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -292,8 +292,9 @@ class _Run:
                         if not torch.isfinite(loss):
                             raise FloatingPointError(f"step {self.step}: non-finite {name} loss {loss.item()}")
                         if self.deepspeed:
-                            model.backward(loss)  # the DeepSpeed engine scales by 1/grad_accum itself
-                            model.step()  # steps only at the accumulation boundary; clips per its config
+                            ds_engine: Any = model  # accelerate's prepare() made it a deepspeed.DeepSpeedEngine
+                            ds_engine.backward(loss)  # the DeepSpeed engine scales by 1/grad_accum itself
+                            ds_engine.step()  # steps only at the accumulation boundary; clips per its config
                         else:
                             self.accelerator.backward(loss / len(micro))
                     for key, value in parts.items():  # logged as loss/<module>/<term>

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import cast
 
 import numpy as np
 import torch
@@ -143,17 +144,17 @@ class LatentTask:
                     real_out = models[DISCRIMINATOR](driver)
                 terms["feature_matching"] = feature_matching_loss([f for f, _ in real_out], [f for f, _ in fake_out])
         if cfg.pose > 0:
-            terms["pose"] = (
-                sum(
-                    pose_supervision_loss(
-                        out[f"{role}_pose"],
-                        shard_pose_to_model(batch[f"{role}_pose"], self.crop_size, self.preset.canonical_scale),
-                        ANGLE_UNIT_DEG,
-                    )
-                    for role in ("source", "driver", "other")
+            crop_size = self.crop_size
+            assert crop_size is not None  # __init__ requires it when the pose weight is > 0
+            pose_sum = sum(
+                pose_supervision_loss(
+                    out[f"{role}_pose"],
+                    shard_pose_to_model(batch[f"{role}_pose"], crop_size, self.preset.canonical_scale),
+                    ANGLE_UNIT_DEG,
                 )
-                / 3
+                for role in ("source", "driver", "other")
             )
+            terms["pose"] = cast(Tensor, pose_sum) / 3  # a sum of three Tensors: a Tensor, not sum()'s start 0
         if cfg.transfer > 0:
             terms["transfer"] = transfer_consistency_loss(out["transfer_a"], out["transfer_b"])
         labels = torch.cat([batch["speaker"], batch["speaker"], batch["other_speaker"]])

@@ -36,6 +36,7 @@ class Monitor:
         if not self.enabled:
             return
         self._window_images += images
+        assert self.bar is not None  # set in __init__ when enabled
         self.bar.update(1)
 
     def log(self, step: int, scalars: dict[str, float], memory_bytes: int | None) -> None:
@@ -48,6 +49,7 @@ class Monitor:
             row["images_per_s"] = self._window_images / elapsed
         if memory_bytes is not None:
             row["gpu_mem_gib"] = memory_bytes / 2**30
+        assert self.live is not None and self.bar is not None  # set in __init__ when enabled
         self.live.step = step
         for name, value in sorted(row.items()):
             self.live.log_metric(name, float(value))
@@ -70,11 +72,13 @@ class Monitor:
         """Final figures (e.g. held-out PSNR) into DVCLive's metrics.json, without a plot."""
         if not self.enabled:
             return
+        assert self.live is not None  # set in __init__ when enabled
         for name, value in sorted(values.items()):
             self.live.log_metric(name, float(value), plot=False)
 
     def close(self) -> None:
         if not self.enabled:
             return
+        assert self.live is not None and self.bar is not None  # set in __init__ when enabled
         self.bar.close()
         self.live.end()
