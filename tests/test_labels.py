@@ -195,16 +195,15 @@ def test_encrypted_key_takes_its_passphrase_from_the_environment(
     encrypted.chmod(0o600)
     out = work / "encrypted" / "video.mp4"
 
-    monkeypatch.delenv(labels.KEY_PASSWORD_ENV, raising=False)
+    # The library never reads the environment (the CLI passes VASA_C2PA_KEY_PASSWORD as key_password).
+    monkeypatch.setenv(labels.KEY_PASSWORD_ENV, "correct horse")
     with pytest.raises(InputError, match=f"{encrypted}.*{labels.KEY_PASSWORD_ENV}"):
         labels.sign_c2pa(tagged, out, chain, encrypted, BUNDLE, VERSION)
-    monkeypatch.setenv(labels.KEY_PASSWORD_ENV, "wrong horse")
     with pytest.raises(InputError, match="cannot decrypt"):
-        labels.sign_c2pa(tagged, out, chain, encrypted, BUNDLE, VERSION)
+        labels.sign_c2pa(tagged, out, chain, encrypted, BUNDLE, VERSION, key_password="wrong horse")
     assert not out.exists()
 
-    monkeypatch.setenv(labels.KEY_PASSWORD_ENV, "correct horse")
-    labels.sign_c2pa(tagged, out, chain, encrypted, BUNDLE, VERSION)
+    labels.sign_c2pa(tagged, out, chain, encrypted, BUNDLE, VERSION, key_password="correct horse")
     assert labels.read_c2pa(out).valid
 
 

@@ -428,6 +428,7 @@ def _floats(text: str) -> list[float]:
 def _generate(args: argparse.Namespace, params: Params) -> int:
     from vasa.inference.bundle import load_bundle
     from vasa.inference.generate import generate_file, resolve_device
+    from vasa.labelling.labels import KEY_PASSWORD_ENV
 
     bundle = load_bundle(args.bundle, resolve_device(params.generate.device))
     result = generate_file(
@@ -435,6 +436,7 @@ def _generate(args: argparse.Namespace, params: Params) -> int:
         crop_only=args.crop_only, driving_video=args.driving_video, pose_from=args.pose_from,
         dynamics_from=args.dynamics_from, gaze=args.gaze, distance=args.distance, emotion=args.emotion,
         cfg_audio=args.cfg_audio, cfg_gaze=args.cfg_gaze, steps=args.steps, seed=args.seed,
+        key_password=os.environ.get(KEY_PASSWORD_ENV),
     )  # fmt: skip
     print(
         f"generate: {result.path} ({result.frames} frames, {result.seconds:.2f} s), bundle {result.bundle_sha256[:12]}"
@@ -493,9 +495,10 @@ def _add_verify(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _demo(args: argparse.Namespace, params: Params) -> int:
+    from vasa.labelling.labels import KEY_PASSWORD_ENV
     from vasa.stages.demo import run_demo
 
-    report = run_demo(params, args.sample, args.bundle, args.out, args.report)
+    report = run_demo(params, args.sample, args.bundle, args.out, args.report, os.environ.get(KEY_PASSWORD_ENV))
     print(f"demo: {len(report['videos'])} videos in {args.out}; every check passed: {report['all_ok']}")
     return 0 if report["all_ok"] else 1
 

@@ -1,4 +1,6 @@
-"""(moved from vasa.training.checkpoint; docstring to write)"""
+"""Model weights on disk without pickle: one `<module>.safetensors` per module plus `model.json` (task
+description, params, step, lineage and each file's sha256, checked on load). Every stage output and the
+bundle use it; training checkpoints (vasa/training/checkpoint.py) add the resumable states."""
 
 from __future__ import annotations
 

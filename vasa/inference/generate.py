@@ -338,12 +338,14 @@ def generate_file(
     driving_video: Path | None = None,
     pose_from: Path | None = None,
     dynamics_from: Path | None = None,
+    key_password: str | None = None,
     **overrides,
 ) -> Result:
     """portrait + speech -> `out` (mp4, H.264 + AAC), labelled: container tags, watermark, C2PA manifest.
 
-    `overrides`: gaze, distance, emotion, cfg_audio, cfg_gaze, steps, seed (None = default). Nothing is
-    left at `out` (or beside it) when anything fails.
+    `key_password`: the passphrase of an encrypted C2PA signing key (the CLI reads it from the
+    environment). `overrides`: gaze, distance, emotion, cfg_audio, cfg_gaze, steps, seed (None = default).
+    Nothing is left at `out` (or beside it) when anything fails.
     """
     from vasa.labelling import labels
     from vasa.labelling.watermark import Watermarker
@@ -378,7 +380,7 @@ def generate_file(
     marker = Watermarker(bytes.fromhex(bundle.sha256)[:8])
     try:
         count = write_video(unsigned, frames, speech, rate, fps, cfg, tags, watermark=marker)
-        signed = _sign(unsigned, out, cfg, bundle.sha256)
+        signed = _sign(unsigned, out, cfg, bundle.sha256, key_password)
     finally:
         unsigned.unlink(missing_ok=True)
     seconds = len(speech) / rate
@@ -388,14 +390,22 @@ def generate_file(
     return Result(out, count, seconds, bundle.sha256, signed, timings)
 
 
-def _sign(unsigned: Path, out: Path, cfg: GenerateConfig, bundle_sha256: str) -> bool:
+def _sign(unsigned: Path, out: Path, cfg: GenerateConfig, bundle_sha256: str, key_password: str | None) -> bool:
     """C2PA-sign `unsigned` into `out` (or move it there unsigned when signing is off). True if signed."""
     import tempfile
 
     from vasa.labelling import labels
 
     if cfg.c2pa.chain and cfg.c2pa.key:
-        labels.sign_c2pa(unsigned, out, Path(cfg.c2pa.chain), Path(cfg.c2pa.key), bundle_sha256, package_version())
+        labels.sign_c2pa(
+            unsigned,
+            out,
+            Path(cfg.c2pa.chain),
+            Path(cfg.c2pa.key),
+            bundle_sha256,
+            package_version(),
+            key_password=key_password,
+        )
         return True
     if cfg.c2pa.dev_certificate:
         # A throwaway, untrusted certificate that lives only for this call: the manifest still says

@@ -31,12 +31,11 @@ GPU caveat: onnxruntime's CUDA execution provider reportedly has no 5D GridSampl
 3D grid_sample nodes of the renderer would fall back to the CPU provider (or need TensorRT / a custom
 op); only the CPU provider is checked here.
 
-    python -m vasa.inference.onnx_export --latent data/latent/model --dit data/motion_dit/model --out data/onnx
+    python benchmarks/onnx_latency.py --latent data/latent/model --dit data/motion_dit/model --out data/onnx
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import statistics
@@ -55,7 +54,7 @@ from torch import Tensor, nn
 from vasa.core.digests import sha256_file
 from vasa.core.files import atomic_path, write_json
 from vasa.core.weights import load_weights
-from vasa.models.face_latent import Canonical, FaceLatent, load_face_latent
+from vasa.models.face_latent import Canonical, FaceLatent
 from vasa.models.motion_dit import CONDITIONS, MotionDiT
 
 log = logging.getLogger(__name__)
@@ -300,7 +299,7 @@ TIMING_KEYS = ("torch_ms", "onnxruntime_ms", "runs")
 def export_bundle_onnx(bundle_dir: Path, batches: Sequence[int] = (1, 2)) -> dict:
     """`vasa export` with params export.onnx: renderer.onnx, denoiser.onnx and onnx.json (parity at each
     batch size, file digests) in BUNDLE/onnx/. No latencies in the artifact (they vary run to run; the
-    CLI below and docs/BENCHMARKS.md have them), so the same bundle gives the same files."""
+    benchmark benchmarks/onnx_latency.py and docs/BENCHMARKS.md have them), so the same bundle gives the same files."""
     from vasa.inference.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir)
@@ -312,47 +311,3 @@ def export_bundle_onnx(bundle_dir: Path, batches: Sequence[int] = (1, 2)) -> dic
         report[kind] = record
     write_json(out / "onnx.json", report)
     return report
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vasa.inference.onnx_export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--latent", type=Path, help="stage-1 model folder (train-latent output)")
-    parser.add_argument("--dit", type=Path, help="stage-2 model folder (train-motion output)")
-    parser.add_argument("--out", type=Path, required=True, help="folder for renderer.onnx, denoiser.onnx, onnx.json")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2], help="batch sizes checked")
-    parser.add_argument("--runs", type=int, default=5, help="timed runs per latency figure")
-    args = parser.parse_args(argv)
-    if args.latent is None and args.dit is None:
-        parser.error("give --latent and/or --dit")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    report: dict = {
-        "opset": OPSET,
-        "exporter": "torch.onnx.export(dynamo=False)",
-        "provider": "CPUExecutionProvider",
-        "threads": 1,
-        "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__},
-    }
-    if args.latent is not None:
-        try:
-            face, meta = load_face_latent(args.latent)
-        except (FileNotFoundError, ValueError, RuntimeError) as err:  # RuntimeError: weights of another version
-            log.error("cannot load the stage-1 model: %s", err)
-            return 1
-        record = export_checked("renderer", face, args.out, args.batches, args.runs)
-        report["renderer"] = {"source": str(args.latent), "preset": face.preset.name, **record}
-        report["renderer"]["weights_sha256"] = meta["weights"]["generator"]["sha256"]
-    if args.dit is not None:
-        try:
-            dit, meta = load_motion_dit(args.dit)
-        except (FileNotFoundError, ValueError, KeyError, RuntimeError) as err:
-            log.error("cannot load the stage-2 model: %s", err)
-            return 1
-        record = export_checked("denoiser", dit, args.out, args.batches, args.runs)
-        report["denoiser"] = {"source": str(args.dit), "preset": dit.preset.name, **record}
-        report["denoiser"]["weights_sha256"] = meta["weights"]["dit"]["sha256"]
-    write_json(args.out / "onnx.json", report)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

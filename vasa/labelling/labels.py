@@ -155,7 +155,7 @@ def sign_c2pa(
 
     `chain` is a PEM chain, signing certificate first; `key` its private key (PEM, PKCS#8 or
     SEC1/PKCS#1, EC P-256/384/521, Ed25519 or RSA). An encrypted key is opened with
-    `key_password`, else with the environment variable VASA_C2PA_KEY_PASSWORD. `dst` is written
+    `key_password` (the CLI passes the environment variable VASA_C2PA_KEY_PASSWORD). `dst` is written
     under a temporary name and renamed, so an error leaves no file behind; `dst` may equal `src`.
     Raises InputError (naming the file) for a missing or unreadable chain or key, a key that
     does not match the certificate, or an input that is not an ISO BMFF video.
@@ -317,7 +317,6 @@ def _load_key(key: Path, password: str | None):
         pass
     except ValueError as err:
         raise InputError(f"{key} is not a PEM private key: {err}") from err
-    password = password if password is not None else os.environ.get(KEY_PASSWORD_ENV)
     if not password:
         raise InputError(f"{key} is encrypted: set {KEY_PASSWORD_ENV} to its passphrase")
     try:

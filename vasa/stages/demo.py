@@ -89,7 +89,9 @@ def check_video(
     }
 
 
-def run_demo(params: Params, sample_dir: Path, bundle_dir: Path, out: Path, report_path: Path) -> dict:
+def run_demo(
+    params: Params, sample_dir: Path, bundle_dir: Path, out: Path, report_path: Path, key_password: str | None = None
+) -> dict:
     bundle = load_bundle(bundle_dir, resolve_device(params.generate.device))
     inputs = out / "inputs"
     inputs.mkdir(parents=True, exist_ok=True)
@@ -103,7 +105,9 @@ def run_demo(params: Params, sample_dir: Path, bundle_dir: Path, out: Path, repo
         audio = read_audio(source, rate)
         soundfile.write(speech, audio, rate, subtype="PCM_16")
         video = out / f"{clip['speaker_id']}.mp4"
-        result = generate_file(bundle, portrait, speech, video, params.generate, params.preprocess.face)
+        result = generate_file(
+            bundle, portrait, speech, video, params.generate, params.preprocess.face, key_password=key_password
+        )
         videos[video.name] = {"clip": clip["clip_id"], "seconds": result.seconds,
                               **check_video(video, bundle.sha256, audio, rate, first, params)}  # fmt: skip
         log.info("demo %s: %s", video.name, videos[video.name])

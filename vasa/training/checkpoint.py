@@ -1,9 +1,9 @@
 """Checkpoints that describe themselves, loadable without pickle.
 
 Two kinds:
-- the stage's OUTPUT (`write_weights` / `load_weights`): one `<module>.safetensors` per EMA module and
-  `model.json` (task description, params, step, lineage, file digests). This is what users load:
-  safetensors + JSON only, never pickle.
+- the stage's OUTPUT (vasa.core.weights `write_weights` / `load_weights`): one `<module>.safetensors`
+  per EMA module and `model.json` (task description, params, step, lineage, file digests). This is what
+  users load: safetensors + JSON only, never pickle.
 - RESUMABLE STATES under `checkpoints/step_NNNNNNN/`: Accelerate's `save_state` (model weights as
   safetensors; optimiser and RNG states in Accelerate's own format, read back only by this engine
   from a run's own folder) plus `ema.safetensors` and `engine.json` written last, so a state without
