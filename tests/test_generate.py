@@ -201,7 +201,7 @@ def test_generate_labels_the_video_and_survives_a_reencode(bundle_dir, params, f
     assert report["c2pa"]["valid"] and report["c2pa"]["ai_generated"] and not report["c2pa"]["trusted"]
     assert report["watermark"]["payload"] == digest[:16]
     copy = tmp_path / "reencoded.mp4"
-    reencode(out, copy, 23)
+    reencode(out, copy, 23, 25)
     again = verify_file(copy)
     assert not again["c2pa"]["present"] and again["watermark"]["payload"] == digest[:16]
     assert cli_main(["verify", str(copy)]) == 0

@@ -34,11 +34,10 @@ log = logging.getLogger(__name__)
 REENCODE_CRF = 23
 
 
-def reencode(src: Path, dst: Path, crf: int) -> None:
-    """Decode and encode again with libx264 at `crf` and the source's frame rate, audio dropped (a
+def reencode(src: Path, dst: Path, crf: int, fps: int) -> None:
+    """Decode and encode again with libx264 at `crf` and `fps` frames per second, audio dropped (a
     platform's transcode)."""
-    frames, fps = read_frames(src)
-    write_mp4(dst, frames, fps=fps, crf=crf, preset="veryfast")
+    write_mp4(dst, read_frames(src)[0], fps=fps, crf=crf, preset="veryfast")
 
 
 def pick_clips(sample_dir: Path) -> list[dict]:
@@ -53,19 +52,19 @@ def pick_clips(sample_dir: Path) -> list[dict]:
 
 
 def check_video(
-    path: Path, bundle_sha256: str, speech: np.ndarray, rate: int, portrait: np.ndarray, params: Params
+    path: Path, bundle_sha256: str, fps: int, speech: np.ndarray, rate: int, portrait: np.ndarray, params: Params
 ) -> dict:
     """What a user would check on one generated video: length, a face in every frame, the labels (also
     after a re-encode), and the judge-free measures of vasa.evaluation.independent (mouth opening vs the
     speech's loudness, sharpness vs the portrait, yaw jitter). `speech` (N,) float32 at `rate` Hz."""
     from vasa.evaluation.independent import measure_video
 
-    frames, fps = read_frames(path)
+    frames, _ = read_frames(path)
     track = face_mod.get_tracker(params.preprocess.face).track(frames)
     report = verify_file(path)
     copy = path.with_name(f"{path.stem}.crf{REENCODE_CRF}.mp4")
     try:
-        reencode(path, copy, REENCODE_CRF)
+        reencode(path, copy, REENCODE_CRF, fps)
         again = verify_file(copy)["watermark"]
     finally:
         copy.unlink(missing_ok=True)
@@ -108,8 +107,8 @@ def run_demo(
         result = generate_file(
             bundle, portrait, speech, video, params.generate, params.preprocess.face, key_password=key_password
         )
-        videos[video.name] = {"clip": clip["clip_id"], "seconds": result.seconds,
-                              **check_video(video, bundle.sha256, audio, rate, first, params)}  # fmt: skip
+        checks = check_video(video, bundle.sha256, bundle.meta["fps"], audio, rate, first, params)
+        videos[video.name] = {"clip": clip["clip_id"], "seconds": result.seconds, **checks}
         log.info("demo %s: %s", video.name, videos[video.name])
     keys = ("length_ok", "face_every_frame", "labelled", "container_ok", "c2pa_ok", "watermark_ok",
             "reencoded_watermark_ok")  # fmt: skip
