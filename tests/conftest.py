@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from preprocessing.shards import Sample
+from tests.fixtures_pipeline import SampleShards, build_sample_shards, write_tiny_bundle
 from tests.http_server import Server, running_server
 from vasa.core.config import Params, load_params
 
@@ -39,6 +40,19 @@ def sample_corpus(params: Params, tmp_path_factory: pytest.TempPathFactory) -> P
     out = tmp_path_factory.mktemp("sample")
     write_corpus(params.sample, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def sample_shards(params: Params, tmp_path_factory: pytest.TempPathFactory) -> SampleShards:
+    """A small sample corpus ingested and preprocessed by the real flows, once per test session
+    (tests/fixtures_pipeline.py): manifest and shards as `dvc repro preprocess` writes them. Shared: read only."""
+    return build_sample_shards(params, tmp_path_factory.mktemp("pipeline"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(params: Params, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle of untrained, seeded `tiny` networks, once per test session. Shared: read only."""
+    return write_tiny_bundle(params, tmp_path_factory.mktemp("tiny_bundle"))
 
 
 @pytest.fixture(scope="session")

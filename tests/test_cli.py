@@ -8,6 +8,15 @@ import pytest
 from tests.conftest import REPO
 from vasa.cli import build_parser, main
 
+# The option of every command that names what it writes; `verify` writes nothing (it prints JSON). A command
+# added or removed must be listed here, so that its help is checked too.
+OUTPUT_OPTION = {
+    "sample": "--out", "ingest": "--out", "preprocess": "--out", "train-latent": "--out",
+    "extract-motion": "--out", "train-motion": "--out", "export": "--out", "generate": "--out", "demo": "--out",
+    "audit": "--out", "pin-shards": "--out", "train-judges": "--out", "evaluate": "--out",
+    "takedown": "--denylist", "retrain": "--records", "verify": None,
+}  # fmt: skip
+
 
 def test_help_explains_every_stage(capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -15,10 +24,18 @@ def test_help_explains_every_stage(capsys):
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     assert "sample" in text and "stage" in text
-    for name, parser in build_parser()._subparsers._group_actions[0].choices.items():
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert sorted(commands) == sorted(OUTPUT_OPTION), "a command without an entry in OUTPUT_OPTION (or the reverse)"
+    for name, parser in commands.items():
         help_text = parser.format_help()
         assert len(parser.description) > 80, f"`vasa {name} --help` says too little"
-        assert "--out" in help_text or name != "sample"
+        option = OUTPUT_OPTION[name]
+        if option is None:  # prints its result: no output option at all
+            assert "--out" not in help_text and "print" in parser.description.lower(), f"`vasa {name} --help`"
+            continue
+        action = next((a for a in parser._actions if option in a.option_strings), None)
+        assert action is not None and option in help_text, f"`vasa {name} --help` does not name {option}"
+        assert action.help and len(action.help) > 10, f"`vasa {name} --help` does not say what {option} is"
 
 
 def test_console_script_runs():

@@ -9,24 +9,17 @@ import json
 import pytest
 
 from preprocessing import schema
-from tests.conftest import REPO
 from vasa.provenance import croissant
 from vasa.provenance.croissant import CroissantError, describe, validate
 
-SHARDS = REPO / "data" / "shards"
-MANIFEST = REPO / "data" / "ingest" / "manifest.parquet"
+# The tests marked slow describe the session's sample shards (tests/conftest.py `sample_shards`: a small sample
+# corpus through the real ingest and preprocess flows, ~45 s once per session), read only.
+slow = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def sample_shards() -> tuple:
-    """The sample corpus's shards of the checkout (read only); built by `dvc repro`, absent in a fresh clone."""
-    if not (SHARDS / schema.INDEX_FILE).is_file() or not MANIFEST.is_file():
-        pytest.skip(f"no shards in {SHARDS} with {MANIFEST}: run `dvc repro preprocess` (or `dvc pull`) first")
-    return SHARDS, MANIFEST
-
-
+@slow
 def test_sample_shards_description_is_valid_and_complete(sample_shards, tmp_path):
-    shards, manifest = sample_shards
+    shards, manifest = sample_shards.shards, sample_shards.manifest
     description = describe(shards, manifest, tmp_path)
     warnings = validate(description)
     assert all("is recommended" in w for w in warnings), warnings  # no real problem, only optional properties
@@ -62,12 +55,13 @@ def test_sample_shards_description_is_valid_and_complete(sample_shards, tmp_path
     assert manifest_object["sha256"] == index["dataset"]["manifest_sha256"]
 
 
+@slow
 def test_the_clips_record_set_reads_back_with_mlcroissant(sample_shards, tmp_path):
     """Not only valid: mlcroissant's reader follows the description to the manifest's provenance columns."""
     import mlcroissant as mlc
     import pyarrow.parquet as pq
 
-    shards, manifest = sample_shards
+    shards, manifest = sample_shards.shards, sample_shards.manifest
     croissant.write(describe(shards, manifest, tmp_path), tmp_path / croissant.CROISSANT_FILE)
     records = list(mlc.Dataset(jsonld=tmp_path / croissant.CROISSANT_FILE).records("clips"))
     rows = pq.read_table(manifest).to_pylist()
@@ -75,8 +69,9 @@ def test_the_clips_record_set_reads_back_with_mlcroissant(sample_shards, tmp_pat
     assert {r["clips/licence"].decode() for r in records} == {r["licence"] for r in rows}
 
 
+@slow
 def test_same_shards_same_bytes(sample_shards, tmp_path):
-    shards, manifest = sample_shards
+    shards, manifest = sample_shards.shards, sample_shards.manifest
     for name in ("one", "two"):
         croissant.write(describe(shards, manifest, tmp_path), tmp_path / name)
     assert (tmp_path / "one").read_bytes() == (tmp_path / "two").read_bytes()
@@ -99,9 +94,10 @@ def _no_data_type(d: dict) -> None:
     del d["recordSet"][0]["field"][1]["dataType"]
 
 
+@slow
 @pytest.mark.parametrize("breakage", [_drop_shard_object, _no_digest, _bad_shape, _no_data_type])
 def test_a_broken_description_fails_validation(sample_shards, tmp_path, breakage):
-    shards, manifest = sample_shards
+    shards, manifest = sample_shards.shards, sample_shards.manifest
     description = describe(shards, manifest, tmp_path)
     broken = copy.deepcopy(description)
     breakage(broken)
@@ -110,8 +106,9 @@ def test_a_broken_description_fails_validation(sample_shards, tmp_path, breakage
     validate(description)  # the intact one still passes: the breakage is what failed
 
 
+@slow
 def test_shards_from_another_manifest_are_refused(sample_shards, tmp_path):
-    shards, manifest = sample_shards
+    shards, manifest = sample_shards.shards, sample_shards.manifest
     from preprocessing.ingest import manifest as ingest_manifest
 
     rows = ingest_manifest.read_manifest(manifest)

@@ -1,6 +1,7 @@
 """The evaluate stage (vasa/stages/evaluate.py): which clips it evaluates, how it summarises and plots, the feature
-networks given by path (identity, FVD), and end to end on the sample corpus's shards and bundle: judges trained,
-real, generated and audio-shifted video scored, real beats shifted audio."""
+networks given by path (identity, FVD), and end to end on sample-corpus shards and a tiny bundle made for the test
+session (tests/conftest.py): judges trained, real, generated and audio-shifted video scored, real beats shifted
+audio."""
 
 from __future__ import annotations
 
@@ -52,17 +53,27 @@ def test_evaluation_set_prefers_test_then_last_clip_per_speaker(tmp_path: Path):
 
 # --- summary, plots, feature networks --------------------------------------------------------------------------
 
+# The DVC plots the stage writes: the judges' figures and the judge-free ones.
+PLOTS = {f"{figure}.csv" for figure in ("S_C", "S_D", "CAPP", "delta_pose_deg", "mouth_r", "mouth_std",
+                                        "sharpness_ratio", "yaw_lag1_autocorr")}  # fmt: skip
 
-def _row(s_c: float, s_d: float, capp: float, dp: float | None = None) -> dict[str, float]:
+
+def _row(s_c: float, s_d: float, capp: float, dp: float | None = None, mouth: tuple = ()) -> dict[str, float]:
+    """A clip's row for one condition; a video's own rows (dp given) also hold the judge-free figures:
+    mouth = (mouth_r, mouth_std), sharpness ratio 0.9 and yaw autocorrelation 0.2 throughout."""
     row = {"S_C": s_c, "S_D": s_d, "av_offset": 0.0, "CAPP": capp}
-    return row | ({"delta_pose_deg": dp, "face_frames": 1.0} if dp is not None else {})
+    if dp is None:  # a shifted-audio condition: the same video, so no figures of its own
+        return row
+    independent = dict(zip(("mouth_r", "mouth_std"), mouth, strict=True)) | {
+        "sharpness_ratio": 0.9, "yaw_lag1_autocorr": 0.2}  # fmt: skip
+    return row | {"delta_pose_deg": dp, "face_frames": 1.0} | independent
 
 
 def test_summary_means_margins_and_skips(tmp_path: Path, params: Params):
     per_clip = {
-        "x": {"real": _row(6, 7, 0.6, 0.5), "generated": _row(4, 8, 0.4, 0.3),
+        "x": {"real": _row(6, 7, 0.6, 0.5, (0.6, 0.1)), "generated": _row(4, 8, 0.4, 0.3, (0.2, 0.05)),
               "real_shifted": _row(1, 9, 0.1), "generated_shifted": _row(1, 9, 0.2)},
-        "y": {"real": _row(8, 5, 0.4, 0.7), "generated": _row(2, 8, math.nan, 0.5),
+        "y": {"real": _row(8, 5, 0.4, 0.7, (0.4, 0.1)), "generated": _row(2, 8, math.nan, 0.5, (0.4, 0.03)),
               "real_shifted": _row(3, 9, 0.3), "generated_shifted": _row(1, 10, 0.0)},
     }  # fmt: skip
     report = summarise(per_clip, "test", "held-out speakers", "ab" * 32, {"sync": "s", "capp": "c"}, params)
@@ -70,13 +81,19 @@ def test_summary_means_margins_and_skips(tmp_path: Path, params: Params):
     assert report["real"]["S_C"] == 7 and report["real"]["S_D"] == 6 and report["real"]["delta_pose_deg"] == 0.6
     assert report["generated"]["CAPP"] == pytest.approx(0.4)  # a NaN clip (no window) is left out of the mean
     assert report["margin"]["real"] == {"S_C": 5, "S_D": 3, "CAPP": pytest.approx(0.3)}
+    independent = report["independent"]  # judge-free: means over clips, generated vs real
+    assert independent["mouth_r_real"] == pytest.approx(0.5) and independent["mouth_r_generated"] == pytest.approx(0.3)
+    assert independent["mouth_std_ratio"] == pytest.approx(0.04 / 0.1)
+    assert independent["sharpness_ratio_generated"] == pytest.approx(0.9)
     assert report["LSE_C_LSE_D"] == SKIPPED
     assert feature_figures(params.evaluate, []) == {"identity_similarity": SKIPPED, "FVD25": SKIPPED}
     write_plots(tmp_path, per_clip)
+    assert {p.name for p in tmp_path.iterdir()} == PLOTS
     lines = (tmp_path / "S_C.csv").read_text().splitlines()
     assert lines[0] == "item,value" and len(lines) == 1 + 2 * len(CONDITIONS)
     assert "x/real,6.000000" in lines
-    assert len((tmp_path / "delta_pose_deg.csv").read_text().splitlines()) == 1 + 2 * 2  # real and generated only
+    for figure in ("delta_pose_deg", "mouth_r"):  # real and generated only
+        assert len((tmp_path / f"{figure}.csv").read_text().splitlines()) == 1 + 2 * 2, figure
 
 
 class _MeanColour(torch.nn.Module):
@@ -113,15 +130,15 @@ MIN_SYNC_MARGIN = 0.1  # real video: S_C and S_D with the true audio beat the sh
 MIN_CAPP_MARGIN = 0.02  # real video: CAPP of the true audio beats the shifted audio
 
 
-@pytest.mark.slow
-def test_train_judges_and_evaluate_on_the_sample_corpus(tmp_path: Path, params: Params):
-    shards, bundle = REPO / "data" / "shards", REPO / "data" / "bundle"
-    if not (shards / "index.json").is_file() or not (bundle / "model.json").is_file():
-        pytest.skip("data/shards and data/bundle of the sample corpus are missing (run `make repro` first)")
+@pytest.mark.slow  # ~45 s for the session's sample shards (shared), ~40 s for judges and evaluate
+def test_train_judges_and_evaluate_on_the_sample_corpus(tmp_path: Path, params: Params, sample_shards, tiny_bundle):
+    """The session's sample shards (real FaceMesh crops of the sample corpus) and a bundle of untrained tiny
+    networks (tests/conftest.py): the judges are trained here, as `dvc repro` trains them."""
     from vasa.cli import main
 
+    bundle = tiny_bundle
     copy = tmp_path / "shards"
-    shutil.copytree(shards, copy)  # read-only inputs: the stages must not write beside them
+    shutil.copytree(sample_shards.shards, copy)  # the shared shards stay as they are, whatever the stages write
     params_path = tmp_path / "params.yaml"
     params_path.write_text((REPO / "params.yaml").read_text())
     judges, out = tmp_path / "judges", tmp_path / "evaluate"
@@ -144,5 +161,6 @@ def test_train_judges_and_evaluate_on_the_sample_corpus(tmp_path: Path, params: 
     assert real["face_frames"] == 1.0 and 0 < real["delta_pose_deg"] < 5
     assert report["generated"]["face_frames"] > 0.9 and math.isfinite(report["generated"]["delta_pose_deg"])
     assert report["FVD25"] == SKIPPED and report["identity_similarity"] == SKIPPED
-    assert {p.name for p in (out / "plots").iterdir()} == {"S_C.csv", "S_D.csv", "CAPP.csv", "delta_pose_deg.csv"}
+    assert all(math.isfinite(report["independent"][k]) for k in ("mouth_r_real", "sharpness_ratio_generated")), report
+    assert {p.name for p in (out / "plots").iterdir()} == PLOTS
     assert (out / "side_by_side.mp4").stat().st_size > 0 and (out / "side_by_side.png").stat().st_size > 0

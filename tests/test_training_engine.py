@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -166,8 +168,38 @@ def test_weights_round_trip_without_pickle_and_detect_tampering(tmp_path):
         load_weights(tmp_path)
 
 
-def test_toy_task_satisfies_the_protocol():
-    assert isinstance(ToyTask(), TrainTask)
+# The tasks the stages hand to the engine (train_latent, train_motion, train_judges). The ToyTask is not among
+# them: every loop test below drives it through `train`.
+REAL_TASKS = [
+    ("vasa.training.latent_task", "LatentTask"),
+    ("vasa.training.motion_task", "MotionTask"),
+    ("vasa.evaluation.sync", "SyncTask"),
+    ("vasa.evaluation.capp", "CappTask"),
+]
+# TrainTask's methods (the protocol's own), and the optional extras the engine looks up with getattr.
+PROTOCOL = [name for name, value in vars(TrainTask).items() if inspect.isfunction(value) and name[0] != "_"]
+OPTIONAL = {"lr_scale": 1, "reconstruct": 2}  # positional arguments besides self
+
+
+@pytest.mark.parametrize(("module", "name"), REAL_TASKS)
+def test_every_real_task_is_a_train_task_the_engine_can_call(module, name):
+    """Each stage's task has every protocol method, taking the arguments the protocol declares (runtime_checkable
+    only looks for the names), and the optional extras it has take what the engine passes."""
+    task = getattr(importlib.import_module(module), name)
+    assert set(PROTOCOL) == {"build", "update_order", "ema_modules", "loss", "images", "describe"}
+    assert issubclass(task, TrainTask)
+    for method in PROTOCOL:
+        arguments = len(inspect.signature(getattr(TrainTask, method)).parameters)  # self included
+        try:
+            inspect.signature(getattr(task, method)).bind(*[None] * arguments)
+        except TypeError as err:
+            pytest.fail(f"{name}.{method} cannot be called as TrainTask.{method}: {err}")
+    for method, arguments in OPTIONAL.items():
+        if hasattr(task, method):
+            inspect.signature(getattr(task, method)).bind(*[None] * (1 + arguments))
+    # The check can fail: the same class without `images` is no TrainTask.
+    partial = type("Partial", (), {m: getattr(task, m) for m in PROTOCOL if m != "images"})
+    assert not issubclass(partial, TrainTask)
 
 
 # ---------------------------------------------------------------- the loop
