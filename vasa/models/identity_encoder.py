@@ -1,6 +1,6 @@
 """Identity encoder (VASA-1 §3.1 z_id) with its CosFace head trained on the corpus' speaker labels.
 
-No face-recognition weights ship offline (REFERENCE §7), so identity is learned from the shards'
+No face-recognition weights ship offline, so identity is learned from the shards'
 speakers with a large-margin cosine softmax (CosFace, Wang et al. 2018): z_id of frames of one speaker
 cluster on the unit sphere. The same network, with its parameters detached, judges the cross-identity
 loss (identity must survive re-rendering with another subject's motion).

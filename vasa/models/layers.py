@@ -1,7 +1,7 @@
 """Shared building blocks of the stage-1 networks (2D/3D residual blocks, down/up sampling).
 
 GroupNorm everywhere instead of BatchNorm: no running statistics, so a step does not depend on how
-the batch is split over ranks or micro-batches (REFERENCE §7: MegaPortraits trains at batch 2 per GPU,
+the batch is split over ranks or micro-batches (MegaPortraits trains at batch 2 per GPU,
 where batch statistics are noise) and CPU runs stay bit-reproducible.
 """
 

@@ -1,7 +1,7 @@
 """Named sizes of the stage-1 face latent model (`tiny` for CPU tests, `base` for the paper size).
 
 params.yaml chooses a preset by name (`train_latent.model`); `LATENT_PRESETS[name]` is the only lookup.
-`base` follows MegaPortraits/EMOPortraits (REFERENCE §7): a 96 x 16 x 64 x 64 appearance volume from a
+`base` follows MegaPortraits/EMOPortraits: a 96 x 16 x 64 x 64 appearance volume from a
 512² crop. Image side and volume side are tied by `2 ** len(appearance_widths)`; `at_resolution`
 rebuilds a preset for another side (the throughput benchmark runs both presets at 256² and 512²).
 """
@@ -82,7 +82,7 @@ LATENT_PRESETS: dict[str, LatentPreset] = {
         discriminator_scales=2,
         canonical_scale=0.25,
     ),
-    # Paper-like 512² model (MegaPortraits/EMOPortraits volume 96 x 16 x 64 x 64, REFERENCE §7).
+    # Paper-like 512² model (MegaPortraits/EMOPortraits volume 96 x 16 x 64 x 64).
     "base": LatentPreset(
         name="base",
         resolution=512,
@@ -144,7 +144,7 @@ class MotionPreset:
 MOTION_PRESETS: dict[str, MotionPreset] = {
     # CPU tests: a training step on 16 windows of 20 tokens takes a few milliseconds on 2 cores.
     "tiny": MotionPreset(name="tiny", layers=2, width=64, heads=4, mlp_ratio=4),
-    # The paper's size: 8 layers, width 512, 8 heads (~29M parameters, REFERENCE §1.2; Ditto uses the same).
+    # The paper's size: 8 layers, width 512, 8 heads (~29M parameters, VASA-1 paper; Ditto uses the same).
     "base": MotionPreset(name="base", layers=8, width=512, heads=8, mlp_ratio=4),
 }
 

@@ -127,7 +127,7 @@ def deepspeed_settings(template: dict, cfg: TrainConfig, mixed_precision: str) -
 
 def make_accelerator(cfg: TrainConfig, names: list[str], deepspeed: dict | None):
     """One Accelerator for the run. On a machine without CUDA it is `cpu=True` with gloo (without
-    cpu=True, 2 launched processes train independently, silently: REFERENCE §5). With DeepSpeed,
+    cpu=True, 2 launched processes train independently, silently; tests/test_cluster_configs.py). With DeepSpeed,
     one plugin per module (Accelerate's multi-model API), all from the same JSON."""
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, InitProcessGroupKwargs
@@ -142,7 +142,7 @@ def make_accelerator(cfg: TrainConfig, names: list[str], deepspeed: dict | None)
     mixed = resolve_precision(cfg.precision)
     plugins = None
     if deepspeed is not None:
-        if no_cuda:  # DeepSpeed defaults to NCCL; on CPU it works over gloo (REFERENCE §5)
+        if no_cuda:  # DeepSpeed defaults to NCCL; on CPU it works over gloo
             handlers.append(InitProcessGroupKwargs(backend="gloo"))
         settings = deepspeed_settings(deepspeed, cfg, mixed)
         plugins = {name: DeepSpeedPlugin(hf_ds_config=copy.deepcopy(settings)) for name in names}

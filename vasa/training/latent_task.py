@@ -81,7 +81,7 @@ class LatentTask:
         return [GENERATOR]
 
     def lr_scale(self, name: str) -> float:
-        """Same learning rate for both (MegaPortraits, REFERENCE §7)."""
+        """Same learning rate for both (MegaPortraits)."""
         return 1.0
 
     def describe(self) -> dict:

@@ -4,7 +4,7 @@ One module, "dit" (the motion DiT, EMA kept). Each step noises the batch's motio
 levels, drops conditions for classifier-free guidance (p_drop for audio, gaze, distance, emotion; p_drop_context
 for the previous window's X_pre/A_pre) and minimises the x0 loss ‖X0 − H(Xt, t, C)‖² plus the optional terms of
 params `train_motion.loss` (velocity, smoothness, window transition: the anchors needed them against flicker,
-REFERENCE §7). The x0 loss is also logged by noise-level bucket (`x0_by_noise/t_0-250` ... for T = 1000).
+JoyVASA, Ditto). The x0 loss is also logged by noise-level bucket (`x0_by_noise/t_0-250` ... for T = 1000).
 
 Batch contract (float32 unless noted; from the motion loader):
     motion (B, W, M), motion_pre (B, K, M): normalised [pose (7), z_dyn]; audio (B, W, A), audio_pre (B, K, A);

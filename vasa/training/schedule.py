@@ -1,5 +1,5 @@
 """Learning-rate schedule: linear warm-up, then cosine decay (MegaPortraits trains with cosine decay,
-2e-4 -> 1e-6; REFERENCE §7). A pure function of the step, so a resumed run needs no scheduler state."""
+2e-4 -> 1e-6). A pure function of the step, so a resumed run needs no scheduler state."""
 
 from __future__ import annotations
 
