@@ -140,6 +140,11 @@ def _dry_run(script: Path, args: list[str], tmp_path: Path, env: dict) -> list[l
     work = tmp_path / "checkout"  # the script sources .venv/bin/activate: this one puts the shims first
     (work / ".venv" / "bin").mkdir(parents=True)
     (work / ".venv" / "bin" / "activate").write_text(f'export PATH="{shims}:$PATH"\n')
+    # A script's EXIT trap kills its background jobs (dask scheduler, workers); under load that could land
+    # before their shims wrote a line. Here `kill` waits for them instead (bash sources BASH_ENV first).
+    bash_env = tmp_path / "bash_env"
+    bash_env.write_text("kill() { wait; }\n")
+    env = env | {"BASH_ENV": str(bash_env)}
     done = subprocess.run(["bash", str(script), *args], cwd=work, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     return [json.loads(line) for line in log.read_text().splitlines()]
