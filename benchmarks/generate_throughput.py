@@ -133,8 +133,10 @@ def synthetic_portrait(resolution: int, crop_size: int, side: int = PORTRAIT_SID
     transform = np.array([[scale, 0, -scale * x0], [0, scale, -scale * y0]], np.float64)
     crop = cv2.warpAffine(frame, transform, (crop_size, crop_size), flags=cv2.INTER_LINEAR)
     crop = cv2.resize(crop, (resolution, resolution), interpolation=cv2.INTER_AREA)
-    return Portrait(frame=frame, transform=transform, crop=np.ascontiguousarray(crop), gaze=np.zeros(2, np.float32),
-                    distance=0.0, emotion=np.zeros(EMOTION_DIM, np.float32), faces=1)  # fmt: skip
+    full = cv2.warpAffine(frame, transform, (crop_size, crop_size), flags=cv2.INTER_LINEAR)
+    return Portrait(frame=frame, transform=transform, crop=np.ascontiguousarray(crop), crop_full=full,
+                    full_transform=transform, gaze=np.zeros(2, np.float32), distance=0.0,
+                    emotion=np.zeros(EMOTION_DIM, np.float32), faces=1)  # fmt: skip
 
 
 def speech_like(seconds: float, rate: int, seed: int = 0) -> np.ndarray:
@@ -312,7 +314,7 @@ def measure(params: Params, name: str, resolution: int, args: argparse.Namespace
             )
         out["render_frames"] = args.base_frames if slow else args.render_frames
         many = np.repeat(crops[:1], FPS, axis=0)
-        wall, cpu = timed(lambda: paste_back(portrait, many, args.crop_size, 0.12), args.repeats)
+        wall, cpu = timed(lambda: paste_back(portrait, many, 0.12), args.repeats)
         out["paste_ms"], out["paste_cpu_ms"] = 1000 * wall / len(many), 1000 * cpu / len(many)
         for kind in ("", "_cpu"):
             per_frame_s = (

@@ -42,6 +42,8 @@ def synthetic_batch(batch: int, size: int, device: torch.device) -> dict[str, to
     pose = torch.zeros(batch, 7)
     pose[:, 3:5], pose[:, 6] = size / 2, size / 4
     out |= {k: pose.clone() for k in ("source_pose", "driver_pose", "other_pose")}
+    out |= {f"{role}_expression": torch.zeros(batch, 6) for role in ("source", "driver", "other")}
+    out["driver_mouth"] = torch.tensor([[0.3, 0.6, 0.7, 0.9]]).repeat(batch, 1)
     out |= {"speaker": torch.zeros(batch, dtype=torch.int64), "other_speaker": torch.ones(batch, dtype=torch.int64)}
     return {k: v.to(device) for k, v in out.items()}
 

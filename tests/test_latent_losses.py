@@ -14,6 +14,7 @@ from vasa.losses import (
     VGG19Features,
     cosface_loss,
     cross_identity_loss,
+    expression_supervision_loss,
     feature_matching_loss,
     hinge_discriminator_loss,
     hinge_generator_loss,
@@ -21,6 +22,7 @@ from vasa.losses import (
     multiscale_l1,
     perceptual_loss,
     pose_supervision_loss,
+    region_l1,
     transfer_consistency_loss,
 )
 from vasa.models.presets import get_preset
@@ -152,3 +154,23 @@ def test_loss_config_validation() -> None:
         loss_cfg(l1=-1.0)
     with pytest.raises(ValidationError):
         loss_cfg(cosface_margin=1.5)
+
+
+def test_region_l1_weighs_only_the_box_and_as_much_as_a_whole_image() -> None:
+    real = torch.zeros(2, 3, 16, 16)
+    fake = real.clone()
+    fake[:, :, 12:, :] = 0.5  # a change in the bottom quarter (the mouth's rows)
+    mouth = torch.tensor([[0.0, 0.75, 1.0, 1.0], [0.0, 0.75, 1.0, 1.0]])
+    eyes = torch.tensor([[0.0, 0.0, 1.0, 0.25], [0.0, 0.0, 1.0, 0.25]])
+    assert region_l1(fake, real, mouth) == pytest.approx(0.5)  # the box's own mean, not diluted by the crop
+    assert region_l1(fake, real, eyes) == pytest.approx(0.0)
+    assert torch.nn.functional.l1_loss(fake, real) == pytest.approx(0.125)
+
+
+def test_expression_supervision_uses_the_first_dims_in_units() -> None:
+    dyn = torch.zeros(2, 8)
+    dyn[:, 0] = 2.0  # mouth_open 0.2 in units of 0.1
+    expression = torch.zeros(2, 6)
+    expression[:, 0] = 0.2
+    assert expression_supervision_loss(dyn, expression, 0.1) == pytest.approx(0.0, abs=1e-6)
+    assert expression_supervision_loss(dyn * 0, expression, 0.1) == pytest.approx(2.0 / 6)

@@ -155,3 +155,20 @@ def pose_supervision_loss(predicted: torch.Tensor, target: torch.Tensor, angle_u
     (measured: held-out pose error stayed at the spread of the labels after 250 steps)."""
     unit = predicted.new_tensor([angle_unit_deg] * 3 + [1.0] * (predicted.shape[1] - 3))
     return F.l1_loss(predicted / unit, target / unit)
+
+
+def region_l1(fake: torch.Tensor, real: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """L1 inside one box per sample: fake, real (B, 3, S, S); boxes (B, 4) x0, y0, x1, y1 as fractions of the
+    side. The mean over the boxes' pixels, so a small region (the mouth: ~2-5 % of a face crop) weighs as
+    much as a whole-image term: a model that never opens the mouth can no longer score well."""
+    side = fake.shape[-1]
+    axis = (torch.arange(side, device=fake.device, dtype=fake.dtype) + 0.5) / side  # pixel centres
+    inside_x = (axis[None] >= boxes[:, 0:1]) & (axis[None] <= boxes[:, 2:3])  # (B, S)
+    inside_y = (axis[None] >= boxes[:, 1:2]) & (axis[None] <= boxes[:, 3:4])
+    mask = (inside_y[:, :, None] & inside_x[:, None, :]).to(fake.dtype)[:, None]  # (B, 1, S, S)
+    return ((fake - real).abs() * mask).sum() / (mask.sum() * fake.shape[1]).clamp_min(1.0)
+
+
+def expression_supervision_loss(dyn: torch.Tensor, expression: torch.Tensor, unit: float) -> torch.Tensor:
+    """L1 between the first E dims of z_dyn (B, Z) and the measured expression (B, E) / `unit`."""
+    return F.l1_loss(dyn[:, : expression.shape[1]], expression / unit)

@@ -79,6 +79,9 @@ def open_session(bundle: Bundle, portrait: Portrait) -> Session:
     image = to_tensor(portrait.crop)[None].to(bundle.device)
     code = bundle.face.encode(image)
     canonical = bundle.face.canonical(code, image)
+    if portrait.crop_full.shape[0] > portrait.crop.shape[0]:  # render at the crop side: the portrait's own pixels
+        hires = to_tensor(portrait.crop_full)[None].to(bundle.device)
+        canonical = Canonical(canonical.volume, canonical.source_grid, canonical.image, hires)
     if bundle.device.type == "cuda":
         torch.cuda.synchronize()
     session = Session(bundle, portrait, canonical, code.z_id, torch.cat([code.pose, code.dyn], dim=1))
@@ -108,7 +111,8 @@ def denormalise(motion: torch.Tensor, stats: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def render(session: Session, motion: torch.Tensor, batch: int) -> np.ndarray:
-    """(T, 7 + Z) model-unit motion -> (T, S, S, 3) uint8 crops."""
+    """(T, 7 + Z) model-unit motion -> (T, R, R, 3) uint8 crops at the portrait crop's side R (the model's S
+    when the decoder has no source path)."""
     face, out = session.bundle.face, []
     for start in range(0, len(motion), batch):
         part = motion[start : start + batch].to(session.bundle.device)
@@ -117,6 +121,7 @@ def render(session: Session, motion: torch.Tensor, batch: int) -> np.ndarray:
             volume=session.canonical.volume.expand(n, -1, -1, -1, -1),
             source_grid=session.canonical.source_grid.expand(n, -1, -1, -1, -1),
             image=session.canonical.image.expand(n, -1, -1, -1),
+            hires=None if session.canonical.hires is None else session.canonical.hires.expand(n, -1, -1, -1),
         )
         with autocast(session.bundle.device):
             images = face.render(canon, session.z_id.expand(n, -1), part[:, :POSE_DIM], part[:, POSE_DIM:])
@@ -156,7 +161,7 @@ def stream(
     distance = torch.tensor([[conditions.distance]], dtype=torch.float32)
     emotion = torch.as_tensor(conditions.emotion, dtype=torch.float32)[None]
     scales = {"audio": conditions.cfg_audio, "gaze": conditions.cfg_gaze}
-    paster = None if crop_only else Paster(session.portrait, meta["crop"]["crop_size"], feather)
+    paster = None if crop_only else Paster(session.portrait, feather)
     context: tuple[torch.Tensor, torch.Tensor] | None = None
     produced = 0
 

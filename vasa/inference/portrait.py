@@ -29,6 +29,8 @@ class Portrait:
     frame: np.ndarray  # (H, W, 3) uint8 RGB, H and W even, longer side <= max_side
     transform: np.ndarray  # (2, 3) frame pixels -> crop pixels (crop side = crop_size)
     crop: np.ndarray  # (S, S, 3) uint8 model-resolution crop
+    crop_full: np.ndarray  # (R, R, 3) uint8 the same crop at the portrait's own resolution (the pixels the warp moves)
+    full_transform: np.ndarray  # (2, 3) frame pixels -> crop_full pixels
     gaze: np.ndarray  # (2,) degrees, theta/phi, as the shards measure it
     distance: float  # log(crop_size / scale_px), as extract_motion computes it
     emotion: np.ndarray  # (E,) EMOTION_COLUMNS of the expression descriptor
@@ -73,9 +75,10 @@ def prepare_portrait(path: Path, resolution: int, crop_size: int, face_cfg: Face
     transform = face_mod.box_transform(
         landmarks[None], crop_size, face_cfg.crop_scale, (frame.shape[0], frame.shape[1])
     )
-    crop = face_mod.crop_frame(frame, transform, crop_size)
-    if crop_size != resolution:
-        crop = cv2.resize(crop, (resolution, resolution), interpolation=cv2.INTER_AREA)
+    side = native_side(transform, crop_size, max_side)
+    full_transform = transform * (side / crop_size)
+    crop_full = face_mod.crop_frame(frame, full_transform, side)
+    crop = cv2.resize(crop_full, (resolution, resolution), interpolation=cv2.INTER_AREA)
     in_crop = face_mod.transform_points(landmarks[None], transform[None])  # (1, 478, 3) crop pixels
     head = pose_mod.head_pose(in_crop)
     gaze = pose_mod.gaze(in_crop, head)[0]
@@ -85,11 +88,21 @@ def prepare_portrait(path: Path, resolution: int, crop_size: int, face_cfg: Face
         frame=frame,
         transform=transform,
         crop=np.ascontiguousarray(crop),
+        crop_full=np.ascontiguousarray(crop_full),
+        full_transform=full_transform,
         gaze=np.nan_to_num(gaze).astype(np.float32),
         distance=float(np.log(crop_size / head.scale[0])),
         emotion=expression[columns].astype(np.float32),
         faces=faces,
     )
+
+
+def native_side(transform: np.ndarray, crop_size: int, max_side: int) -> int:
+    """The side in pixels at which the crop keeps the portrait's own resolution: the crop box's size in the
+    frame (crop_size / the transform's scale), even, at least crop_size and at most max_side."""
+    scale = float(np.sqrt(abs(np.linalg.det(transform[:, :2]))))  # crop pixels per frame pixel
+    side = int(round(crop_size / scale / 2)) * 2
+    return max(crop_size, min(side, max_side // 2 * 2))
 
 
 def _detect(tracker: face_mod.FaceMeshTracker, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -99,12 +112,15 @@ def _detect(tracker: face_mod.FaceMeshTracker, frame: np.ndarray) -> tuple[np.nd
 
 class Paster:
     """Blends rendered crops back into the portrait through the inverse crop transform, with a feathered
-    edge. The mask and its warp are computed once per portrait; only the mask's bounding box is blended."""
+    edge, at the portrait crop's own side (`Portrait.crop_full`): crops rendered at that side are placed
+    without any resize. The mask and its warp are computed once per portrait; only the mask's bounding box
+    is blended."""
 
-    def __init__(self, portrait: Portrait, crop_size: int, feather: float) -> None:
+    def __init__(self, portrait: Portrait, feather: float) -> None:
         height, width = portrait.frame.shape[:2]
+        crop_size = portrait.crop_full.shape[0]
         self.portrait, self.crop_size = portrait, crop_size
-        self.inverse = cv2.invertAffineTransform(portrait.transform)
+        self.inverse = cv2.invertAffineTransform(portrait.full_transform)
         ramp = max(1, int(round(feather * crop_size)))
         mask: np.ndarray = np.zeros((crop_size, crop_size), np.float32)
         mask[ramp:-ramp, ramp:-ramp] = 1.0
@@ -127,13 +143,14 @@ class Paster:
         size = (right - left, bottom - top)
         out = np.repeat(self.portrait.frame[None], len(crops), axis=0)
         for index, crop in enumerate(crops):
-            big = cv2.resize(crop, (self.crop_size, self.crop_size), interpolation=cv2.INTER_CUBIC)
+            side = (self.crop_size, self.crop_size)
+            big = crop if crop.shape[:2] == side else cv2.resize(crop, side, interpolation=cv2.INTER_CUBIC)
             placed = cv2.warpAffine(big, self.warp, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
             blend = self.alpha * placed + (1 - self.alpha) * self.base
             out[index, top:bottom, left:right] = np.clip(blend, 0, 255).round().astype(np.uint8)
         return out
 
 
-def paste_back(portrait: Portrait, crops: np.ndarray, crop_size: int, feather: float) -> np.ndarray:
+def paste_back(portrait: Portrait, crops: np.ndarray, feather: float) -> np.ndarray:
     """(T, S, S, 3) rendered crops blended into the portrait frame through the crop transform: (T, H, W, 3)."""
-    return Paster(portrait, crop_size, feather)(crops)
+    return Paster(portrait, feather)(crops)

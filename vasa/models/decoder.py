@@ -51,9 +51,16 @@ class Decoder(nn.Module):
         volume: torch.Tensor,
         source_points: torch.Tensor | None = None,
         source_image: torch.Tensor | None = None,
+        source_hires: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """volume (B, C, D, H, W); with the skip path also source_points (B, D, H, W, 3): the source-volume
-        coordinate (x, y, z in [-1, 1]) each voxel shows, and source_image (B, 3, S, S) in [-1, 1]."""
+        coordinate (x, y, z in [-1, 1]) each voxel shows, and source_image (B, 3, S, S) in [-1, 1].
+
+        `source_hires` (B, 3, R, R) in [-1, 1], the same source crop at any side R >= S (the portrait at its
+        own resolution): the flow and the mixing weights, computed at S, are upsampled to R and applied to
+        it, so the output (B, 3, R, R) moves the source's own pixels (FOMM, face-vid2vid, LivePortrait)
+        and re-synthesises (the upsampled rendering) only where the warp cannot show. Training calls this
+        same path with R = S."""
         b, c, d, h, w = volume.shape
         folded = volume.reshape(b, c * d, h, w)
         features = F.silu(self.norm(self.ups(self.body(self.project(folded)))))
@@ -63,10 +70,15 @@ class Decoder(nn.Module):
         if source_points is None or source_image is None:
             raise ValueError("this decoder has the source skip path: pass source_points and source_image")
         depth = torch.softmax(self.depth_weights(folded), dim=1)  # (B, D, H, W)
-        flow = (source_points[..., :2] * depth[..., None]).sum(dim=1)  # (B, H, W, 2): x, y
-        flow = F.interpolate(flow.permute(0, 3, 1, 2), size=rendered.shape[-2:], mode="bilinear", align_corners=False)
+        flow = (source_points[..., :2] * depth[..., None]).sum(dim=1).permute(0, 3, 1, 2)  # (B, 2, H, W): x, y
+        mix = torch.softmax(self.mix(features), dim=1)  # (B, 3, S, S): rendered, warped, unchanged source
+        source = source_image if source_hires is None else source_hires
+        side = source.shape[-2:]
+        if side != rendered.shape[-2:]:
+            rendered = F.interpolate(rendered, size=side, mode="bicubic", align_corners=False).clamp(-1, 1)
+            mix = F.interpolate(mix, size=side, mode="bilinear", align_corners=False)
+        flow = F.interpolate(flow, size=side, mode="bilinear", align_corners=False)
         warped = F.grid_sample(
-            source_image, flow.permute(0, 2, 3, 1), mode="bilinear", padding_mode="border", align_corners=False
+            source, flow.permute(0, 2, 3, 1), mode="bilinear", padding_mode="border", align_corners=False
         )
-        mix = torch.softmax(self.mix(features), dim=1)  # (B, 3, S, S)
-        return mix[:, :1] * rendered + mix[:, 1:2] * warped + mix[:, 2:] * source_image
+        return mix[:, :1] * rendered + mix[:, 1:2] * warped + mix[:, 2:] * source

@@ -38,11 +38,13 @@ class FaceCode:
 @dataclass(frozen=True)
 class Canonical:
     """A frame moved to the canonical frame: volume (B, C, D, H, W), source_grid (B, D, H, W, 3) where each
-    canonical voxel was read in the frame's own volume, image (B, 3, S, S) the frame (decoder skip path)."""
+    canonical voxel was read in the frame's own volume, image (B, 3, S, S) the frame (decoder skip path),
+    hires (B, 3, R, R) the same frame at the output side R when it is larger than S (generation)."""
 
     volume: torch.Tensor
     source_grid: torch.Tensor
     image: torch.Tensor
+    hires: torch.Tensor | None = None
 
 
 class FaceLatent(nn.Module):
@@ -71,12 +73,13 @@ class FaceLatent(nn.Module):
         return Canonical(volume=sample_volume(code.volume, grid), source_grid=grid, image=image)
 
     def render(self, canonical: Canonical, z_id: torch.Tensor, pose: torch.Tensor, dyn: torch.Tensor) -> torch.Tensor:
-        """Decode a canonical face posed by (pose (B, 7), dyn (B, Z)): -> (B, 3, S, S) in [-1, 1]."""
+        """Decode a canonical face posed by (pose (B, 7), dyn (B, Z)): -> (B, 3, S, S) in [-1, 1], or
+        (B, 3, R, R) when the canonical face carries a `hires` source (the decoder warps its pixels)."""
         grid = self.warping.from_canonical_grid(pose, dyn, z_id, canonical.volume.shape)
         posed = sample_volume(canonical.volume, grid)
         if not self.preset.source_skip:
             return self.decoder(posed)
-        return self.decoder(posed, compose_grids(canonical.source_grid, grid), canonical.image)
+        return self.decoder(posed, compose_grids(canonical.source_grid, grid), canonical.image, canonical.hires)
 
     def judge_identity(self, image: torch.Tensor) -> torch.Tensor:
         """z_id of `image` through the identity encoder with its weights detached (stop-gradient judge):
@@ -102,7 +105,7 @@ class FaceLatent(nn.Module):
                       j = driver: render(app_j, id_j, pose_i, dyn_j) and render(app_i, id_i, pose_i, dyn_j)
           pose_swap   (if pose_swap) source appearance and dynamics with `other`'s head pose
           id_logits   CosFace cosines (3B, n_speakers) of [source; driver; other]
-          source_pose, driver_pose, other_pose (B, 7); source_id (B, I)
+          source_pose, driver_pose, other_pose (B, 7); source_dyn, driver_dyn, other_dyn (B, Z); source_id (B, I)
         """
         src = self.encode(source)
         drv = self.encode(driver, appearance=transfer)
@@ -117,6 +120,9 @@ class FaceLatent(nn.Module):
             "source_pose": src.pose,
             "driver_pose": drv.pose,
             "other_pose": oth.pose,
+            "source_dyn": src.dyn,
+            "driver_dyn": drv.dyn,
+            "other_dyn": oth.dyn,
             "source_id": src.z_id,
         }
         if transfer:

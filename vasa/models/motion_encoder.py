@@ -5,13 +5,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from preprocessing.schema import POSE_COLUMNS
+from preprocessing.schema import EXPRESSION_COLUMNS, POSE_COLUMNS
 from vasa.models.layers import GlobalEncoder
 from vasa.models.presets import LatentPreset
 
 # z_pose columns, the model's units (see `vasa.models.warping` for how they move the volume).
 POSE_DIM = 7  # yaw, pitch, roll (degrees), tx, ty, tz (volume units, [-1, 1] spans the crop), log scale
 ANGLE_UNIT_DEG = 30.0  # network outputs angles / 30° so their scale matches the other columns at init
+# The first len(EXPRESSION_COLUMNS) dims of z_dyn are supervised (LatentTask, loss `expression`) by the
+# shards' FaceMesh expression (mouth open and width, smile, eyes open, brow raise; template units), in
+# units of EXPRESSION_UNIT: the DiT then generates a lip opening the renderer was taught to show.
+EXPRESSION_DIMS = len(EXPRESSION_COLUMNS)
+EXPRESSION_UNIT = 0.1
 
 
 class MotionEncoder(nn.Module):
@@ -19,7 +24,8 @@ class MotionEncoder(nn.Module):
 
     z_pose = (yaw, pitch, roll in degrees with the project's sign convention (preprocessing/schema.py),
     tx, ty, tz as fractions of the half crop side from the crop centre, log of the head scale relative to
-    the preset's canonical scale). z_dyn is unbounded (expression, lips, eyes, blinks).
+    the preset's canonical scale). z_dyn is unbounded (expression, lips, eyes, blinks); its first
+    EXPRESSION_DIMS dims are the FaceMesh expression / EXPRESSION_UNIT when the expression loss is on.
     """
 
     def __init__(self, preset: LatentPreset) -> None:

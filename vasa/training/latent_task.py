@@ -5,6 +5,8 @@ The generator's loss is the weighted sum of (weights in params `train_latent.los
   l1, perceptual          reconstruction of the driver frame from the source's appearance + driver's motion
   adversarial, feature_matching   hinge GAN on that reconstruction (MegaPortraits)
   pose                    the motion encoder's z_pose against the shards' measured head pose
+  expression              z_dyn's first dims against the shards' FaceMesh expression (mouth, eyes, brows)
+  mouth                   L1 of the reconstruction inside the driver's mouth box (the lips must move)
   transfer                VASA-1's pairwise pose/dynamics transfer consistency (frames i, j of one clip)
   cross_identity          the stop-gradient identity judge keeps the source identity under another motion
   identity                CosFace over the train speakers, which trains that judge (the identity encoder)
@@ -27,6 +29,7 @@ from vasa.losses import (
     VGG19Features,
     cosface_loss,
     cross_identity_loss,
+    expression_supervision_loss,
     feature_matching_loss,
     hinge_discriminator_loss,
     hinge_generator_loss,
@@ -34,11 +37,12 @@ from vasa.losses import (
     multiscale_l1,
     perceptual_loss,
     pose_supervision_loss,
+    region_l1,
     transfer_consistency_loss,
 )
 from vasa.models.discriminator import MultiScaleDiscriminator
 from vasa.models.face_latent import FaceLatent
-from vasa.models.motion_encoder import ANGLE_UNIT_DEG, shard_pose_to_model
+from vasa.models.motion_encoder import ANGLE_UNIT_DEG, EXPRESSION_UNIT, shard_pose_to_model
 from vasa.models.presets import LatentPreset
 
 log = logging.getLogger(__name__)
@@ -155,6 +159,14 @@ class LatentTask:
                 for role in ("source", "driver", "other")
             )
             terms["pose"] = cast(Tensor, pose_sum) / 3  # a sum of three Tensors: a Tensor, not sum()'s start 0
+        if cfg.expression > 0:
+            expression = [
+                expression_supervision_loss(out[f"{role}_dyn"], batch[f"{role}_expression"], EXPRESSION_UNIT)
+                for role in ("source", "driver", "other")
+            ]
+            terms["expression"] = torch.stack(expression).mean()
+        if cfg.mouth > 0:
+            terms["mouth"] = region_l1(recon, driver, batch["driver_mouth"])
         if cfg.transfer > 0:
             terms["transfer"] = transfer_consistency_loss(out["transfer_a"], out["transfer_b"])
         labels = torch.cat([batch["speaker"], batch["speaker"], batch["other_speaker"]])
