@@ -24,7 +24,13 @@ from vasa.core.config import Params
 
 # Changes to params `sample` for the session's corpus (see the module docstring). The length range holds one
 # whole number of AAC and video frames: 80 frames (3.2 s).
-SMALL_CORPUS = {"clips_per_identity": 3, "min_seconds": 3.0, "max_seconds": 3.3, "size": 128}
+SMALL_CORPUS = {
+    "clips_per_identity": 2,
+    "heldout_clips_per_identity": 1,
+    "min_seconds": 3.0,
+    "max_seconds": 3.3,
+    "size": 128,
+}
 
 
 @dataclass(frozen=True)

@@ -43,8 +43,11 @@ def _faces_and_mouth(frames: np.ndarray) -> tuple[list[int], np.ndarray]:
 def test_corpus_shape_matches_params(sample_corpus, params):
     cfg = params.sample
     clips = _clips(sample_corpus)
-    assert len(clips) == len(cfg.identities) * cfg.clips_per_identity >= 8
+    per_identity = cfg.clips_per_identity + cfg.heldout_clips_per_identity
+    assert len(clips) == len(cfg.identities) * per_identity >= 8
     assert len({clip["speaker_id"] for clip in clips}) >= 2
+    splits = [json.loads((sample_corpus / f"{c['clip_id']}.json").read_text())["split"] for c in clips]
+    assert splits.count("test") == len(cfg.identities) * cfg.heldout_clips_per_identity
     for clip in clips:
         assert cfg.min_seconds <= clip["duration_s"] <= cfg.max_seconds
         record = json.loads((sample_corpus / f"{clip['clip_id']}.json").read_text())
@@ -54,6 +57,18 @@ def test_corpus_shape_matches_params(sample_corpus, params):
         assert record["licence"] == record["portrait"]["licence"] == "public-domain"
         assert record["portrait"]["package_version"] and record["speech"]["package_version"]
         assert record["speech"]["text"].endswith(".")
+
+
+def test_heldout_clips_say_sentences_no_training_clip_of_their_speaker_says(params):
+    plans = plan_corpus(params.sample)
+    assert params.sample.heldout_clips_per_identity >= 1
+    for identity in params.sample.identities:
+        mine = [p for p in plans if p.identity.name == identity.name]
+        trained = {s for p in mine if not p.heldout for s in p.sentences}
+        heldout = [p for p in mine if p.heldout]
+        assert len(heldout) == params.sample.heldout_clips_per_identity
+        assert all(not set(p.sentences) & trained for p in heldout)  # unseen speech of a known face
+        assert max(p.clip_id for p in mine) in {p.clip_id for p in heldout}  # the last clip: the demo's
 
 
 def test_same_seed_gives_identical_bytes(sample_corpus, params, tmp_path):

@@ -506,7 +506,7 @@ def _demo(args: argparse.Namespace, params: Params) -> int:
 def _add_demo(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = sub.add_parser(
         "demo",
-        help="animate the first frame of each sample-corpus speaker's last clip with its speech, and check the videos",
+        help="animate each sample-corpus speaker's held-out clip (its first frame, its speech) and check the videos",
         description=(
             "For each speaker of the sample corpus: the first frame of its last clip as the portrait and that "
             "clip's audio as the speech -> OUT/<speaker>.mp4 through `vasa generate`; then checks (length, one "

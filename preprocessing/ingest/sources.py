@@ -9,6 +9,7 @@ import os
 from pathlib import Path, PurePosixPath
 
 from preprocessing.ingest import manifest
+from preprocessing.schema import TEST, TRAIN
 from vasa.core.config import LocalSourceConfig
 from vasa.core.errors import InputError
 
@@ -42,6 +43,7 @@ def scan_sample(corpus_dir: Path) -> list[dict]:
                     licence=record["licence"],
                     media_path=str(corpus_dir / record["file"]),
                     metadata_path=str(corpus_dir / f"{clip['clip_id']}.json"),
+                    split=TEST if record.get("split") == TEST else TRAIN,  # held-out speech: never trained on
                 )
             )
         except (OSError, KeyError, json.JSONDecodeError) as err:

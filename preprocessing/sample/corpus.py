@@ -72,6 +72,8 @@ VERSIONED_PACKAGES = ("av", "espeakng-loader", "numpy", "opencv-contrib-python",
 # from preprocessing.pose) plus the face template; part of `plan_key`, so a re-run never keeps clips
 # made by other code.
 CODE_MODULES = ("preprocessing.sample.corpus",)
+# Params that say how many clips there are or where they are made, not how one clip looks.
+NOT_IN_CLIP_KEY = {"identities", "workers", "clips_per_identity", "heldout_clips_per_identity"}
 CODE_ASSETS = ("preprocessing/assets/face_template.npz",)
 
 
@@ -82,19 +84,27 @@ class ClipPlan:
     seed: tuple[int, ...]  # SeedSequence entropy: (config seed, crc32(identity name), clip number)
     sentences: tuple[str, ...]  # spoken in this order, as many as fit the target length
     target_seconds: float
+    heldout: bool = False  # held-out speech: sentences no training clip of this identity has; split `test`
 
 
 def plan_corpus(cfg: SampleConfig) -> list[ClipPlan]:
-    """Which clips to make: ids, seeds, sentences and target lengths, all derived from cfg."""
+    """Which clips to make: ids, seeds, sentences and target lengths, all derived from cfg. Per identity,
+    `clips_per_identity` training clips, then `heldout_clips_per_identity` held-out clips whose sentences
+    none of that identity's training clips plans (unseen speech of a known face: the evaluation clips)."""
     plans = []
     for identity in cfg.identities:
-        for number in range(cfg.clips_per_identity):
+        used: set[int] = set()
+        for number in range(cfg.clips_per_identity + cfg.heldout_clips_per_identity):
+            heldout = number >= cfg.clips_per_identity
             seed = (cfg.seed, zlib.crc32(identity.name.encode()), number)
             rng = np.random.default_rng(seed)
             target = float(rng.uniform(cfg.min_seconds, cfg.max_seconds))
-            order = rng.permutation(len(HARVARD_SENTENCES))[:MAX_SENTENCES]
-            sentences = tuple(HARVARD_SENTENCES[i] for i in order)
-            plans.append(ClipPlan(f"{identity.name}_{number:03d}", identity, seed, sentences, target))
+            order = [int(i) for i in rng.permutation(len(HARVARD_SENTENCES)) if not (heldout and int(i) in used)]
+            if len(order) < MAX_SENTENCES:
+                raise ValueError(f"sample: too few sentences left for a held-out clip of {identity.name}")
+            used.update(order[:MAX_SENTENCES] if not heldout else ())
+            sentences = tuple(HARVARD_SENTENCES[i] for i in order[:MAX_SENTENCES])
+            plans.append(ClipPlan(f"{identity.name}_{number:03d}", identity, seed, sentences, target, heldout))
     return plans
 
 
@@ -137,9 +147,12 @@ def plan_key(plan: ClipPlan, cfg: SampleConfig) -> str:
             "identity": plan.identity.model_dump(),
             "seed": list(plan.seed),
             "sentences": plan.sentences,
+            "heldout": plan.heldout,
             "target_seconds": plan.target_seconds,
         },
-        "params": cfg.model_dump(mode="json", exclude={"identities", "workers", "clips_per_identity"}),
+        "params": cfg.model_dump(
+            mode="json", exclude={"identities", "workers", "clips_per_identity", "heldout_clips_per_identity"}
+        ),
         "versions": {name: metadata.version(name) for name in VERSIONED_PACKAGES},
         "code": code_digest(),
     }
@@ -169,6 +182,7 @@ def make_clip(plan: ClipPlan, cfg: SampleConfig, out_dir: Path) -> dict:
         "sha256": hashlib.sha256(data).hexdigest(),
         "size_bytes": len(data),
         "speaker_id": plan.identity.name,
+        "split": "test" if plan.heldout else "train",  # held-out speech is never trained on
         "licence": "public-domain",
         "licence_notes": "public-domain portrait; synthetic speech of public-domain text",
         "n_frames": len(frames),
@@ -194,7 +208,9 @@ def make_clip(plan: ClipPlan, cfg: SampleConfig, out_dir: Path) -> dict:
             "seed": list(plan.seed),
             "plan_key": plan_key(plan, cfg),
             "target_seconds": round(plan.target_seconds, 4),
-            "params": cfg.model_dump(mode="json", exclude={"identities", "workers", "clips_per_identity"}),
+            "params": cfg.model_dump(
+                mode="json", exclude={"identities", "workers", "clips_per_identity", "heldout_clips_per_identity"}
+            ),
         },
     }
     write_json(out_dir / f"{plan.clip_id}.truth.json", truth_record(plan.clip_id, cfg.fps, track, rig))

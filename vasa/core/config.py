@@ -65,6 +65,7 @@ class SampleConfig(Section):
     seed: int
     identities: tuple[IdentityConfig, ...] = Field(min_length=1)
     clips_per_identity: int = Field(ge=1)
+    heldout_clips_per_identity: int = Field(ge=0)  # clips of unseen sentences per identity: split `test`
     min_seconds: float = Field(gt=0)
     max_seconds: float = Field(gt=0)
     size: int = Field(ge=128, le=1024)

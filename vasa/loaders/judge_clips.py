@@ -119,7 +119,7 @@ def evaluation_set(shard_set: ShardSet) -> tuple[str, str, tuple[Path, ...], set
         shards = shard_set.splits.get(split, ())
         if shards:
             keys = {sample["__key__"] for path in shards for sample in _keys_only(path)}
-            return split, f"the {split} split (speakers never trained on)", shards, keys
+            return split, f"the {split} split (clips never trained on)", shards, keys
     last: dict[str, tuple[str, str]] = {}
     for path in shard_set.train:
         for sample in _keys_only(path):

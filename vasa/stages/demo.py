@@ -1,13 +1,17 @@
 """The `demo` stage (`vasa demo`): the exported bundle animates the first frame of each sample-corpus
-speaker's last clip (a training clip: the sample corpus has no held-out speaker) with that clip's speech.
+speaker's held-out clip with that clip's speech.
 
 For each speaker of the sample corpus, its last clip gives a portrait (the clip's first frame) and the
-speech (the clip's audio, which the bundle never trained on when the clip is in the test split). Each
-generated video is checked as a user would, and the findings go to a JSON report (DVC metrics):
-  frames      one video frame per whole 1/25 s of audio
+speech (the clip's audio). The corpus ends every speaker with a held-out clip (params
+`sample.heldout_clips_per_identity`, split `test`): sentences the bundle never trained on, of a face it
+did (generalising to unseen faces needs real data at scale). Each generated video is checked as a user
+would, and the findings go to a JSON report (DVC metrics):
+  frames      one video frame per whole 1/fps s of audio
   faces       FaceMesh finds exactly one face in every frame
   verify      container tags, C2PA manifest and watermark all say AI-generated, with this bundle's hash
   reencoded   after a libx264 re-encode at CRF 23 (what a platform does) the watermark still carries the hash
+  independent what a viewer sees, without the project's judges (vasa.evaluation.independent): mouth
+              opening vs the speech's loudness (r, std), face sharpness vs the portrait, yaw jitter
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def reencode(src: Path, dst: Path, crf: int, fps: int) -> None:
 
 
 def pick_clips(sample_dir: Path) -> list[dict]:
-    """The last clip (by id) of every speaker in the sample corpus's index.json."""
+    """The last clip (by id) of every speaker in the sample corpus's index.json (its held-out clip)."""
     index = json.loads((sample_dir / "index.json").read_text())
     last: dict[str, dict] = {}
     for clip in sorted(index["clips"], key=lambda c: c["clip_id"]):
