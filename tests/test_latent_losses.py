@@ -167,10 +167,17 @@ def test_region_l1_weighs_only_the_box_and_as_much_as_a_whole_image() -> None:
     assert torch.nn.functional.l1_loss(fake, real) == pytest.approx(0.125)
 
 
-def test_expression_supervision_uses_the_first_dims_in_units() -> None:
-    dyn = torch.zeros(2, 8)
-    dyn[:, 0] = 2.0  # mouth_open 0.2 in units of 0.1
+def test_expression_supervision_uses_the_first_dims_in_units_and_the_change_from_the_source() -> None:
+    units = (0.1, 0.1, 0.1, 0.1, 0.1, 0.1)
     expression = torch.zeros(2, 6)
-    expression[:, 0] = 0.2
-    assert expression_supervision_loss(dyn, expression, 0.1) == pytest.approx(0.0, abs=1e-6)
-    assert expression_supervision_loss(dyn * 0, expression, 0.1) == pytest.approx(2.0 / 6)
+    expression[:, 0] = 0.2  # mouth_open 0.2 = 2 units
+    source_expression = torch.zeros(2, 6)
+    source_expression[:, 0] = 0.1
+    dyn, source_dyn = torch.zeros(2, 8), torch.zeros(2, 8)
+    dyn[:, 0], source_dyn[:, 0] = 2.0, 1.0
+    assert expression_supervision_loss(dyn, expression, units, (source_dyn, source_expression)) == pytest.approx(0.0)
+    # a constant code (the clip mean) meets neither the absolute value nor the change
+    flat = torch.full((2, 8), 1.5)
+    assert expression_supervision_loss(flat, expression, units, (flat, source_expression)) == pytest.approx(
+        (0.5 + 5 * 1.5) / 6 + 1.0 / 6  # absolute: every dim off; relative: the mouth's change missed
+    )

@@ -169,6 +169,16 @@ def region_l1(fake: torch.Tensor, real: torch.Tensor, boxes: torch.Tensor) -> to
     return ((fake - real).abs() * mask).sum() / (mask.sum() * fake.shape[1]).clamp_min(1.0)
 
 
-def expression_supervision_loss(dyn: torch.Tensor, expression: torch.Tensor, unit: float) -> torch.Tensor:
-    """L1 between the first E dims of z_dyn (B, Z) and the measured expression (B, E) / `unit`."""
-    return F.l1_loss(dyn[:, : expression.shape[1]], expression / unit)
+def expression_supervision_loss(
+    dyn: torch.Tensor, expression: torch.Tensor, units: tuple[float, ...], source: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """L1 between the first E dims of z_dyn (B, Z) and the measured expression (B, E) / `units` (E,), plus
+    the same between the change from a source frame of the same clip, `source` = (its z_dyn, its expression):
+    the absolute term fixes the scale, the relative one the within-clip motion that animation is made of
+    (alone, the absolute term was met by a constant: the clip mean)."""
+    unit = expression.new_tensor(units)
+    e = expression.shape[1]
+    source_dyn, source_expression = source
+    absolute = F.l1_loss(dyn[:, :e], expression / unit)
+    relative = F.l1_loss(dyn[:, :e] - source_dyn[:, :e], (expression - source_expression) / unit)
+    return absolute + relative

@@ -78,8 +78,9 @@ class FaceLatent(nn.Module):
         grid = self.warping.from_canonical_grid(pose, dyn, z_id, canonical.volume.shape)
         posed = sample_volume(canonical.volume, grid)
         if not self.preset.source_skip:
-            return self.decoder(posed)
-        return self.decoder(posed, compose_grids(canonical.source_grid, grid), canonical.image, canonical.hires)
+            return self.decoder(posed, dynamics=dyn)
+        points = compose_grids(canonical.source_grid, grid)
+        return self.decoder(posed, points, canonical.image, canonical.hires, dynamics=dyn)
 
     def judge_identity(self, image: torch.Tensor) -> torch.Tensor:
         """z_id of `image` through the identity encoder with its weights detached (stop-gradient judge):

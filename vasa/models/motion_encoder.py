@@ -13,10 +13,11 @@ from vasa.models.presets import LatentPreset
 POSE_DIM = 7  # yaw, pitch, roll (degrees), tx, ty, tz (volume units, [-1, 1] spans the crop), log scale
 ANGLE_UNIT_DEG = 30.0  # network outputs angles / 30° so their scale matches the other columns at init
 # The first len(EXPRESSION_COLUMNS) dims of z_dyn are supervised (LatentTask, loss `expression`) by the
-# shards' FaceMesh expression (mouth open and width, smile, eyes open, brow raise; template units), in
-# units of EXPRESSION_UNIT: the DiT then generates a lip opening the renderer was taught to show.
+# shards' FaceMesh expression (mouth open and width, smile, eyes open, brow raise; template units), each
+# in units of its typical within-clip spread (measured on the sample corpus; FaceMesh's template units
+# make them similar on real video): the DiT then generates a lip opening the renderer was taught to show.
 EXPRESSION_DIMS = len(EXPRESSION_COLUMNS)
-EXPRESSION_UNIT = 0.1
+EXPRESSION_UNITS = (0.1, 0.06, 0.04, 0.013, 0.013, 0.023)  # EXPRESSION_COLUMNS order
 
 
 class MotionEncoder(nn.Module):

@@ -42,7 +42,7 @@ from vasa.losses import (
 )
 from vasa.models.discriminator import MultiScaleDiscriminator
 from vasa.models.face_latent import FaceLatent
-from vasa.models.motion_encoder import ANGLE_UNIT_DEG, EXPRESSION_UNIT, shard_pose_to_model
+from vasa.models.motion_encoder import ANGLE_UNIT_DEG, EXPRESSION_UNITS, shard_pose_to_model
 from vasa.models.presets import LatentPreset
 
 log = logging.getLogger(__name__)
@@ -160,11 +160,10 @@ class LatentTask:
             )
             terms["pose"] = cast(Tensor, pose_sum) / 3  # a sum of three Tensors: a Tensor, not sum()'s start 0
         if cfg.expression > 0:
-            expression = [
-                expression_supervision_loss(out[f"{role}_dyn"], batch[f"{role}_expression"], EXPRESSION_UNIT)
-                for role in ("source", "driver", "other")
-            ]
-            terms["expression"] = torch.stack(expression).mean()
+            source = (out["source_dyn"], batch["source_expression"])
+            terms["expression"] = expression_supervision_loss(
+                out["driver_dyn"], batch["driver_expression"], EXPRESSION_UNITS, source
+            ) + expression_supervision_loss(out["source_dyn"], batch["source_expression"], EXPRESSION_UNITS, source)
         if cfg.mouth > 0:
             terms["mouth"] = region_l1(recon, driver, batch["driver_mouth"])
         if cfg.transfer > 0:
