@@ -296,6 +296,6 @@ def test_common_audio_formats_and_rates_load_as_speech(params, tmp_path, suffix,
     tone = (0.3 * np.sin(2 * np.pi * 220 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
     path = tmp_path / f"speech.{suffix}"
     _encode_audio(path, tone, rate, codec)
-    speech = load_speech(path, RATE, params.generate)
+    speech = load_speech(path, RATE, 25, params.generate)
     assert abs(len(speech) / RATE - 2.0) < 0.1  # resampled to 16 kHz, codec padding aside
     assert 0.1 < np.sqrt(np.mean(speech**2)) < 0.3

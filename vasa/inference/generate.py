@@ -368,7 +368,7 @@ def generate_file(
     rate, fps, crop_size = meta["audio"]["sample_rate"], meta["fps"], meta["crop"]["crop_size"]
     start = time.perf_counter()
     portrait = prepare_portrait(Path(image), bundle.resolution, crop_size, face_cfg, cfg.max_side)
-    speech = load_speech(Path(audio_path), rate, cfg)
+    speech = load_speech(Path(audio_path), rate, fps, cfg)
     motion_sources = {}
     for name, path in (("driving", driving_video), ("pose_from", pose_from), ("dynamics_from", dynamics_from)):
         if path is not None:

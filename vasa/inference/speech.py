@@ -13,8 +13,9 @@ from vasa.core.config import AudioFeatureConfig, GenerateConfig
 from vasa.core.errors import InputError
 
 
-def load_speech(path: Path, sample_rate: int, cfg: GenerateConfig) -> np.ndarray:
-    """(N,) float32 mono speech at `sample_rate`; InputError if unreadable, silent or too long."""
+def load_speech(path: Path, sample_rate: int, fps: float, cfg: GenerateConfig) -> np.ndarray:
+    """(N,) float32 mono speech at `sample_rate`; InputError if unreadable, shorter than one frame at `fps`,
+    silent or too long."""
     if not Path(path).is_file():
         raise InputError(f"{path}: audio not found")
     try:
@@ -22,8 +23,8 @@ def load_speech(path: Path, sample_rate: int, cfg: GenerateConfig) -> np.ndarray
     except DecodeError as err:
         raise InputError(f"{path}: unreadable audio ({err})") from None
     seconds = len(audio) / sample_rate
-    if seconds < 1 / 25:
-        raise InputError(f"{path}: no audio samples")
+    if seconds < 1 / fps:
+        raise InputError(f"{path}: no audio samples (shorter than one frame)")
     if seconds > cfg.max_audio_seconds:
         raise InputError(
             f"{path}: {seconds:.1f} s of audio is over generate.max_audio_seconds ({cfg.max_audio_seconds:g} s)"
