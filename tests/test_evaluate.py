@@ -151,7 +151,8 @@ def test_train_judges_and_evaluate_on_the_sample_corpus(tmp_path: Path, params: 
     assert main(["--params", str(params_path), "evaluate", "--shards", str(copy), "--bundle", str(bundle),
                  "--judges", str(judges), "--out", str(out)]) == 0  # fmt: skip
     report = json.loads((out / "metrics.json").read_text())
-    assert report["eval_set"]["name"] == "train_last_clip_per_speaker" and len(report["clips"]) == 2
+    # the held-out sample clips (split test: sentences no training clip says), one per speaker
+    assert report["eval_set"]["name"] == "test" and len(report["clips"]) == 2
     for condition in CONDITIONS:
         assert all(math.isfinite(report[condition][k]) for k in ("S_C", "S_D", "CAPP")), report[condition]
     real, shifted = report["real"], report["real_shifted"]

@@ -257,7 +257,7 @@ def test_missing_manifest_fails_before_any_flow_runs(params, tmp_path):
 def prefect_harness():
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_test_harness(server_startup_timeout=300):
         yield
 
 

@@ -95,7 +95,7 @@ def test_retrain_promotes_then_refuses_new_data_that_fails_the_gate(tmp_path, mo
     _git(repo, "commit", "-q", "-m", "copy of the project")
     records = repo / "data" / "retrain"
 
-    with prefect_test_harness(server_startup_timeout=180):
+    with prefect_test_harness(server_startup_timeout=300):
         from prefect.settings import PREFECT_API_URL
 
         # The stages' flows report to the same test server: no temporary server to start per stage.
@@ -210,7 +210,7 @@ def test_deployments_on_a_work_pool(tmp_path):
     from vasa.core.config import load_params
 
     cfg = load_params(REPO / "params.yaml").retrain
-    with prefect_test_harness(server_startup_timeout=180), get_client(sync_client=True) as client:
+    with prefect_test_harness(server_startup_timeout=300), get_client(sync_client=True) as client:
         client.create_work_pool(WorkPoolCreate(name="vasa-process", type="process"))
         created = client.read_deployment(deploy(cfg, REPO, Path("params.yaml"), Path("data/retrain"), "vasa-process"))
         assert (created.work_pool_name, created.entrypoint) == ("vasa-process", "flows/retrain.py:retrain_flow")

@@ -43,11 +43,10 @@ def _faces_and_mouth(frames: np.ndarray) -> tuple[list[int], np.ndarray]:
 def test_corpus_shape_matches_params(sample_corpus, params):
     cfg = params.sample
     clips = _clips(sample_corpus)
-    per_identity = cfg.clips_per_identity + cfg.heldout_clips_per_identity
-    assert len(clips) == len(cfg.identities) * per_identity >= 8
+    assert len(clips) == len(cfg.identities) * cfg.clips_per_identity >= 8  # the fixture: no held-out clips
     assert len({clip["speaker_id"] for clip in clips}) >= 2
-    splits = [json.loads((sample_corpus / f"{c['clip_id']}.json").read_text())["split"] for c in clips]
-    assert splits.count("test") == len(cfg.identities) * cfg.heldout_clips_per_identity
+    splits = {json.loads((sample_corpus / f"{c['clip_id']}.json").read_text())["split"] for c in clips}
+    assert splits == {"train"}
     for clip in clips:
         assert cfg.min_seconds <= clip["duration_s"] <= cfg.max_seconds
         record = json.loads((sample_corpus / f"{clip['clip_id']}.json").read_text())
@@ -72,7 +71,7 @@ def test_heldout_clips_say_sentences_no_training_clip_of_their_speaker_says(para
 
 
 def test_same_seed_gives_identical_bytes(sample_corpus, params, tmp_path):
-    write_corpus(params.sample, tmp_path)
+    write_corpus(params.sample.model_copy(update={"heldout_clips_per_identity": 0}), tmp_path)  # as the fixture
     first = sorted(p.name for p in sample_corpus.iterdir())
     assert first == sorted(p.name for p in tmp_path.iterdir())
     for name in first:
@@ -122,7 +121,7 @@ def test_interrupted_run_resumes(sample_corpus, params, tmp_path):
     (tmp_path / INDEX_NAME).unlink()
     untouched = tmp_path / clips[1]["file"]
     before = untouched.stat().st_mtime_ns
-    write_corpus(params.sample, tmp_path)
+    write_corpus(params.sample.model_copy(update={"heldout_clips_per_identity": 0}), tmp_path)  # as the fixture
     assert untouched.stat().st_mtime_ns == before  # kept, not rewritten
     for name in (missing["file"], damaged["file"], INDEX_NAME):
         assert (tmp_path / name).read_bytes() == (sample_corpus / name).read_bytes()

@@ -734,6 +734,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Prefect's local server otherwise tries to send usage telemetry, which fails (and logs an
     # error) on machines without internet access. A user's own setting wins.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The ephemeral server that `ingest` and `preprocess` start waits 20 s by default; on 2 busy cores
+    # (a test suite on two workers beside a `dvc repro`) it took longer and the stage failed. A user's
+    # own setting wins.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
