@@ -43,6 +43,7 @@ def _copy_project(dest: Path) -> None:
 def _set_params(path: Path, clips_per_identity: int, gate: list[dict]) -> None:
     params = yaml.safe_load(path.read_text())
     params["sample"]["clips_per_identity"] = clips_per_identity
+    params["sample"]["heldout_clips_per_identity"] = 0  # the counts below are of training clips
     for stage in ("train_latent", "train_motion"):
         train = params[stage]["train"]
         train.update(steps=STEPS, warmup_steps=1, checkpoint_every=STEPS, image_every=STEPS, log_every=1)
