@@ -67,6 +67,7 @@ from vasa.inference.generate import Conditions, open_session, render, stream
 from vasa.inference.portrait import Portrait, paste_back
 from vasa.models.face_latent import FaceLatent
 from vasa.models.motion_dit import MotionDiT
+from vasa.models.motion_encoder import EXPRESSION_DIMS
 from vasa.models.presets import get_motion_preset, get_preset
 
 FPS = 25
@@ -134,9 +135,18 @@ def synthetic_portrait(resolution: int, crop_size: int, side: int = PORTRAIT_SID
     crop = cv2.warpAffine(frame, transform, (crop_size, crop_size), flags=cv2.INTER_LINEAR)
     crop = cv2.resize(crop, (resolution, resolution), interpolation=cv2.INTER_AREA)
     full = cv2.warpAffine(frame, transform, (crop_size, crop_size), flags=cv2.INTER_LINEAR)
-    return Portrait(frame=frame, transform=transform, crop=np.ascontiguousarray(crop), crop_full=full,
-                    full_transform=transform, gaze=np.zeros(2, np.float32), distance=0.0,
-                    emotion=np.zeros(EMOTION_DIM, np.float32), faces=1)  # fmt: skip
+    return Portrait(
+        frame=frame,
+        transform=transform,
+        crop=np.ascontiguousarray(crop),
+        crop_full=full,
+        full_transform=transform,
+        gaze=np.zeros(2, np.float32),
+        distance=0.0,
+        emotion=np.zeros(EMOTION_DIM, np.float32),
+        faces=1,
+        expression=np.full(EXPRESSION_DIMS, np.nan, np.float32),
+    )  # fmt: skip (NaN: the encoder's estimate)
 
 
 def speech_like(seconds: float, rate: int, seed: int = 0) -> np.ndarray:

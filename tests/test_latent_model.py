@@ -13,8 +13,9 @@ from preprocessing.schema import POSE_COLUMNS
 from vasa.core.config import LatentLossConfig
 from vasa.core.weights import load_weights
 from vasa.models.discriminator import MultiScaleDiscriminator
+from vasa.models.expression import GAINS
 from vasa.models.face_latent import FaceLatent
-from vasa.models.motion_encoder import POSE_DIM, shard_pose_to_model
+from vasa.models.motion_encoder import EXPRESSION_DIMS, POSE_DIM, shard_pose_to_model
 from vasa.models.presets import LATENT_PRESETS, get_preset
 from vasa.models.warping import (
     canonical_to_posed_grid,
@@ -253,7 +254,9 @@ def test_gradients_reach_every_generator_parameter() -> None:
     loss, terms = task.loss("generator", models, synthetic_batch(2, SMALL), {})
     loss.backward()
     missing = [n for n, p in models["generator"].named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
-    assert not missing, f"no gradient reaches {missing}"
+    # The expression field's colour shows only where its cover is > 0, and the cover starts at zero: the colour's
+    # gradient is zero on the first step and not after it (test_expression_field_moves_and_covers...).
+    assert missing == ["decoder.expression.colour"], f"no gradient reaches {missing}"
     assert {"l1", "pose", "transfer", "cross_identity"} <= set(terms)
 
 
@@ -410,3 +413,50 @@ def test_skip_path_starts_near_copying_the_source_and_can_render_the_warped_sour
     torch.testing.assert_close(moved[..., 8:-8, 8:-12], image[..., 8:-8, 12:-8], atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="skip path"):
         decoder(volume)
+
+
+def test_expression_field_moves_and_covers_only_with_a_change_of_expression() -> None:
+    """No expression change: the decoder's output is what it was without the field. A learned downward
+    displacement under a mouth-opening change moves the source's pixels at the canonical points it was
+    set on, and a cover paints the field's colour there; both scale with the change."""
+    torch.manual_seed(0)
+    preset = get_preset("tiny")
+    decoder = FaceLatent(preset, n_speakers=2).decoder
+    assert decoder.expression is not None
+    volume = torch.randn(2, *preset.volume_shape)
+    image = synthetic_batch(2, preset.resolution)["source"]
+    _, d, h, w = preset.volume_shape
+    points = identity_grid(d, h, w, torch.device("cpu"), torch.float32).expand(2, d, h, w, 3)
+    change = torch.zeros(2, EXPRESSION_DIMS)
+    field = decoder.expression
+    with torch.no_grad():
+        decoder.mix.weight.zero_()
+        decoder.mix.bias.copy_(torch.tensor([-30.0, -30.0, 30.0]))  # all weight on the (expression-moved) source
+        plain = decoder(volume, points, image)
+        # measure 0 (channels: x, y per measure): read 4 px lower, everywhere
+        field.displacement[:, 1] = 2 * 4 / preset.resolution / GAINS["displacement"]
+        torch.testing.assert_close(
+            decoder(volume, points, image, canonical_points=points, expression_change=change), plain
+        )
+        change[:, 0] = 1.0
+        moved = decoder(volume, points, image, canonical_points=points, expression_change=change)
+        torch.testing.assert_close(moved[..., 8:-12, 8:-8], image[..., 12:-8, 8:-8], atol=1e-4, rtol=0)
+        half = decoder(volume, points, image, canonical_points=points, expression_change=change / 2)
+        torch.testing.assert_close(half[..., 8:-10, 8:-8], image[..., 10:-8, 8:-8], atol=1e-4, rtol=0)
+        field.cover[:, 0] = 1.0 / GAINS["cover"]
+        field.colour[:] = -10.0  # tanh -> -1: black
+        covered = decoder(volume, points, image, canonical_points=points, expression_change=change)
+        torch.testing.assert_close(covered, torch.full_like(covered, -1.0))
+    # Gradients reach the fields from a reconstruction loss: zero init is not a dead start (the colour
+    # learns once some cover shows it, and the cover's gradient does not need the colour).
+    with torch.no_grad():
+        field.displacement.zero_()
+        field.cover.zero_()
+        field.colour.zero_()
+    for name in ("displacement", "cover", "colour"):
+        field.zero_grad()
+        out = decoder(volume, points, image, canonical_points=points, expression_change=change)
+        (out - image.flip(-2)).abs().mean().backward()
+        assert getattr(field, name).grad.abs().sum() > 0, name
+        with torch.no_grad():
+            getattr(field, name).add_(0.01)

@@ -111,8 +111,9 @@ def test_renderer_onnx_follows_pose_and_dynamics(face, renderer_path):
     inputs = renderer_inputs(face, 2, seed=3)
     base = _run(session, inputs)
     other_pose = random_pose(2, torch.Generator().manual_seed(99))
-    other_dyn = torch.randn(inputs[5].shape, generator=torch.Generator().manual_seed(98)) * 3
-    for index, value in ((4, other_pose), (5, other_dyn)):
+    pose_at, dyn_at = RENDERER_INPUTS.index("pose"), RENDERER_INPUTS.index("dyn")
+    other_dyn = torch.randn(inputs[dyn_at].shape, generator=torch.Generator().manual_seed(98)) * 3
+    for index, value in ((pose_at, other_pose), (dyn_at, other_dyn)):
         changed = list(inputs)
         changed[index] = value
         got = _run(session, changed)

@@ -464,6 +464,8 @@ class GenerateConfig(Section):
     max_side: int = Field(ge=64)  # the portrait's longer side is reduced to this before pasting back
     feather: float = Field(ge=0, le=0.5)  # paste-back blend ramp, fraction of the crop side
     render_batch: int = Field(ge=1)  # frames rendered per forward call
+    smooth_pose: float = Field(ge=0)  # Gaussian sigma (frames) on the generated head pose; 0 = raw
+    smooth_dynamics: float = Field(ge=0)  # ... on the generated facial dynamics (lips: keep small)
     crf: int = Field(ge=0, le=51)
     preset: str
     c2pa: C2paConfig

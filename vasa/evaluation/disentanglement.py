@@ -15,14 +15,18 @@ Two judges, neither of them the generator's own motion encoder:
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 from torch.nn import functional as F
 
 from preprocessing.face import FaceMeshTracker
 from preprocessing.pose import head_pose
+from vasa.evaluation.independent import mouth_opening
 from vasa.models.face_latent import FaceLatent
 from vasa.models.images import to_uint8
+from vasa.models.motion_encoder import with_measured_expression
 
 JUDGE_SIDE = 256  # renderings are upsampled to this side before FaceMesh (it misses faces at 64²)
 MIN_GAP_DEG = 2.0  # pairs whose measured A/B rotation gap is smaller say nothing about the direction
@@ -33,14 +37,49 @@ def upsampled(images: torch.Tensor, side: int = JUDGE_SIDE) -> np.ndarray:
     return to_uint8(F.interpolate(images.float(), size=(side, side), mode="bicubic", align_corners=False))
 
 
+def measured_landmarks(tracker: FaceMeshTracker, images: torch.Tensor) -> np.ndarray:
+    """(B, 478, 3) FaceMesh landmarks found on each (upsampled) image alone; NaN where no single face."""
+    return np.concatenate([tracker.track(frame[None]).landmarks for frame in upsampled(images)])
+
+
 def measured_rotation(tracker: FaceMeshTracker, images: torch.Tensor) -> np.ndarray:
     """(B, 3) yaw, pitch, roll in degrees re-estimated on each image alone; NaN rows where no single face."""
-    angles = []
-    for frame in upsampled(images):
-        track = tracker.track(frame[None])
-        pose = head_pose(track.landmarks)
-        angles.append([pose.yaw[0], pose.pitch[0], pose.roll[0]])
-    return np.asarray(angles, dtype=np.float64)
+    pose = head_pose(measured_landmarks(tracker, images))
+    return np.stack([pose.yaw, pose.pitch, pose.roll], axis=1).astype(np.float64)
+
+
+@torch.no_grad()
+def mouth_following(
+    model: FaceLatent,
+    source: torch.Tensor,
+    driver: torch.Tensor,
+    tracker: FaceMeshTracker,
+    expressions: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """Does the rendering open the mouth as the driver does? The source's appearance driven by the driver's
+    motion, frame pairs (N, 3, S, S) of one clip each; FaceMesh mouth opening (|lm13 - lm14| / mouth width,
+    vasa/evaluation/independent.py) of driver and reconstruction, on pairs where both show one face:
+    `mouth/r` their Pearson r, `mouth/std_ratio` the reconstruction's spread over the driver's.
+    `expressions`: the measured expression (N, E) of source and driver (the shards'), which a model with an
+    expression field renders from (as it trains and generates)."""
+    device = next(model.parameters()).device
+    source, driver = source.to(device), driver.to(device)
+    code_s, code_d = model.encode(source), model.encode(driver, appearance=False)
+    if expressions is not None and model.preset.expression_side:
+        code_s, code_d = (
+            replace(code, dyn=with_measured_expression(code.dyn, measured.to(device)))
+            for code, measured in zip((code_s, code_d), expressions, strict=True)
+        )
+    recon = model.render(model.canonical(code_s, source), code_s.z_id, code_d.pose, code_d.dyn)
+    real = mouth_opening(measured_landmarks(tracker, driver))
+    made = mouth_opening(measured_landmarks(tracker, recon))
+    ok = np.isfinite(real) & np.isfinite(made)
+    enough = ok.sum() >= 3 and real[ok].std() > 0 and made[ok].std() > 0
+    return {
+        "mouth/pairs": float(ok.sum()),
+        "mouth/r": float(np.corrcoef(real[ok], made[ok])[0, 1]) if enough else float("nan"),
+        "mouth/std_ratio": float(made[ok].std() / real[ok].std()) if enough else float("nan"),
+    }
 
 
 def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 from vasa.core.errors import InputError
 from vasa.core.weights import load_weights
 from vasa.models.images import to_tensor
+from vasa.models.motion_encoder import with_measured_expression
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +31,20 @@ class Stage1Encoder:
     resolution: int  # S
     weights_sha256: str  # of the generator's safetensors file (from model.json, verified on load)
     device: torch.device
+    measured_expression: bool = False  # z_dyn's first dims are the measured FaceMesh expression (an expression field)
 
     @torch.no_grad()
-    def encode(self, frames: np.ndarray, batch_size: int) -> np.ndarray:
-        """(T, S, S, 3) uint8 RGB -> (T, 7 + Z) float32 [z_pose, z_dyn], `batch_size` frames at a time."""
+    def encode(self, frames: np.ndarray, batch_size: int, expression: np.ndarray | None = None) -> np.ndarray:
+        """(T, S, S, 3) uint8 RGB -> (T, 7 + Z) float32 [z_pose, z_dyn], `batch_size` frames at a time.
+        `expression` (T, E): the frames' measured FaceMesh expression (template units), which replaces the
+        encoder's estimate in z_dyn's first dims when the model renders measured expression."""
         out = []
         for start in range(0, len(frames), batch_size):
             batch = torch.stack([to_tensor(f) for f in frames[start : start + batch_size]]).to(self.device)
             pose, dyn = self.module(batch)
+            if expression is not None and self.measured_expression:
+                measured = torch.from_numpy(np.asarray(expression[start : start + batch_size], np.float32))
+                dyn = with_measured_expression(dyn, measured.to(dyn.device))
             out.append(torch.cat([pose, dyn], dim=1).float().cpu().numpy())
         return np.concatenate(out).astype(np.float32)
 
@@ -69,4 +76,5 @@ def load_stage1_encoder(model_dir: Path, device: str) -> Stage1Encoder:
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("extract_motion.device is cuda but no GPU is available")
     target = torch.device(device)
-    return Stage1Encoder(module.to(target).eval(), preset.resolution, meta["weights"][GENERATOR]["sha256"], target)
+    sha256 = meta["weights"][GENERATOR]["sha256"]
+    return Stage1Encoder(module.to(target).eval(), preset.resolution, sha256, target, preset.expression_side > 0)

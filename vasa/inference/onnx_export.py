@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 
 OPSET = 20  # GridSample on 5D inputs (3D sampling) exists from opset 20
 BATCH_AXIS = "batch"
-RENDERER_INPUTS = ("volume", "source_grid", "source_image", "z_id", "pose", "dyn")
+RENDERER_INPUTS = ("volume", "source_grid", "source_image", "source_dyn", "z_id", "pose", "dyn")
 RENDERER_OUTPUT = "image"
 DENOISER_INPUTS = (
     "x_t",
@@ -87,9 +87,16 @@ class RendererGraph(nn.Module):
         self.face = face
 
     def forward(
-        self, volume: Tensor, source_grid: Tensor, source_image: Tensor, z_id: Tensor, pose: Tensor, dyn: Tensor
+        self,
+        volume: Tensor,
+        source_grid: Tensor,
+        source_image: Tensor,
+        source_dyn: Tensor,
+        z_id: Tensor,
+        pose: Tensor,
+        dyn: Tensor,
     ) -> Tensor:
-        return self.face.render(Canonical(volume, source_grid, source_image), z_id, pose, dyn)
+        return self.face.render(Canonical(volume, source_grid, source_image, dyn=source_dyn), z_id, pose, dyn)
 
 
 class DenoiserGraph(nn.Module):
@@ -142,7 +149,8 @@ def renderer_inputs(face: FaceLatent, batch: int, seed: int = 0) -> tuple[Tensor
     code = face.encode(image)
     canonical = face.canonical(code, image)
     dyn = torch.randn(batch, face.preset.dynamics_dim, generator=generator)
-    return canonical.volume, canonical.source_grid, canonical.image, code.z_id, random_pose(batch, generator), dyn
+    pose = random_pose(batch, generator)
+    return canonical.volume, canonical.source_grid, canonical.image, code.dyn, code.z_id, pose, dyn
 
 
 def denoiser_inputs(dit: MotionDiT, batch: int, seed: int = 0, drop: bool = True) -> tuple[Tensor, ...]:

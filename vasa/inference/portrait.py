@@ -35,6 +35,7 @@ class Portrait:
     distance: float  # log(crop_size / scale_px), as extract_motion computes it
     emotion: np.ndarray  # (E,) EMOTION_COLUMNS of the expression descriptor
     faces: int  # faces FaceMesh found (the largest is used)
+    expression: np.ndarray  # (len(EXPRESSION_COLUMNS),) the whole expression descriptor, template units
 
 
 def read_portrait(path: Path, max_side: int) -> np.ndarray:
@@ -94,6 +95,7 @@ def prepare_portrait(path: Path, resolution: int, crop_size: int, face_cfg: Face
         distance=float(np.log(crop_size / head.scale[0])),
         emotion=expression[columns].astype(np.float32),
         faces=faces,
+        expression=expression.astype(np.float32),
     )
 
 

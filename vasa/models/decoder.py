@@ -6,7 +6,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from vasa.models.expression import ExpressionField
 from vasa.models.layers import ResBlock2d, UpBlock2d, group_norm
+from vasa.models.motion_encoder import EXPRESSION_DIMS
 from vasa.models.presets import LatentPreset
 
 # Initial mixing logits of (rendered, warped source, unchanged source): training starts close to showing
@@ -31,6 +33,10 @@ class Decoder(nn.Module):
     scale and shift, identity at initialisation): an open mouth or a closed eye is something the warp of
     a closed-mouth, open-eyed source volume cannot show, and this path lets a small model learn to draw
     it within a short run (measured: without it the tiny model's reconstructions kept the source's mouth).
+
+    With `preset.expression_side` (and the skip path) a change of the expression measures between source
+    and target also moves and covers the source's pixels through learned fields on the canonical face
+    (vasa/models/expression.py): the lips part and the mouth interior shows at the output's own side.
     """
 
     def __init__(self, preset: LatentPreset) -> None:
@@ -54,6 +60,11 @@ class Decoder(nn.Module):
             with torch.no_grad():
                 self.mix.weight.mul_(0.1)
                 self.mix.bias.copy_(torch.tensor(MIX_INIT_BIAS))
+        self.expression = (
+            ExpressionField(EXPRESSION_DIMS, preset.expression_side)
+            if self.source_skip and preset.expression_side
+            else None
+        )
 
     def forward(
         self,
@@ -62,6 +73,8 @@ class Decoder(nn.Module):
         source_image: torch.Tensor | None = None,
         source_hires: torch.Tensor | None = None,
         dynamics: torch.Tensor | None = None,
+        canonical_points: torch.Tensor | None = None,
+        expression_change: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """volume (B, C, D, H, W); with the skip path also source_points (B, D, H, W, 3): the source-volume
         coordinate (x, y, z in [-1, 1]) each voxel shows, and source_image (B, 3, S, S) in [-1, 1].
@@ -71,7 +84,9 @@ class Decoder(nn.Module):
         it, so the output (B, 3, R, R) moves the source's own pixels (FOMM, face-vid2vid, LivePortrait)
         and re-synthesises (the upsampled rendering) only where the warp cannot show. Training calls this
         same path with R = S. `dynamics` (B, Z): the target's z_dyn (FiLM; None leaves the features as
-        they are)."""
+        they are). `canonical_points` (B, D, H, W, 3): the canonical-face point each voxel shows, and
+        `expression_change` (B, EXPRESSION_DIMS): target minus source expression, drive the expression
+        field (both or neither; ignored by a decoder without one)."""
         b, c, d, h, w = volume.shape
         folded = volume.reshape(b, c * d, h, w)
         features = self.body(self.project(folded))
@@ -85,7 +100,7 @@ class Decoder(nn.Module):
         if source_points is None or source_image is None:
             raise ValueError("this decoder has the source skip path: pass source_points and source_image")
         depth = torch.softmax(self.depth_weights(folded), dim=1)  # (B, D, H, W)
-        flow = (source_points[..., :2] * depth[..., None]).sum(dim=1).permute(0, 3, 1, 2)  # (B, 2, H, W): x, y
+        flow = _collapse(source_points, depth)
         mix = torch.softmax(self.mix(features), dim=1)  # (B, 3, S, S): rendered, warped, unchanged source
         source = source_image if source_hires is None else source_hires
         side = source.shape[-2:]
@@ -93,7 +108,25 @@ class Decoder(nn.Module):
             rendered = F.interpolate(rendered, size=side, mode="bicubic", align_corners=False).clamp(-1, 1)
             mix = F.interpolate(mix, size=side, mode="bilinear", align_corners=False)
         flow = F.interpolate(flow, size=side, mode="bilinear", align_corners=False)
-        warped = F.grid_sample(
-            source, flow.permute(0, 2, 3, 1), mode="bilinear", padding_mode="border", align_corners=False
+        if self.expression is None or canonical_points is None or expression_change is None:
+            return mix[:, :1] * rendered + mix[:, 1:2] * _sample(source, flow) + mix[:, 2:] * source
+        points = F.interpolate(_collapse(canonical_points, depth), size=side, mode="bilinear", align_corners=False)
+        displacement, cover, colour = self.expression(expression_change, points)
+        still = F.affine_grid(torch.eye(2, 3, dtype=flow.dtype, device=flow.device).expand(b, 2, 3), list(source.shape),
+                              align_corners=False).permute(0, 3, 1, 2)  # fmt: skip
+        image = (
+            mix[:, :1] * rendered
+            + mix[:, 1:2] * _sample(source, flow + displacement)
+            + mix[:, 2:] * _sample(source, still + displacement)
         )
-        return mix[:, :1] * rendered + mix[:, 1:2] * warped + mix[:, 2:] * source
+        return (1 - cover) * image + cover * colour
+
+
+def _collapse(points: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
+    """(B, D, H, W, 3) per-voxel points, (B, D, H, W) depth weights -> (B, 2, H, W): their weighted x, y."""
+    return (points[..., :2] * depth[..., None]).sum(dim=1).permute(0, 3, 1, 2)
+
+
+def _sample(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """image (B, 3, R, R) read at flow (B, 2, R, R) (x, y in [-1, 1]), bilinear, borders extended."""
+    return F.grid_sample(image, flow.permute(0, 2, 3, 1), mode="bilinear", padding_mode="border", align_corners=False)

@@ -8,7 +8,7 @@ ever called, never reached into.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ from vasa.core.weights import load_weights
 from vasa.models.appearance_encoder import AppearanceEncoder
 from vasa.models.decoder import Decoder
 from vasa.models.identity_encoder import CosFaceHead, IdentityEncoder
-from vasa.models.motion_encoder import MotionEncoder
+from vasa.models.motion_encoder import EXPRESSION_DIMS, MotionEncoder, with_measured_expression
 from vasa.models.presets import LatentPreset, preset_from_json
 from vasa.models.warping import WarpingGenerator, compose_grids, sample_volume
 
@@ -39,12 +39,14 @@ class FaceCode:
 class Canonical:
     """A frame moved to the canonical frame: volume (B, C, D, H, W), source_grid (B, D, H, W, 3) where each
     canonical voxel was read in the frame's own volume, image (B, 3, S, S) the frame (decoder skip path),
-    hires (B, 3, R, R) the same frame at the output side R when it is larger than S (generation)."""
+    hires (B, 3, R, R) the same frame at the output side R when it is larger than S (generation), dyn (B, Z)
+    the frame's own z_dyn (the expression field renders the change from it; None: no change rendered)."""
 
     volume: torch.Tensor
     source_grid: torch.Tensor
     image: torch.Tensor
     hires: torch.Tensor | None = None
+    dyn: torch.Tensor | None = None
 
 
 class FaceLatent(nn.Module):
@@ -70,7 +72,7 @@ class FaceLatent(nn.Module):
         """V_app of `code` (encoded from `image`) moved to the canonical (pose- and dynamics-free) frame."""
         assert code.volume is not None, "canonical() needs the volume: encode(image, appearance=True)"
         grid = self.warping.to_canonical_grid(code.pose, code.dyn, code.z_id, code.volume.shape)
-        return Canonical(volume=sample_volume(code.volume, grid), source_grid=grid, image=image)
+        return Canonical(volume=sample_volume(code.volume, grid), source_grid=grid, image=image, dyn=code.dyn)
 
     def render(self, canonical: Canonical, z_id: torch.Tensor, pose: torch.Tensor, dyn: torch.Tensor) -> torch.Tensor:
         """Decode a canonical face posed by (pose (B, 7), dyn (B, Z)): -> (B, 3, S, S) in [-1, 1], or
@@ -80,7 +82,16 @@ class FaceLatent(nn.Module):
         if not self.preset.source_skip:
             return self.decoder(posed, dynamics=dyn)
         points = compose_grids(canonical.source_grid, grid)
-        return self.decoder(posed, points, canonical.image, canonical.hires, dynamics=dyn)
+        change = None if canonical.dyn is None else (dyn - canonical.dyn)[:, :EXPRESSION_DIMS]
+        return self.decoder(
+            posed,
+            points,
+            canonical.image,
+            canonical.hires,
+            dynamics=dyn,
+            canonical_points=grid,
+            expression_change=change,
+        )
 
     def judge_identity(self, image: torch.Tensor) -> torch.Tensor:
         """z_id of `image` through the identity encoder with its weights detached (stop-gradient judge):
@@ -95,6 +106,7 @@ class FaceLatent(nn.Module):
         other: torch.Tensor,
         transfer: bool = True,
         pose_swap: bool = False,
+        expressions: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Renderings and latents for one batch of frame triples, each (B, 3, S, S) in [-1, 1].
 
@@ -106,11 +118,20 @@ class FaceLatent(nn.Module):
                       j = driver: render(app_j, id_j, pose_i, dyn_j) and render(app_i, id_i, pose_i, dyn_j)
           pose_swap   (if pose_swap) source appearance and dynamics with `other`'s head pose
           id_logits   CosFace cosines (3B, n_speakers) of [source; driver; other]
-          source_pose, driver_pose, other_pose (B, 7); source_dyn, driver_dyn, other_dyn (B, Z); source_id (B, I)
+          source_pose, driver_pose, other_pose (B, 7); source_dyn, driver_dyn, other_dyn (B, Z) as encoded;
+          source_id (B, I)
+        `expressions`: the measured FaceMesh expression (B, E) of source, driver and other (template units);
+        with an expression field they replace the encoded z_dyn's first dims in every rendering.
         """
         src = self.encode(source)
         drv = self.encode(driver, appearance=transfer)
         oth = self.encode(other, appearance=False)
+        encoded = {"source_dyn": src.dyn, "driver_dyn": drv.dyn, "other_dyn": oth.dyn}
+        if expressions is not None and self.preset.expression_side:
+            src, drv, oth = (
+                replace(code, dyn=with_measured_expression(code.dyn, measured))
+                for code, measured in zip((src, drv, oth), expressions, strict=True)
+            )
         canon_src = self.canonical(src, source)
         cross = self.render(canon_src, src.z_id, oth.pose, oth.dyn)
         out = {
@@ -121,9 +142,7 @@ class FaceLatent(nn.Module):
             "source_pose": src.pose,
             "driver_pose": drv.pose,
             "other_pose": oth.pose,
-            "source_dyn": src.dyn,
-            "driver_dyn": drv.dyn,
-            "other_dyn": oth.dyn,
+            **encoded,
             "source_id": src.z_id,
         }
         if transfer:

@@ -12,12 +12,22 @@ from vasa.models.presets import LatentPreset
 # z_pose columns, the model's units (see `vasa.models.warping` for how they move the volume).
 POSE_DIM = 7  # yaw, pitch, roll (degrees), tx, ty, tz (volume units, [-1, 1] spans the crop), log scale
 ANGLE_UNIT_DEG = 30.0  # network outputs angles / 30° so their scale matches the other columns at init
-# The first len(EXPRESSION_COLUMNS) dims of z_dyn are supervised (LatentTask, loss `expression`) by the
-# shards' FaceMesh expression (mouth open and width, smile, eyes open, brow raise; template units), each
-# in units of its typical within-clip spread (measured on the sample corpus; FaceMesh's template units
-# make them similar on real video): the DiT then generates a lip opening the renderer was taught to show.
+# The first len(EXPRESSION_COLUMNS) dims of z_dyn are the FaceMesh expression (mouth open and width, smile,
+# eyes open, brow raise; template units, preprocessing/pose.py), each in units of its typical within-clip
+# spread (measured on the sample corpus; FaceMesh's template units make them similar on real video). With
+# an expression field (preset.expression_side > 0) they are *measured*, not predicted, wherever the frame
+# is rendered or its motion extracted (`with_measured_expression`): the renderer learns to show a lip
+# opening it is told exactly, and the DiT learns to generate that measure from the speech. The encoder is
+# still supervised on them (loss `expression`): an auxiliary task, and its estimate where no landmarks exist.
 EXPRESSION_DIMS = len(EXPRESSION_COLUMNS)
 EXPRESSION_UNITS = (0.1, 0.06, 0.04, 0.013, 0.013, 0.023)  # EXPRESSION_COLUMNS order
+# Stage 2 generates the measured expression relative to the face at rest, not in absolute terms: a mouth as
+# wide, a smile as broad, eyes as open as this face's own (identity, not motion). A training clip's rest is
+# a per-column percentile of its frames (mouth opening: the 5th, the mouth closed; the others: the median,
+# eyes open between blinks); at generation it is the portrait's own measure (a still at rest). Without it
+# the DiT, told nothing of identity, generates the corpus's average face shape, and the renderer stretches
+# every portrait toward it (measured: grace_hopper's jaw pulled down by a constant width/smile change).
+REST_PERCENTILES = (5.0, 50.0, 50.0, 50.0, 50.0, 50.0)  # EXPRESSION_COLUMNS order
 
 
 class MotionEncoder(nn.Module):
@@ -39,6 +49,15 @@ class MotionEncoder(nn.Module):
         raw_pose, z_dyn = h[:, :POSE_DIM], h[:, POSE_DIM:]
         angles = raw_pose[:, :3] * ANGLE_UNIT_DEG
         return torch.cat([angles, raw_pose[:, 3:]], dim=1), z_dyn
+
+
+def with_measured_expression(dyn: torch.Tensor, expression: torch.Tensor) -> torch.Tensor:
+    """z_dyn (B, Z) with its first EXPRESSION_DIMS dims replaced by measured FaceMesh expression (B, E) in
+    template units (EXPRESSION_COLUMNS), converted to EXPRESSION_UNITS; rows with a non-finite measure keep
+    the encoder's estimate."""
+    measured = expression.to(dyn.dtype) / dyn.new_tensor(EXPRESSION_UNITS)
+    head = torch.where(measured.isfinite().all(dim=1, keepdim=True), measured, dyn[:, :EXPRESSION_DIMS])
+    return torch.cat([head, dyn[:, EXPRESSION_DIMS:]], dim=1)
 
 
 def shard_pose_to_model(pose: torch.Tensor, crop_size: int, canonical_scale: float) -> torch.Tensor:

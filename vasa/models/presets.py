@@ -33,6 +33,7 @@ class LatentPreset:
     discriminator_scales: int  # multi-scale PatchGAN: full, 1/2, 1/4 ... resolution
     canonical_scale: float  # head scale of the canonical volume: crop fraction per template unit (eye corners)
     source_skip: bool = True  # decoder also samples the source image along the warp (vasa/models/decoder.py)
+    expression_side: int = 0  # side of the canonical expression field (vasa/models/expression.py); 0 = none
 
     def __post_init__(self) -> None:
         downs = len(self.appearance_widths)
@@ -81,6 +82,7 @@ LATENT_PRESETS: dict[str, LatentPreset] = {
         discriminator_widths=(16, 32, 64),
         discriminator_scales=2,
         canonical_scale=0.25,
+        expression_side=32,
     ),
     # Paper-like 512² model (MegaPortraits/EMOPortraits volume 96 x 16 x 64 x 64).
     "base": LatentPreset(
@@ -99,6 +101,7 @@ LATENT_PRESETS: dict[str, LatentPreset] = {
         discriminator_widths=(64, 128, 256, 512),
         discriminator_scales=3,
         canonical_scale=0.25,
+        expression_side=128,
     ),
 }
 

@@ -40,6 +40,7 @@ from vasa.loaders.motion import (
 )
 from vasa.loaders.shards import decode_frames, read_index, read_samples
 from vasa.models.motion_dit import EMOTION_COLUMNS
+from vasa.models.motion_encoder import EXPRESSION_DIMS, POSE_DIM, REST_PERCENTILES
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,10 @@ def motion_sample(
     t = min(len(frames), len(pose), len(gaze), len(expression), len(mel) // per_frame)
     if t < 1:
         raise ValueError("no frame with video, pose, gaze, expression and mel")
-    motion = encoder.encode(frames[:t], batch_size)
+    motion = encoder.encode(frames[:t], batch_size, expression[:t])
+    if encoder.measured_expression:  # stage 2 learns the expression relative to this clip's face at rest
+        head = motion[:, POSE_DIM : POSE_DIM + EXPRESSION_DIMS]
+        head -= np.percentile(head, REST_PERCENTILES, axis=0).diagonal()[None].astype(np.float32)
     audio = mel[: t * per_frame].reshape(t, per_frame * mel.shape[1])
     scale = pose[:t, schema.POSE_COLUMNS.index("scale_px")]
     distance = np.log(crop_size / np.clip(scale, 1e-6, None))[:, None].astype(np.float32)
@@ -149,7 +153,7 @@ def extract(
     bar.close()
     counts["samples"] = sum(e["samples"] for entries in splits.values() for e in entries)
     counts["failed"] = len(failures)
-    stats = train_stats(out, splits.get(schema.TRAIN, []), cfg.std_floor)
+    stats = train_stats(out, splits.get(schema.TRAIN, []), cfg.std_floor) | rest_convention(encoder.measured_expression)
     write_json(out / STATS_FILE, stats)
     first = next((e for entries in splits.values() for e in entries if e["samples"]), None)
     dims = _dims(out / first["shard"]) if first else {}
@@ -215,3 +219,12 @@ def train_stats(out: Path, entries: list[dict], std_floor: float) -> dict:
         std = np.where(std < std_floor, 1.0, std)
         stats[name] = {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
     return stats
+
+
+def rest_convention(measured: bool) -> dict:
+    """stats.json's note of how the motion's expression dims are stored (generation reads it from the bundle):
+    relative to the face at rest (REST_PERCENTILES of the clip), or as the encoder gives them."""
+    if not measured:
+        return {"expression_rest": None}
+    dims = list(range(POSE_DIM, POSE_DIM + EXPRESSION_DIMS))
+    return {"expression_rest": {"motion_dims": dims, "percentiles": list(REST_PERCENTILES)}}

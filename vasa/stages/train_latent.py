@@ -72,14 +72,18 @@ def heldout_psnr(task, models: dict[str, nn.Module], groups: dict[str, dict], ba
 
 def heldout_disentanglement(generator: nn.Module, groups: dict[str, dict]) -> dict[str, float]:
     """Pose swap vs appearance swap on each held-out group's (source, other-speaker) pairs, judged by the
-    pipeline's own pose estimator and the identity encoder (vasa/evaluation/disentanglement.py)."""
+    pipeline's own pose estimator and the identity encoder, and whether the reconstructions open the mouth
+    as their drivers do (FaceMesh; vasa/evaluation/disentanglement.py)."""
     from preprocessing.face import FaceMeshTracker
-    from vasa.evaluation.disentanglement import disentanglement
+    from vasa.evaluation.disentanglement import disentanglement, mouth_following
 
     tracker = FaceMeshTracker(min_detection_confidence=0.5, min_tracking_confidence=0.5)
     model = getattr(generator, "module", generator)  # the EMA copy is a plain module; a wrapped one is not
     figures = {}
     for group, batch in sorted(groups.items()):
+        measured = (batch["source_expression"], batch["driver_expression"])
+        found = mouth_following(model, batch["source"], batch["driver"], tracker, measured)
+        figures |= {f"heldout_{group}/{k}": v for k, v in found.items()}
         other = batch["speaker"] != batch["other_speaker"]
         if other.any():
             found = disentanglement(model, batch["source"][other], batch["other"][other], tracker)

@@ -112,7 +112,10 @@ class LatentTask:
 
     def reconstruct(self, models: dict[str, nn.Module], batch: dict[str, Tensor]) -> Tensor:
         """The driver frame rendered from the source's appearance and the driver's motion: (B, 3, S, S)."""
-        return models[GENERATOR](batch["source"], batch["driver"], batch["other"], transfer=False)["recon"]
+        out = models[GENERATOR](
+            batch["source"], batch["driver"], batch["other"], transfer=False, expressions=_expressions(batch)
+        )
+        return out["recon"]
 
     def images(self, models: dict[str, nn.Module], batch: dict[str, Tensor]) -> np.ndarray:
         """Grid (rows = samples) of source | driver | reconstruction | cross-identity | pose swap: uint8 HxWx3.
@@ -123,7 +126,14 @@ class LatentTask:
         n = min(GRID_ROWS, batch["source"].shape[0])
         part = {k: v[:n] for k, v in batch.items()}
         with torch.no_grad():
-            out = models[GENERATOR](part["source"], part["driver"], part["other"], transfer=False, pose_swap=True)
+            out = models[GENERATOR](
+                part["source"],
+                part["driver"],
+                part["other"],
+                transfer=False,
+                pose_swap=True,
+                expressions=_expressions(part),
+            )
         columns = [part["source"], part["driver"], out["recon"], out["cross"], out["pose_swap"]]
         grid = torch.cat([torch.cat(list(col.float()), dim=1) for col in columns], dim=2)  # (3, n*S, 5*S)
         return ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
@@ -134,7 +144,9 @@ class LatentTask:
         self, models: dict[str, nn.Module], batch: dict[str, Tensor], scratch: dict
     ) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg
-        out = models[GENERATOR](batch["source"], batch["driver"], batch["other"], transfer=cfg.transfer > 0)
+        out = models[GENERATOR](
+            batch["source"], batch["driver"], batch["other"], transfer=cfg.transfer > 0, expressions=_expressions(batch)
+        )
         recon, driver = out["recon"], batch["driver"]
         terms: dict[str, Tensor] = {"l1": multiscale_l1(recon, driver, cfg.l1_scales)}
         if self.vgg is not None:
@@ -193,3 +205,9 @@ class LatentTask:
         # the engine's step and a DDP reducer still see every parameter in the graph).
         weight = 1.0 if (self.cfg.adversarial > 0 or self.cfg.feature_matching > 0) else 0.0
         return loss * weight, {"hinge": loss.detach()}
+
+
+def _expressions(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The measured FaceMesh expression of source, driver and other, when the batch carries them."""
+    names = ("source_expression", "driver_expression", "other_expression")
+    return (batch[names[0]], batch[names[1]], batch[names[2]]) if all(n in batch for n in names) else None
