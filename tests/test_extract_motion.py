@@ -152,11 +152,16 @@ def test_motion_shards_have_the_members_shapes_and_provenance(motion_fixture):
                 np.testing.assert_allclose(load(out, DISTANCE)[:, 0], np.log(SIDE / scale), rtol=1e-6)
                 assert load(out, EMOTION).shape == (FRAMES, 2)
                 np.testing.assert_array_equal(load(out, schema.GAZE), load(source, schema.GAZE))
-    # The stored motion is the encoder's output on the decoded frames.
+    # The stored motion is the encoder's output on the decoded frames, its expression dims the shards' measured
+    # expression relative to the clip's rest (REST_PERCENTILES).
     from vasa.loaders.shards import decode_frames
+    from vasa.models.motion_encoder import EXPRESSION_DIMS, POSE_DIM, REST_PERCENTILES
 
     first = next(read_samples(motion_fixture["shards"] / "train-0-0000.tar"))
-    expected = encoder.encode(decode_frames(first[schema.MP4], SIDE), 7)
+    expected = encoder.encode(decode_frames(first[schema.MP4], SIDE), 7, load(first, schema.EXPRESSION))
+    head = expected[:, POSE_DIM : POSE_DIM + EXPRESSION_DIMS]
+    assert encoder.measured_expression
+    head -= np.percentile(head, REST_PERCENTILES, axis=0).diagonal()[None]
     got = load(next(read_samples(motion_fixture["motion"] / "train-0-0000.tar")), MOTION)
     np.testing.assert_allclose(got, expected, atol=1e-5)
     assert np.std(got[:, 7:], axis=0).max() > 0  # dynamics vary over the clip
@@ -172,7 +177,10 @@ def test_stats_come_from_the_train_split_only(motion_fixture):
     everything = train + [load(s, MOTION) for s in read_samples(motion_fixture["motion"] / "test-0-0000.tar")]
     train_mean = np.concatenate(train).mean(0)
     np.testing.assert_allclose(stats["motion"]["mean"], train_mean, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(stats["motion"]["std"], np.concatenate(train).std(0), rtol=1e-4, atol=1e-6)
+    std = np.concatenate(train).std(0)
+    std = np.where(std < stats["std_floor"], 1.0, std)  # constant dims (the fixture's still expression) are centred only
+    np.testing.assert_allclose(stats["motion"]["std"], std, rtol=1e-4, atol=1e-6)
+    assert stats["expression_rest"]["motion_dims"] == list(range(7, 13))
     assert not np.allclose(stats["motion"]["mean"], np.concatenate(everything).mean(0), atol=1e-6)
     assert stats["frames"] == 4 * FRAMES and stats["split"] == "train"
     assert len(stats["audio"]["mean"]) == K_MEL * MELS

@@ -108,16 +108,19 @@ class Decoder(nn.Module):
             rendered = F.interpolate(rendered, size=side, mode="bicubic", align_corners=False).clamp(-1, 1)
             mix = F.interpolate(mix, size=side, mode="bilinear", align_corners=False)
         flow = F.interpolate(flow, size=side, mode="bilinear", align_corners=False)
+        # The portrait's own pixels (generation) are resampled bicubic: bilinear averages neighbours at every
+        # sub-pixel shift and halves a fine-grained photo's high frequencies (measured: docs/BENCHMARKS.md).
+        mode = "bilinear" if source_hires is None else "bicubic"
         if self.expression is None or canonical_points is None or expression_change is None:
-            return mix[:, :1] * rendered + mix[:, 1:2] * _sample(source, flow) + mix[:, 2:] * source
+            return mix[:, :1] * rendered + mix[:, 1:2] * _sample(source, flow, mode) + mix[:, 2:] * source
         points = F.interpolate(_collapse(canonical_points, depth), size=side, mode="bilinear", align_corners=False)
         displacement, cover, colour = self.expression(expression_change, points)
         still = F.affine_grid(torch.eye(2, 3, dtype=flow.dtype, device=flow.device).expand(b, 2, 3), list(source.shape),
                               align_corners=False).permute(0, 3, 1, 2)  # fmt: skip
         image = (
             mix[:, :1] * rendered
-            + mix[:, 1:2] * _sample(source, flow + displacement)
-            + mix[:, 2:] * _sample(source, still + displacement)
+            + mix[:, 1:2] * _sample(source, flow + displacement, mode)
+            + mix[:, 2:] * _sample(source, still + displacement, mode)
         )
         return (1 - cover) * image + cover * colour
 
@@ -127,6 +130,8 @@ def _collapse(points: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
     return (points[..., :2] * depth[..., None]).sum(dim=1).permute(0, 3, 1, 2)
 
 
-def _sample(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
-    """image (B, 3, R, R) read at flow (B, 2, R, R) (x, y in [-1, 1]), bilinear, borders extended."""
-    return F.grid_sample(image, flow.permute(0, 2, 3, 1), mode="bilinear", padding_mode="border", align_corners=False)
+def _sample(image: torch.Tensor, flow: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """image (B, 3, R, R) read at flow (B, 2, R, R) (x, y in [-1, 1]), borders extended; bicubic is clamped to
+    [-1, 1] (it overshoots at edges)."""
+    out = F.grid_sample(image, flow.permute(0, 2, 3, 1), mode=mode, padding_mode="border", align_corners=False)
+    return out if mode == "bilinear" else out.clamp(-1, 1)
