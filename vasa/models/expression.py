@@ -24,6 +24,8 @@ fields are linear in a measured change, so what they must learn is direct.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -36,6 +38,7 @@ from torch.nn import functional as F
 # gradients of many pixels average; cover and colour learn directly from the image error, on finer grids.
 GAINS = {"displacement": 3.0, "cover": 10.0, "colour": 3.0}
 GRID_FRACTIONS = {"displacement": 4, "cover": 2, "colour": 1}  # grid side = side // fraction
+INTERIOR_START = -0.6  # the colour field's initial value in [-1, 1]
 
 
 class ExpressionField(nn.Module):
@@ -47,7 +50,11 @@ class ExpressionField(nn.Module):
         grid = {name: max(2, side // fraction) for name, fraction in GRID_FRACTIONS.items()}
         self.displacement = nn.Parameter(torch.zeros(1, 2 * dims, grid["displacement"], grid["displacement"]))
         self.cover = nn.Parameter(torch.zeros(1, dims, grid["cover"], grid["cover"]))
-        self.colour = nn.Parameter(torch.zeros(1, 3, grid["colour"], grid["colour"]))
+        # The colour starts dark (the shadowed inside of an open mouth, ~50/255 grey): the cover learns from its
+        # first step that it can show a parted mouth, instead of waiting for a grey colour to darken where no
+        # cover shows it yet (the colour's gradient is zero where the cover is).
+        start = math.atanh(INTERIOR_START) / GAINS["colour"]
+        self.colour = nn.Parameter(torch.full((1, 3, grid["colour"], grid["colour"]), start))
 
     def _at(self, name: str, grid: torch.Tensor) -> torch.Tensor:
         """Field `name` (times its gain) sampled at grid (B, R, R, 2) -> (B, C, R, R)."""
