@@ -37,7 +37,8 @@ def _run(args: list[str], cwd: Path) -> str:
 # (measured on the 2-core machine: docs/BENCHMARKS.md). `make repro` runs the full params.yaml schedules.
 LATENT_STEPS, MOTION_STEPS = 250, 200
 MIN_LATENT_MARGIN_DB = 0.5  # measured +1.3 dB over copying the source at 100 steps (before the expression field)
-MIN_POSE_GAP_CLOSED = 0.15  # the retraining gate's floor; with the mouth terms 100 steps gave 0.05, so the test runs 250 (make repro's)
+# The retraining gate's floor; with the mouth terms on, 100 stage-1 steps closed 0.05: the test runs make repro's 250.
+MIN_POSE_GAP_CLOSED = 0.15
 MIN_MOUTH_MARGIN = 0.05  # generated mouth vs audio envelope: true audio minus shuffled audio correlation
 
 

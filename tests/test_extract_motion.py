@@ -178,7 +178,7 @@ def test_stats_come_from_the_train_split_only(motion_fixture):
     train_mean = np.concatenate(train).mean(0)
     np.testing.assert_allclose(stats["motion"]["mean"], train_mean, rtol=1e-5, atol=1e-6)
     std = np.concatenate(train).std(0)
-    std = np.where(std < stats["std_floor"], 1.0, std)  # constant dims (the fixture's still expression) are centred only
+    std = np.where(std < stats["std_floor"], 1.0, std)  # constant dims (the fixture's still expression): centred only
     np.testing.assert_allclose(stats["motion"]["std"], std, rtol=1e-4, atol=1e-6)
     assert stats["expression_rest"]["motion_dims"] == list(range(7, 13))
     assert not np.allclose(stats["motion"]["mean"], np.concatenate(everything).mean(0), atol=1e-6)

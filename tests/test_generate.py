@@ -330,3 +330,22 @@ def test_smooth_motion_removes_flicker_keeps_motion_and_joins_windows():
     for end in (25, 50, 75):
         exact[end - 4 : end] = False
     torch.testing.assert_close(joined[exact], whole[exact])
+
+
+def test_generated_expression_is_relative_to_the_portrait_at_rest():
+    """A bundle whose stage 2 learned the expression relative to a face at rest gets the portrait's own measure
+    added on those dims only; a bundle without `expression_rest` keeps the motion as generated."""
+    from types import SimpleNamespace
+
+    from vasa.inference.generate import at_rest_of
+
+    own = torch.arange(POSE_DIM + 10, dtype=torch.float32)[None] + 100
+    session = SimpleNamespace(own_motion=own)
+    units = torch.zeros(5, POSE_DIM + 10)
+    dims = list(range(POSE_DIM, POSE_DIM + 6))
+    out = at_rest_of(session, units, {"expression_rest": {"motion_dims": dims, "percentiles": [5.0] + [50.0] * 5}})
+    torch.testing.assert_close(out[:, dims], own[:, dims].expand(5, -1))
+    others = [i for i in range(POSE_DIM + 10) if i not in dims]
+    assert not out[:, others].any() and not units.any()  # the input is left as it was
+    assert at_rest_of(session, units, {"expression_rest": None}) is units
+    assert at_rest_of(session, units, {}) is units

@@ -15,7 +15,13 @@ from vasa.core.weights import load_weights
 from vasa.models.discriminator import MultiScaleDiscriminator
 from vasa.models.expression import GAINS
 from vasa.models.face_latent import FaceLatent
-from vasa.models.motion_encoder import EXPRESSION_DIMS, POSE_DIM, shard_pose_to_model
+from vasa.models.motion_encoder import (
+    EXPRESSION_DIMS,
+    EXPRESSION_UNITS,
+    POSE_DIM,
+    shard_pose_to_model,
+    with_measured_expression,
+)
 from vasa.models.presets import LATENT_PRESETS, get_preset
 from vasa.models.warping import (
     canonical_to_posed_grid,
@@ -460,3 +466,13 @@ def test_expression_field_moves_and_covers_only_with_a_change_of_expression() ->
         assert getattr(field, name).grad.abs().sum() > 0, name
         with torch.no_grad():
             getattr(field, name).add_(0.01)
+
+
+def test_measured_expression_replaces_the_estimate_in_units_except_where_unmeasured() -> None:
+    dyn = torch.randn(3, 32)
+    measured = torch.tensor([EXPRESSION_UNITS, [2 * u for u in EXPRESSION_UNITS], [float("nan")] * EXPRESSION_DIMS])
+    out = with_measured_expression(dyn, measured)
+    torch.testing.assert_close(out[0, :EXPRESSION_DIMS], torch.ones(EXPRESSION_DIMS))
+    torch.testing.assert_close(out[1, :EXPRESSION_DIMS], torch.full((EXPRESSION_DIMS,), 2.0))
+    torch.testing.assert_close(out[2], dyn[2])  # no landmarks: the encoder's estimate stays
+    torch.testing.assert_close(out[:, EXPRESSION_DIMS:], dyn[:, EXPRESSION_DIMS:])
