@@ -109,8 +109,6 @@ def heldout_clips(sample: Path) -> list[dict]:
 def reconstruction_check(latent: Path, clip: Path, params_file: Path) -> tuple[dict, np.ndarray]:
     """The clip's first frame driven by every frame's own stage-1 motion; FaceMesh mouth opening of the
     reconstruction against the driver's. Returns the figures and a strip (driver over reconstruction)."""
-    from dataclasses import replace
-
     import cv2
     import torch
 
@@ -121,7 +119,6 @@ def reconstruction_check(latent: Path, clip: Path, params_file: Path) -> tuple[d
     from vasa.evaluation.independent import mouth_opening
     from vasa.models.face_latent import Canonical, load_face_latent
     from vasa.models.images import to_tensor, to_uint8
-    from vasa.models.motion_encoder import with_measured_expression
 
     params = load_params(params_file)
     model, _ = load_face_latent(latent)
@@ -134,20 +131,15 @@ def reconstruction_check(latent: Path, clip: Path, params_file: Path) -> tuple[d
     side = model.preset.resolution
     small = np.stack([cv2.resize(c, (side, side), interpolation=cv2.INTER_AREA) for c in crops])
     expression = torch.from_numpy(pose_mod.expression(landmarks, pose_mod.head_pose(landmarks))).float()
-    measured = model.preset.expression_side > 0  # z_dyn's first dims are the measured expression
     with torch.no_grad():
         source = to_tensor(small[0])[None]
-        code = model.encode(source)
-        if measured:
-            code = replace(code, dyn=with_measured_expression(code.dyn, expression[:1]))
+        code = model.measured(model.encode(source), expression[:1])
         canonical = model.canonical(code, source)
         hires = to_tensor(crops[0])[None]
         out = []
         for start in range(0, len(small), 16):
             driver = torch.stack([to_tensor(x) for x in small[start : start + 16]])
-            motion = model.encode(driver, appearance=False)
-            if measured:
-                motion = replace(motion, dyn=with_measured_expression(motion.dyn, expression[start : start + 16]))
+            motion = model.measured(model.encode(driver, appearance=False), expression[start : start + 16])
             n = len(driver)
             batch = Canonical(canonical.volume.expand(n, -1, -1, -1, -1),
                               canonical.source_grid.expand(n, -1, -1, -1, -1), canonical.image.expand(n, -1, -1, -1),

@@ -15,8 +15,6 @@ Two judges, neither of them the generator's own motion encoder:
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import torch
 from torch.nn import functional as F
@@ -26,7 +24,6 @@ from preprocessing.pose import head_pose
 from vasa.evaluation.independent import mouth_opening
 from vasa.models.face_latent import FaceLatent
 from vasa.models.images import to_uint8
-from vasa.models.motion_encoder import with_measured_expression
 
 JUDGE_SIDE = 256  # renderings are upsampled to this side before FaceMesh (it misses faces at 64²)
 MIN_GAP_DEG = 2.0  # pairs whose measured A/B rotation gap is smaller say nothing about the direction
@@ -64,12 +61,9 @@ def mouth_following(
     expression field renders from (as it trains and generates)."""
     device = next(model.parameters()).device
     source, driver = source.to(device), driver.to(device)
-    code_s, code_d = model.encode(source), model.encode(driver, appearance=False)
-    if expressions is not None and model.preset.expression_side:
-        code_s, code_d = (
-            replace(code, dyn=with_measured_expression(code.dyn, measured.to(device)))
-            for code, measured in zip((code_s, code_d), expressions, strict=True)
-        )
+    measured_s, measured_d = expressions if expressions is not None else (None, None)
+    code_s = model.measured(model.encode(source), measured_s)
+    code_d = model.measured(model.encode(driver, appearance=False), measured_d)
     recon = model.render(model.canonical(code_s, source), code_s.z_id, code_d.pose, code_d.dyn)
     real = mouth_opening(measured_landmarks(tracker, driver))
     made = mouth_opening(measured_landmarks(tracker, recon))

@@ -16,12 +16,11 @@ the largest is used and a warning says so), unreadable or silent audio, audio ov
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -42,7 +41,7 @@ from vasa.inference.portrait import IMAGE_SUFFIXES, Paster, Portrait, prepare_po
 from vasa.inference.speech import AudioFeatures, load_speech
 from vasa.models.face_latent import Canonical
 from vasa.models.images import to_tensor, to_uint8
-from vasa.models.motion_encoder import POSE_DIM, with_measured_expression
+from vasa.models.motion_encoder import POSE_DIM
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +80,12 @@ class Session:
 def open_session(bundle: Bundle, portrait: Portrait) -> Session:
     start = time.perf_counter()
     image = to_tensor(portrait.crop)[None].to(bundle.device)
-    code = bundle.face.encode(image)
-    if bundle.face.preset.expression_side:  # the portrait's own measured expression, as in training
-        measured = torch.from_numpy(portrait.expression)[None].to(code.dyn.device)
-        code = dataclasses.replace(code, dyn=with_measured_expression(code.dyn, measured))
+    # The portrait's own measured expression, as in training (a model with an expression field).
+    code = bundle.face.measured(bundle.face.encode(image), torch.from_numpy(portrait.expression)[None])
     canonical = bundle.face.canonical(code, image)
     if portrait.crop_full.shape[0] > portrait.crop.shape[0]:  # render at the crop side: the portrait's own pixels
         hires = to_tensor(portrait.crop_full)[None].to(bundle.device)
-        canonical = dataclasses.replace(canonical, hires=hires)
+        canonical = replace(canonical, hires=hires)
     if bundle.device.type == "cuda":
         torch.cuda.synchronize()
     session = Session(bundle, portrait, canonical, code.z_id, torch.cat([code.pose, code.dyn], dim=1))

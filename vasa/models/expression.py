@@ -45,7 +45,8 @@ INTERIOR_START = -0.6  # the colour field's initial value in [-1, 1]
 
 
 class ExpressionField(nn.Module):
-    """Zero-initialised fields over the canonical face for `dims` expression measures (grids: GRID_FRACTIONS)."""
+    """Fields over the canonical face for `dims` expression measures (grids: GRID_FRACTIONS): displacement and
+    cover start at zero (no change rendered), the colour dark (INTERIOR_START)."""
 
     def __init__(self, dims: int, side: int) -> None:
         super().__init__()

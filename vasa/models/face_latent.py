@@ -68,6 +68,13 @@ class FaceLatent(nn.Module):
         volume = self.appearance(image) if appearance else None
         return FaceCode(volume=volume, z_id=self.identity(image), pose=pose, dyn=dyn)
 
+    def measured(self, code: FaceCode, expression: torch.Tensor | None) -> FaceCode:
+        """`code` with z_dyn's expression dims replaced by the measured FaceMesh expression (B, E) in template
+        units, as this model renders them when it has an expression field; otherwise (or with None) as it is."""
+        if expression is None or not self.preset.expression_side:
+            return code
+        return replace(code, dyn=with_measured_expression(code.dyn, expression.to(code.dyn.device)))
+
     def canonical(self, code: FaceCode, image: torch.Tensor) -> Canonical:
         """V_app of `code` (encoded from `image`) moved to the canonical (pose- and dynamics-free) frame."""
         assert code.volume is not None, "canonical() needs the volume: encode(image, appearance=True)"
@@ -127,11 +134,8 @@ class FaceLatent(nn.Module):
         drv = self.encode(driver, appearance=transfer)
         oth = self.encode(other, appearance=False)
         encoded = {"source_dyn": src.dyn, "driver_dyn": drv.dyn, "other_dyn": oth.dyn}
-        if expressions is not None and self.preset.expression_side:
-            src, drv, oth = (
-                replace(code, dyn=with_measured_expression(code.dyn, measured))
-                for code, measured in zip((src, drv, oth), expressions, strict=True)
-            )
+        if expressions is not None:
+            src, drv, oth = (self.measured(c, e) for c, e in zip((src, drv, oth), expressions, strict=True))
         canon_src = self.canonical(src, source)
         cross = self.render(canon_src, src.z_id, oth.pose, oth.dyn)
         out = {
