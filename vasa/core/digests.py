@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import threading
 from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
@@ -49,11 +50,19 @@ def _package_inits(module: str, root: Path) -> list[Path]:
     return [p for p in inits if p.is_file()]
 
 
+# CPython 3.11 before 3.11.8 corrupts the parser's recursion counter when two threads run ast.parse at once
+# ("SystemError: AST constructor recursion depth mismatch", python/cpython gh-106905): preprocess computes
+# its code digest in a worker thread, so parsing is serialised.
+_PARSE_LOCK = threading.Lock()
+
+
 def imported_modules(path: Path, module: str, top_level_only: bool = False) -> set[str]:
     """Project modules that the file imports, at any depth (lazy imports inside functions count: they run
     when the command runs) or, with `top_level_only`, only module-level statements. `from pkg import name`
     counts `pkg.name` when that is a module, else `pkg`."""
-    tree = ast.parse(path.read_text(), filename=str(path))
+    source = path.read_text()
+    with _PARSE_LOCK:
+        tree = ast.parse(source, filename=str(path))
     nodes = tree.body if top_level_only else ast.walk(tree)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()

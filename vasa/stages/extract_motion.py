@@ -68,7 +68,7 @@ def motion_sample(
     motion = encoder.encode(frames[:t], batch_size, expression[:t])
     if encoder.measured_expression:  # stage 2 learns the expression relative to this clip's face at rest
         head = motion[:, POSE_DIM : POSE_DIM + EXPRESSION_DIMS]
-        head -= np.array([np.percentile(head[:, k], q) for k, q in enumerate(REST_PERCENTILES)], np.float32)
+        head -= np.percentile(head, REST_PERCENTILES, axis=0).diagonal()[None].astype(np.float32)  # column k at its q_k
     audio = mel[: t * per_frame].reshape(t, per_frame * mel.shape[1])
     scale = pose[:t, schema.POSE_COLUMNS.index("scale_px")]
     distance = np.log(crop_size / np.clip(scale, 1e-6, None))[:, None].astype(np.float32)
