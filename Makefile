@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup repro test lint typecheck clean
+.PHONY: setup repro test lint typecheck browser clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
@@ -34,8 +34,20 @@ typecheck: $(STAMP)
 
 # Two pytest workers (pytest-xdist): the suite on the 2-core CI machine, 14:34 vs 22:29 in one process
 # (docs/BENCHMARKS.md, "Test suite").
-test: lint
+test: lint browser
 	$(BIN)/python -m pytest -q -n 2
+
+# The browser test (tests/test_serve_browser.py) drives Debian's chromium through Playwright (no browser
+# download). Installed here when missing and we are root with apt-get, as CI runs; quiet and never fatal:
+# where it cannot be installed, that test skips and says why.
+browser:
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium (apt-get) for the browser test"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -qq chromium >/dev/null 2>&1 || \
+		{ apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1; } || \
+		echo "note: chromium could not be installed; the browser test will skip"; \
+	fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

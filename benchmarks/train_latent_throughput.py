@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 from torch.utils.flop_counter import FlopCounterMode
 
-from vasa.core.config import load_params
+from vasa.core.config import LatentLossConfig, load_params
 from vasa.losses import VGG19Features
 from vasa.models.presets import get_preset
 from vasa.training.latent_task import LatentTask
@@ -46,6 +46,15 @@ def synthetic_batch(batch: int, size: int, device: torch.device) -> dict[str, to
     out["driver_mouth"] = torch.tensor([[0.3, 0.6, 0.7, 0.9]]).repeat(batch, 1)
     out |= {"speaker": torch.zeros(batch, dtype=torch.int64), "other_speaker": torch.ones(batch, dtype=torch.int64)}
     return {k: v.to(device) for k, v in out.items()}
+
+
+def with_random_perceptual(cfg: LatentLossConfig, folder: Path) -> LatentLossConfig:
+    """`cfg` with the VGG19 perceptual term on, its weights random and saved into `folder` (the term's cost does
+    not depend on the weights, and nothing is downloaded)."""
+    weights = folder / "vgg19.safetensors"
+    state = {f"features.{k}": v.contiguous() for k, v in VGG19Features().features.state_dict().items()}
+    save_file(state, str(weights))
+    return cfg.replace(perceptual=max(cfg.perceptual, 1.0), perceptual_weights=str(weights))
 
 
 def train_step(task: LatentTask, models: dict, optims: dict, batch: dict) -> None:
@@ -137,10 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         if not args.no_perceptual:
-            weights = Path(tmp) / "vgg19.safetensors"
-            state = {f"features.{k}": v.contiguous() for k, v in VGG19Features().features.state_dict().items()}
-            save_file(state, str(weights))
-            cfg = cfg.replace(perceptual=max(cfg.perceptual, 1.0), perceptual_weights=str(weights))
+            cfg = with_random_perceptual(cfg, Path(tmp))
         rows = []
         for entry in args.configs + args.count_only:
             name, resolution, batch = entry.split(":")

@@ -126,7 +126,7 @@ def ingest_voxceleb(
     """Download and extract the configured archives, then map every tree to manifest rows
     (VoxCeleb2 media and/or YouTube re-downloads, as the sources ask). Returns the rows and the
     stamps of the metadata files parsed (or reused from `previous`: see voxceleb.scan)."""
-    from preprocessing.ingest.archive import ArchiveError
+    from preprocessing.ingest.archive import ArchiveError, UnsafeArchiveError, extraction_folder
 
     vox = cfg.voxceleb2
     rows: list[dict] = []
@@ -135,14 +135,19 @@ def ingest_voxceleb(
         vox_root = out_dir / "voxceleb2"
         budget = {"retries": vox.retries, "retry_delay_s": vox.retry_delay_s, "deadline_s": vox.part_deadline_s}
         for archive in vox.archives:
+            try:  # one folder per archive: a name that gives none is refused before downloading
+                dest = extraction_folder(vox_root, archive.name)
+            except UnsafeArchiveError as err:
+                error = f"{type(err).__name__}: {err}"
+                rows.append(voxceleb.archive_row(archive.name, manifest.BAD_ARCHIVE, error, vox.licence))
+                continue
             try:
                 path = download_archive(archive, downloads, vox.user_env, vox.password_env, budget)
             except Exception as err:  # noqa: BLE001 - any failure is a recorded status (messages are redacted)
                 error = f"{type(err).__name__}: {err}"
                 rows.append(voxceleb.archive_row(archive.name, manifest.DOWNLOAD_FAILED, error, vox.licence))
                 continue
-            try:  # one folder per archive
-                dest = vox_root / Path(archive.name).stem
+            try:
                 rows += extract_archive(path, dest, vox.max_extract_bytes, vox.max_compression_ratio)
             except (ArchiveError, OSError) as err:
                 error = f"{type(err).__name__}: {err}"

@@ -24,6 +24,7 @@ whatever the manifest says.
 from __future__ import annotations
 
 import os
+import socket
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -40,11 +41,16 @@ from preprocessing import cache, writer
 from preprocessing.ingest import manifest
 from preprocessing.survey import DIGEST, conclude, damaged, nothing_to_do, survey
 from vasa.core.config import PreprocessConfig, RunnerConfig
+from vasa.core.errors import InputError
 
 T = TypeVar("T")
 TABLES_TO_COMBINE = 64  # per-task record tables gathered before they are combined into one
 WAVE_PER_WORKER = 4  # tasks in flight per worker: enough to keep workers busy, bounded driver state
 SHARDS_PER_TASK = 8  # shards assembled per task: fewer task runs in Prefect's database at scale
+# Seconds to wait for a TCP connection to `dask_address` before any work: a scheduler that is up
+# answers in milliseconds even across a cluster; Dask's own connect waits 30 s and ends in a traceback.
+DASK_CONNECT_TIMEOUT_S = 5.0
+DASK_DEFAULT_PORT = 8786  # the scheduler's port when the address names none (Dask's default)
 
 
 class Sealed(Generic[T]):
@@ -93,8 +99,33 @@ def task_runner(cfg: RunnerConfig) -> TaskRunner:
     from prefect_dask import DaskTaskRunner
 
     if cfg.dask_address:
+        require_scheduler(cfg.dask_address)
         return DaskTaskRunner(address=cfg.dask_address)
     return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.workers, "threads_per_worker": 1, "processes": True})
+
+
+def require_scheduler(address: str, timeout_s: float = DASK_CONNECT_TIMEOUT_S) -> None:
+    """Raise InputError naming `address` unless something accepts a TCP connection there within
+    `timeout_s` seconds (tcp:// and tls:// addresses; other transports are left to Dask)."""
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    where = f"preprocess.runner.dask_address {address!r}"
+    try:
+        scheme, location = parse_address(address)
+        host, port = parse_host_port(location, default_port=DASK_DEFAULT_PORT)
+    except ValueError as err:
+        raise InputError(f"{where}: not a Dask scheduler address ({err})") from None
+    if scheme not in ("tcp", "tls"):
+        return
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as err:
+        reason = err.strerror or str(err) or type(err).__name__
+        raise InputError(
+            f"{where}: no Dask scheduler reachable at {host}:{port} within {timeout_s:g} s ({reason}); "
+            "start it, or set preprocess.runner.dask_address: null for a local cluster"
+        ) from None
 
 
 def in_waves(submit: Callable, batches: Iterable, limit: int) -> Iterator:

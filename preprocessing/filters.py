@@ -56,6 +56,7 @@ def segment_problems(
     sharpness: float,
     yaw_deg: np.ndarray,
     pitch_deg: np.ndarray,
+    roll_deg: np.ndarray,
     av_offset: int | None,
     outside: float,
     upscale: float,
@@ -64,10 +65,12 @@ def segment_problems(
     """Every filter the segment fails, as (reason, detail with the value and the threshold); an empty
     list keeps it.
 
+    yaw_deg, pitch_deg, roll_deg: (T,) head pose in degrees in the crop frame (preprocessing.pose);
     sharpness: median `face_sharpness` over the segment; outside: fraction of the crop area outside
     the source frame (mean over frames); upscale: crop pixels per decoded source pixel (median).
     Pose extremes use the median over the segment: a brief glance sideways is natural head motion
-    and must stay in the data; a profile-view clip is not what the model can learn from.
+    and must stay in the data; a profile-view clip, or a face lying on its side (roll near ±90°),
+    is not what the model can learn from.
     """
     problems = []
     if n_frames / fps < cfg.min_seconds:
@@ -75,9 +78,11 @@ def segment_problems(
     if not sharpness >= cfg.min_sharpness:  # NaN (no measurable face) fails too
         problems.append((BLURRY, f"sharpness {sharpness:.1f} < min_sharpness {cfg.min_sharpness}"))
     yaw, pitch = abs(float(np.nanmedian(yaw_deg))), abs(float(np.nanmedian(pitch_deg)))
-    if yaw > cfg.max_abs_yaw_deg or pitch > cfg.max_abs_pitch_deg:
-        limits = f"(max {cfg.max_abs_yaw_deg}, {cfg.max_abs_pitch_deg})"
-        problems.append((EXTREME_POSE, f"median |yaw|, |pitch| {yaw:.1f}, {pitch:.1f} {limits}"))
+    # Roll wraps at ±180°: an upside-down face flickers between +179 and -179, whose median can be ~0.
+    roll = float(np.nanmedian(np.abs(roll_deg)))
+    if yaw > cfg.max_abs_yaw_deg or pitch > cfg.max_abs_pitch_deg or roll > cfg.max_abs_roll_deg:
+        limits = f"(max {cfg.max_abs_yaw_deg}, {cfg.max_abs_pitch_deg}, {cfg.max_abs_roll_deg})"
+        problems.append((EXTREME_POSE, f"median |yaw|, |pitch|, |roll| {yaw:.1f}, {pitch:.1f}, {roll:.1f} {limits}"))
     if av_offset is not None and abs(av_offset) > cfg.max_av_offset:
         problems.append((AV_OFFSET, f"|av_offset| {abs(av_offset)} > max_av_offset {cfg.max_av_offset} frames"))
     if outside > cfg.max_outside_fraction:

@@ -149,6 +149,7 @@ def _process(row: dict, cfg: PreprocessConfig) -> Outcome:
                 segment.meta["sharpness"],
                 segment.head.yaw,
                 segment.head.pitch,
+                segment.head.roll,
                 row.get("av_offset"),
                 segment.meta["outside_fraction"],
                 segment.meta["upscale"],

@@ -8,13 +8,14 @@ import pytest
 from tests.conftest import REPO
 from vasa.cli import build_parser, main
 
-# The option of every command that names what it writes; `verify` writes nothing (it prints JSON). A command
-# added or removed must be listed here, so that its help is checked too.
+# The option of every command that names what it writes; `verify` writes nothing (it prints JSON), nor does
+# `serve` (it prints its address and serves). A command added or removed must be listed here, so that its help
+# is checked too.
 OUTPUT_OPTION = {
     "sample": "--out", "ingest": "--out", "preprocess": "--out", "train-latent": "--out",
     "extract-motion": "--out", "train-motion": "--out", "export": "--out", "generate": "--out", "demo": "--out",
     "audit": "--out", "pin-shards": "--out", "train-judges": "--out", "evaluate": "--out",
-    "takedown": "--denylist", "retrain": "--records", "verify": None,
+    "takedown": "--denylist", "retrain": "--records", "verify": None, "serve": None,
 }  # fmt: skip
 
 

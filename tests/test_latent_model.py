@@ -476,3 +476,17 @@ def test_measured_expression_replaces_the_estimate_in_units_except_where_unmeasu
     torch.testing.assert_close(out[1, :EXPRESSION_DIMS], torch.full((EXPRESSION_DIMS,), 2.0))
     torch.testing.assert_close(out[2], dyn[2])  # no landmarks: the encoder's estimate stays
     torch.testing.assert_close(out[:, EXPRESSION_DIMS:], dyn[:, EXPRESSION_DIMS:])
+
+
+def test_the_identity_judge_passes_gradients_to_the_image_only():
+    """The stop-gradient judge: the generator (the image) gets gradients, the identity encoder none, and its
+    parameters are trainable again afterwards (the same call is the CosFace encoder's elsewhere)."""
+    torch.manual_seed(0)
+    face = FaceLatent(get_preset("tiny"), n_speakers=2)
+    image = torch.rand(2, 3, 64, 64, requires_grad=True)
+    face.judge_identity(image).square().sum().backward()
+    assert image.grad is not None and image.grad.abs().sum() > 0
+    assert all(p.grad is None for p in face.identity.parameters())
+    assert all(p.requires_grad for p in face.identity.parameters())
+    face.identity(image).square().sum().backward()
+    assert all(p.grad is not None for p in face.identity.parameters())

@@ -358,3 +358,19 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def test_deepspeed_half_precision_runs_the_loss_under_autocast():
+    """DeepSpeed's bf16 modules hold bf16 weights and Accelerate does not autocast them: the engine does, so
+    an fp32 batch meets them without a dtype error. Elsewhere (DDP, CPU fp32) the engine adds nothing."""
+    from vasa.training.engine import loss_autocast
+
+    conv = torch.nn.Conv2d(3, 4, 3).to(torch.bfloat16)
+    batch = torch.rand(1, 3, 8, 8)
+    with pytest.raises(RuntimeError, match="type"):
+        conv(batch)
+    with loss_autocast("bf16", torch.device("cpu"), deepspeed=True):
+        assert conv(batch).dtype == torch.bfloat16
+    for mixed, deepspeed in (("bf16", False), ("no", True), ("no", False)):
+        with loss_autocast(mixed, torch.device("cpu"), deepspeed=deepspeed):
+            assert not torch.is_autocast_enabled("cpu")

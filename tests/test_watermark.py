@@ -168,3 +168,19 @@ def test_real_footage_crf23_and_unmarked(fixtures_dir: Path, tmp_path: Path) -> 
         reading = detect_file(fixtures_dir / name, max_frames=150)
         assert not reading.detected, (name, reading)
         assert reading.frames == 150
+
+
+def test_saturating_embedding_equals_the_int16_sum() -> None:
+    """The uint8 saturating add/subtract gives exactly clip(frame + rint(gain x field), 0, 255), black and
+    white pixels (where it saturates) included."""
+    rng = np.random.default_rng(3)
+    frames = rng.integers(0, 256, (4, 48, 64, 3), dtype=np.uint8)
+    frames[:, :8] = 0
+    frames[:, -8:] = 255
+    marker = Watermarker(b"payload!")
+    got = marker.apply(frames)
+    field, gains = marker._field(48, 64), watermark.modulation(marker._key.seed, 0, 4)
+    for i in range(4):
+        delta = np.rint(gains[i] * field).astype(np.int16)[..., None]
+        np.testing.assert_array_equal(got[i], np.clip(frames[i] + delta, 0, 255))
+    assert np.abs(np.rint(gains[:, None, None] * field)).max() > 0  # the mark is not empty

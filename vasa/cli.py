@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -380,11 +381,7 @@ def _add_train_motion(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
 def _export(args: argparse.Namespace, params: Params) -> int:
     from vasa.stages.export import export
 
-    digest = export(params, args.latent, args.motion_dit, args.out, dvc_lock=args.dvc_lock)
-    if params.export.onnx:
-        from vasa.inference.onnx_export import export_bundle_onnx
-
-        export_bundle_onnx(args.out)
+    digest = export(params, args.latent, args.motion_dit, args.out, dvc_lock=args.dvc_lock, onnx=params.export.onnx)
     print(f"export: bundle {digest[:12]} in {args.out}")
     return 0
 
@@ -410,33 +407,52 @@ def _add_export(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return parser
 
 
+def _finite(text: str) -> float:
+    """A float option: nan and inf are refused while parsing (their ranges are checked by the library)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def _pair(text: str) -> tuple[float, float]:
     try:
-        theta, phi = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected THETA,PHI in degrees, got {text!r}") from None
+        theta, phi = (_finite(v) for v in text.split(","))
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"expected THETA,PHI in finite degrees, got {text!r}") from None
     return theta, phi
 
 
 def _floats(text: str) -> list[float]:
     try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        return [_finite(v) for v in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers, got {text!r}") from None
+
+
+# `vasa generate`'s options that set a condition or sampling setting (vasa.inference.generate.condition_ranges)
+GENERATE_OVERRIDES = ("gaze", "distance", "emotion", "cfg_audio", "cfg_gaze", "steps", "seed")
 
 
 def _generate(args: argparse.Namespace, params: Params) -> int:
     from vasa.inference.bundle import load_bundle
-    from vasa.inference.generate import generate_file, resolve_device
+    from vasa.inference.generate import check_request, generate_file, resolve_device
     from vasa.labelling.labels import KEY_PASSWORD_ENV
 
+    overrides = {key: getattr(args, key) for key in GENERATE_OVERRIDES}
+    inputs = {"--image": args.image, "--audio": args.audio, "--driving-video": args.driving_video,
+              "--pose-from": args.pose_from, "--dynamics-from": args.dynamics_from}  # fmt: skip
+    names = {key: "--" + key.replace("_", "-") for key in overrides}
+    # Before the bundle is loaded (seconds) and any work: the output, the input files, the options' ranges.
+    check_request(args.out, inputs, overrides, params.generate, names=names)
     bundle = load_bundle(args.bundle, resolve_device(params.generate.device))
     result = generate_file(
         bundle, args.image, args.audio, args.out, params.generate, params.preprocess.face,
         crop_only=args.crop_only, driving_video=args.driving_video, pose_from=args.pose_from,
-        dynamics_from=args.dynamics_from, gaze=args.gaze, distance=args.distance, emotion=args.emotion,
-        cfg_audio=args.cfg_audio, cfg_gaze=args.cfg_gaze, steps=args.steps, seed=args.seed,
-        key_password=os.environ.get(KEY_PASSWORD_ENV),
+        dynamics_from=args.dynamics_from, key_password=os.environ.get(KEY_PASSWORD_ENV), names=names, **overrides,
     )  # fmt: skip
     print(
         f"generate: {result.path} ({result.frames} frames, {result.seconds:.2f} s), bundle {result.bundle_sha256[:12]}"
@@ -460,10 +476,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--audio", type=Path, required=True, help="speech audio (any format PyAV reads)")
     parser.add_argument("--out", type=Path, required=True, help="output .mp4")
     parser.add_argument("--gaze", type=_pair, help="main gaze THETA,PHI in degrees (default: the portrait's)")
-    parser.add_argument("--distance", type=float, help="head distance log(crop/scale) (default: the portrait's)")
+    parser.add_argument("--distance", type=_finite, help="head distance log(crop/scale) (default: the portrait's)")
     parser.add_argument("--emotion", type=_floats, help="emotion offset: smile,brow_raise (default: the portrait's)")
-    parser.add_argument("--cfg-audio", type=float, help="audio guidance scale (default: the bundle's)")
-    parser.add_argument("--cfg-gaze", type=float, help="gaze guidance scale (default: the bundle's)")
+    parser.add_argument("--cfg-audio", type=_finite, help="audio guidance scale (default: the bundle's)")
+    parser.add_argument("--cfg-gaze", type=_finite, help="gaze guidance scale (default: the bundle's)")
     parser.add_argument("--steps", type=int, help="DDIM steps per window (default: params or the bundle's)")
     parser.add_argument("--seed", type=int, help="sampling seed (default: params generate.seed)")
     parser.add_argument("--crop-only", action="store_true", help="write the face crop, not the pasted-back portrait")
@@ -619,9 +635,11 @@ def _add_train_judges(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def _evaluate(args: argparse.Namespace, params: Params) -> int:
+    from vasa.labelling.labels import KEY_PASSWORD_ENV
     from vasa.stages.evaluate import run_evaluation
 
-    report = run_evaluation(params, args.shards, args.bundle, args.judges, args.out)
+    key_password = os.environ.get(KEY_PASSWORD_ENV)
+    report = run_evaluation(params, args.shards, args.bundle, args.judges, args.out, key_password=key_password)
     figures = {
         name: {k: round(v, 3) for k, v in report[name].items() if isinstance(v, float)}
         for name in ("real", "generated", "real_shifted", "generated_shifted")
@@ -693,6 +711,40 @@ def _add_retrain(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return parser
 
 
+def _serve(args: argparse.Namespace, params: Params) -> int:
+    from vasa.inference.bundle import load_bundle
+    from vasa.inference.generate import resolve_device
+    from vasa.inference.serve import create_app, serve_forever
+
+    cfg = params.serve
+    bundle = load_bundle(args.bundle, resolve_device(params.generate.device))
+    app = create_app(bundle, cfg, params.generate, params.preprocess.face)
+    host, port = args.host or cfg.host, cfg.port if args.port is None else args.port
+    print(f"serve: bundle {bundle.sha256[:12]} on http://{host}:{port}/ (Ctrl-C stops)")
+    serve_forever(app, cfg, host, port)
+    return 0
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "serve",
+        help="stream talking faces over WebSockets, with a page that plays them (labelled as AI-generated)",
+        description=(
+            "Serve a bundle over HTTP and WebSockets (vasa/inference/serve.py, protocol in its docstring): a client "
+            "sends a portrait and streams PCM16 audio, and receives watermarked JPEG frames with the audio they "
+            "show, one frame per 1/fps s of audio. GET / is a page that plays a talking face from an audio file or "
+            "the microphone. Bounds (sessions, audio per session, idle timeout, message size) and the address come "
+            "from params `serve`, the face's settings from `generate`. Prints the address it serves on; Ctrl-C "
+            "stops it."
+        ),
+    )
+    parser.add_argument("--bundle", type=Path, required=True, help="export output folder")
+    parser.add_argument("--host", help="address to listen on (default: params serve.host)")
+    parser.add_argument("--port", type=int, help="port (default: params serve.port; 0 = any free port)")
+    parser.set_defaults(handler=_serve)
+    return parser
+
+
 STAGES = (
     _add_sample,
     _add_ingest,
@@ -702,6 +754,7 @@ STAGES = (
     _add_train_motion,
     _add_export,
     _add_generate,
+    _add_serve,
     _add_verify,
     _add_demo,
     _add_audit,
@@ -753,6 +806,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as err:
         print(f"vasa {args.stage}: {err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # training diverged (vasa/training/engine.py): no state was written for it
+        print(
+            f"vasa {args.stage}: {err}: training diverged; --resume restarts from the last saved state", file=sys.stderr
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -75,6 +75,21 @@ def join_parts(parts: Sequence[Path], dest: Path) -> Path:
     return dest
 
 
+def extraction_folder(root: Path, archive_name: str) -> Path:
+    """The folder under `root` that archive `<name>.zip` is extracted into: `root/<name>`.
+
+    Raises UnsafeArchiveError when the name gives no folder of its own there: `...zip` would extract
+    into root's parent (`..`) and `..zip` into root itself, where the scan of root never looks for
+    them or mixes them with the other archives' trees; an empty name or a separator likewise.
+    """
+    folder = archive_name.removesuffix(".zip")
+    if folder in ("", ".", "..") or any(c in folder for c in "/\\\0"):
+        raise UnsafeArchiveError(
+            f"archive name {archive_name!r} gives extraction folder {folder!r}, not a folder of its own: rename it"
+        )
+    return Path(root) / folder
+
+
 def safe_member_path(dest: Path, member_name: str) -> Path:
     """Where `member_name` goes under `dest`; raises UnsafeArchiveError if that is not inside `dest`.
 

@@ -222,6 +222,7 @@ class FilterConfig(Section):
     max_upscale: float = Field(gt=0)  # crop pixels per decoded source pixel
     max_abs_yaw_deg: float = Field(gt=0)
     max_abs_pitch_deg: float = Field(gt=0)
+    max_abs_roll_deg: float = Field(gt=0)  # in-plane tilt in the crop (box crops keep it; aligned ones remove it)
     max_av_offset: int = Field(ge=0)  # |VoxCeleb "Offset"| in frames
 
 
@@ -458,6 +459,7 @@ class GenerateConfig(Section):
 
     device: Literal["auto", "cpu", "cuda"]
     steps: int | None = Field(ge=1)  # DDIM steps; null = the bundle's default
+    max_guidance: float = Field(ge=0, allow_inf_nan=False)  # upper bound of the guidance scales a run may ask
     seed: int
     max_audio_seconds: float = Field(gt=0)
     min_audio_rms: float = Field(ge=0)  # quieter speech is refused as silent
@@ -469,6 +471,30 @@ class GenerateConfig(Section):
     crf: int = Field(ge=0, le=51)
     preset: str
     c2pa: C2paConfig
+
+
+class ServeConfig(Section):
+    """`vasa serve`: the streaming server's address and bounds (vasa/inference/serve.py). Portrait, guidance and
+    sampling settings come from `generate`."""
+
+    host: str = Field(min_length=1)
+    port: int = Field(ge=0, le=65535)  # 0 = any free port
+    max_sessions: int = Field(ge=1)  # sessions open at once; one more is refused as busy
+    workers: int = Field(ge=1)  # sessions doing model work at once; the others wait for a slot
+    max_audio_seconds: float = Field(gt=0)  # audio one session may send
+    idle_timeout_s: float = Field(gt=0)  # a client that sends nothing (or reads nothing) this long is dropped
+    max_message_bytes: int = Field(ge=1024)  # one WebSocket message, the base64 portrait included
+    sample_rates: tuple[int, ...] = Field(min_length=1)  # PCM rates accepted; others are refused
+    max_side: int = Field(ge=64)  # the portrait's longer side for streamed frames
+    jpeg_quality: int = Field(ge=1, le=100)
+    pending_chunks: int = Field(ge=1)  # frame chunks made but not yet sent before the model waits for the client
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeConfig:
+        odd = [rate for rate in self.sample_rates if not 4000 <= rate <= 192000]
+        if odd:
+            raise ValueError(f"sample_rates must lie within 4000-192000 Hz, got {odd}")
+        return self
 
 
 class ExportConfig(Section):
@@ -571,22 +597,45 @@ class Params(Section):
     retrain: RetrainConfig
     judges: JudgesConfig
     evaluate: EvaluateConfig
+    serve: ServeConfig
+
+
+# Bounds on a params file, far above params.yaml (~20 KB, ~600 nodes): YAML aliases let a few hundred
+# bytes stand for billions of nodes (the "billion laughs" bomb), which the duplicate-key walk and the
+# validation would expand at 100 % CPU without end.
+MAX_PARAMS_BYTES = 1 << 20
+MAX_PARAMS_NODES = 100_000  # scalars, lists and mappings, each alias counted as the nodes it stands for
 
 
 def load_params(path: str | Path) -> Params:
     """Read and validate params.yaml; every problem is reported with the file and dotted key."""
     path = Path(path)
     try:
-        text = path.read_text()
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_PARAMS_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"{path}: params file not found") from None
     except OSError as err:
         raise ConfigError(f"{path}: cannot read params file: {err}") from None
+    if len(raw) > MAX_PARAMS_BYTES:
+        raise ConfigError(f"{path}: params file larger than {MAX_PARAMS_BYTES} bytes: refused")
     try:
-        duplicates = _duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: params file is not UTF-8 text: {err}") from None
+    try:
+        tree = yaml.compose(text, Loader=yaml.SafeLoader)  # an alias is a reference here: linear in the text
+        size = _expanded_size(tree)
+        if size > MAX_PARAMS_NODES:
+            raise ConfigError(
+                f"{path}: over {MAX_PARAMS_NODES} YAML nodes once aliases are expanded (an alias bomb?): refused"
+            )
+        duplicates = _duplicate_keys(tree)
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except RecursionError:  # PyYAML composes recursively: thousands of nested [ or { exhaust the stack
+        raise ConfigError(f"{path}: YAML nested too deeply: refused") from None
     if duplicates:
         # PyYAML keeps the last of two equal keys silently: a value edited in the first copy would be ignored.
         raise ConfigError("\n".join([f"{path}: invalid params", *duplicates]))
@@ -596,6 +645,26 @@ def load_params(path: str | Path) -> Params:
         return Params.from_data(data)
     except ValidationError as err:
         raise ConfigError(_describe(path, err)) from None
+
+
+def _expanded_size(root: yaml.Node | None) -> float:
+    """Nodes in the tree once every alias is replaced by a copy of its anchor's node; infinite for an
+    alias inside its own anchor (a cycle). Each distinct node is counted once, so linear in the text."""
+    sizes: dict[int, float] = {}
+
+    def size(node: yaml.Node) -> float:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        sizes[id(node)] = float("inf")  # while its children are counted: met again, it contains itself
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        sizes[id(node)] = 1 + sum(size(child) for child in children)
+        return sizes[id(node)]
+
+    return size(root) if root is not None else 0
 
 
 def _duplicate_keys(node: yaml.Node | None, prefix: str = "") -> list[str]:

@@ -10,8 +10,11 @@ time (memory bounded by one window whatever the length). `generate` drives it ov
 Reenactment: `driving` frames give pose and dynamics from the motion encoder instead of the DiT;
 `pose_from` / `dynamics_from` take one factor from a driving video and keep the other.
 
-Inputs fail with a clear `InputError` and leave no output file: no face in the portrait (several:
-the largest is used and a warning says so), unreadable or silent audio, audio over the length limit.
+Inputs fail with a clear `InputError` and leave no output file, checked before any work where they can
+be (`check_request`): an output that names an input, is a folder or cannot be written; a condition or
+setting that is not finite or outside its range (`condition_ranges`, the one place they are stated); no face
+in the portrait (several: the largest is used and a warning says so), unreadable, silent, non-finite or
+too long audio. Motion or frames that come out non-finite (a broken bundle) are never encoded or signed.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from preprocessing.decode import DecodeError
 from preprocessing.media import VideoWriter
 from vasa.core.config import AudioFeatureConfig, DiffusionConfig, FaceConfig, GenerateConfig
 from vasa.core.errors import InputError
+from vasa.core.files import check_output, unique_temp
 from vasa.diffusion import NoiseSchedule, sliding_windows
 from vasa.inference.bundle import Bundle
 from vasa.inference.encoder import Stage1Encoder
@@ -41,12 +45,91 @@ from vasa.inference.portrait import IMAGE_SUFFIXES, Paster, Portrait, prepare_po
 from vasa.inference.speech import AudioFeatures, load_speech
 from vasa.models.face_latent import Canonical
 from vasa.models.images import to_tensor, to_uint8
+from vasa.models.motion_dit import EMOTION_COLUMNS
 from vasa.models.motion_encoder import POSE_DIM
 
 log = logging.getLogger(__name__)
 
 
+# --- what a run may ask for: the ranges of the conditions and sampling settings ------------------------
+
+# Hard bounds: past them a value means nothing (or cannot be represented). The guidance scales' upper bound
+# is a policy and lives in params (generate.max_guidance); the steps' is the bundle's number of noise levels.
+GAZE_RANGE_DEG = (-90.0, 90.0)  # theta, phi: preprocessing.pose.gaze is an arcsin, so never beyond +-90
+DISTANCE_RANGE = (0.0, 7.0)  # log(crop side / eye-corner span in crop pixels): 0 = the eye corners span the
+# whole crop, 7 = the span is 1/1100 of it (under a pixel at the 512 crop); box crops measure ~1.2-1.3
+EMOTION_RANGE = (-1.0, 1.0)  # smile, brow_raise in template units (outer eye-corner span = 1): a mouth corner
+# or a brow one eye span from its rest is no longer a face
+SEED_RANGE = (0, 2**63 - 1)  # torch.Generator takes 64-bit seeds; each window adds its first frame's index
+VECTOR_LENGTHS = {"gaze": 2, "emotion": len(EMOTION_COLUMNS)}  # values per vector condition
+
+
+def condition_ranges(cfg: GenerateConfig, train_steps: int | None = None) -> dict[str, tuple[float, float]]:
+    """[low, high] of every condition and setting a run may set (`Conditions`' fields and `generate_file`'s
+    overrides); steps' upper bound is the bundle's `train_steps` (DDIM picks that many of its noise levels),
+    unbounded before the bundle is known."""
+    return {
+        "gaze": GAZE_RANGE_DEG,
+        "distance": DISTANCE_RANGE,
+        "emotion": EMOTION_RANGE,
+        "cfg_audio": (0.0, cfg.max_guidance),
+        "cfg_gaze": (0.0, cfg.max_guidance),
+        "steps": (1, math.inf if train_steps is None else train_steps),
+        "seed": SEED_RANGE,
+    }
+
+
+def check_conditions(
+    values: dict,
+    cfg: GenerateConfig,
+    *,
+    train_steps: int | None = None,
+    emotion_dim: int | None = None,
+    names: dict[str, str] | None = None,
+) -> None:
+    """InputError naming the first value of `values` (condition -> number, vector or None = not set) that is
+    not finite, outside `condition_ranges` or a vector of the wrong length (`emotion_dim`: the bundle's).
+    `names` maps a condition to how the caller calls it (a CLI option); unknown keys are left alone."""
+    ranges = condition_ranges(cfg, train_steps)
+    lengths = VECTOR_LENGTHS | ({} if emotion_dim is None else {"emotion": emotion_dim})
+    for key, value in values.items():
+        if value is None or key not in ranges:
+            continue
+        name, (low, high) = (names or {}).get(key, key), ranges[key]
+        numbers = np.asarray(value, dtype=np.float64).reshape(-1)
+        if key in lengths and len(numbers) != lengths[key]:
+            labels = ",".join(EMOTION_COLUMNS) if key == "emotion" else "THETA,PHI"
+            raise InputError(f"{name} takes {lengths[key]} values ({labels}), got {len(numbers)}")
+        exact = [value] if isinstance(value, int) else numbers  # ints compared exactly: seeds reach 2**63
+        if not np.isfinite(numbers).all() or any(v < low or v > high for v in exact):
+            shown = value if np.ndim(value) == 0 else ",".join(f"{v:g}" for v in numbers)
+            raise InputError(f"{name} must be finite and within [{_number(low)}, {_number(high)}], got {shown}")
+        if key in ("steps", "seed") and not float(numbers[0]).is_integer():
+            raise InputError(f"{name} must be a whole number, got {value}")
+
+
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+def check_request(out: Path, inputs: dict[str, Path | None], overrides: dict, cfg: GenerateConfig,
+                  names: dict[str, str] | None = None, what: str = "--out") -> None:  # fmt: skip
+    """Everything about a run that can be checked before the bundle is loaded: the output (`check_output`:
+    not an input, not a folder, writable; an .mp4), every input file present, the overrides in range."""
+    if Path(out).suffix.lower() != ".mp4":
+        raise InputError(f"{what} {out}: the output must be an .mp4 file")
+    check_output(Path(out), inputs, what)
+    for label, path in inputs.items():
+        if path is not None and not Path(path).is_file():
+            raise InputError(f"{label} {path}: not found")
+    check_conditions(overrides, cfg, names=names)
+
+
 # --- the generator -----------------------------------------------------------------------------------
+
+
+class NonFiniteError(InputError):
+    """The bundle produced NaN or infinite motion or pixels: nothing is encoded or signed from them."""
 
 
 @dataclass
@@ -169,6 +252,8 @@ def render(session: Session, motion: torch.Tensor, batch: int) -> np.ndarray:
         )
         with autocast(session.bundle.device):
             images = face.render(canon, session.z_id.expand(n, -1), part[:, :POSE_DIM], part[:, POSE_DIM:])
+        if not torch.isfinite(images).all():  # to_uint8 would turn NaN into plausible-looking pixels
+            raise NonFiniteError("the renderer drew non-finite pixels (a broken bundle?): no video written")
         out.append(to_uint8(images))
     return np.concatenate(out)
 
@@ -227,6 +312,10 @@ def stream(
         units = smooth_motion(raw, previous, conditions.smooth_pose, conditions.smooth_dynamics)
         previous = raw
         units = _override(units, produced, driving, pose_from, dynamics_from)
+        if not torch.isfinite(units).all():
+            raise NonFiniteError(
+                f"non-finite motion generated at frame {produced} (a broken bundle?): no video written"
+            )
         produced += n
         for start in range(0, n, render_batch):  # yield as soon as a batch is drawn, not after the whole window
             crops = render(session, units[start : start + render_batch], render_batch)
@@ -358,6 +447,35 @@ def write_video(
     return count
 
 
+def write_labelled(
+    out: Path,
+    frames: Iterable[np.ndarray],
+    audio: np.ndarray,
+    sample_rate: int,
+    fps: int,
+    cfg: GenerateConfig,
+    bundle_sha256: str,
+    key_password: str | None = None,
+) -> tuple[int, bool]:
+    """Frame chunks holding generated faces + audio -> `out`, labelled as AI-generated (vasa/labelling/labels.py):
+    container tags, the watermark in every frame, a C2PA manifest (params generate.c2pa). Written under a
+    unique temporary name beside `out` (concurrent runs never collide) and renamed into place only when
+    complete and signed. Returns (frames written, signed)."""
+    from vasa.labelling import labels
+    from vasa.labelling.watermark import Watermarker
+
+    tags = labels.container_tags(bundle_sha256, package_version())
+    marker = Watermarker(bytes.fromhex(bundle_sha256)[:8])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    unsigned = unique_temp(out, ".unsigned.mp4")
+    try:
+        count = write_video(unsigned, frames, audio, sample_rate, fps, cfg, tags, watermark=marker)
+        signed = _sign(unsigned, out, cfg, bundle_sha256, key_password)
+    finally:
+        unsigned.unlink(missing_ok=True)
+    return count, signed
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -401,50 +519,42 @@ def generate_file(
     pose_from: Path | None = None,
     dynamics_from: Path | None = None,
     key_password: str | None = None,
+    names: dict[str, str] | None = None,
     **overrides,
 ) -> Result:
     """portrait + speech -> `out` (mp4, H.264 + AAC), labelled: container tags, watermark, C2PA manifest.
 
     `key_password`: the passphrase of an encrypted C2PA signing key (the CLI reads it from the
-    environment). `overrides`: gaze, distance, emotion, cfg_audio, cfg_gaze, steps, seed (None = default).
-    Nothing is left at `out` (or beside it) when anything fails.
+    environment). `overrides`: gaze, distance, emotion, cfg_audio, cfg_gaze, steps, seed (None = default),
+    checked against `condition_ranges`; `names`: what to call them in messages (the CLI's options).
+    Nothing is left at `out` (or beside it) when anything fails; every check that needs no work comes first.
     """
-    from vasa.labelling import labels
-    from vasa.labelling.watermark import Watermarker
-
     cfg = params_generate
-    if out.suffix.lower() != ".mp4":
-        raise InputError(f"{out}: the output must be an .mp4 file")
+    inputs = {"portrait": image, "audio": audio_path, "driving video": driving_video, "pose video": pose_from,
+              "dynamics video": dynamics_from}  # fmt: skip
+    check_request(out, inputs, overrides, cfg, names=names, what="output")
     if Path(image).suffix.lower() not in IMAGE_SUFFIXES:
         raise InputError(f"{image}: not an image file ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    for path, what in ((image, "portrait"), (audio_path, "audio"), (driving_video, "driving video"),
-                       (pose_from, "pose video"), (dynamics_from, "dynamics video")):  # fmt: skip
-        if path is not None and not Path(path).is_file():
-            raise InputError(f"{path}: {what} not found")
     meta = bundle.meta
     rate, fps, crop_size = meta["audio"]["sample_rate"], meta["fps"], meta["crop"]["crop_size"]
+    limits = {"train_steps": meta["sampling"]["train_steps"], "emotion_dim": bundle.dit.emotion_dim}
+    check_conditions(overrides, cfg, **limits, names=names)
     start = time.perf_counter()
     portrait = prepare_portrait(Path(image), bundle.resolution, crop_size, face_cfg, cfg.max_side)
     speech = load_speech(Path(audio_path), rate, fps, cfg)
+    conditions = conditions_for(portrait, bundle, cfg, **overrides)
+    defaults = {key: f"{key} (the portrait's, the bundle's or params' default)" for key in vars(conditions)}
+    check_conditions(vars(conditions), cfg, **limits, names=defaults)
     motion_sources = {}
     for name, path in (("driving", driving_video), ("pose_from", pose_from), ("dynamics_from", dynamics_from)):
         if path is not None:
             motion_sources[name] = encode_video(bundle, Path(path), face_cfg, crop_size)
     session = open_session(bundle, portrait)
-    conditions = conditions_for(portrait, bundle, cfg, **overrides)
     frames = stream(
         session, chunks(speech, rate), conditions, crop_only=crop_only, render_batch=cfg.render_batch,
         feather=cfg.feather, **motion_sources,
     )  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    unsigned = out.with_name(f".{out.stem}.unsigned.mp4")
-    tags = labels.container_tags(bundle.sha256, package_version())
-    marker = Watermarker(bytes.fromhex(bundle.sha256)[:8])
-    try:
-        count = write_video(unsigned, frames, speech, rate, fps, cfg, tags, watermark=marker)
-        signed = _sign(unsigned, out, cfg, bundle.sha256, key_password)
-    finally:
-        unsigned.unlink(missing_ok=True)
+    count, signed = write_labelled(out, frames, speech, rate, fps, cfg, bundle.sha256, key_password)
     seconds = len(speech) / rate
     timings = {"total_s": time.perf_counter() - start, **session.timings}
     log.info("%s: %d frames (%.2f s of audio), bundle %s, C2PA %s", out, count, seconds, bundle.sha256[:12],

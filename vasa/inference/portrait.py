@@ -4,12 +4,13 @@ and blend rendered crops back into it (vasa/inference/generate.py runs these).""
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from preprocessing import face as face_mod
 from preprocessing import pose as pose_mod
@@ -20,6 +21,11 @@ from vasa.models.motion_dit import EMOTION_COLUMNS
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+# Pixels a portrait may declare, checked from its header before anything is decoded: 100 MP is above every
+# phone and most camera photos (12-50 MP) and decodes to 300 MB of RGB; a 74-byte PNG can claim 60000^2.
+MAX_PIXELS = 100_000_000
+# Grey modes wider than 8 bits: RGB conversion would clip them (a 16-bit grey portrait came out white).
+_WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
 @dataclass
@@ -39,20 +45,50 @@ class Portrait:
 
 
 def read_portrait(path: Path, max_side: int) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of an image file, reduced so the longer side is at most max_side, even sides."""
+    """(H, W, 3) uint8 RGB of an image file, upright (its EXIF orientation applied, as viewers show it),
+    reduced so the longer side is at most max_side, even sides. Any mode and bit depth becomes 8-bit RGB
+    (`to_rgb`); more than MAX_PIXELS is refused from the header, before decoding."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            rgb = image.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS is the limit here
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > MAX_PIXELS:
+                    raise InputError(f"{path}: {width}x{height} pixels is over the portrait limit of {MAX_PIXELS:,}")
+                image.load()
+                rgb = to_rgb(ImageOps.exif_transpose(image))
+    except InputError:
+        raise
     except FileNotFoundError:
         raise InputError(f"{path}: portrait not found") from None
-    except (UnidentifiedImageError, OSError) as err:
+    except Image.DecompressionBombError as err:  # Pillow's own check, above MAX_PIXELS: a header claiming more
+        raise InputError(f"{path}: over the portrait limit of {MAX_PIXELS:,} pixels ({err})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as err:  # Pillow's decode errors
         raise InputError(f"{path}: not a readable image ({err})") from None
     scale = min(1.0, max_side / max(rgb.size))
     width, height = (max(2, int(round(side * scale)) // 2 * 2) for side in rgb.size)
     if (width, height) != rgb.size:
         rgb = rgb.resize((width, height), Image.Resampling.LANCZOS)
     return np.asarray(rgb, dtype=np.uint8).copy()
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB: 16-bit grey scaled by 1/257, 32-bit integer or float grey scaled from its
+    own range (float in [0, 1] as it is), transparency composited over white (as a viewer shows it), others
+    through Pillow's conversion (palette, CMYK, 1-bit, LA...)."""
+    if image.mode in _WIDE_GREY:
+        grey = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        low, high = float(grey.min(initial=0.0)), float(grey.max(initial=0.0))
+        if image.mode.startswith("I;16") or (image.mode == "I" and low >= 0 and high <= 65535):
+            low, high = 0.0, 65535.0
+        elif image.mode == "F" and low >= 0 and high <= 1:
+            low, high = 0.0, 1.0
+        scaled = np.clip((grey - low) / max(high - low, 1e-12) * 255, 0, 255).round().astype(np.uint8)
+        return Image.fromarray(scaled, "L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def largest_face(detections: np.ndarray, count: int) -> np.ndarray:

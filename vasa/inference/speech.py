@@ -5,34 +5,64 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import av
 import numpy as np
 
 from preprocessing.audio import log_mel, mel_frames_per_video_frame
-from preprocessing.decode import DecodeError, read_audio
 from vasa.core.config import AudioFeatureConfig, GenerateConfig
 from vasa.core.errors import InputError
+
+FLOAT_FORMATS = frozenset({"flt", "fltp", "dbl", "dblp"})  # sample formats that can hold NaN or infinity
 
 
 def load_speech(path: Path, sample_rate: int, fps: float, cfg: GenerateConfig) -> np.ndarray:
     """(N,) float32 mono speech at `sample_rate`; InputError if unreadable, shorter than one frame at `fps`,
-    silent or too long."""
+    silent, not finite or too long. Decoded as a stream that stops as soon as more than
+    generate.max_audio_seconds have arrived, so memory holds at most that much whatever the file's length."""
     if not Path(path).is_file():
         raise InputError(f"{path}: audio not found")
-    try:
-        audio = read_audio(path, sample_rate)
-    except DecodeError as err:
-        raise InputError(f"{path}: unreadable audio ({err})") from None
+    audio = read_speech(path, sample_rate, cfg.max_audio_seconds)
     seconds = len(audio) / sample_rate
     if seconds < 1 / fps:
         raise InputError(f"{path}: no audio samples (shorter than one frame)")
-    if seconds > cfg.max_audio_seconds:
-        raise InputError(
-            f"{path}: {seconds:.1f} s of audio is over generate.max_audio_seconds ({cfg.max_audio_seconds:g} s)"
-        )
     rms = float(np.sqrt(np.mean(np.square(audio, dtype=np.float64))))
     if rms < cfg.min_audio_rms:
         raise InputError(f"{path}: the audio is silent (RMS {rms:.2e} < generate.min_audio_rms {cfg.min_audio_rms:g})")
     return audio
+
+
+def read_speech(path: Path, sample_rate: int, max_seconds: float) -> np.ndarray:
+    """The samples preprocessing.decode.read_audio gives (first audio stream, downmixed to mono and resampled
+    by the same resampler, in the same calls: the same bytes), read with two checks while decoding: more
+    than `max_seconds` is refused once that much has arrived (a declared duration can lie, so it is not
+    trusted), and a NaN or infinite sample, in a float source or after resampling, is refused."""
+    pieces: list[np.ndarray] = []
+    total = 0
+
+    def keep(frames: list[av.AudioFrame]) -> None:
+        nonlocal total
+        for frame in frames:
+            samples = frame.to_ndarray().reshape(-1)
+            if not np.isfinite(samples).all():
+                raise InputError(f"{path}: the audio holds NaN or infinite samples")
+            pieces.append(samples)
+            total += len(samples)
+        if total > max_seconds * sample_rate:
+            raise InputError(f"{path}: more than {max_seconds:g} s of audio (generate.max_audio_seconds); split it")
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise InputError(f"{path}: unreadable audio (no audio stream)")
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+            for frame in container.decode(container.streams.audio[0]):
+                if frame.format.name in FLOAT_FORMATS and not np.isfinite(frame.to_ndarray()).all():
+                    raise InputError(f"{path}: the audio holds NaN or infinite samples")
+                keep(resampler.resample(frame))
+            keep(resampler.resample(None))
+    except av.error.FFmpegError as err:
+        raise InputError(f"{path}: unreadable audio ({err})") from None
+    return np.concatenate(pieces).astype(np.float32) if pieces else np.zeros(0, np.float32)
 
 
 class AudioFeatures:

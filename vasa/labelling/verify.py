@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import av
+
 from vasa.core.errors import InputError
 from vasa.labelling import labels
 
@@ -19,6 +21,9 @@ def verify_file(path: Path, max_frames: int | None = None) -> dict:
 
     if not Path(path).is_file():
         raise InputError(f"{path}: video not found")
+    if max_frames is not None and max_frames < 1:
+        raise InputError(f"--max-frames must be 1 or more, got {max_frames}")
+    _require_video(Path(path))
     fields = labels.comment_fields(labels.read_container_tags(path))
     c2pa = labels.read_c2pa(path)
     mark = detect_file(path, max_frames=max_frames)
@@ -52,3 +57,15 @@ def verify_file(path: Path, max_frames: int | None = None) -> dict:
         report["container"]["ai_generated"] or (c2pa.valid and c2pa.ai_generated) or mark.detected
     )
     return report
+
+
+def _require_video(path: Path) -> None:
+    """InputError unless `path` is a media file with a video stream (a WAV, a text file: a clear message)."""
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                kinds = " and ".join(sorted({stream.type for stream in container.streams}))
+                found = f"{kinds} streams only" if kinds else "no streams"
+                raise InputError(f"{path}: not a video ({found}); vasa verify reads video files")
+    except av.error.FFmpegError as err:
+        raise InputError(f"{path}: not a readable video ({err})") from None

@@ -226,8 +226,13 @@ class Watermarker:
         gains = modulation(self._key.seed, self.frame, count)
         out = np.empty_like(frames)
         for i in range(count):
-            delta = np.rint(gains[i] * field).astype(np.int16)[..., None]  # same step on R, G, B: luma only
-            out[i] = np.clip(frames[i] + delta, 0, 255)
+            # clip(frame + delta, 0, 255) with the same step on R, G, B (luma only), as two saturating uint8
+            # operations: the same bytes at a quarter of the CPU of an int16 sum (docs/BENCHMARKS.md).
+            delta = np.rint(gains[i] * field)  # (H, W), |delta| a few grey levels
+            up = np.clip(delta, 0, 255).astype(np.uint8)
+            down = np.clip(-delta, 0, 255).astype(np.uint8)
+            raised = cv2.add(np.ascontiguousarray(frames[i]), cv2.merge([up, up, up]))
+            out[i] = cv2.subtract(raised, cv2.merge([down, down, down]))
         self.frame += count
         return out
 

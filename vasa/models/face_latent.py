@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from vasa.core.weights import load_weights
 from vasa.models.appearance_encoder import AppearanceEncoder
@@ -103,8 +102,16 @@ class FaceLatent(nn.Module):
     def judge_identity(self, image: torch.Tensor) -> torch.Tensor:
         """z_id of `image` through the identity encoder with its weights detached (stop-gradient judge):
         gradients reach the image (the generator) but cannot bend the judge to agree."""
-        frozen = {name: p.detach() for name, p in self.identity.named_parameters()}
-        return functional_call(self.identity, frozen, (image,))
+        # requires_grad off for the call rather than detached copies through functional_call: the same
+        # gradients, and the module's own parameters stay in place, which ZeRO-3's gather hooks need.
+        params = [p for p in self.identity.parameters() if p.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            return self.identity(image)
+        finally:
+            for p in params:
+                p.requires_grad_(True)
 
     def forward(
         self,

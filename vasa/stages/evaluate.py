@@ -17,6 +17,8 @@ against the loudness, face sharpness against the portrait, yaw jitter), per vide
 
 Writes OUT/metrics.json (DVC metrics; which clip set was used is part of it), OUT/plots/<figure>.csv (per
 clip and condition, DVC plots), OUT/side_by_side.mp4 and OUT/side_by_side.png (real | generated, first clip).
+The side-by-side video holds generated frames, so it is labelled as `vasa generate`'s videos are (container
+tags, watermark, C2PA manifest: vasa.inference.generate.write_labelled).
 """
 
 from __future__ import annotations
@@ -34,9 +36,8 @@ import torch
 from PIL import Image
 
 from preprocessing import face as face_mod
-from preprocessing.media import write_mp4
 from preprocessing.pose import head_pose
-from vasa.core.config import EvaluateConfig, FaceConfig, Params
+from vasa.core.config import EvaluateConfig, FaceConfig, GenerateConfig, Params
 from vasa.core.errors import InputError
 from vasa.core.weights import load_weights
 from vasa.evaluation.capp import Capp, capp_scores, load_capp
@@ -139,13 +140,25 @@ def generate_clip(bundle, clip: JudgeClip, params: Params, inputs: Path) -> np.n
     return np.stack([cv2.resize(c, (side, side), interpolation=cv2.INTER_CUBIC) for c in crops])
 
 
-def side_by_side(out: Path, real: np.ndarray, generated: np.ndarray, wav: bytes, fps: float) -> None:
-    """OUT/side_by_side.mp4 (real | generated, with the clip's speech) and a PNG strip of STRIP_FRAMES frames
-    (top real, bottom generated)."""
+def side_by_side(
+    out: Path,
+    real: np.ndarray,
+    generated: np.ndarray,
+    wav: bytes,
+    fps: int,
+    bundle_sha256: str,
+    cfg: GenerateConfig,
+    key_password: str | None = None,
+) -> None:
+    """OUT/side_by_side.mp4 (real | generated, with the clip's speech), labelled as AI-generated with the
+    bundle's hash like every generated video (params generate: quality, C2PA), and a PNG strip of STRIP_FRAMES
+    frames (top real, bottom generated)."""
+    from vasa.inference.generate import write_labelled
+
     n = min(len(real), len(generated))
     pairs = np.concatenate([real[:n], generated[:n]], axis=2)
     speech, rate = soundfile.read(io.BytesIO(wav), dtype="float32")
-    write_mp4(out / "side_by_side.mp4", pairs, fps=fps, audio=speech, sample_rate=rate, crf=18, preset="veryfast")
+    write_labelled(out / "side_by_side.mp4", [pairs], speech, rate, fps, cfg, bundle_sha256, key_password)
     pick = np.linspace(0, n - 1, STRIP_FRAMES).round().astype(int)
     strip = np.concatenate([np.concatenate(list(real[pick]), axis=1), np.concatenate(list(generated[pick]), axis=1)])
     Image.fromarray(strip).save(out / "side_by_side.png")
@@ -195,9 +208,12 @@ def write_plots(folder: Path, per_clip: dict[str, dict[str, dict[str, float]]]) 
         (folder / f"{figure}.csv").write_text("\n".join(lines) + "\n")
 
 
-def run_evaluation(params: Params, shards: Path, bundle_dir: Path, judges_dir: Path, out: Path) -> dict:
+def run_evaluation(
+    params: Params, shards: Path, bundle_dir: Path, judges_dir: Path, out: Path, key_password: str | None = None
+) -> dict:
     """Evaluate the bundle in `bundle_dir` with the judges in `judges_dir` on the shards' evaluation clips;
-    writes OUT (see the module docstring) and returns the metrics."""
+    writes OUT (see the module docstring) and returns the metrics. `key_password`: an encrypted C2PA key's
+    passphrase (params generate.c2pa) for the side-by-side video's manifest."""
     from vasa.inference.bundle import load_bundle
     from vasa.inference.generate import resolve_device
 
@@ -222,7 +238,8 @@ def run_evaluation(params: Params, shards: Path, bundle_dir: Path, judges_dir: P
             failed[clip.clip_id] = str(err)[:200]
             continue
         if not videos:
-            side_by_side(out, clip.frames, generated, clip.wav, bundle.meta["fps"])
+            side_by_side(out, clip.frames, generated, clip.wav, bundle.meta["fps"], bundle.sha256, params.generate,
+                         key_password)  # fmt: skip
         videos.append((clip, generated))
     if not per_clip:
         raise InputError(f"no evaluation clip could be scored: {failed}")

@@ -8,6 +8,12 @@ others are frozen (requires_grad off), so no gradient leaks between them. The lo
 accumulation, clipping, bf16/fp16 autocast on GPU (fp32 on CPU), EMA, warm-up + cosine LR,
 checkpoints every N steps with `--resume`, DVCLive metrics, PNG grids and a progress bar.
 
+Faults: a resumable state records its files' digests; `--resume` starts from the newest intact one
+(warning about each newer state it passes over), and no weights holding NaN or infinity are saved,
+resumed into or published (CheckpointError naming the tensor). A full or failing disk while a state
+or the model is written raises StorageError ("no space left on device while writing <path>"), and
+what was being written is removed.
+
 Determinism: parameters are initialised under `seed` (identical on every rank), then each rank is
 seeded `seed * world_size + rank` (DiT's convention). Batches come from `batches(epoch)` where one
 data epoch is `checkpoint_every` steps, so a run resumed from a checkpoint sees exactly the batches
@@ -20,8 +26,9 @@ import copy
 import hashlib
 import json
 import logging
+import shutil
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -31,8 +38,8 @@ import torch
 from torch import Tensor, nn
 
 from vasa.core.config import TrainConfig
-from vasa.core.errors import InputError
-from vasa.core.weights import write_weights
+from vasa.core.errors import CheckpointError, InputError, StorageError
+from vasa.core.weights import non_finite, storage_errors
 from vasa.training import checkpoint
 from vasa.training.ema import EMA
 from vasa.training.schedule import lr_factor
@@ -75,7 +82,7 @@ class RunLayout:
     root: Path
 
     @property
-    def states(self) -> Path:  # resumable states (Accelerate + EMA + engine.json)
+    def states(self) -> Path:  # resumable states (Accelerate + EMA + engine.json + manifest.json)
         return self.root / "checkpoints"
 
     @property
@@ -171,6 +178,22 @@ def _frozen(models: dict[str, nn.Module], active: str) -> Iterator[None]:
             param.requires_grad_(flag)
 
 
+def _names(tensors: list[str]) -> str:
+    """The first few tensor names of a list, for a one-line message."""
+    more = f" and {len(tensors) - 3} more" if len(tensors) > 3 else ""
+    return ", ".join(tensors[:3]) + more
+
+
+def loss_autocast(mixed_precision: str, device: torch.device, deepspeed: bool) -> AbstractContextManager:
+    """The autocast the loss runs under. Accelerate autocasts a prepared model's forward itself, except
+    under DeepSpeed, whose bf16/fp16 modules hold half-precision weights and would meet the loaders'
+    fp32 batches ("Input type (float) and bias type (c10::BFloat16)"): there the engine autocasts."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    if not deepspeed or dtype is None:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
 def _to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
@@ -228,24 +251,68 @@ class _Run:
             "deepspeed": self.deepspeed,
         }
 
+    def non_finite_weights(self) -> list[str]:
+        """Model and EMA tensors holding NaN or infinity (`generator.0.weight`, `EMA generator.0.weight`).
+        Every process gets an answer at once (a non-empty list if any process found one), so that all of
+        them stop together rather than some waiting for the others at the next barrier."""
+        tensors = {name: module.state_dict() for name, module in self.plain.items()}
+        tensors |= {f"EMA {name}": ema.shadow for name, ema in self.ema.items()}
+        bad = non_finite(tensors)
+        anywhere = self.accelerator.reduce(torch.tensor([len(bad)], device=self.accelerator.device), "sum")
+        return bad or (["a tensor of another process"] if int(anywhere.item()) else [])
+
     def save_state(self) -> None:
-        """A resumable state at the current step; written to `.partial`, renamed when complete."""
+        """A resumable state at the current step; written to `.partial`, renamed when complete. Weights
+        holding NaN or infinity are refused before anything is written: the newest state stays the last
+        good one. A failing disk removes the `.partial` folder and raises StorageError."""
+        bad = self.non_finite_weights()
+        if bad:
+            raise CheckpointError(
+                f"step {self.step}: NaN or infinity in {_names(bad)}; not saved, the newest state in "
+                f"{self.layout.states} is the last good one (lower the learning rate, or check the data)"
+            )
         final = checkpoint.state_dir(self.layout.states, self.step)
         partial = final.with_name(final.name + ".partial")
-        self.accelerator.save_state(str(partial), safe_serialization=True)
+        main = self.accelerator.is_main_process
+        try:
+            with storage_errors(final):
+                if main:  # files of a save killed earlier must not get into this state's manifest
+                    shutil.rmtree(partial, ignore_errors=True)
+                self.accelerator.wait_for_everyone()
+                self.accelerator.save_state(str(partial), safe_serialization=True)
+                self.accelerator.wait_for_everyone()
+                if main:
+                    ema = {n: e.state_dict() for n, e in self.ema.items()}
+                    checkpoint.write_engine_state(partial, ema, self.engine_info())
+                    if final.exists():
+                        shutil.rmtree(final)
+                    partial.rename(final)
+                    checkpoint.prune_states(self.layout.states, self.cfg.keep_checkpoints, self.step)
+        except StorageError:
+            if main:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise
         self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            checkpoint.write_engine_state(partial, {n: e.state_dict() for n, e in self.ema.items()}, self.engine_info())
-            if final.exists():
-                import shutil
 
-                shutil.rmtree(final)
-            partial.rename(final)
-            checkpoint.prune_states(self.layout.states, self.cfg.keep_checkpoints)
-        self.accelerator.wait_for_everyone()
+    def find_state(self) -> tuple[int, Path] | None:
+        """The newest intact resumable state (checked by the main process, the same answer on every one),
+        with a one-line warning per newer state passed over; CheckpointError if states exist but none is
+        intact, None if there are none."""
+        from accelerate.utils import broadcast_object_list
+
+        root = self.layout.states
+        answer = [checkpoint.find_resumable(root) if self.accelerator.is_main_process else None]
+        found, skipped = broadcast_object_list(answer)[0]
+        if self.accelerator.is_main_process:
+            for folder, why in skipped:
+                log.warning("resumable state %s skipped: %s", folder, why)
+        if found is None and skipped:
+            reasons = "; ".join(f"{folder.name}: {why}" for folder, why in skipped)
+            raise CheckpointError(f"no intact resumable state in {root} ({reasons}); remove it to start over")
+        return found
 
     def load_latest(self) -> None:
-        found = checkpoint.latest_state(self.layout.states)
+        found = self.find_state()
         if found is None:
             log.info("no resumable state in %s: starting at step 0", self.layout.states)
             return
@@ -262,6 +329,10 @@ class _Run:
         self.accelerator.load_state(str(folder))
         for name, state in ema.items():
             self.ema[name].load_state_dict({k: v.to(self.accelerator.device) for k, v in state.items()})
+        # The state's safetensors were checked; this also covers DeepSpeed's own weight files.
+        bad = self.non_finite_weights()
+        if bad:
+            raise CheckpointError(f"{folder}: NaN or infinity in {_names(bad)}; refusing to resume into them")
         self.step = step
         log.info("resumed from %s (step %d)", folder, step)
 
@@ -288,7 +359,8 @@ class _Run:
                     last = index == len(micro) - 1
                     sync = nullcontext() if last or self.deepspeed else self.accelerator.no_sync(model)
                     with sync:
-                        loss, parts = self.task.loss(name, view, batch, scratch[index])
+                        with loss_autocast(self.accelerator.mixed_precision, self.accelerator.device, self.deepspeed):
+                            loss, parts = self.task.loss(name, view, batch, scratch[index])
                         if not torch.isfinite(loss):
                             raise FloatingPointError(f"step {self.step}: non-finite {name} loss {loss.item()}")
                         if self.deepspeed:
@@ -367,7 +439,7 @@ def train(
     set_seed(cfg.seed * run.world + run.rank)  # per-rank randomness (noise, sampling)
     if resume:
         run.load_latest()  # restores weights, optimiser states and every rank's RNG state
-    elif checkpoint.latest_state(layout.states) is not None:
+    elif checkpoint.step_folders(layout.states):
         raise InputError(f"{layout.states} holds checkpoints of an earlier run: pass --resume, or use a new --out")
     monitor = Monitor(layout.live, layout.images, cfg.steps, run.step, run.accelerator.is_main_process, progress)
     images_per_step = cfg.batch_size * cfg.grad_accum * run.world
@@ -395,13 +467,15 @@ def train(
         if run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps:
             run.save_state()
     evaluation: dict[str, float] = {}
+    # The weights written below are those of the state just saved (or resumed, at the end), whose
+    # NaN/infinity check refused a diverged run before it got here.
     if run.accelerator.is_main_process:
         final = run.ema_modules()
         if evaluate is not None:
             evaluation = evaluate(final)
             monitor.summary(evaluation)
         info = {**meta, "task": task.describe(), "step": run.step, "ema_decay": cfg.ema_decay}
-        write_weights(layout.model, {n: final[n].state_dict() for n in run.ema}, info)
+        checkpoint.write_model(layout.model, {n: final[n].state_dict() for n in run.ema}, info)
     monitor.close()
     digests = run.parameter_digests()
     run.accelerator.wait_for_everyone()

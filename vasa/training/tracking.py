@@ -1,5 +1,9 @@
 """Monitoring on the main process: DVCLive metrics (declared as DVC metrics/plots), PNG grids and a
-tqdm progress bar with ETA. Other ranks get a monitor that does nothing."""
+tqdm progress bar with ETA. Other ranks get a monitor that does nothing.
+
+A resumed run continues each DVCLive series from the step of the state it resumed: DVCLive's own
+`resume` only appends, so the rows a killed run logged after its last state are dropped first and
+logged once more as the run gets there again (`truncate_series`): no step appears twice."""
 
 from __future__ import annotations
 
@@ -9,6 +13,38 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
+
+from vasa.core.files import atomic_path
+
+SERIES = Path("plots") / "metrics"  # DVCLive's per-metric TSV files (`step<TAB>value` rows), under live_dir
+
+
+def _row_step(line: str, column: int) -> int | None:
+    fields = line.rstrip("\r\n").split("\t")
+    try:
+        return int(fields[column])
+    except (IndexError, ValueError):  # a row cut short by a kill mid-write
+        return None
+
+
+def truncate_series(live_dir: Path, last_step: int) -> None:
+    """Keep only the rows up to `last_step` in every DVCLive series under `live_dir`, rewriting a file
+    (atomically) only when it had later rows or a broken one."""
+    for path in sorted((live_dir / SERIES).rglob("*.tsv")):
+        with path.open(encoding="utf-8", newline="") as stream:  # newline="": rows keep their own endings
+            lines = stream.readlines()
+        header = lines[0].rstrip("\r\n").split("\t") if lines else []
+        if "step" not in header:
+            continue
+        column = header.index("step")
+        kept = [lines[0]]
+        for line in lines[1:]:
+            step = _row_step(line, column)
+            if step is not None and step <= last_step:
+                kept.append(line)
+        if len(kept) != len(lines):
+            with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8", newline="") as stream:
+                stream.writelines(kept)
 
 
 class Monitor:
@@ -24,6 +60,8 @@ class Monitor:
             return
         from dvclive import Live
 
+        if start_step > 0:
+            truncate_series(live_dir, start_step)
         # DVC itself tracks the stage; DVCLive must not write a dvc.yaml or start an experiment.
         self.live = Live(str(live_dir), resume=start_step > 0, save_dvc_exp=False, dvcyaml=None)
         images_dir.mkdir(parents=True, exist_ok=True)
