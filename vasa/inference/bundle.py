@@ -33,7 +33,6 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from vasa.core import digests
 from vasa.core.config import AudioFeatureConfig, Params
 from vasa.core.digests import sha256_file
 from vasa.core.errors import InputError
@@ -201,12 +200,6 @@ def check_meta(folder: Path, meta: dict) -> BundleMeta:
         raise WeightsError(f"{folder / MODEL_JSON}: {where}: {first['msg']}") from None
 
 
-def code_digest() -> str:
-    """sha256 of the code that builds and runs a bundle (the import closure of the export stage and of
-    generation): a code version that does not need git and ignores everything else."""
-    return digests.code_digest(("vasa.stages.export", "vasa.inference.generate"))
-
-
 def package_versions() -> dict[str, str]:
     found = {}
     for name in PACKAGES:
@@ -259,7 +252,8 @@ def build_dit(task: dict) -> MotionDiT:
 def bundle_meta(
     params: Params, face: FaceLatent, n_speakers: int, dit_task: dict, normalisation: dict, lineage: dict
 ) -> dict:
-    """model.json of a bundle (without the file digests, which write_weights adds)."""
+    """model.json of a bundle (without the file digests, which write_weights adds); `lineage` as the export
+    stage gives it (with the code digest), plus the package versions."""
     pre = params.preprocess
     return {
         "format": BUNDLE_FORMAT,
@@ -278,7 +272,7 @@ def bundle_meta(
             "cfg_audio": dit_task["guidance"]["cfg_audio"],
             "cfg_gaze": dit_task["guidance"]["cfg_gaze"],
         },
-        "lineage": {**lineage, "code_sha256": code_digest(), "packages": package_versions()},
+        "lineage": {**lineage, "packages": package_versions()},
     }
 
 

@@ -112,8 +112,8 @@ def prepare_portrait(path: Path, resolution: int, crop_size: int, face_cfg: Face
     transform = face_mod.box_transform(
         landmarks[None], crop_size, face_cfg.crop_scale, (frame.shape[0], frame.shape[1])
     )
-    side = native_side(transform, crop_size, max_side)
-    full_transform = transform * (side / crop_size)
+    side, full_transform = native_crop(transform, crop_size, max_side)
+    transform = full_transform * (crop_size / side)  # the model's crop: the same box (one pixel wider at most)
     crop_full = face_mod.crop_frame(frame, full_transform, side)
     crop = cv2.resize(crop_full, (resolution, resolution), interpolation=cv2.INTER_AREA)
     in_crop = face_mod.transform_points(landmarks[None], transform[None])  # (1, 478, 3) crop pixels
@@ -135,12 +135,23 @@ def prepare_portrait(path: Path, resolution: int, crop_size: int, face_cfg: Face
     )
 
 
-def native_side(transform: np.ndarray, crop_size: int, max_side: int) -> int:
-    """The side in pixels at which the crop keeps the portrait's own resolution: the crop box's size in the
-    frame (crop_size / the transform's scale), even, at least crop_size and at most max_side."""
-    scale = float(np.sqrt(abs(np.linalg.det(transform[:, :2]))))  # crop pixels per frame pixel
-    side = int(round(crop_size / scale / 2)) * 2
-    return max(crop_size, min(side, max_side // 2 * 2))
+def native_crop(transform: np.ndarray, crop_size: int, max_side: int) -> tuple[int, np.ndarray]:
+    """(side, frame -> crop_full transform) of the crop at the portrait's own resolution.
+
+    `transform` is the shards' box crop (axis-aligned, whole-pixel corner and side: face.box_transform).
+    Where that box's side fits [crop_size, max_side], crop_full is the box itself at scale 1, widened by
+    one pixel when its side is odd (videos need even sides): an exact sub-window, which paste-back puts
+    back by a whole-pixel shift. Any other scale resamples twice (crop, then the inverse warp of the
+    paste), and a 0.5 % scale at a fractional offset already took 77 % of the Laplacian variance of a
+    grainy 256² portrait (docs/BENCHMARKS.md, "A face that talks"). Outside that range the side is
+    clamped to it and the crop is resampled.
+    """
+    x0, y0, native = face_mod.box_of(transform, crop_size)
+    side = native + native % 2
+    if crop_size <= side <= max_side:
+        return side, np.array([[1.0, 0.0, -x0], [0.0, 1.0, -y0]])
+    side = max(crop_size, min(side, max_side // 2 * 2))
+    return side, transform * (side / crop_size)
 
 
 def _detect(tracker: face_mod.FaceMeshTracker, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -17,9 +17,11 @@ import os
 import shutil
 from pathlib import Path
 
+from vasa.core import digests
 from vasa.core.config import Params
 from vasa.core.errors import InputError
 from vasa.core.weights import load_weights
+from vasa.inference import generate  # noqa: F401  (its code is recorded in every bundle: see code_digest)
 from vasa.inference.bundle import build_dit, bundle_meta, load_bundle, upstream_digests, write_bundle
 from vasa.models.face_latent import load_face_latent
 
@@ -28,6 +30,13 @@ log = logging.getLogger(__name__)
 STAGING = ".{name}.export-{pid}"  # beside OUT: one filesystem, so the swap is a rename
 RETIRED = ".{name}.retired-{pid}"  # the old bundle between the two renames of the fallback swap
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
+
+
+def code_digest() -> str:
+    """sha256 of the code that builds and runs a bundle: the import closure of this stage and of generation
+    (which this stage imports, so that DVC re-exports when generation's code changes), a code version that
+    needs no git and ignores everything else."""
+    return digests.code_digest((__name__, "vasa.inference.generate"))
 
 
 def export(
@@ -62,6 +71,7 @@ def export(
         },
         "speakers": face_meta.get("speakers", []),
         "dvc_lock": upstream_digests(dvc_lock) if dvc_lock else {},
+        "code_sha256": code_digest(),
     }
     meta = bundle_meta(params, face, face_meta["task"]["n_speakers"], dit_task, dit_meta["normalisation"], lineage)
     out = out.absolute()
