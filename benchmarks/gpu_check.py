@@ -61,15 +61,15 @@ from generate_throughput import (
 )
 from gpu_stage1 import PRECISION, peak_memory, run_child, timed_steps
 from motion_sampling import time_generation
-from torch.utils.flop_counter import FlopCounterMode
 from train_latent_throughput import VOXCELEB2_SPEAKERS, count_flops, with_random_perceptual
 
 from vasa.core.config import LatentLossConfig, Params, TrainConfig, load_params
 from vasa.core.files import write_json
 from vasa.diffusion import NoiseSchedule
 from vasa.inference.generate import autocast, open_session
-from vasa.models.motion_dit import CONDITIONS
 from vasa.models.presets import get_motion_preset, get_preset
+from vasa.training.cost import dit_flop_per_window
+from vasa.training.cost import motion_windows as synthetic_windows
 from vasa.training.engine import RunLayout, _Run
 from vasa.training.latent_task import LatentTask
 from vasa.training.motion_task import DIT, MotionTask
@@ -186,33 +186,6 @@ def motion_task(plan: Plan, params: Params) -> MotionTask:
         audio_dim=AUDIO_DIM, emotion_dim=EMOTION_DIM, window=plan.window, context=plan.context,
         diffusion=cfg.diffusion, guidance=cfg.guidance, loss=cfg.loss,
     )  # fmt: skip
-
-
-def synthetic_windows(task: MotionTask, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Random windows in the motion loader's contract (vasa/training/motion_task.py); cost does not depend on them."""
-    g = torch.Generator().manual_seed(0)
-    w, k, dims = task.window, task.context, task.dims
-    out = {
-        "motion": torch.randn(batch, w, dims["motion_dim"], generator=g),
-        "motion_pre": torch.randn(batch, k, dims["motion_dim"], generator=g),
-        "audio": torch.randn(batch, w, dims["audio_dim"], generator=g),
-        "audio_pre": torch.randn(batch, k, dims["audio_dim"], generator=g),
-        "has_pre": torch.ones(batch, dtype=torch.bool),
-        "gaze": torch.zeros(batch, 2), "distance": torch.zeros(batch, 1),
-        "emotion": torch.zeros(batch, dims["emotion_dim"]),
-    }  # fmt: skip
-    return {key: value.to(device) for key, value in out.items()}
-
-
-def dit_flop_per_window(task: MotionTask) -> float:
-    """Forward + backward FLOPs of the DiT on one window (meta device; the loss's elementwise terms uncounted)."""
-    with torch.device("meta"):
-        dit = task.build()[DIT]
-        batch = synthetic_windows(task, 1, torch.device("meta"))
-        drop = {c: torch.zeros(1, dtype=torch.bool, device="cpu") for c in CONDITIONS}
-        with FlopCounterMode(display=False) as counter:
-            dit(batch["motion"], torch.zeros(1, dtype=torch.long), batch, drop).square().mean().backward()
-    return float(counter.get_total_flops())
 
 
 def stage2_step(plan: Plan, params: Params, args: argparse.Namespace, deadline: float) -> dict[str, dict]:

@@ -7,12 +7,13 @@ One training step = what the engine does per iteration (vasa/training/engine.py)
 (all terms of params `train_latent.loss`, the perceptual VGG19 included with random weights unless
 --no-perceptual) backward + AdamW step, then the discriminator's. An "image" is one training sample
 (a source/driver/other triple whose driver frame is reconstructed). FLOPs are counted by
-torch.utils.flop_counter.FlopCounterMode on the meta device (convolutions, matmuls; grid_sample and
-elementwise ops are not counted, so the figure is a lower bound); images/s is the best of the timed
-steps after the first (the first alone when --steps 1); the process CPU time of that step is printed
-too, since wall time on a shared machine depends on the other load. MFU = counted FLOP/s / --peak-tflops
-where a peak is given (a GPU's dense bf16 peak). The projection gives GPU-hours for one VoxCeleb2 epoch
-at an assumed peak and MFU: clips x samples-per-clip x FLOPs/image / (peak x MFU).
+torch.utils.flop_counter.FlopCounterMode on the meta device (vasa/training/cost.py, as `vasa plan` counts
+them: convolutions, matmuls; grid_sample and elementwise ops are not counted, so the figure is a lower
+bound); images/s is the best of the timed steps after the first (the first alone when --steps 1); the
+process CPU time of that step is printed too, since wall time on a shared machine depends on the other
+load. MFU = counted FLOP/s / --peak-tflops where a peak is given (a GPU's dense bf16 peak). The
+projection gives GPU-hours for one VoxCeleb2 epoch at an assumed peak and MFU: clips x samples-per-clip
+x FLOPs/image / (peak x MFU).
 """
 
 from __future__ import annotations
@@ -25,27 +26,15 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from torch.utils.flop_counter import FlopCounterMode
 
 from vasa.core.config import LatentLossConfig, load_params
 from vasa.losses import VGG19Features
 from vasa.models.presets import get_preset
+from vasa.training.cost import count_flops
+from vasa.training.cost import latent_batch as synthetic_batch
 from vasa.training.latent_task import LatentTask
 
 VOXCELEB2_SPEAKERS = 5994  # dev identities: the CosFace head's size at scale
-
-
-def synthetic_batch(batch: int, size: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Random frames in [-1, 1] and crop-centred poses (throughput does not depend on the values)."""
-    g = torch.Generator().manual_seed(0)
-    out = {k: torch.rand(batch, 3, size, size, generator=g) * 2 - 1 for k in ("source", "driver", "other")}
-    pose = torch.zeros(batch, 7)
-    pose[:, 3:5], pose[:, 6] = size / 2, size / 4
-    out |= {k: pose.clone() for k in ("source_pose", "driver_pose", "other_pose")}
-    out |= {f"{role}_expression": torch.zeros(batch, 6) for role in ("source", "driver", "other")}
-    out["driver_mouth"] = torch.tensor([[0.3, 0.6, 0.7, 0.9]]).repeat(batch, 1)
-    out |= {"speaker": torch.zeros(batch, dtype=torch.int64), "other_speaker": torch.ones(batch, dtype=torch.int64)}
-    return {k: v.to(device) for k, v in out.items()}
 
 
 def with_random_perceptual(cfg: LatentLossConfig, folder: Path) -> LatentLossConfig:
@@ -65,19 +54,6 @@ def train_step(task: LatentTask, models: dict, optims: dict, batch: dict) -> Non
         loss, _ = task.loss(name, models, batch, scratch)
         loss.backward()
         optims[name].step()
-
-
-def count_flops(task: LatentTask, batch_size: int) -> int:
-    """FLOPs of one generator + discriminator step, counted on the meta device (nothing is computed)."""
-    with torch.device("meta"):
-        models = task.build()
-        batch = synthetic_batch(batch_size, task.preset.resolution, torch.device("meta"))
-        with FlopCounterMode(display=False) as counter:
-            scratch: dict = {}
-            for name in task.update_order():
-                loss, _ = task.loss(name, models, batch, scratch)
-                loss.backward()
-    return counter.get_total_flops()
 
 
 def measure(task: LatentTask, batch_size: int, steps: int, device: torch.device) -> dict:

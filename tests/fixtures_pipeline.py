@@ -42,8 +42,9 @@ class SampleShards:
     shards: Path
 
 
-def build_sample_shards(params: Params, root: Path) -> SampleShards:
-    """The small sample corpus through the real ingest and preprocess flows, into `root`."""
+def build_sample_shards(params: Params, root: Path, changes: dict | None = None) -> SampleShards:
+    """The small sample corpus (params `sample` with SMALL_CORPUS, or with `changes`) through the real ingest and
+    preprocess flows, into `root`."""
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.ingest import MANIFEST_NAME
@@ -52,7 +53,7 @@ def build_sample_shards(params: Params, root: Path) -> SampleShards:
     from preprocessing.sample.corpus import write_corpus
 
     corpus = root / "sample"
-    write_corpus(params.sample.replace(**SMALL_CORPUS), corpus)
+    write_corpus(params.sample.replace(**(SMALL_CORPUS if changes is None else changes)), corpus)
     pre = params.preprocess
     # Threads (no worker processes to spawn) and no shard pin: params names the checkout's pin file by a path
     # relative to the working directory, and a pin is about that checkout's clips, not these.

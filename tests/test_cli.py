@@ -15,7 +15,7 @@ OUTPUT_OPTION = {
     "sample": "--out", "ingest": "--out", "preprocess": "--out", "train-latent": "--out",
     "extract-motion": "--out", "train-motion": "--out", "export": "--out", "generate": "--out", "demo": "--out",
     "audit": "--out", "pin-shards": "--out", "train-judges": "--out", "evaluate": "--out",
-    "takedown": "--denylist", "retrain": "--records", "verify": None, "serve": None,
+    "takedown": "--denylist", "retrain": "--records", "verify": None, "serve": None, "plan": None,
 }  # fmt: skip
 
 

@@ -22,7 +22,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("vasa.training",),  # the engine and one task per trained network
     ("vasa.inference",),  # bundle, stage-1 encoder, portrait, speech, generate, stream, ONNX
     ("vasa.evaluation",),  # the judges and VASA-1's metrics
-    ("vasa.provenance",),  # audit, Croissant, DVC history, promotion
+    ("vasa.provenance", "vasa.plan"),  # audit, Croissant, DVC history, promotion; the GPU budget (`vasa plan`)
     ("flows",),  # Prefect flows wiring preprocessing
     ("vasa.stages",),  # one module per DVC stage
     ("vasa.cli",),  # the only reader of argv, the environment and params.yaml

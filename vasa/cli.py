@@ -745,6 +745,69 @@ def _add_serve(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return parser
 
 
+def _plan(args: argparse.Namespace, params: Params) -> int:
+    from vasa.plan.budget import budget, render
+    from vasa.plan.costs import GPUS, measure
+
+    if args.gpu not in GPUS:
+        raise InputError(f"unknown --gpu {args.gpu!r}; known: {', '.join(sorted(GPUS))}")
+    if args.gpus < 1 or not 0 < args.mfu <= 1:
+        raise InputError(f"--gpus must be >= 1 and --mfu in (0, 1], got {args.gpus} and {args.mfu}")
+    wanted = dict(args.global_batch)
+    plan = budget(params, measure(params), args.gpus, args.gpu, zero=args.zero, mfu=args.mfu, global_batch=wanted)
+    print(render(plan, " + ".join(str(p) for p in [args.params, *args.overlay])))
+    if plan.refusals:
+        print("vasa plan: refused:\n" + "\n".join(f"  {r}" for r in plan.refusals), file=sys.stderr)
+        return 2
+    return 0
+
+
+def _stage_batch(text: str) -> tuple[str, int]:
+    stage, _, value = text.partition("=")
+    if stage not in ("train_latent", "train_motion", "sync", "capp") or not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected STAGE=N with STAGE train_latent|train_motion|sync|capp, got {text!r}"
+        )
+    return stage, int(value)
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "plan",
+        help="print what the params will cost on N GPUs; refuse settings that cannot fit",
+        description=(
+            "Print the training budget of the params (with any --overlay, e.g. cluster/recipes/"
+            "voxceleb2_512_8gpu.yaml) for VoxCeleb2 on N GPUs: per stage the global batch, steps, GPU-hours and "
+            "wall hours, memory per GPU, checkpoint cadence; loader cores and RAM per GPU; storage for shards and "
+            "checkpoints. FLOPs, activations and parameters are counted on the meta device from the params' own "
+            "networks (vasa/plan/ states every constant and assumption). Exits 2, naming the setting, when "
+            "memory, host RAM or loader cores cannot fit or a --global-batch cannot be kept. Nothing is written."
+        ),
+    )
+    # `vasa plan --params P --overlay R` reads as well as `vasa --params P --overlay R plan`; given here they
+    # replace the global ones.
+    parser.add_argument("--params", type=Path, default=argparse.SUPPRESS, help="params file (as the global --params)")
+    parser.add_argument(
+        "--overlay", type=Path, action="append", default=argparse.SUPPRESS, help="overlay (as the global --overlay)"
+    )
+    parser.add_argument("--gpus", type=int, required=True, help="GPUs the training stages run on (all nodes)")
+    parser.add_argument(
+        "--gpu", default="h100", help="GPU kind in vasa.plan.costs.GPUS: h100, h200, a100 (default: %(default)s)"
+    )
+    parser.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=0, help="DeepSpeed ZeRO stage (0 = DDP)")
+    parser.add_argument("--mfu", type=float, default=0.3, help="assumed model FLOPs utilisation (default: %(default)s)")
+    parser.add_argument(
+        "--global-batch",
+        type=_stage_batch,
+        action="append",
+        default=[],
+        metavar="STAGE=N",
+        help="refuse unless STAGE (train_latent, train_motion, sync, capp) trains with global batch N",
+    )
+    parser.set_defaults(handler=_plan)
+    return parser
+
+
 STAGES = (
     _add_sample,
     _add_ingest,
@@ -763,6 +826,7 @@ STAGES = (
     _add_train_judges,
     _add_evaluate,
     _add_retrain,
+    _add_plan,
 )
 
 
@@ -775,6 +839,14 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)")
+    parser.add_argument(
+        "--overlay",
+        type=Path,
+        action="append",
+        default=[],
+        help="YAML of params keys to change, merged over --params and validated (repeatable; e.g. "
+        "cluster/recipes/voxceleb2_512_8gpu.yaml)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(title="stages", dest="stage", metavar="STAGE", required=True)
     for add in STAGES:
@@ -796,7 +868,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Prefect's API calls, one line each
     try:
-        params = load_params(args.params)
+        params = load_params(args.params, args.overlay)
     except ConfigError as err:
         print(f"vasa: {err}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ points (CLI, DVC stage commands, flows) call `load_params`.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, Self
 
@@ -607,22 +608,64 @@ MAX_PARAMS_BYTES = 1 << 20
 MAX_PARAMS_NODES = 100_000  # scalars, lists and mappings, each alias counted as the nodes it stands for
 
 
-def load_params(path: str | Path) -> Params:
-    """Read and validate params.yaml; every problem is reported with the file and dotted key."""
+def load_params(path: str | Path, overlays: Sequence[str | Path] = ()) -> Params:
+    """Read and validate params.yaml; every problem is reported with the file and dotted key.
+
+    Each overlay (e.g. cluster/recipes/voxceleb2_512_8gpu.yaml) is a YAML mapping of some of the same keys,
+    merged over the params in order: mappings merge key by key, any other value (scalar, list, null) replaces
+    the one below. An overlay may only change keys the params file has, never add one, so a misspelt key is
+    an error naming the overlay, not a silently ignored line; the merged result is validated as a whole.
+    """
     path = Path(path)
+    data = _read_yaml(path, "params file")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for overlay in map(Path, overlays):
+        changes = _read_yaml(overlay, "overlay")
+        if not isinstance(changes, dict):
+            raise ConfigError(f"{overlay}: an overlay is a mapping of params sections (like {path.name})")
+        problems = _merge(data, changes)
+        if problems:
+            raise ConfigError("\n".join([f"{overlay}: invalid overlay of {path}", *problems]))
+    try:
+        return Params.from_data(data)
+    except ValidationError as err:
+        raise ConfigError(_describe(" + ".join(str(p) for p in [path, *overlays]), err)) from None
+
+
+def _merge(tree: dict, changes: dict, prefix: str = "") -> list[str]:
+    """Put `changes` into `tree` in place (mappings merged key by key, other values replaced); the problems
+    (`  dotted.key: ...`) where a key is not in `tree` or a mapping would replace a value that is not one."""
+    problems = []
+    for key, value in changes.items():
+        dotted = f"{prefix}{key}"
+        if key not in tree:
+            problems.append(f"  {dotted}: unknown key (an overlay only changes keys the params file has)")
+        elif isinstance(value, dict):
+            if isinstance(tree[key], dict):
+                problems += _merge(tree[key], value, f"{dotted}.")
+            else:
+                problems.append(f"  {dotted}: a mapping given where the params file has {tree[key]!r}")
+        else:
+            tree[key] = value
+    return problems
+
+
+def _read_yaml(path: Path, what: str) -> object:
+    """The YAML document in `path`, read within the size and alias bounds, refused with duplicate keys."""
     try:
         with path.open("rb") as handle:
             raw = handle.read(MAX_PARAMS_BYTES + 1)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: params file not found") from None
+        raise ConfigError(f"{path}: {what} not found") from None
     except OSError as err:
-        raise ConfigError(f"{path}: cannot read params file: {err}") from None
+        raise ConfigError(f"{path}: cannot read {what}: {err}") from None
     if len(raw) > MAX_PARAMS_BYTES:
-        raise ConfigError(f"{path}: params file larger than {MAX_PARAMS_BYTES} bytes: refused")
+        raise ConfigError(f"{path}: {what} larger than {MAX_PARAMS_BYTES} bytes: refused")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: params file is not UTF-8 text: {err}") from None
+        raise ConfigError(f"{path}: {what} is not UTF-8 text: {err}") from None
     try:
         tree = yaml.compose(text, Loader=yaml.SafeLoader)  # an alias is a reference here: linear in the text
         size = _expanded_size(tree)
@@ -638,13 +681,8 @@ def load_params(path: str | Path) -> Params:
         raise ConfigError(f"{path}: YAML nested too deeply: refused") from None
     if duplicates:
         # PyYAML keeps the last of two equal keys silently: a value edited in the first copy would be ignored.
-        raise ConfigError("\n".join([f"{path}: invalid params", *duplicates]))
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    try:
-        return Params.from_data(data)
-    except ValidationError as err:
-        raise ConfigError(_describe(path, err)) from None
+        raise ConfigError("\n".join([f"{path}: invalid {'params' if what == 'params file' else what}", *duplicates]))
+    return data
 
 
 def _expanded_size(root: yaml.Node | None) -> float:
@@ -686,7 +724,7 @@ def _duplicate_keys(node: yaml.Node | None, prefix: str = "") -> list[str]:
     return problems
 
 
-def _describe(path: Path, err: ValidationError) -> str:
+def _describe(path: str, err: ValidationError) -> str:
     lines = [f"{path}: invalid params"]
     for problem in err.errors():
         key = ".".join(str(part) for part in problem["loc"]) or "<top level>"
