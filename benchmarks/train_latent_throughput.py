@@ -2,6 +2,7 @@
 
     python benchmarks/train_latent_throughput.py [--configs tiny:64:8 tiny:256:4 base:512:1] [--steps 2]
         [--threads 2] [--peak-tflops 989] [--mfu 0.3] [--clips 1.1e6] [--samples-per-clip 1]
+        [--activation-checkpointing] [--compile]
 
 One training step = what the engine does per iteration (vasa/training/engine.py): the generator's loss
 (all terms of params `train_latent.loss`, the perceptual VGG19 included with random weights unless
@@ -14,6 +15,12 @@ process CPU time of that step is printed too, since wall time on a shared machin
 load. MFU = counted FLOP/s / --peak-tflops where a peak is given (a GPU's dense bf16 peak). The
 projection gives GPU-hours for one VoxCeleb2 epoch at an assumed peak and MFU: clips x samples-per-clip
 x FLOPs/image / (peak x MFU).
+
+--activation-checkpointing and --compile switch on what params `train.activation_checkpointing` and
+`train.compile` switch on in the engine (the generator's warping and decoder blocks recompute in backward;
+every module through torch.compile: its first step includes the compilation). "activations" is what
+autograd keeps for the generator loss's backward: the distinct tensors saved for it (parameters excluded)
+plus the inputs the recomputing blocks keep, measured once before the timed steps.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from safetensors.torch import save_file
 
 from vasa.core.config import LatentLossConfig, load_params
 from vasa.losses import VGG19Features
+from vasa.models.layers import Recomputed
 from vasa.models.presets import get_preset
 from vasa.training.cost import count_flops
 from vasa.training.cost import latent_batch as synthetic_batch
@@ -56,12 +64,52 @@ def train_step(task: LatentTask, models: dict, optims: dict, batch: dict) -> Non
         optims[name].step()
 
 
-def measure(task: LatentTask, batch_size: int, steps: int, device: torch.device) -> dict:
-    """Parameter counts and step times (wall and process CPU) of one preset/resolution/batch."""
+def activation_bytes(task: LatentTask, models: dict, batch: dict) -> int:
+    """Bytes autograd keeps for the generator loss's backward: the distinct storages saved for it (parameters
+    excluded) and, with activation checkpointing, the inputs its recomputing blocks hold instead."""
+    params = {p.untyped_storage().data_ptr() for m in models.values() for p in m.parameters()}
+    kept: dict[int, int] = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    def keep_input(_block: torch.nn.Module, args: tuple) -> None:
+        keep(args[0])
+
+    blocks = [m for m in models["generator"].modules() if isinstance(m, Recomputed) and m.recompute]
+    hooks = [block.register_forward_pre_hook(keep_input) for block in blocks]
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        loss, _ = task.loss("generator", models, batch, {})
+    for hook in hooks:
+        hook.remove()
+    loss.backward()
+    for module in models.values():
+        module.zero_grad(set_to_none=True)
+    return sum(kept.values())
+
+
+def measure(
+    task: LatentTask,
+    batch_size: int,
+    steps: int,
+    device: torch.device,
+    checkpointing: bool = False,
+    compile_: bool = False,
+) -> dict:
+    """Parameter counts, activation memory and step times (wall and process CPU) of one preset/resolution/batch."""
     torch.manual_seed(0)
     models = {name: m.to(device) for name, m in task.build().items()}
+    if checkpointing:
+        task.checkpoint_activations(models)
     optims = {name: torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.5, 0.999)) for name, m in models.items()}
     batch = synthetic_batch(batch_size, task.preset.resolution, device)
+    activations = activation_bytes(task, models, batch)
+    if compile_:
+        for module in models.values():
+            module.compile()
     times, cpu_times = [], []
     for _ in range(steps):
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -78,6 +126,7 @@ def measure(task: LatentTask, batch_size: int, steps: int, device: torch.device)
         "step_cpu_s": cpu_times[best],
         "first_step_s": times[0],
         "images_per_s": batch_size / times[best],
+        "activation_mib": activations / 2**20,
         "params": params,
     }
 
@@ -112,13 +161,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mfu", type=float, default=0.3, help="projection: assumed model FLOPs utilisation")
     parser.add_argument("--clips", type=float, default=1.1e6, help="projection: VoxCeleb2 clips")
     parser.add_argument("--samples-per-clip", type=float, default=1.0, help="projection: training samples per clip")
+    parser.add_argument(
+        "--activation-checkpointing", action="store_true", help="as params train.activation_checkpointing"
+    )
+    parser.add_argument("--compile", action="store_true", help="as params train.compile (torch.compile every module)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cfg = load_params(args.params).train_latent.loss
     print(
         f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"device {device}, torch {torch.__version__}; perceptual {'off' if args.no_perceptual else 'on'}"
+        f"device {device}, torch {torch.__version__}; perceptual {'off' if args.no_perceptual else 'on'}; "
+        f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}, "
+        f"compile {'on' if args.compile else 'off'}"
     )
     with tempfile.TemporaryDirectory() as tmp:
         if not args.no_perceptual:
@@ -132,8 +187,9 @@ def main(argv: list[str] | None = None) -> None:
             if entry in args.configs:
                 steps = args.base_steps if name == "base" else args.steps
                 result = measure(
-                    LatentTask(cfg, preset, VOXCELEB2_SPEAKERS, crop_size=int(resolution)), int(batch), steps, device
-                )
+                    LatentTask(cfg, preset, VOXCELEB2_SPEAKERS, crop_size=int(resolution)), int(batch), steps, device,
+                    args.activation_checkpointing, args.compile,
+                )  # fmt: skip
             else:
                 with torch.device("meta"):
                     models = task.build()
@@ -162,7 +218,7 @@ def _report(entry: str, volume: tuple, batch: int, result: dict, args: argparse.
         line += (
             f", {result['images_per_s']:.3f} images/s (step {result['step_s']:.2f} s wall, "
             f"{result['step_cpu_s']:.2f} s CPU; first {result['first_step_s']:.2f} s), "
-            f"{achieved / 1e9:.1f} GFLOP/s{mfu}"
+            f"{achieved / 1e9:.1f} GFLOP/s{mfu}, activations {result['activation_mib']:.1f} MiB"
         )
     else:
         line += " (counted, not run)"

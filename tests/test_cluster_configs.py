@@ -56,7 +56,7 @@ def test_accelerate_configs_load_with_accelerate_and_name_existing_deepspeed_fil
 
 
 def test_deepspeed_configs_are_complete_once_the_engine_fills_them():
-    from vasa.training.engine import deepspeed_settings
+    from vasa.training.placement import deepspeed_settings
 
     cfg = _train_config()
     stages = {}

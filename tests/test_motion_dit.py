@@ -56,6 +56,7 @@ def train_cfg(**changes) -> TrainConfig:
         "steps": 6, "batch_size": 16, "grad_accum": 1, "lr": 2e-3, "betas": [0.9, 0.99], "weight_decay": 0.0,
         "warmup_steps": 5, "min_lr_ratio": 0.1, "clip_norm": 1.0, "ema_decay": 0.9, "precision": "fp32",
         "seed": 0, "log_every": 2, "image_every": 3, "checkpoint_every": 3, "keep_checkpoints": 2,
+        "activation_checkpointing": False, "compile": False,
     }  # fmt: skip
     return TrainConfig.from_data(values | changes)
 

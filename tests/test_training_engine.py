@@ -29,6 +29,7 @@ from vasa.training import checkpoint  # FIXME split module
 from vasa.training.ema import EMA
 from vasa.training.engine import TrainTask, train
 from vasa.training.schedule import lr_factor
+from vasa.training.steps import LossLog
 
 SIZE = 16  # synthetic image side
 
@@ -62,10 +63,10 @@ class ToyTask:
             l1 = F.l1_loss(fake, batch["driver"])
             adv = -models["discriminator"](fake).mean()
             total = l1 + self.adversarial * adv
-            return total, {"l1": l1.item(), "adversarial": adv.item()}
+            return total, {"l1": l1.detach(), "adversarial": adv.detach()}
         real, fake = models["discriminator"](batch["driver"]), models["discriminator"](scratch["fake"])
         hinge = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
-        return hinge, {"hinge": hinge.item()}
+        return hinge, {"hinge": hinge.detach()}
 
     def images(self, models, batch):
         fake = models["generator"](batch["source"][:2])
@@ -99,8 +100,25 @@ def toy_config(**changes) -> TrainConfig:
         "steps": 6, "batch_size": 4, "grad_accum": 1, "lr": 3e-3, "betas": [0.5, 0.999], "weight_decay": 0.0,
         "warmup_steps": 2, "min_lr_ratio": 0.1, "clip_norm": 1.0, "ema_decay": 0.9, "precision": "fp32",
         "seed": 0, "log_every": 2, "image_every": 3, "checkpoint_every": 3, "keep_checkpoints": 2,
+        "activation_checkpointing": False, "compile": False,
     }  # fmt: skip
     return TrainConfig.from_data(values | changes)
+
+
+def toy_evaluation(cfg: TrainConfig):
+    """The final evaluation of a toy run: the trained generator's L1 and the discriminator's mean score on a
+    batch of another seed (one module with EMA weights, one with its live weights)."""
+    batch = next(iter(toy_batches(cfg.batch_size, cfg.seed + 1)(0, 0, 1)))
+
+    def evaluate(models: dict[str, nn.Module]) -> dict[str, float]:
+        with torch.no_grad():
+            fake = models["generator"](batch["source"])
+            return {
+                "heldout_l1": F.l1_loss(fake, batch["driver"]).item(),
+                "d_fake": models["discriminator"](fake).mean().item(),
+            }
+
+    return evaluate
 
 
 def weights_digest(folder: Path) -> str:
@@ -221,7 +239,8 @@ def test_training_writes_ema_weights_metrics_grids_and_states(tmp_path):
 
 
 def test_loss_falls_on_a_learnable_toy_problem(tmp_path):
-    cfg = toy_config(steps=60, log_every=60, image_every=60, checkpoint_every=60)
+    # A metrics row is the mean over the steps since the last one: the last row, over steps 51-60.
+    cfg = toy_config(steps=60, log_every=10, image_every=60, checkpoint_every=60)
     result = run_toy(tmp_path, cfg)
     rows = (tmp_path / "live" / "plots" / "metrics" / "loss" / "generator" / "l1.tsv").read_text().splitlines()
     final = float(rows[-1].split("\t")[-1])
@@ -280,6 +299,55 @@ def test_resume_refuses_a_checkpoint_of_another_task(tmp_path):
             resume=True,
             progress=False,
         )
+
+
+def test_the_loss_log_reads_back_only_when_flushed_and_means_over_steps_and_processes():
+    """Terms stay tensors until a flush; a row is each term's mean over the steps since the last row and over
+    the processes that logged it (another process, simulated by the gather, logged a term this one did not)."""
+    other = {"loss/g/l1": [1.0, 1], "loss/g/bucket": [4.0, 2]}
+    log = LossLog(torch.device("cpu"), lambda mine: mine + [(None, other)])
+    log.add(0, {"loss/g/l1": torch.tensor(0.5), "grad_norm/g": 2.0}, [("g", torch.tensor(0.5))])
+    assert log.curve == [] and len(log.pending) == 1  # nothing read back yet
+    assert log.flush(row=False) is None and log.curve == [{"loss/g/l1": 0.5}]
+    log.add(1, {"loss/g/l1": torch.tensor(0.25), "grad_norm/g": 4.0}, [("g", torch.tensor(0.25))])
+    row = log.flush(row=True)
+    assert row == {"loss/g/l1": pytest.approx((0.5 + 0.25 + 1.0) / 3), "grad_norm/g": 3.0, "loss/g/bucket": 2.0}
+    assert log.last == {"loss/g/l1": 0.25, "grad_norm/g": 4.0} and log.window == {}
+
+
+def test_a_non_finite_loss_on_any_process_stops_every_process_at_the_flush():
+    mine = LossLog(torch.device("cpu"), lambda payload: payload + [((1, "discriminator", float("inf")), None)])
+    mine.add(0, {}, [("generator", torch.tensor(1.0))])
+    mine.add(1, {}, [("generator", torch.tensor(float("nan"))), ("discriminator", torch.tensor(2.0))])
+    mine.add(2, {}, [("generator", torch.tensor(float("nan")))])
+    # The earliest step first; at the same step, the lower process (this one, rank 0).
+    with pytest.raises(FloatingPointError, match=r"^step 1: non-finite generator loss nan$"):
+        mine.flush(row=False)
+    theirs = LossLog(torch.device("cpu"), lambda payload: payload + [((1, "discriminator", float("inf")), None)])
+    theirs.add(0, {}, [("generator", torch.tensor(1.0))])
+    with pytest.raises(FloatingPointError, match=r"^step 1: non-finite discriminator loss inf$"):
+        theirs.flush(row=True)  # finite here, yet it stops with the process that found one
+
+
+def test_a_nan_loss_between_logging_steps_stops_training_before_the_next_state(tmp_path):
+    """Losses are checked when read back (metrics rows and states), not at every step: a NaN at the fifth step
+    (the engine's step 4) of a run logging every 6 steps stops it at step 6, before that state is written."""
+    source = toy_batches(4, 0)
+
+    def poisoned(epoch: int, rank: int, world: int):
+        for index, batch in enumerate(source(epoch, rank, world)):
+            yield {k: v.fill_(float("nan")) for k, v in batch.items()} if (epoch, index) == (1, 1) else batch
+
+    torch.set_num_threads(1)
+    with pytest.raises(FloatingPointError, match=r"^step 4: non-finite generator loss nan$"):
+        train(ToyTask(), toy_config(log_every=6), poisoned, tmp_path, meta={}, resume=False, progress=False)
+    assert [step for step, _ in checkpoint.step_folders(tmp_path / "checkpoints")] == [3]
+    assert not (tmp_path / "model").exists()
+
+
+def test_activation_checkpointing_needs_a_task_that_names_its_blocks(tmp_path):
+    with pytest.raises(InputError, match="ToyTask has no blocks to checkpoint"):
+        run_toy(tmp_path, toy_config(activation_checkpointing=True))
 
 
 # ---------------------------------------------------------------- stage 1 through the engine
@@ -348,11 +416,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         source = batches
     torch.set_num_threads(1)
-    result = train(ToyTask(), cfg, source, args.out, meta={}, resume=args.resume, deepspeed=deepspeed, progress=False)
-    # Every rank writes the digests of its own live parameters and its loss curve: the ranks must agree.
-    (args.out / f"rank{result.rank}.json").write_text(
-        json.dumps({"step": result.step, "digests": result.parameter_digests, "losses": result.loss_curve})
-    )
+    result = train(
+        ToyTask(), cfg, source, args.out, meta={}, resume=args.resume, deepspeed=deepspeed,
+        evaluate=toy_evaluation(cfg), progress=False,
+    )  # fmt: skip
+    # Every rank writes the digests of its parameters, its loss curve and the evaluation (the main process's):
+    # the ranks must agree.
+    summary = {"step": result.step, "digests": result.parameter_digests, "losses": result.loss_curve}
+    (args.out / f"rank{result.rank}.json").write_text(json.dumps(summary | {"evaluation": result.evaluation}))
     return 0
 
 
@@ -363,7 +434,7 @@ if __name__ == "__main__":
 def test_deepspeed_half_precision_runs_the_loss_under_autocast():
     """DeepSpeed's bf16 modules hold bf16 weights and Accelerate does not autocast them: the engine does, so
     an fp32 batch meets them without a dtype error. Elsewhere (DDP, CPU fp32) the engine adds nothing."""
-    from vasa.training.engine import loss_autocast
+    from vasa.training.placement import loss_autocast
 
     conv = torch.nn.Conv2d(3, 4, 3).to(torch.bfloat16)
     batch = torch.rand(1, 3, 8, 8)

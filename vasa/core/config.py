@@ -318,6 +318,8 @@ class TrainConfig(Section):
     image_every: int = Field(ge=1)  # steps between PNG grids
     checkpoint_every: int = Field(ge=1)  # steps between resumable states; also the data-epoch length
     keep_checkpoints: int = Field(ge=1)  # newest resumable states kept on disk
+    activation_checkpointing: bool  # the task's heavy blocks recompute activations in backward (less memory)
+    compile: bool  # torch.compile every module's forward (nn.Module.compile, in place)
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

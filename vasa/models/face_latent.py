@@ -18,6 +18,7 @@ from vasa.core.weights import load_weights
 from vasa.models.appearance_encoder import AppearanceEncoder
 from vasa.models.decoder import Decoder
 from vasa.models.identity_encoder import CosFaceHead, IdentityEncoder
+from vasa.models.layers import recompute_blocks
 from vasa.models.motion_encoder import EXPRESSION_DIMS, MotionEncoder, with_measured_expression
 from vasa.models.presets import LatentPreset, preset_from_json
 from vasa.models.warping import WarpingGenerator, compose_grids, sample_volume
@@ -112,6 +113,12 @@ class FaceLatent(nn.Module):
         finally:
             for p in params:
                 p.requires_grad_(True)
+
+    def checkpoint_activations(self) -> int:
+        """Activation checkpointing on the residual blocks of the warping generator and the decoder, the
+        ones whose activations fill the memory at 512² (3D flow fields, up-blocks at full resolution); how
+        many blocks."""
+        return recompute_blocks(self.warping) + recompute_blocks(self.decoder)
 
     def forward(
         self,

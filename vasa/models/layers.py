@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -18,7 +19,31 @@ def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels)
 
 
-class ResBlock2d(nn.Module):
+class Recomputed(nn.Module):
+    """A block whose activations can be recomputed in the backward pass instead of kept (activation
+    checkpointing, torch.utils.checkpoint, non-reentrant): `recompute = True` trades one more forward of
+    the block for the memory of its intermediate activations. The gradients are the same."""
+
+    recompute = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.recompute and torch.is_grad_enabled():
+            return checkpoint(self.compute, x, use_reentrant=False)
+        return self.compute(x)
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def recompute_blocks(module: nn.Module) -> int:
+    """Turn on `recompute` for every `Recomputed` block inside `module`; how many there are."""
+    blocks = [m for m in module.modules() if isinstance(m, Recomputed)]
+    for block in blocks:
+        block.recompute = True
+    return len(blocks)
+
+
+class ResBlock2d(Recomputed):
     """Pre-activation residual block: (B, C_in, H, W) -> (B, C_out, H/stride, W/stride)."""
 
     def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
@@ -29,13 +54,13 @@ class ResBlock2d(nn.Module):
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1, stride=stride) if (c_in != c_out or stride != 1) else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(F.silu(self.norm2(h)))
         return self.skip(x) + h
 
 
-class ResBlock3d(nn.Module):
+class ResBlock3d(Recomputed):
     """Pre-activation 3D residual block: (B, C_in, D, H, W) -> (B, C_out, D, H, W)."""
 
     def __init__(self, c_in: int, c_out: int) -> None:
@@ -46,7 +71,7 @@ class ResBlock3d(nn.Module):
         self.conv2 = nn.Conv3d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv3d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(F.silu(self.norm2(h)))
         return self.skip(x) + h

@@ -2,11 +2,17 @@
 
 A stage supplies a `TrainTask` (its networks and losses) and a batch source; Accelerate owns devices
 and processes (one CPU, one GPU, N GPUs, many nodes: one code path), DeepSpeed ZeRO-2/3 comes in
-through a JSON config from cluster/deepspeed/, plain DDP otherwise. Each named module gets its own
-AdamW, stepped in `update_order()` (generator, then discriminator); while one module is updated the
-others are frozen (requires_grad off), so no gradient leaks between them. The loop adds gradient
-accumulation, clipping, bf16/fp16 autocast on GPU (fp32 on CPU), EMA, warm-up + cosine LR,
-checkpoints every N steps with `--resume`, DVCLive metrics, PNG grids and a progress bar.
+through a JSON config from cluster/deepspeed/, plain DDP otherwise (vasa/training/placement.py). Each
+named module gets its own AdamW, stepped in `update_order()` (generator, then discriminator); while one
+module is updated the others are frozen (requires_grad off), so no gradient leaks between them. The loop
+adds gradient accumulation, clipping, bf16/fp16 autocast on GPU (fp32 on CPU), EMA, warm-up + cosine
+LR, checkpoints every N steps with `--resume`, DVCLive metrics, PNG grids and a progress bar; optionally
+activation checkpointing and torch.compile (vasa/training/steps.py).
+
+Partitioning: under ZeRO-3 every rank holds a shard of each parameter, so whatever reads the weights
+whole (EMA, the NaN check, digests, the final weights) gathers them on every rank, and image grids are
+drawn on every rank (the forward's gathers are collective); only the main process writes. No host sync
+per step: loss terms stay on the device and are read back every `log_every` steps and at each state.
 
 Faults: a resumable state records its files' digests; `--resume` starts from the newest intact one
 (warning about each newer state it passes over), and no weights holding NaN or infinity are saved,
@@ -22,13 +28,12 @@ an uninterrupted run sees: on CPU the weights at step n are bit-identical.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
 import shutil
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -42,12 +47,13 @@ from vasa.core.errors import CheckpointError, InputError, StorageError
 from vasa.core.weights import non_finite, storage_errors
 from vasa.training import checkpoint
 from vasa.training.ema import EMA
+from vasa.training.placement import loss_autocast, make_accelerator
 from vasa.training.schedule import lr_factor
+from vasa.training.steps import Batch, LossLog, frozen, speed_and_memory, to_device, whole, zero3_gather
 from vasa.training.tracking import Monitor
 
 log = logging.getLogger(__name__)
 
-Batch = dict[str, Tensor]
 BatchSource = Callable[[int, int, int], Iterable[Batch]]  # (epoch, rank, world_size) -> batches
 
 
@@ -56,8 +62,9 @@ class TrainTask(Protocol):
     """What a stage gives the engine: its networks, their losses and what to log.
 
     Optional extras, looked up with getattr: `lr_scale(name) -> float` (per-module LR multiplier,
-    default 1) and `reconstruct(models, batch) -> Tensor (B, 3, S, S) in [-1, 1]` (the driver frame
-    rendered from the source's appearance with the driver's motion: used for held-out PSNR).
+    default 1), `reconstruct(models, batch) -> Tensor (B, 3, S, S) in [-1, 1]` (the driver frame
+    rendered from the source's appearance with the driver's motion: used for held-out PSNR) and
+    `checkpoint_activations(models)` (params `train.activation_checkpointing`: which blocks recompute).
     """
 
     def build(self) -> dict[str, nn.Module]: ...
@@ -109,93 +116,10 @@ class TrainResult:
     layout: RunLayout
 
 
-def resolve_precision(precision: str) -> str:
-    """Accelerate's mixed_precision for a TrainConfig.precision: autocast only where it pays (GPU)."""
-    if precision == "auto":
-        cuda = torch.cuda.is_available()
-        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
-    if precision in ("bf16", "fp16") and not torch.cuda.is_available():
-        raise InputError(f"precision {precision} needs a GPU; use fp32 or auto on CPU")
-    return {"fp32": "no"}.get(precision, precision)
-
-
-def deepspeed_settings(template: dict, cfg: TrainConfig, mixed_precision: str) -> dict:
-    """A DeepSpeed config with its "auto" fields filled from TrainConfig (batch, accumulation,
-    clipping, precision), so the JSON in cluster/deepspeed/ never repeats a value from params."""
-    ds = copy.deepcopy(template)
-    ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
-    ds["gradient_accumulation_steps"] = cfg.grad_accum
-    ds.pop("train_batch_size", None)  # DeepSpeed derives it: micro batch x accumulation x processes
-    ds["gradient_clipping"] = cfg.clip_norm
-    ds["bf16"] = {"enabled": mixed_precision == "bf16"}
-    ds["fp16"] = {"enabled": mixed_precision == "fp16"}
-    return ds
-
-
-def make_accelerator(cfg: TrainConfig, names: list[str], deepspeed: dict | None):
-    """One Accelerator for the run. On a machine without CUDA it is `cpu=True` with gloo (without
-    cpu=True, 2 launched processes train independently, silently; tests/test_cluster_configs.py). With DeepSpeed,
-    one plugin per module (Accelerate's multi-model API), all from the same JSON."""
-    from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, InitProcessGroupKwargs
-
-    no_cuda = not torch.cuda.is_available()
-    # cpu=True would switch DeepSpeed off (Accelerate only enables it when cpu is False); DeepSpeed
-    # then finds no GPU and runs on the CPU over gloo.
-    cpu = no_cuda and deepspeed is None
-    # Frozen modules (see `_frozen`) take no gradient in another module's phase: DDP must treat
-    # their parameters as unused rather than wait for them.
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]
-    mixed = resolve_precision(cfg.precision)
-    plugins = None
-    if deepspeed is not None:
-        if no_cuda:  # DeepSpeed defaults to NCCL; on CPU it works over gloo
-            handlers.append(InitProcessGroupKwargs(backend="gloo"))
-        settings = deepspeed_settings(deepspeed, cfg, mixed)
-        plugins = {name: DeepSpeedPlugin(hf_ds_config=copy.deepcopy(settings)) for name in names}
-    return Accelerator(
-        cpu=cpu,
-        mixed_precision=mixed,
-        kwargs_handlers=handlers,
-        deepspeed_plugins=plugins,
-        step_scheduler_with_optimizer=False,
-    )
-
-
-@contextmanager
-def _frozen(models: dict[str, nn.Module], active: str) -> Iterator[None]:
-    """requires_grad off for every module but `active` (StyleGAN-style phase isolation)."""
-    saved = {}
-    for name, module in models.items():
-        if name != active:
-            for param in module.parameters():
-                saved[param] = param.requires_grad
-                param.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for param, flag in saved.items():
-            param.requires_grad_(flag)
-
-
 def _names(tensors: list[str]) -> str:
     """The first few tensor names of a list, for a one-line message."""
     more = f" and {len(tensors) - 3} more" if len(tensors) > 3 else ""
     return ", ".join(tensors[:3]) + more
-
-
-def loss_autocast(mixed_precision: str, device: torch.device, deepspeed: bool) -> AbstractContextManager:
-    """The autocast the loss runs under. Accelerate autocasts a prepared model's forward itself, except
-    under DeepSpeed, whose bf16/fp16 modules hold half-precision weights and would meet the loaders'
-    fp32 batches ("Input type (float) and bias type (c10::BFloat16)"): there the engine autocasts."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
-    if not deepspeed or dtype is None:
-        return nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def _to_device(batch: Batch, device: torch.device) -> Batch:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
 class _Run:
@@ -205,6 +129,7 @@ class _Run:
         self.task, self.cfg, self.layout = task, cfg, layout
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         modules = task.build()
+        speed_and_memory(task, modules, cfg.activation_checkpointing, cfg.compile)
         self.order = list(task.update_order())
         if sorted(self.order) != sorted(modules):
             raise ValueError(f"update_order {self.order} must name each built module once: {sorted(modules)}")
@@ -223,15 +148,14 @@ class _Run:
                 self.accelerator.state.select_deepspeed_plugin(name)
             self.models[name], self.optimizers[name] = self.accelerator.prepare(modules[name], optimizer)
         self.plain = {name: self.accelerator.unwrap_model(model) for name, model in self.models.items()}
-        gather = None
-        if self.deepspeed and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
-            import deepspeed as ds
+        # ZeRO-3 partitions the parameters: whatever reads them whole (EMA, the NaN check, digests, the final
+        # weights) gathers them first, on every rank. The EMA shadow itself is a whole fp32 copy on each rank.
+        zero3 = self.deepspeed and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        self.gather = zero3_gather if zero3 else None
+        self.ema = {name: EMA(self.plain[name], cfg.ema_decay, self.gather) for name in task.ema_modules()}
+        from accelerate.utils import gather_object
 
-            gather = ds.zero.GatheredParameters
-        self.ema = {
-            name: EMA(self.accelerator.unwrap_model(self.models[name]), cfg.ema_decay, gather)
-            for name in task.ema_modules()
-        }
+        self.losses = LossLog(self.accelerator.device, gather_object)
         self.step = 0
 
     @property
@@ -255,9 +179,11 @@ class _Run:
         """Model and EMA tensors holding NaN or infinity (`generator.0.weight`, `EMA generator.0.weight`).
         Every process gets an answer at once (a non-empty list if any process found one), so that all of
         them stop together rather than some waiting for the others at the next barrier."""
-        tensors = {name: module.state_dict() for name, module in self.plain.items()}
-        tensors |= {f"EMA {name}": ema.shadow for name, ema in self.ema.items()}
-        bad = non_finite(tensors)
+        found = {f"EMA {name}": non_finite({f"EMA {name}": ema.shadow}) for name, ema in self.ema.items()}
+        for name, module in self.plain.items():
+            with whole(module, self.gather):  # under ZeRO-3 each rank holds a shard: check the whole tensors
+                found[name] = non_finite({name: module.state_dict()})
+        bad = [tensor for key in sorted(found) for tensor in found[key]]  # non_finite's order: by module name
         anywhere = self.accelerator.reduce(torch.tensor([len(bad)], device=self.accelerator.device), "sum")
         return bad or (["a tensor of another process"] if int(anywhere.item()) else [])
 
@@ -343,9 +269,11 @@ class _Run:
                 group["lr"] = self.base_lr[name] * factor
         return factor
 
-    def train_step(self, micro: list[Batch]) -> dict[str, float]:
-        """One optimiser step of every module, in update order, over `grad_accum` micro-batches."""
-        terms: dict[str, float] = {}
+    def train_step(self, micro: list[Batch]) -> dict[str, Tensor | float]:
+        """One optimiser step of every module, in update order, over `grad_accum` micro-batches. Its loss
+        terms (returned) and losses go to `self.losses` as computed: nothing is read back here."""
+        terms: dict[str, Tensor | float] = {}
+        losses: list[tuple[str, Tensor]] = []
         scratch: list[dict] = [{} for _ in micro]
         for name in self.order:
             model, optimizer = self.models[name], self.optimizers[name]
@@ -354,15 +282,14 @@ class _Run:
             # The other modules run unwrapped and frozen in this phase: no DDP/DeepSpeed gradient hooks
             # fire for modules that are not being updated (DeepSpeed's ZeRO epilogue fails on them).
             view = {other: model if other == name else self.plain[other] for other in self.order}
-            with _frozen(self.plain, name):
+            with frozen(self.plain, name):
                 for index, batch in enumerate(micro):
                     last = index == len(micro) - 1
                     sync = nullcontext() if last or self.deepspeed else self.accelerator.no_sync(model)
                     with sync:
                         with loss_autocast(self.accelerator.mixed_precision, self.accelerator.device, self.deepspeed):
                             loss, parts = self.task.loss(name, view, batch, scratch[index])
-                        if not torch.isfinite(loss):
-                            raise FloatingPointError(f"step {self.step}: non-finite {name} loss {loss.item()}")
+                        losses.append((name, loss.detach()))  # checked for NaN/inf at the next flush
                         if self.deepspeed:
                             ds_engine: Any = model  # accelerate's prepare() made it a deepspeed.DeepSpeedEngine
                             ds_engine.backward(loss)  # the DeepSpeed engine scales by 1/grad_accum itself
@@ -371,46 +298,57 @@ class _Run:
                             self.accelerator.backward(loss / len(micro))
                     for key, value in parts.items():  # logged as loss/<module>/<term>
                         tag = f"loss/{name}/{key}"
-                        terms[tag] = terms.get(tag, 0.0) + float(value) / len(micro)
+                        terms[tag] = terms.get(tag, 0.0) + value / len(micro)
             if not self.deepspeed:
                 if self.cfg.clip_norm > 0:
                     norm = self.accelerator.clip_grad_norm_(model.parameters(), self.cfg.clip_norm)
-                    terms[f"grad_norm/{name}"] = float(norm)
+                    terms[f"grad_norm/{name}"] = norm
                 optimizer.step()
         for name, ema in self.ema.items():
-            ema.update(self.accelerator.unwrap_model(self.models[name]))
+            ema.update(self.plain[name])
+        self.losses.add(self.step, terms, losses)
         return terms
 
     def grid(self, batch: Batch) -> np.ndarray:
-        plain = {name: self.accelerator.unwrap_model(model) for name, model in self.models.items()}
-        for module in plain.values():
+        """The task's image grid of the live weights, on every rank: under ZeRO-3 the forward gathers each
+        layer's parameters from all ranks (DeepSpeed's hooks), so no rank may skip it; rank 0 saves it."""
+        for module in self.plain.values():
             module.eval()
         with torch.no_grad():
-            grid = self.task.images(plain, batch)
-        for module in plain.values():
+            grid = self.task.images(self.plain, batch)
+        for module in self.plain.values():
             module.train()
         return grid
 
     def parameter_digests(self) -> dict[str, str]:
-        """sha256 of each module's parameters as this rank holds them (ranks of a DDP or ZeRO-1/2 run
-        must agree bit for bit)."""
+        """sha256 of each module's whole parameters (gathered under ZeRO-3): the ranks of a run must agree bit
+        for bit."""
         digests = {}
-        for name, model in self.models.items():
+        for name, module in self.plain.items():
             digest = hashlib.sha256()
-            for key, value in sorted(self.accelerator.unwrap_model(model).state_dict().items()):
-                digest.update(key.encode() + value.detach().to("cpu", torch.float32).numpy().tobytes())
+            with whole(module, self.gather):
+                for key, value in sorted(module.state_dict().items()):
+                    digest.update(key.encode() + value.detach().to("cpu", torch.float32).numpy().tobytes())
             digests[name] = digest.hexdigest()
         return digests
 
-    def ema_modules(self) -> dict[str, nn.Module]:
-        """Copies of the unwrapped modules holding the EMA weights, in eval mode (main process)."""
-        out = {}
-        for name, model in self.models.items():
-            module = copy.deepcopy(self.accelerator.unwrap_model(model))
+    def final_modules(self) -> dict[str, nn.Module] | None:
+        """The trained modules on the main process (None elsewhere), in eval mode on its device: fresh builds
+        holding the EMA weights where there are some, the live weights elsewhere. Fresh builds rather than
+        copies of the live modules, which under ZeRO-3 hold one shard each (and DeepSpeed's hooks); the live
+        weights are gathered on every rank, the EMA shadow is whole on each."""
+        main = self.accelerator.is_main_process
+        with torch.random.fork_rng(devices=[]):  # building initialises: the run's random stream stays as it was
+            built = self.task.build() if main else {}
+        for name, module in self.plain.items():
             if name in self.ema:
-                module.load_state_dict(self.ema[name].state_dict())
-            out[name] = module.eval()
-        return out
+                if main:
+                    built[name].load_state_dict(self.ema[name].state_dict())
+                continue
+            with whole(module, self.gather):  # every rank
+                if main:
+                    built[name].load_state_dict(module.state_dict())
+        return {name: m.to(self.accelerator.device).eval() for name, m in built.items()} if main else None
 
 
 def train(
@@ -431,6 +369,11 @@ def train(
     it is called again at every data epoch (`checkpoint_every` steps). `meta` (JSON-able: params,
     lineage) goes into model.json. `evaluate(models)` runs on the main process with the EMA weights
     after training; its figures go to DVCLive's metrics.json and the result.
+
+    Losses are read back every `log_every` steps and at every state (DVCLive rows: each term's mean over
+    the steps since the last row and over the processes); a NaN or infinite loss raises FloatingPointError
+    there, on every process, before a state is written. Image grids are drawn on every rank (ZeRO-3's
+    forward is collective) and saved by the main process.
     """
     layout = RunLayout(out)
     run = _Run(task, cfg, layout, deepspeed)
@@ -443,8 +386,6 @@ def train(
         raise InputError(f"{layout.states} holds checkpoints of an earlier run: pass --resume, or use a new --out")
     monitor = Monitor(layout.live, layout.images, cfg.steps, run.step, run.accelerator.is_main_process, progress)
     images_per_step = cfg.batch_size * cfg.grad_accum * run.world
-    terms: dict[str, float] = {}
-    curve: list[dict[str, float]] = []
     stream: Iterator[Batch] | None = None
     log.info(
         "training %s for %d steps on %d process(es), %s, global batch %d",
@@ -453,24 +394,27 @@ def train(
     while run.step < cfg.steps:
         if stream is None or run.step % cfg.checkpoint_every == 0:
             stream = iter(batches(run.step // cfg.checkpoint_every, run.rank, run.world))
-        micro = [_to_device(next(stream), run.accelerator.device) for _ in range(cfg.grad_accum)]
+        micro = [to_device(next(stream), run.accelerator.device) for _ in range(cfg.grad_accum)]
         factor = run.set_lr()
-        terms = run.train_step(micro)
-        curve.append({k: v for k, v in terms.items() if k.startswith("loss")})
+        run.train_step(micro)
         run.step += 1
         monitor.step(images_per_step)
-        if run.step % cfg.log_every == 0 or run.step == cfg.steps:
-            memory = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-            monitor.log(run.step, {**terms, "lr": cfg.lr * factor}, memory)
-        if run.accelerator.is_main_process and (run.step % cfg.image_every == 0 or run.step == cfg.steps):
+        last = run.step == cfg.steps
+        row, save = run.step % cfg.log_every == 0 or last, run.step % cfg.checkpoint_every == 0 or last
+        if row or save:
+            means = run.losses.flush(row)  # the only read-back of the losses; raises on a NaN/inf loss
+            if means is not None:
+                memory = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+                monitor.log(run.step, {**means, "lr": cfg.lr * factor}, memory)
+        if run.step % cfg.image_every == 0 or last:
             monitor.image(run.step, run.grid(micro[0]))
-        if run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps:
+        if save:
             run.save_state()
     evaluation: dict[str, float] = {}
     # The weights written below are those of the state just saved (or resumed, at the end), whose
     # NaN/infinity check refused a diverged run before it got here.
-    if run.accelerator.is_main_process:
-        final = run.ema_modules()
+    final = run.final_modules()  # on every rank (ZeRO-3 gathers), the modules on the main process only
+    if final is not None:
         if evaluate is not None:
             evaluation = evaluate(final)
             monitor.summary(evaluation)
@@ -483,8 +427,8 @@ def train(
     return TrainResult(
         step=run.step,
         rank=run.rank,
-        last_terms=terms,
-        loss_curve=curve,
+        last_terms=run.losses.last,
+        loss_curve=run.losses.curve,
         evaluation=evaluation,
         parameter_digests=digests,
         layout=layout,

@@ -88,6 +88,11 @@ class LatentTask:
         """Same learning rate for both (MegaPortraits)."""
         return 1.0
 
+    def checkpoint_activations(self, models: dict[str, nn.Module]) -> None:
+        """Params `train.activation_checkpointing`: the generator's warping and decoder blocks recompute their
+        activations in the backward pass (the discriminator is small)."""
+        cast(FaceLatent, models[GENERATOR]).checkpoint_activations()
+
     def describe(self) -> dict:
         """Preset, loss settings and speaker count, as plain JSON values (tuples become lists)."""
         info = {
