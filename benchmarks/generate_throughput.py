@@ -40,6 +40,18 @@ Measured on this CPU (--threads torch and OpenCV threads; best of the timed runs
               from the parts, for configs whose stream is not run
 Ratios printed: each renderer against the 25 fps budget (40 ms per frame), and each config against the
 first config measured in the same run. --quick measures tiny:256 alone (1 s streams) and counts the rest.
+
+Real-time figures (issue 22; printed, and written to --json OUT with the machine's load):
+  audio_lookahead_ms  the most audio `stream` has read past the end of a frame when it yields that frame, over
+                      every frame chunk yielded before the audio ends (20 ms chunks, counted in samples, not
+                      timed): the floor of any latency, whatever the hardware
+  first_frame_ms      the tests' tiny bundle (`tiny` at its own side, crop side params preprocess.crop_size, DDIM
+                      --stream-steps, params generate.render_batch) on this CPU, a synthetic 512² portrait, audio
+                      arriving at real time in 20 ms chunks: from the first chunk's arrival to the first pasted-back
+                      frame chunk (= the wait for the chunk that completes the first window + compute)
+  post_ms_per_frame_512 / _1024   CPU-ms per frame of everything after the renderer (paste-back, watermark,
+                      RGB -> I420, libx264 and 48 kHz stereo AAC, pipelined as `vasa generate` runs them) into a 512² /
+                      1024² portrait: benchmarks/generate_post.py, which also breaks it down by stage
 """
 
 from __future__ import annotations
@@ -52,10 +64,12 @@ import platform
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+from generate_post import load_average, measure_post  # benchmarks/generate_post.py, beside this script
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -78,6 +92,8 @@ SCALES = {"audio": 0.5, "gaze": 1.0}  # VASA-1's guidance: 1 + 2 sequences per d
 BUDGET_MS = 1000 / FPS  # one frame of 25 fps playback
 PORTRAIT_SIDE = 512
 CHUNK_S = 0.1  # a microphone's chunk
+LIVE_CHUNK_S = 0.02  # the real-time figures' chunk (a WebSocket client's or an audio callback's)
+GOALS = {"audio_lookahead_ms": 200, "first_frame_ms": 400, "post_ms_per_frame_512": 5, "post_ms_per_frame_1024": 15}
 WINDOW, CONTEXT = 25, 5  # the bundle's (params train_motion); (100, 25) is counted too
 
 
@@ -272,31 +288,78 @@ def run_stream(session, audio: np.ndarray, rate: int, steps: int, crop_only: boo
     return time.perf_counter() - wall, time.process_time() - cpu, frames
 
 
-def first_frame_latency(session, audio: np.ndarray, rate: int, steps: int) -> tuple[float, float]:
-    """Audio arriving at real time in 100 ms chunks (pasted-back frames): seconds from the first chunk's
+def first_frame_latency(
+    session, audio: np.ndarray, rate: int, steps: int, chunk_s: float = CHUNK_S, render_batch: int = 25
+) -> tuple[float, float]:
+    """Audio arriving at real time in `chunk_s` chunks (pasted-back frames): seconds from the first chunk's
     arrival to the arrival of the chunk that completed the first window (audio wait), and from there to
     the first yielded frame chunk (compute)."""
     arrivals: list[float] = []
 
     def microphone() -> Iterator[np.ndarray]:
         start = time.perf_counter()
-        for index, piece in enumerate(_chunks(audio, rate)):
-            ready = start + (index + 1) * CHUNK_S  # chunk i holds audio up to (i + 1) x 100 ms
+        for index, piece in enumerate(_chunks(audio, rate, chunk_s)):
+            ready = start + (index + 1) * chunk_s  # chunk i holds audio up to (i + 1) x chunk_s
             time.sleep(max(0.0, ready - time.perf_counter()))
             arrivals.append(time.perf_counter())
             yield piece
 
-    frames = stream(session, microphone(), conditions(steps))
+    frames = stream(session, microphone(), conditions(steps), render_batch=render_batch)
     next(frames)
     first = time.perf_counter()
     frames.close()
     return arrivals[-1] - arrivals[0], first - arrivals[-1]
 
 
-def _chunks(audio: np.ndarray, rate: int) -> Iterator[np.ndarray]:
-    size = int(rate * CHUNK_S)
+def audio_lookahead(session, audio: np.ndarray, rate: int, steps: int, chunk_s: float = LIVE_CHUNK_S) -> float:
+    """Seconds of audio `stream` has read past the end of a frame when it yields it, the most over the frame
+    chunks yielded before the audio ends (the end of the audio releases the rest early)."""
+    pulled, ended = [0], [False]
+
+    def source() -> Iterator[np.ndarray]:
+        for piece in _chunks(audio, rate, chunk_s):
+            pulled[0] += len(piece)
+            yield piece
+        ended[0] = True
+
+    worst, done = 0.0, 0
+    for frames in stream(session, source(), conditions(steps), crop_only=True):
+        if not ended[0]:
+            worst = max(worst, pulled[0] / rate - (done + 1) / FPS)
+        done += len(frames)
+    return worst
+
+
+def _chunks(audio: np.ndarray, rate: int, chunk_s: float = CHUNK_S) -> Iterator[np.ndarray]:
+    size = int(round(rate * chunk_s))
     for start in range(0, len(audio), size):
         yield audio[start : start + size]
+
+
+def real_time_figures(params: Params, args: argparse.Namespace) -> dict:
+    """The --json figures of the module docstring."""
+    rate, name = params.preprocess.sample_rate, "tiny"
+    bundle = build_bundle(params, name, get_preset(name).resolution, params.preprocess.crop_size)
+    session = open_session(bundle, synthetic_portrait(bundle.resolution, params.preprocess.crop_size))
+    seconds = 2 * bundle.dit.window / FPS + 0.5
+    lookahead = audio_lookahead(session, speech_like(seconds, rate), rate, args.stream_steps)
+    out: dict = {"audio_lookahead_ms": 1000 * lookahead}
+    wait, compute = first_frame_latency(session, speech_like(bundle.dit.window / FPS + 0.5, rate), rate,
+                                        args.stream_steps, LIVE_CHUNK_S, params.generate.render_batch)  # fmt: skip
+    out |= {"first_frame_ms": 1000 * (wait + compute), "first_frame_wait_ms": 1000 * wait,
+            "first_frame_compute_ms": 1000 * compute}  # fmt: skip
+    out["first_frame_config"] = (
+        f"tiny at {bundle.resolution}², crop side {params.preprocess.crop_size}, {args.stream_steps} DDIM steps, "
+        f"render_batch {params.generate.render_batch}, W {bundle.dit.window}, {LIVE_CHUNK_S * 1000:.0f} ms chunks"
+    )
+    frames = 50 if args.quick else 100
+    post = {side: measure_post(params.generate, side, args.crop_size, frames, params.generate.render_batch)
+            for side in (512, 1024)}  # fmt: skip
+    for side, figures in post.items():
+        out[f"post_ms_per_frame_{side}"] = figures["post_cpu_ms"]
+    out["post"] = {str(side): figures for side, figures in post.items()}
+    out["goals"] = {key: {"goal": goal, "met": out[key] <= goal} for key, goal in GOALS.items()}
+    return out
 
 
 # --- one config ----------------------------------------------------------------------------------------
@@ -429,6 +492,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--launch-us", type=float, default=5.0, help="projection: µs per eager GPU kernel")
     parser.add_argument("--render-batch", type=int, default=25, help="projection: frames per renderer call")
     parser.add_argument("--quick", action="store_true", help="tiny:256 measured, the rest counted; 1 s streams")
+    parser.add_argument("--json", type=Path, help="write the real-time figures (and the machine's load) here")
     args = parser.parse_args(argv)
     if args.quick:
         args.count_only = [c for c in args.configs + args.count_only if c != "tiny:256"]
@@ -464,6 +528,23 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
     report_counted(rows, args)
     report_measured(rows, args)
+    load_before = load_average()
+    figures = real_time_figures(params, args)
+    report_real_time(figures)
+    if args.json:
+        machine = {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
+                   "torch": torch.__version__, "load_average": [load_before, load_average()]}  # fmt: skip
+        args.json.write_text(json.dumps({"machine": machine} | figures, indent=1) + "\n")
+
+
+def report_real_time(figures: dict) -> None:
+    print(f"\n## real time (goals: issue 22); first frame: {figures['first_frame_config']}\n")
+    print("| figure | measured | goal | met |")
+    print("|---|---|---|---|")
+    for key, goal in figures["goals"].items():
+        print(f"| {key} | {figures[key]:.1f} | <= {goal['goal']} | {'yes' if goal['met'] else 'no'} |")
+    print(f"(first frame = {figures['first_frame_wait_ms']:.0f} ms audio wait + "
+          f"{figures['first_frame_compute_ms']:.0f} ms compute)")  # fmt: skip
 
 
 if __name__ == "__main__":

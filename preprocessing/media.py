@@ -1,7 +1,8 @@
-"""Writing H.264 + AAC mp4 files with PyAV (its wheel bundles libx264 and the AAC encoder).
+"""Writing H.264 + AAC mp4 files with PyAV (its wheel bundles libx264, NVENC's wrapper and the AAC encoder).
 
-Output is byte-reproducible: one encoder thread, `bitexact` flags on the muxer and codecs so no
-library version or wall-clock time lands in the file, and fixed presentation timestamps.
+Output is byte-reproducible: a fixed encoder thread count (one unless asked; x264 gives the same bytes for
+the same count), `bitexact` flags on the muxer and codecs so no library version or wall-clock time lands in
+the file, and fixed presentation timestamps.
 """
 
 from __future__ import annotations
@@ -10,9 +11,24 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
+import cv2
 import numpy as np
 
 AAC_FRAME = 1024  # samples per AAC frame
+AAC_RATES = frozenset({7350, 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000})
+AAC_MAX_BITS = 6144  # per channel per AAC frame (ISO 14496-3): FFmpeg's encoder clamps a higher bit rate to it
+
+
+def rgb_to_i420(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> (3 H / 2, W) uint8 I420 planes (Y, then U and V at half size), BT.601 limited
+    range as FFmpeg's swscale converts for libx264 by default: Y within one level of it, chroma averaged over
+    2x2 pixels. OpenCV's conversion costs a seventh of swscale's (0.7 vs 5.2 ms at 1024², docs/BENCHMARKS.md)."""
+    return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2YUV_I420)
+
+
+def aac_bit_rate(bit_rate: int, rate: int, channels: int) -> int:
+    """`bit_rate` bits/s, lowered to what AAC can carry at `rate` Hz with `channels` channels."""
+    return min(bit_rate, AAC_MAX_BITS * rate * channels // AAC_FRAME)
 
 
 class VideoWriter:
@@ -21,12 +37,16 @@ class VideoWriter:
     `target` is a path (written to `<name>.partial`, renamed on a clean close, so a killed run never
     leaves a truncated mp4 under the final name) or a seekable binary file object such as
     io.BytesIO (the mp4 muxer seeks back to finish its index). Frames are (H, W, 3) uint8 RGB with
-    even H and W (yuv420p); `crf` and `preset` are libx264's quality and speed knobs. Same frames
-    and settings give the same bytes (one encoder thread, bitexact flags, fixed timestamps).
-    Use as a context manager; optional mono `audio` is added when the writer closes. `metadata`
-    becomes container tags; the mp4 muxer keeps only the keys it maps to iTunes-style atoms (title,
-    comment, description, synopsis, keywords, copyright, artist, ...) and drops others, `encoder`
-    included (under bitexact).
+    even H and W (yuv420p), or I420 planes (`write_yuv`); `crf` and `preset` are libx264's quality and
+    speed knobs. Same frames and settings give the same bytes (a fixed encoder thread count, bitexact flags,
+    fixed timestamps).
+    Use as a context manager; optional mono `audio` is added when the writer closes, or audio of
+    `audio_layout` (mono or stereo) goes in as the video advances (`write_audio`), AAC at `audio_bit_rate`
+    bits/s (None: FFmpeg's default) with the encoder's `audio_options`. `metadata` becomes container tags;
+    the mp4 muxer keeps only the keys it maps to iTunes-style atoms (title, comment, description, synopsis,
+    keywords, copyright, artist, ...) and drops others, `encoder` included (under bitexact). `codec` is
+    FFmpeg's H.264 encoder (libx264, h264_nvenc): `codec_options` are its options, or libx264's `crf` and
+    `preset` when None; `threads` its thread count.
     """
 
     def __init__(
@@ -39,6 +59,13 @@ class VideoWriter:
         preset: str = "medium",
         audio_rate: int | None = None,
         metadata: dict[str, str] | None = None,
+        *,
+        audio_layout: str = "mono",
+        audio_bit_rate: int | None = None,
+        audio_options: dict[str, str] | None = None,
+        threads: int = 1,
+        codec: str = "libx264",
+        codec_options: dict[str, str] | None = None,
     ) -> None:
         if width % 2 or height % 2:
             raise ValueError(f"frame size must be even for yuv420p, got {width}x{height}")
@@ -47,17 +74,24 @@ class VideoWriter:
         output = str(self._tmp) if self._tmp else target
         self._container = av.open(output, "w", format="mp4", options={"fflags": "+bitexact"})
         self._container.metadata.update(metadata or {})
-        self._video = self._container.add_stream("libx264", rate=fps)
+        self._video = self._container.add_stream(codec, rate=fps)
         self._video.width, self._video.height = width, height
         self._video.pix_fmt = "yuv420p"
-        self._video.thread_count = 1
-        self._video.options = {"crf": str(crf), "preset": preset, "flags": "+bitexact"}
+        self._video.thread_count = threads
+        options = {"crf": str(crf), "preset": preset} if codec_options is None else dict(codec_options)
+        self._video.options = options | {"flags": "+bitexact"}
         self._audio = None
         if audio_rate is not None:
             self._audio = self._container.add_stream("aac", rate=audio_rate)
-            self._audio.layout = "mono"
-            self._audio.options = {"flags": "+bitexact"}
+            self._audio.layout = audio_layout
+            if audio_bit_rate is not None:
+                self._audio.bit_rate = audio_bit_rate
+            self._audio.options = dict(audio_options or {}) | {"flags": "+bitexact"}
         self._fps, self._count, self._closed = fps, 0, False
+        channels = av.AudioLayout(audio_layout).nb_channels
+        self._pending = np.zeros((0, channels), np.float32)  # write_audio's samples short of a whole AAC frame
+        self._samples = 0  # audio samples encoded (per channel): the next frame's pts
+        self._streamed = False  # write_audio was used
 
     def write(self, rgb: np.ndarray) -> None:
         """Append one (H, W, 3) uint8 RGB frame."""
@@ -70,14 +104,54 @@ class VideoWriter:
         self._container.mux(self._video.encode(frame))
         self._count += 1
 
+    def write_yuv(self, planes: np.ndarray) -> None:
+        """Append one frame given as (3 H / 2, W) uint8 I420 planes (`rgb_to_i420`): no conversion in FFmpeg."""
+        expected = (self._video.height * 3 // 2, self._video.width)
+        if planes.shape != expected or planes.dtype != np.uint8:
+            raise ValueError(f"I420 planes must be {expected} uint8, got {planes.shape} {planes.dtype}")
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(planes), format="yuv420p")
+        frame.pts, frame.time_base = self._count, Fraction(1, self._fps)
+        self._container.mux(self._video.encode(frame))
+        self._count += 1
+
+    def write_audio(self, samples: np.ndarray) -> None:
+        """Append (n, C) float32 samples in [-1, 1] (C = the layout's channels; (n,) for mono), encoded in
+        whole AAC frames as they fill (the rest when the writer closes), muxed beside the video so far."""
+        if self._audio is None:
+            raise ValueError("this writer has no audio stream")
+        block = np.asarray(samples, np.float32).reshape(len(samples), -1)
+        if block.shape[1] != self._pending.shape[1]:
+            raise ValueError(f"audio must have {self._pending.shape[1]} channel(s), got {block.shape[1]}")
+        self._streamed = True
+        self._pending = np.concatenate([self._pending, block])
+        whole = len(self._pending) // AAC_FRAME * AAC_FRAME
+        self._encode_planar(self._pending[:whole])
+        self._pending = self._pending[whole:]
+
+    def _encode_planar(self, block: np.ndarray) -> None:
+        """(n, C) float32 -> AAC frames of AAC_FRAME samples (a shorter last one only at the end)."""
+        assert self._audio is not None
+        layout = self._audio.layout.name
+        for start in range(0, len(block), AAC_FRAME):
+            part = np.ascontiguousarray(block[start : start + AAC_FRAME].T)  # (C, n) planar
+            frame = av.AudioFrame.from_ndarray(part, format="fltp", layout=layout)
+            rate = self._audio.rate
+            frame.sample_rate, frame.pts, frame.time_base = rate, self._samples, Fraction(1, rate)
+            self._container.mux(self._audio.encode(frame))
+            self._samples += part.shape[1]
+
     def close(self, audio: np.ndarray | None = None) -> None:
-        """Flush the encoder, add `audio` (N,) float32 in [-1, 1] if the writer has an audio stream,
-        finish the file (and rename it into place when writing to a path)."""
+        """Flush the encoder, add `audio` (N,) float32 in [-1, 1] if the writer has an audio stream and
+        `write_audio` was not used (else the samples it holds short of a frame are encoded), finish the file
+        (and rename it into place when writing to a path)."""
         if self._closed:
             return
         self._closed = True
         self._container.mux(self._video.encode(None))
-        if self._audio is not None:
+        if self._audio is not None and self._streamed:
+            self._encode_planar(self._pending)
+            self._container.mux(self._audio.encode(None))
+        elif self._audio is not None:
             sound = np.asarray(audio if audio is not None else [], dtype=np.float32)
             _encode_audio(self._container, self._audio, sound, self._audio.rate)
         self._container.close()

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from vasa.core.config import ConfigError, Params, load_params
+from vasa.core.config import ConfigError, GenerateConfig, Params, load_params
 from vasa.core.errors import InputError
 
 Handler = Callable[[argparse.Namespace, Params], int]
@@ -442,15 +442,18 @@ def _generate(args: argparse.Namespace, params: Params) -> int:
     from vasa.inference.generate import check_request, generate_file, resolve_device
     from vasa.labelling.labels import KEY_PASSWORD_ENV
 
+    cfg = _generate_config(args, params)
     overrides = {key: getattr(args, key) for key in GENERATE_OVERRIDES}
     inputs = {"--image": args.image, "--audio": args.audio, "--driving-video": args.driving_video,
               "--pose-from": args.pose_from, "--dynamics-from": args.dynamics_from}  # fmt: skip
     names = {key: "--" + key.replace("_", "-") for key in overrides}
     # Before the bundle is loaded (seconds) and any work: the output, the input files, the options' ranges.
-    check_request(args.out, inputs, overrides, params.generate, names=names)
-    bundle = load_bundle(args.bundle, resolve_device(params.generate.device))
+    check_request(args.out, inputs, overrides, cfg, names=names)
+    device = resolve_device(cfg.device)
+    _set_threads(cfg.threads)
+    bundle = load_bundle(args.bundle, device)
     result = generate_file(
-        bundle, args.image, args.audio, args.out, params.generate, params.preprocess.face,
+        bundle, args.image, args.audio, args.out, cfg, params.preprocess.face,
         crop_only=args.crop_only, driving_video=args.driving_video, pose_from=args.pose_from,
         dynamics_from=args.dynamics_from, key_password=os.environ.get(KEY_PASSWORD_ENV), names=names, **overrides,
     )  # fmt: skip
@@ -458,6 +461,23 @@ def _generate(args: argparse.Namespace, params: Params) -> int:
         f"generate: {result.path} ({result.frames} frames, {result.seconds:.2f} s), bundle {result.bundle_sha256[:12]}"
     )  # noqa: E501
     return 0
+
+
+def _generate_config(args: argparse.Namespace, params: Params) -> GenerateConfig:
+    """params `generate` with the command line's --device, when given."""
+    if args.device is None:
+        return params.generate
+    return params.generate.model_copy(update={"device": args.device})
+
+
+def _set_threads(threads: int) -> None:
+    """torch intra-op and OpenCV threads for generation (params generate.threads): set here, by the entry point,
+    so the library never reads the environment or changes a caller's settings."""
+    import cv2
+    import torch
+
+    torch.set_num_threads(threads)
+    cv2.setNumThreads(threads)
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -486,8 +506,16 @@ def _add_generate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--driving-video", type=Path, help="reenactment: pose and dynamics from this video")
     parser.add_argument("--pose-from", type=Path, help="head pose from this video, dynamics generated")
     parser.add_argument("--dynamics-from", type=Path, help="facial dynamics from this video, pose generated")
+    _add_device(parser)
     parser.set_defaults(handler=_generate)
     return parser
+
+
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda", "mps"),
+        help="where the models run (default: params generate.device); auto = cuda, else mps, else cpu",
+    )  # fmt: skip
 
 
 def _verify(args: argparse.Namespace, params: Params) -> int:
@@ -514,6 +542,7 @@ def _demo(args: argparse.Namespace, params: Params) -> int:
     from vasa.labelling.labels import KEY_PASSWORD_ENV
     from vasa.stages.demo import run_demo
 
+    _set_threads(params.generate.threads)
     report = run_demo(params, args.sample, args.bundle, args.out, args.report, os.environ.get(KEY_PASSWORD_ENV))
     print(f"demo: {len(report['videos'])} videos in {args.out}; every check passed: {report['all_ok']}")
     return 0 if report["all_ok"] else 1
@@ -716,9 +745,11 @@ def _serve(args: argparse.Namespace, params: Params) -> int:
     from vasa.inference.generate import resolve_device
     from vasa.inference.serve import create_app, serve_forever
 
-    cfg = params.serve
-    bundle = load_bundle(args.bundle, resolve_device(params.generate.device))
-    app = create_app(bundle, cfg, params.generate, params.preprocess.face)
+    cfg, generate = params.serve, _generate_config(args, params)
+    device = resolve_device(generate.device)
+    _set_threads(generate.threads)
+    bundle = load_bundle(args.bundle, device)
+    app = create_app(bundle, cfg, generate, params.preprocess.face)
     host, port = args.host or cfg.host, cfg.port if args.port is None else args.port
     print(f"serve: bundle {bundle.sha256[:12]} on http://{host}:{port}/ (Ctrl-C stops)")
     serve_forever(app, cfg, host, port)
@@ -741,6 +772,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--bundle", type=Path, required=True, help="export output folder")
     parser.add_argument("--host", help="address to listen on (default: params serve.host)")
     parser.add_argument("--port", type=int, help="port (default: params serve.port; 0 = any free port)")
+    _add_device(parser)
     parser.set_defaults(handler=_serve)
     return parser
 
@@ -863,6 +895,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # (a test suite on two workers beside a `dvc repro`) it took longer and the stage failed. A user's
     # own setting wins.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+    # Apple Silicon (generate.device mps): operators without an MPS kernel run on the CPU instead of failing.
+    # torch reads this once, when it is imported, which no subcommand has done yet. A user's own setting wins.
+    os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )

@@ -460,7 +460,8 @@ class C2paConfig(Section):
 class GenerateConfig(Section):
     """`vasa generate` and the `demo` stage: portrait + speech -> talking-face mp4 (vasa/inference/generate.py)."""
 
-    device: Literal["auto", "cpu", "cuda"]
+    device: Literal["auto", "cpu", "cuda", "mps"]  # auto: cuda, else mps, else cpu (`--device` overrides)
+    threads: int = Field(ge=1)  # torch intra-op and OpenCV threads, set by the entry point (vasa/cli.py)
     steps: int | None = Field(ge=1)  # DDIM steps; null = the bundle's default
     max_guidance: float = Field(ge=0, allow_inf_nan=False)  # upper bound of the guidance scales a run may ask
     seed: int
@@ -471,8 +472,12 @@ class GenerateConfig(Section):
     render_batch: int = Field(ge=1)  # frames rendered per forward call
     smooth_pose: float = Field(ge=0)  # Gaussian sigma (frames) on the generated head pose; 0 = raw
     smooth_dynamics: float = Field(ge=0)  # ... on the generated facial dynamics (lips: keep small)
-    crf: int = Field(ge=0, le=51)
-    preset: str
+    encoder: Literal["auto", "libx264", "h264_nvenc"]  # auto: NVENC when rendering on CUDA and it opens
+    crf: int = Field(ge=0, le=51)  # libx264's constant rate factor; NVENC's cq
+    preset: str  # libx264's speed preset
+    encoder_threads: int = Field(ge=1)  # libx264 threads (the same count gives the same bytes)
+    nvenc_preset: str  # h264_nvenc's preset, p1 (fastest) .. p7
+    audio_bit_rate: int = Field(ge=16000, le=512000)  # AAC bits/s of the user's audio (lowered to AAC's limit)
     c2pa: C2paConfig
 
 

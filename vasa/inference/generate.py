@@ -3,7 +3,9 @@
     portrait --FaceMesh--> box crop (the shards' geometry) --encoders--> canonical face, z_id      (once)
     speech --log-mel--> audio features --motion DiT, window by window--> pose + z_dyn per frame
     per frame: warp + decode (stage 1 renderer) -> paste back into the portrait (feathered) -> watermark
-    -> H.264 + the original audio (PyAV) with container tags -> C2PA manifest (vasa/labelling/labels.py)
+    -> H.264 + the user's audio at its own rate and channels (PyAV) with container tags -> C2PA manifest
+    (vasa/labelling/labels.py); everything after the renderer runs in threads beside it
+    (vasa/inference/postprocess.py)
 
 `stream` is the same path as a generator: audio chunks in, frame chunks out, one motion window at a
 time (memory bounded by one window whatever the length). `generate` drives it over a whole file.
@@ -34,7 +36,6 @@ from preprocessing import face as face_mod
 from preprocessing import pose as pose_mod
 from preprocessing.audio import log_mel
 from preprocessing.decode import DecodeError
-from preprocessing.media import VideoWriter
 from vasa.core.config import AudioFeatureConfig, DiffusionConfig, FaceConfig, GenerateConfig
 from vasa.core.errors import InputError
 from vasa.core.files import check_output, unique_temp
@@ -42,7 +43,8 @@ from vasa.diffusion import NoiseSchedule, sliding_windows
 from vasa.inference.bundle import Bundle
 from vasa.inference.encoder import Stage1Encoder
 from vasa.inference.portrait import IMAGE_SUFFIXES, Paster, Portrait, prepare_portrait
-from vasa.inference.speech import AudioFeatures, load_speech
+from vasa.inference.postprocess import Track, write_video
+from vasa.inference.speech import ArrayTrack, AudioFeatures, audio_track, load_speech
 from vasa.models.face_latent import Canonical
 from vasa.models.images import to_tensor, to_uint8
 from vasa.models.motion_dit import EMOTION_COLUMNS
@@ -169,8 +171,7 @@ def open_session(bundle: Bundle, portrait: Portrait) -> Session:
     if portrait.crop_full.shape[0] > portrait.crop.shape[0]:  # render at the crop side: the portrait's own pixels
         hires = to_tensor(portrait.crop_full)[None].to(bundle.device)
         canonical = replace(canonical, hires=hires)
-    if bundle.device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(bundle.device)
     session = Session(bundle, portrait, canonical, code.z_id, torch.cat([code.pose, code.dyn], dim=1))
     session.timings["encode_s"] = time.perf_counter() - start
     # librosa compiles its STFT helpers (numba) on first use: seconds that must not land on the first window.
@@ -414,74 +415,72 @@ def conditions_for(portrait: Portrait, bundle: Bundle, cfg: GenerateConfig, **ov
     return Conditions(**values)
 
 
-def write_video(
-    out: Path,
-    frames: Iterable[np.ndarray],
-    audio: np.ndarray,
-    sample_rate: int,
-    fps: int,
-    cfg: GenerateConfig,
-    tags: dict[str, str],
-    watermark=None,
-) -> int:
-    """Encode frame chunks + the audio into `out` (temporary name until complete). Returns frames written."""
-    writer: VideoWriter | None = None
-    count = 0
-    try:
-        for chunk in frames:
-            if watermark is not None:
-                chunk = watermark.apply(chunk)
-            if writer is None:
-                writer = VideoWriter(out, chunk.shape[2], chunk.shape[1], fps, cfg.crf, cfg.preset,
-                                     audio_rate=sample_rate, metadata=tags)  # fmt: skip
-            for frame in chunk:
-                writer.write(frame)
-            count += len(chunk)
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
-    if writer is None:
-        raise InputError("no frames were generated (audio shorter than one video frame)")
-    writer.close(audio[: math.ceil(count * sample_rate / fps)])
-    return count
-
-
 def write_labelled(
     out: Path,
     frames: Iterable[np.ndarray],
-    audio: np.ndarray,
+    audio: np.ndarray | Track,
     sample_rate: int,
     fps: int,
     cfg: GenerateConfig,
     bundle_sha256: str,
     key_password: str | None = None,
+    *,
+    paster: Paster | None = None,
+    device_type: str = "cpu",
+    threaded: bool = True,
 ) -> tuple[int, bool]:
     """Frame chunks holding generated faces + audio -> `out`, labelled as AI-generated (vasa/labelling/labels.py):
-    container tags, the watermark in every frame, a C2PA manifest (params generate.c2pa). Written under a
-    unique temporary name beside `out` (concurrent runs never collide) and renamed into place only when
-    complete and signed. Returns (frames written, signed)."""
+    container tags, the watermark in every frame, a C2PA manifest (params generate.c2pa). `audio`: a `Track`
+    (the user's file at its own rate and channels) or samples ((N,) mono or (N, 2) stereo at `sample_rate`);
+    `paster`: frames are crops, pasted back in the pipeline (vasa/inference/postprocess.py, `threaded` or in
+    the calling thread; the same bytes either way). Written under a unique temporary name beside `out`
+    (concurrent runs never collide) and renamed into place only when complete and signed. Returns (frames
+    written, signed)."""
     from vasa.labelling import labels
     from vasa.labelling.watermark import Watermarker
 
     tags = labels.container_tags(bundle_sha256, package_version())
     marker = Watermarker(bytes.fromhex(bundle_sha256)[:8])
+    track = ArrayTrack(audio, sample_rate) if isinstance(audio, np.ndarray) else audio
     out.parent.mkdir(parents=True, exist_ok=True)
     unsigned = unique_temp(out, ".unsigned.mp4")
     try:
-        count = write_video(unsigned, frames, audio, sample_rate, fps, cfg, tags, watermark=marker)
+        count = write_video(unsigned, frames, track, fps, cfg, tags, watermark=marker, paster=paster,
+                            device_type=device_type, threaded=threaded)  # fmt: skip
         signed = _sign(unsigned, out, cfg, bundle_sha256, key_password)
     finally:
         unsigned.unlink(missing_ok=True)
     return count, signed
 
 
-def resolve_device(device: str) -> torch.device:
+DEVICE_MISSING = {
+    "cuda": "generate.device is cuda but no GPU is available",
+    "mps": "generate.device is mps but MPS is not available (Apple Silicon and a torch built with MPS)",
+}
+
+
+def resolve_device(device: str, available: dict[str, bool] | None = None) -> torch.device:
+    """`auto`: cuda if there is a GPU, else mps (Apple Silicon), else cpu; a named device that is not there
+    is refused. `available` says which of cuda and mps this machine has (default: torch's answer).
+
+    On mps, operators without an MPS kernel run on the CPU when PYTORCH_ENABLE_MPS_FALLBACK=1, which torch
+    reads once at import: `vasa` sets it before importing torch (vasa/cli.py); a library caller sets it
+    itself. Generation runs in float32 there (autocast is CUDA-only here)."""
+    if available is None:
+        available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("generate.device is cuda but no GPU is available")
+        return torch.device(next((name for name in ("cuda", "mps") if available.get(name)), "cpu"))
+    if device in DEVICE_MISSING and not available.get(device):
+        raise InputError(DEVICE_MISSING[device])
     return torch.device(device)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (timings): CUDA and MPS run asynchronously."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 # --- one call: files in, a labelled mp4 out ------------------------------------------------------------
@@ -549,12 +548,14 @@ def generate_file(
     for name, path in (("driving", driving_video), ("pose_from", pose_from), ("dynamics_from", dynamics_from)):
         if path is not None:
             motion_sources[name] = encode_video(bundle, Path(path), face_cfg, crop_size)
+    track = audio_track(Path(audio_path))  # the user's audio as the video carries it (its rate and channels)
+    paster = None if crop_only else Paster(portrait, cfg.feather)
     session = open_session(bundle, portrait)
-    frames = stream(
-        session, chunks(speech, rate), conditions, crop_only=crop_only, render_batch=cfg.render_batch,
-        feather=cfg.feather, **motion_sources,
-    )  # fmt: skip
-    count, signed = write_labelled(out, frames, speech, rate, fps, cfg, bundle.sha256, key_password)
+    # Crops: pasted back in write_labelled's pipeline, beside the renderer.
+    crops = stream(session, chunks(speech, rate), conditions, crop_only=True, render_batch=cfg.render_batch,
+                   feather=cfg.feather, **motion_sources)  # fmt: skip
+    count, signed = write_labelled(out, crops, track, rate, fps, cfg, bundle.sha256, key_password, paster=paster,
+                                   device_type=bundle.device.type)  # fmt: skip
     seconds = len(speech) / rate
     timings = {"total_s": time.perf_counter() - start, **session.timings}
     log.info("%s: %d frames (%.2f s of audio), bundle %s, C2PA %s", out, count, seconds, bundle.sha256[:12],

@@ -1,16 +1,27 @@
 """The speech side of generation: load any audio file as speech, and the shards' log-mel features computed
-from audio arriving in chunks (vasa/inference/generate.py runs these)."""
+from audio arriving in chunks (vasa/inference/generate.py runs these); the user's own audio, as the video
+carries it.
+
+Two copies of the user's audio: the model's (mono at the bundle's rate, 16 kHz, `load_speech`: the features
+and so the motion) and the one muxed into the video (`AudioTrack`: the file's own rate and channels, read
+again from the file while the video is written, so it never sits in memory whole).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import av
 import numpy as np
 
 from preprocessing.audio import log_mel, mel_frames_per_video_frame
+from preprocessing.media import AAC_RATES
 from vasa.core.config import AudioFeatureConfig, GenerateConfig
 from vasa.core.errors import InputError
+
+FALLBACK_RATE = 48000  # a source rate that AAC cannot carry (e.g. 192 kHz) is resampled to this
 
 FLOAT_FORMATS = frozenset({"flt", "fltp", "dbl", "dblp"})  # sample formats that can hold NaN or infinity
 
@@ -63,6 +74,75 @@ def read_speech(path: Path, sample_rate: int, max_seconds: float) -> np.ndarray:
     except av.error.FFmpegError as err:
         raise InputError(f"{path}: unreadable audio ({err})") from None
     return np.concatenate(pieces).astype(np.float32) if pieces else np.zeros(0, np.float32)
+
+
+@dataclass(frozen=True)
+class AudioTrack:
+    """The user's audio as the video carries it: the first audio stream of `path` at its own rate and
+    channels (mono stays mono, stereo stays stereo; more channels are downmixed to stereo, a rate AAC cannot
+    carry becomes FALLBACK_RATE), decoded again, one frame at a time, as `chunks` is read."""
+
+    path: Path
+    rate: int  # Hz, as muxed
+    layout: str  # "mono" | "stereo"
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.layout == "mono" else 2
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        """(n, channels) float32 samples in file order; InputError on a decode error or a non-finite sample
+        (`load_speech` has read the file once already, so neither happens unless the file changed)."""
+        try:
+            with av.open(str(self.path)) as container:
+                resampler = av.AudioResampler(format="fltp", layout=self.layout, rate=self.rate)
+                for frame in container.decode(container.streams.audio[0]):
+                    yield from self._planar(resampler.resample(frame))
+                yield from self._planar(resampler.resample(None))
+        except av.error.FFmpegError as err:
+            raise InputError(f"{self.path}: unreadable audio ({err})") from None
+
+    def _planar(self, frames: list[av.AudioFrame]) -> Iterator[np.ndarray]:
+        for frame in frames:
+            samples = frame.to_ndarray().T  # (n, channels)
+            if not np.isfinite(samples).all():
+                raise InputError(f"{self.path}: the audio holds NaN or infinite samples")
+            yield samples
+
+
+def audio_track(path: Path) -> AudioTrack:
+    """The `AudioTrack` of an audio file that `load_speech` has accepted: its first audio stream's rate and
+    channel count, as the decoder reports them."""
+    try:
+        with av.open(str(path)) as container:
+            context = container.streams.audio[0].codec_context
+            rate, channels = int(context.sample_rate), int(context.layout.nb_channels)
+    except (av.error.FFmpegError, IndexError) as err:
+        raise InputError(f"{path}: unreadable audio ({err})") from None
+    return AudioTrack(Path(path), rate if rate in AAC_RATES else FALLBACK_RATE, "mono" if channels == 1 else "stereo")
+
+
+@dataclass(frozen=True)
+class ArrayTrack:
+    """Audio already in memory, as an `AudioTrack`: (N,) mono or (N, 2) stereo float32 at `rate`."""
+
+    samples: np.ndarray
+    rate: int
+
+    def __post_init__(self) -> None:
+        if not (self.samples.ndim == 1 or (self.samples.ndim == 2 and self.samples.shape[1] in (1, 2))):
+            raise ValueError(f"audio must be (N,) mono or (N, 2) stereo, got shape {self.samples.shape}")
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.samples.ndim == 1 else self.samples.shape[1]
+
+    @property
+    def layout(self) -> str:
+        return "mono" if self.channels == 1 else "stereo"
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        yield np.asarray(self.samples, np.float32).reshape(len(self.samples), self.channels)
 
 
 class AudioFeatures:

@@ -37,7 +37,9 @@ class CosFaceHead(nn.Module):
         super().__init__()
         if n_speakers < 1:
             raise ValueError(f"CosFace head needs at least one speaker, got {n_speakers}")
-        self.weight = nn.Parameter(torch.randn(n_speakers, dim) / dim**0.5)
+        # In place: the same numbers as `/`, but on the meta device (load_bundle's skeleton) an out-of-place
+        # op with a Python scalar imports torch._dynamo, a second of every `vasa generate`'s start-up.
+        self.weight = nn.Parameter(torch.randn(n_speakers, dim).div_(dim**0.5))
 
     def forward(self, z_id: torch.Tensor) -> torch.Tensor:
         return F.normalize(z_id, dim=-1) @ F.normalize(self.weight, dim=-1).t()

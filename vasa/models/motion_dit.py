@@ -89,7 +89,7 @@ class ConditionEmbedding(nn.Module):
     def __init__(self, dim: int, width: int) -> None:
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(dim, width), nn.SiLU(), nn.Linear(width, width))
-        self.null = nn.Parameter(torch.randn(width) * 0.02)
+        self.null = nn.Parameter(torch.randn(width).mul_(0.02))
 
     def forward(self, value: Tensor, dropped: Tensor) -> Tensor:
         return torch.where(dropped[:, None], self.null.to(value.dtype), self.mlp(value))
@@ -121,9 +121,9 @@ class MotionDiT(nn.Module):
         self.noisy_in = nn.Linear(motion_dim, width)  # X_t tokens
         self.context_in = nn.Linear(motion_dim, width)  # X_pre tokens (clean motion: its own projection)
         self.audio_in = nn.Linear(audio_dim, width)  # A and A_pre, added to their frame's token
-        self.null_audio = nn.Parameter(torch.randn(width) * 0.02)
-        self.null_context = nn.Parameter(torch.randn(width) * 0.02)  # every context token when X_pre/A_pre dropped
-        self.position = nn.Parameter(torch.randn(1, context + window, width) * 0.02)
+        self.null_audio = nn.Parameter(torch.randn(width).mul_(0.02))
+        self.null_context = nn.Parameter(torch.randn(width).mul_(0.02))  # every context token when X_pre/A_pre dropped
+        self.position = nn.Parameter(torch.randn(1, context + window, width).mul_(0.02))
         self.time = nn.Sequential(nn.Linear(FREQUENCY_DIM, width), nn.SiLU(), nn.Linear(width, width))
         self.gaze = ConditionEmbedding(2, width)
         self.distance = ConditionEmbedding(1, width)
