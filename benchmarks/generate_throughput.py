@@ -33,22 +33,29 @@ Measured on this CPU (--threads torch and OpenCV threads; best of the timed runs
   stream      `stream` over --seconds of speech-like audio (white noise under a 4 Hz syllable envelope) in
               100 ms chunks, crop_only and pasted back, for --stream-configs; frames per wall second, once each
               (after one untimed log-mel call: librosa's first call in a process compiles, timed and printed)
-  latency     the same audio arriving at real time in 100 ms chunks: from the first chunk's arrival to the
-              first yielded frame chunk, split into the audio wait (the chunk that completes the first
-              window: W / 25 s plus the STFT's half window, inherent to the windowed design) and compute
+  latency     the same audio arriving at real time in 20 ms chunks, pasted-back frames: from the first chunk's
+              arrival to the first yielded frame, split into the audio wait (until the chunk that completes
+              the audio the first frame needs, `audio_lookahead_ms`) and compute; for the low-latency stream
+              of `vasa serve` (params generate.stream_hop / stream_lookahead: (hop + lookahead) / 25 s plus
+              the STFT's 2.5 ms) and for offline windows (W / 25 s plus 2.5 ms); also the low-latency stream's
+              fps (crop_only) and the DiT's CPU ms per frame in it (one window per hop frames)
   components  1 / (DiT s per frame at the stream's steps + render + paste-back): the stream's fps predicted
               from the parts, for configs whose stream is not run
 Ratios printed: each renderer against the 25 fps budget (40 ms per frame), and each config against the
 first config measured in the same run. --quick measures tiny:256 alone (1 s streams) and counts the rest.
+--json prints one JSON object (the tables go to stderr): per config its measures, and at the top level the
+first streamed config's `audio_lookahead_ms` and `first_frame_ms` (low latency; `offline_*` beside them).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
 import platform
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -60,11 +67,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from preprocessing.audio import log_mel
-from vasa.core.config import DiffusionConfig, Params, load_params
-from vasa.diffusion import NoiseSchedule, guided_denoiser, sliding_windows
+from vasa.core.config import AudioFeatureConfig, DiffusionConfig, Params, load_params
+from vasa.diffusion import NoiseSchedule, WindowStream, guided_denoiser, sliding_windows
 from vasa.inference.bundle import Bundle, bundle_meta
 from vasa.inference.generate import Conditions, open_session, render, stream
 from vasa.inference.portrait import Portrait, paste_back
+from vasa.inference.speech import AudioFeatures
 from vasa.models.face_latent import FaceLatent
 from vasa.models.motion_dit import MotionDiT
 from vasa.models.motion_encoder import EXPRESSION_DIMS
@@ -77,7 +85,8 @@ EMOTION_DIM = 2
 SCALES = {"audio": 0.5, "gaze": 1.0}  # VASA-1's guidance: 1 + 2 sequences per denoiser call
 BUDGET_MS = 1000 / FPS  # one frame of 25 fps playback
 PORTRAIT_SIDE = 512
-CHUNK_S = 0.1  # a microphone's chunk
+CHUNK_S = 0.1  # audio chunks of the throughput streams
+LATENCY_CHUNK_S = 0.02  # a microphone's chunk (WebRTC's 10-20 ms frames)
 WINDOW, CONTEXT = 25, 5  # the bundle's (params train_motion); (100, 25) is counted too
 
 
@@ -272,29 +281,55 @@ def run_stream(session, audio: np.ndarray, rate: int, steps: int, crop_only: boo
     return time.perf_counter() - wall, time.process_time() - cpu, frames
 
 
-def first_frame_latency(session, audio: np.ndarray, rate: int, steps: int) -> tuple[float, float]:
-    """Audio arriving at real time in 100 ms chunks (pasted-back frames): seconds from the first chunk's
-    arrival to the arrival of the chunk that completed the first window (audio wait), and from there to
-    the first yielded frame chunk (compute)."""
+def first_frame_latency(session, audio: np.ndarray, rate: int, steps: int, hop: int | None,
+                        lookahead: int) -> tuple[float, float, float]:  # fmt: skip
+    """Audio arriving at real time in 20 ms chunks (pasted-back frames; `hop` None: offline windows): seconds
+    from the first chunk's arrival to the arrival of the chunk that completed the first frame's audio (audio
+    wait), from there to the first yielded frame (compute), and the process CPU seconds of that compute (on a
+    loaded machine the wall time is the CPU time stretched by waiting for a core)."""
     arrivals: list[float] = []
+    cpu: list[float] = []
 
     def microphone() -> Iterator[np.ndarray]:
         start = time.perf_counter()
-        for index, piece in enumerate(_chunks(audio, rate)):
-            ready = start + (index + 1) * CHUNK_S  # chunk i holds audio up to (i + 1) x 100 ms
+        for index, piece in enumerate(_chunks(audio, rate, LATENCY_CHUNK_S)):
+            ready = start + (index + 1) * LATENCY_CHUNK_S  # chunk i holds audio up to (i + 1) x 20 ms
             time.sleep(max(0.0, ready - time.perf_counter()))
             arrivals.append(time.perf_counter())
+            cpu.append(time.process_time())
             yield piece
 
-    frames = stream(session, microphone(), conditions(steps))
+    frames = stream(session, microphone(), conditions(steps), hop=hop, lookahead=lookahead)
     next(frames)
-    first = time.perf_counter()
+    first, first_cpu = time.perf_counter(), time.process_time()
     frames.close()
-    return arrivals[-1] - arrivals[0], first - arrivals[-1]
+    return arrivals[-1] - arrivals[0], first - arrivals[-1], first_cpu - cpu[-1]
 
 
-def _chunks(audio: np.ndarray, rate: int) -> Iterator[np.ndarray]:
-    size = int(rate * CHUNK_S)
+def audio_lookahead_ms(bundle: Bundle, frames: int) -> float:
+    """Audio the first frame waits for when it needs `frames` whole frames of features: those frames and the
+    STFT's look-ahead past them (`AudioFeatures.lookahead`: 40 samples, 2.5 ms at 16 kHz)."""
+    meta = bundle.meta
+    features = AudioFeatures(meta["audio"]["sample_rate"], meta["fps"], AudioFeatureConfig(**meta["audio"]["features"]),
+                             meta["normalisation"]["audio"])  # fmt: skip
+    return 1000 * frames / meta["fps"] + 1000 * features.lookahead / meta["audio"]["sample_rate"]
+
+
+def time_window_stream(bundle: Bundle, seconds: float, steps: int, hop: int, lookahead: int) -> float:
+    """CPU seconds per frame of the low-latency stream's DiT: `WindowStream` over --dit-seconds of audio."""
+    frames = round(seconds * FPS)
+    audio = torch.randn(1, frames, AUDIO_DIM, generator=torch.Generator().manual_seed(0))
+    windows = WindowStream(bundle.dit, schedule_for(bundle, steps), torch.zeros(1, 2), torch.zeros(1, 1),
+                           torch.zeros(1, EMOTION_DIM), steps=steps, eta=0.0, scales=SCALES, seed=0, hop=hop,
+                           lookahead=lookahead)  # fmt: skip
+    cpu = time.process_time()
+    for _ in [*windows.push(audio), *windows.finish()]:
+        pass
+    return (time.process_time() - cpu) / frames
+
+
+def _chunks(audio: np.ndarray, rate: int, chunk_s: float = CHUNK_S) -> Iterator[np.ndarray]:
+    size = int(rate * chunk_s)
     for start in range(0, len(audio), size):
         yield audio[start : start + size]
 
@@ -337,9 +372,23 @@ def measure(params: Params, name: str, resolution: int, args: argparse.Namespace
                 wall, cpu, count = run_stream(session, audio, rate, args.stream_steps, crop_only)
                 assert count == int(args.seconds * FPS), count
                 out[f"stream_{key}_fps"], out[f"stream_{key}_cpu_fps"] = count / wall, count / cpu
-            wait, compute = first_frame_latency(session, speech_like(bundle.dit.window / FPS + 0.5, rate), rate,
-                                                args.stream_steps)  # fmt: skip
-            out["wait_s"], out["compute_s"] = wait, compute
+            hop, lookahead = params.generate.stream_hop, params.generate.stream_lookahead
+            start, low = time.perf_counter(), 0
+            for chunk in stream(session, _chunks(audio, rate), conditions(args.stream_steps), crop_only=True, hop=hop,
+                                lookahead=lookahead):  # fmt: skip
+                low += len(chunk)
+            out["stream_low_fps"] = low / (time.perf_counter() - start)
+            out["dit_low_cpu_ms_per_frame"] = 1000 * time_window_stream(bundle, args.dit_seconds, args.stream_steps,
+                                                                        hop, lookahead)  # fmt: skip
+            speech = speech_like(bundle.dit.window / FPS + 0.5, rate)
+            wait, compute, cpu = first_frame_latency(session, speech, rate, args.stream_steps, None, 0)
+            out["wait_s"], out["compute_s"], out["compute_cpu_s"] = wait, compute, cpu
+            out["offline_audio_lookahead_ms"] = audio_lookahead_ms(bundle, bundle.dit.window)
+            wait, compute, cpu = first_frame_latency(session, speech, rate, args.stream_steps, hop, lookahead)
+            out["low_wait_s"], out["low_compute_s"], out["low_compute_cpu_s"] = wait, compute, cpu
+            out["audio_lookahead_ms"] = audio_lookahead_ms(bundle, min(hop + lookahead, bundle.dit.window))
+            out["stream_hop"], out["stream_lookahead"] = hop, lookahead
+            out["dit_offline_cpu_ms_per_frame"] = 1000 * out[f"dit{args.stream_steps}_cpu_s"] / FPS
         else:  # one DiT window + W renderings + W paste-backs, from the parts
             window = bundle.dit.window
             out["compute_est_s"] = (
@@ -382,10 +431,13 @@ def report_measured(rows: list[Row], args: argparse.Namespace) -> None:
         "| paste-back ms/frame | stream fps crop / pasted | from parts fps | first frame: wait + compute |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
+    low = []
     for row in rows:
         m = row.measured
         if not m:
             continue
+        if "low_wait_s" in m:
+            low.append(row)
         stream_cell = (f"{m['stream_crop_fps']:.2f} / {m['stream_paste_fps']:.2f} "
                        f"({m['stream_crop_cpu_fps']:.2f} / {m['stream_paste_cpu_fps']:.2f})"
                        if "stream_crop_fps" in m else "not run")  # fmt: skip
@@ -396,6 +448,28 @@ def report_measured(rows: list[Row], args: argparse.Namespace) -> None:
               f"| {m['render_ms']:.1f} ({m['render_cpu_ms']:.1f}; {m['render_frames']:.0f}) "
               f"| {m['render_ms'] / BUDGET_MS:.2f}x | {m['paste_ms']:.2f} ({m['paste_cpu_ms']:.2f}) "
               f"| {stream_cell} | {m['component_fps']:.2f} ({m['component_cpu_fps']:.2f}) | {latency} |")  # fmt: skip
+    if low:
+        print(
+            "\n## low-latency stream (`vasa serve`: generate.stream_hop / stream_lookahead) vs offline windows, "
+            f"audio in {LATENCY_CHUNK_S * 1000:.0f} ms chunks at real time, pasted back\n"
+        )
+        print(
+            "| config | hop / look-ahead (frames) | audio before the first frame | first frame: wait + compute (CPU) "
+            "| offline: audio, wait + compute (CPU) | DiT CPU ms/frame low / offline "
+            "| stream fps crop_only low / offline |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        for row in low:
+            m = row.measured
+            print(f"| {row.config} | {m['stream_hop']} / {m['stream_lookahead']} | {m['audio_lookahead_ms']:.1f} ms "
+                  f"| {1000 * (m['low_wait_s'] + m['low_compute_s']):.0f} ms = {1000 * m['low_wait_s']:.0f} + "
+                  f"{1000 * m['low_compute_s']:.0f} (CPU {1000 * m['low_compute_cpu_s']:.0f}) "
+                  f"| {m['offline_audio_lookahead_ms']:.1f} ms, "
+                  f"{1000 * (m['wait_s'] + m['compute_s']):.0f} ms = {1000 * m['wait_s']:.0f} + "
+                  f"{1000 * m['compute_s']:.0f} (CPU {1000 * m['compute_cpu_s']:.0f}) "
+                  f"| {m['dit_low_cpu_ms_per_frame']:.1f} / "
+                  f"{m['dit_offline_cpu_ms_per_frame']:.1f} | {m['stream_low_fps']:.2f} / "
+                  f"{m['stream_crop_fps']:.2f} |")  # fmt: skip
     measured = [r for r in rows if r.measured]
     if len(measured) > 1:
         ref = measured[0]
@@ -429,7 +503,40 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--launch-us", type=float, default=5.0, help="projection: µs per eager GPU kernel")
     parser.add_argument("--render-batch", type=int, default=25, help="projection: frames per renderer call")
     parser.add_argument("--quick", action="store_true", help="tiny:256 measured, the rest counted; 1 s streams")
+    parser.add_argument("--json", action="store_true", help="print one JSON object; the tables go to stderr")
     args = parser.parse_args(argv)
+    if args.json:
+        with contextlib.redirect_stdout(sys.stderr):
+            rows = run(args)
+        print(json.dumps(as_json(rows)))
+    else:
+        run(args)
+
+
+def as_json(rows: list[Row]) -> dict:
+    """Per config its measures and counted GFLOP; at the top level the first streamed config's latency."""
+    out: dict = {"configs": {row.config: {"measured": row.measured, "gflop": row.gflop} for row in rows}}
+    for row in rows:
+        m = row.measured
+        if "low_wait_s" in m:
+            out |= {
+                "config": row.config, "stream_hop": m["stream_hop"], "stream_lookahead": m["stream_lookahead"],
+                "audio_lookahead_ms": round(m["audio_lookahead_ms"], 1),
+                "first_frame_ms": round(1000 * (m["low_wait_s"] + m["low_compute_s"])),
+                "first_frame_wait_ms": round(1000 * m["low_wait_s"]),
+                "first_frame_compute_ms": round(1000 * m["low_compute_s"]),
+                "first_frame_compute_cpu_ms": round(1000 * m["low_compute_cpu_s"]),
+                "offline_audio_lookahead_ms": round(m["offline_audio_lookahead_ms"], 1),
+                "offline_first_frame_ms": round(1000 * (m["wait_s"] + m["compute_s"])),
+                "offline_first_frame_compute_cpu_ms": round(1000 * m["compute_cpu_s"]),
+                "dit_cpu_ms_per_frame": round(m["dit_low_cpu_ms_per_frame"], 1),
+                "offline_dit_cpu_ms_per_frame": round(m["dit_offline_cpu_ms_per_frame"], 1),
+            }  # fmt: skip
+            break
+    return out
+
+
+def run(args: argparse.Namespace) -> list[Row]:
     if args.quick:
         args.count_only = [c for c in args.configs + args.count_only if c != "tiny:256"]
         args.configs, args.stream_configs, args.seconds, args.repeats = ["tiny:256"], ["tiny:256"], 1.0, 1
@@ -464,6 +571,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
     report_counted(rows, args)
     report_measured(rows, args)
+    return rows
 
 
 if __name__ == "__main__":
