@@ -289,7 +289,14 @@ def run_stream(session, audio: np.ndarray, rate: int, steps: int, crop_only: boo
 
 
 def first_frame_latency(
-    session, audio: np.ndarray, rate: int, steps: int, chunk_s: float = CHUNK_S, render_batch: int = 25
+    session,
+    audio: np.ndarray,
+    rate: int,
+    steps: int,
+    chunk_s: float = CHUNK_S,
+    render_batch: int = 25,
+    hop: int | None = None,
+    lookahead: int = 0,
 ) -> tuple[float, float]:
     """Audio arriving at real time in `chunk_s` chunks (pasted-back frames): seconds from the first chunk's
     arrival to the arrival of the chunk that completed the first window (audio wait), and from there to
@@ -304,14 +311,22 @@ def first_frame_latency(
             arrivals.append(time.perf_counter())
             yield piece
 
-    frames = stream(session, microphone(), conditions(steps), render_batch=render_batch)
+    frames = stream(session, microphone(), conditions(steps), render_batch=render_batch, hop=hop, lookahead=lookahead)
     next(frames)
     first = time.perf_counter()
     frames.close()
     return arrivals[-1] - arrivals[0], first - arrivals[-1]
 
 
-def audio_lookahead(session, audio: np.ndarray, rate: int, steps: int, chunk_s: float = LIVE_CHUNK_S) -> float:
+def audio_lookahead(
+    session,
+    audio: np.ndarray,
+    rate: int,
+    steps: int,
+    chunk_s: float = LIVE_CHUNK_S,
+    hop: int | None = None,
+    lookahead: int = 0,
+) -> float:
     """Seconds of audio `stream` has read past the end of a frame when it yields it, the most over the frame
     chunks yielded before the audio ends (the end of the audio releases the rest early)."""
     pulled, ended = [0], [False]
@@ -323,7 +338,7 @@ def audio_lookahead(session, audio: np.ndarray, rate: int, steps: int, chunk_s: 
         ended[0] = True
 
     worst, done = 0.0, 0
-    for frames in stream(session, source(), conditions(steps), crop_only=True):
+    for frames in stream(session, source(), conditions(steps), crop_only=True, hop=hop, lookahead=lookahead):
         if not ended[0]:
             worst = max(worst, pulled[0] / rate - (done + 1) / FPS)
         done += len(frames)
@@ -342,15 +357,21 @@ def real_time_figures(params: Params, args: argparse.Namespace) -> dict:
     bundle = build_bundle(params, name, get_preset(name).resolution, params.preprocess.crop_size)
     session = open_session(bundle, synthetic_portrait(bundle.resolution, params.preprocess.crop_size))
     seconds = 2 * bundle.dit.window / FPS + 0.5
-    lookahead = audio_lookahead(session, speech_like(seconds, rate), rate, args.stream_steps)
-    out: dict = {"audio_lookahead_ms": 1000 * lookahead}
-    wait, compute = first_frame_latency(session, speech_like(bundle.dit.window / FPS + 0.5, rate), rate,
-                                        args.stream_steps, LIVE_CHUNK_S, params.generate.render_batch)  # fmt: skip
-    out |= {"first_frame_ms": 1000 * (wait + compute), "first_frame_wait_ms": 1000 * wait,
-            "first_frame_compute_ms": 1000 * compute}  # fmt: skip
+    gen = params.generate
+    out: dict = {}
+    # Low latency (`vasa serve`: params generate.stream_hop / stream_lookahead) and offline (`vasa generate`).
+    for prefix, hop, ahead in (("", gen.stream_hop, gen.stream_lookahead), ("offline_", None, 0)):
+        lookahead = audio_lookahead(session, speech_like(seconds, rate), rate, args.stream_steps, hop=hop,
+                                    lookahead=ahead)  # fmt: skip
+        wait, compute = first_frame_latency(session, speech_like(bundle.dit.window / FPS + 0.5, rate), rate,
+                                            args.stream_steps, LIVE_CHUNK_S, gen.render_batch, hop, ahead)  # fmt: skip
+        out[f"{prefix}audio_lookahead_ms"] = 1000 * lookahead
+        out[f"{prefix}first_frame_ms"] = 1000 * (wait + compute)
+        out[f"{prefix}first_frame_wait_ms"], out[f"{prefix}first_frame_compute_ms"] = 1000 * wait, 1000 * compute
     out["first_frame_config"] = (
         f"tiny at {bundle.resolution}², crop side {params.preprocess.crop_size}, {args.stream_steps} DDIM steps, "
-        f"render_batch {params.generate.render_batch}, W {bundle.dit.window}, {LIVE_CHUNK_S * 1000:.0f} ms chunks"
+        f"render_batch {gen.render_batch}, W {bundle.dit.window}, hop {gen.stream_hop} + look-ahead "
+        f"{gen.stream_lookahead} frames (offline_*: whole windows), {LIVE_CHUNK_S * 1000:.0f} ms chunks"
     )
     frames = 50 if args.quick else 100
     post = {side: measure_post(params.generate, side, args.crop_size, frames, params.generate.render_batch)

@@ -92,6 +92,16 @@ def test_streaming_audio_features_equal_offline_log_mel(params):
         expected = (offline - np.float32(1.0)) / np.float32(2.0)
         np.testing.assert_array_equal(got, expected)  # exactly the offline features, normalised
         assert len(features.buffer) <= 3 * (RATE // FPS) + size  # a few frames of history, not the whole clip
+    # Frame t is out as soon as its last mel window (centred 480 samples into it, 200 samples each side) is in:
+    # 40 samples (2.5 ms) after the frame's own end, and still exactly the offline features.
+    features = AudioFeatures(RATE, FPS, params.preprocess.audio, stats)
+    assert features.lookahead == 40
+    got, arrived = [], 0
+    for piece in chunks(audio[: 3 * RATE // FPS + 100], 20):
+        got.append(features.push(piece))
+        arrived += len(piece)
+        assert features.done == max((arrived - 40) // (RATE // FPS), 0)
+    np.testing.assert_array_equal(np.concatenate(got), (offline[: features.done] - np.float32(1.0)) / np.float32(2.0))
 
 
 def test_bundle_loads_without_pickle_and_refuses_tampering(bundle_dir, tmp_path):
@@ -177,12 +187,56 @@ def test_stream_chunks_equal_one_shot_and_start_after_one_window(bundle, params,
 
     frames = stream(session, microphone(), conditions, crop_only=True)
     first = next(frames)
-    # The first window is out after one window of audio plus the STFT's half window, not the whole clip.
-    assert len(first) == bundle.dit.window and sum(pulled) <= (bundle.dit.window + 1) * RATE // FPS + RATE // 10
+    # The first window is out after one window of audio plus the STFT's look-ahead (40 samples), not the whole clip.
+    assert len(first) == bundle.dit.window and sum(pulled) <= bundle.dit.window * RATE // FPS + 40 + RATE // 10
     produced = [first, *frames]
     streamed = np.concatenate(produced)
     assert len(whole) == len(streamed) == int(2.3 * FPS)
     np.testing.assert_array_equal(streamed, whole)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread (as tests/test_motion_dit.py): the low-latency stream's many small calls otherwise
+    wait on OpenMP workers spinning against the other jobs of a shared 2-core machine (3-4x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_low_latency_stream_starts_after_its_lookahead_frame_by_frame(bundle, params, fixtures_dir, tmp_path,
+                                                                      one_thread):  # fmt: skip
+    """generate.stream_hop / stream_lookahead (vasa serve): the first frame after (hop + lookahead) frames of
+    audio plus the STFT's 2.5 ms, one frame per chunk, as many frames as offline, whatever the chunking;
+    hop = W is the offline stream byte for byte."""
+    portrait = prepare_portrait(  # small frames: four streams are drawn
+        fixtures_dir / PORTRAIT, bundle.resolution, params.preprocess.crop_size, params.preprocess.face, 160
+    )
+    session = open_session(bundle, portrait)
+    conditions = conditions_for(portrait, bundle, params.generate, steps=2)
+    audio, _ = soundfile.read(speech_clip(fixtures_dir, tmp_path, 1.3), dtype="float32")
+    hop, lookahead = params.generate.stream_hop, params.generate.stream_lookahead
+    assert hop + lookahead <= 5  # the stated look-ahead: <= 200 ms of audio before the first frame
+    low = {"hop": hop, "lookahead": lookahead}
+    offline = list(stream(session, chunks(audio, RATE), conditions, crop_only=True))
+    pulled = []
+
+    def microphone():  # 20 ms chunks
+        for piece in chunks(audio, RATE // 50):
+            pulled.append(len(piece))
+            yield piece
+
+    frames = stream(session, microphone(), conditions, crop_only=True, **low)
+    first = next(frames)
+    assert len(first) == 1 and sum(pulled) == -(-((hop + lookahead) * RATE // FPS + 40) // (RATE // 50)) * RATE // 50
+    streamed = [first, *frames]
+    assert all(len(chunk) == 1 for chunk in streamed)
+    assert len(streamed) == sum(map(len, offline)) == int(1.3 * FPS)
+    whole = np.concatenate(list(stream(session, [audio], conditions, crop_only=True, **low)))
+    np.testing.assert_array_equal(np.concatenate(streamed), whole)
+    again = stream(session, chunks(audio, RATE // 50), conditions, crop_only=True, hop=bundle.dit.window, lookahead=2)
+    np.testing.assert_array_equal(np.concatenate(list(again)), np.concatenate(offline))
 
 
 @pytest.mark.slow

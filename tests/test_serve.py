@@ -163,8 +163,10 @@ def test_stream_sends_one_watermarked_frame_per_frame_of_audio_and_the_audio_bac
     assert code == 1000 and texts[-1]["type"] == "done" and texts[-1]["frames"] == 3 * FPS
     frames, returned = split(blobs)
     assert [index for index, _ in frames] == list(range(3 * FPS))
-    # The audio comes back before the frames that show it, chunk by chunk, exactly as sent.
-    assert [index for index, _ in returned] == list(range(0, 3 * FPS, params.generate.render_batch))
+    # The audio comes back before the frames that show it, chunk by chunk (one frame each: the low-latency
+    # stream, generate.stream_hop < W, yields frame by frame), exactly as sent.
+    assert params.generate.stream_hop < bundle.dit.window
+    assert [index for index, _ in returned] == list(range(3 * FPS))
     back = np.concatenate([np.frombuffer(data, "<i2") for _, data in returned])
     np.testing.assert_array_equal(back, np.frombuffer(pcm(audio), "<i2"))
     # Each frame is a JPEG that says it is AI-generated; together they carry the bundle's watermark.

@@ -5,12 +5,15 @@ Conventions: T = `train_steps` discrete noise levels t in [0, T); ᾱ_t the cumu
 (x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε). The network predicts x_0 (the paper's ‖X0 − H(Xt, t, C)‖²); DDIM
 (Song et al. 2021, eq. 12) turns that into the step x_t -> x_{t'} via ε̂ = (x_t − √ᾱ_t x̂_0) / √(1 − ᾱ_t).
 Motion is per-frame, normalised (zero mean / unit std per dimension) at 25 fps; one window = W frames.
+Offline, `sliding_windows` samples windows of W frames one after the other; `WindowStream` samples a window
+every `hop` frames as audio arrives, each from the frames already emitted, with a bounded look-ahead.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -84,12 +87,14 @@ def ddim_sample(
     eta: float,
     generator: torch.Generator,
     device: torch.device,
+    noise: Tensor | None = None,
 ) -> Tensor:
-    """Run DDIM from pure noise to x̂_0 of `shape` (B, W, M). The initial noise (and, for eta > 0, the per-step
-    noise) is drawn on the CPU from `generator`, so a seed gives the same result on every device type."""
+    """Run DDIM from pure noise to x̂_0 of `shape` (B, W, M). The initial noise (`noise` when given) and, for
+    eta > 0, the per-step noise are drawn on the CPU from `generator`, so a seed gives the same result on every
+    device type."""
     timesteps = schedule.sampling_timesteps(steps)
     alphas = schedule.alphas_cumprod
-    x = torch.randn(shape, generator=generator).to(device)
+    x = (torch.randn(shape, generator=generator) if noise is None else noise).to(device)
     for i, t in enumerate(timesteps):
         x0 = denoise(x, torch.full((shape[0],), t, dtype=torch.long, device=device))
         if i == len(timesteps) - 1:
@@ -167,19 +172,183 @@ def sliding_windows(
         raise ValueError("motion_pre needs audio_pre (the audio of those frames)")
     clip = {"gaze": gaze.to(device), "distance": distance.to(device), "emotion": emotion.to(device)}
     for start in range(0, n_frames, window):
-        chunk = audio[:, start : start + window].to(device)
-        n = chunk.shape[1]
-        if n < window:
-            chunk = torch.cat([chunk, chunk[:, -1:].expand(b, window - n, -1)], dim=1)
+        chunk = _pad(audio[:, start : start + window].to(device), window)
+        n = min(window, n_frames - start)
         cond = {**clip, "audio": chunk, "motion_pre": motion_pre, "audio_pre": audio_pre, "has_pre": has_pre}
-        with torch.no_grad():
-            frames = ddim_sample(
-                guided_denoiser(model, cond, scales), schedule, (b, window, model.motion_dim), steps, eta, generator,
-                device,
-            )  # fmt: skip
+        frames = _sample(model, schedule, cond, steps, eta, scales, generator)
         motion_pre, audio_pre = frames[:, window - context :], chunk[:, window - context :]
         has_pre = torch.ones_like(has_pre)
         yield start, frames[:, :n]
+
+
+def _pad(audio: Tensor, frames: int) -> Tensor:
+    """(B, n, A) -> (B, frames, A): the audio after the end of the clip repeats its last frame."""
+    n = audio.shape[1]
+    return audio if n >= frames else torch.cat([audio, audio[:, -1:].expand(-1, frames - n, -1)], dim=1)
+
+
+@torch.no_grad()
+def _sample(
+    model: MotionDiT,
+    schedule: NoiseSchedule,
+    cond: dict[str, Tensor],
+    steps: int,
+    eta: float,
+    scales: Mapping[str, float] | None,
+    generator: torch.Generator,
+    known: Tensor | None = None,
+    noise: Tensor | None = None,
+) -> Tensor:
+    """One window (B, W, M) by guided DDIM; `known` (B, j, M): its first j frames are given (see `inpainting`);
+    `noise` (B, W, M): the initial noise (else drawn from `generator`)."""
+    denoise = guided_denoiser(model, cond, scales)
+    if known is not None and known.shape[1]:
+        denoise = inpainting(denoise, known)
+    b, device = cond["audio"].shape[0], cond["audio"].device
+    return ddim_sample(denoise, schedule, (b, model.window, model.motion_dim), steps, eta, generator, device, noise)
+
+
+def inpainting(denoise: Denoiser, known: Tensor) -> Denoiser:
+    """The window's first j frames fixed to `known` (B, j, M): every x̂_0 the denoiser predicts has them
+    overwritten, so each DDIM step re-noises the known frames and the model completes the rest around them
+    (the motion in-betweening of MDM, Tevet et al. 2023). The sample's first j frames are then exactly
+    `known`."""
+    j = known.shape[1]
+
+    def denoise_known(x: Tensor, t: Tensor) -> Tensor:
+        x0 = denoise(x, t)
+        return torch.cat([known.to(x0.dtype), x0[:, j:]], dim=1)
+
+    return denoise_known
+
+
+@dataclass(frozen=True)
+class Emitted:
+    """What `WindowStream` yields per sampled window: frames [start, start + count) are final; `motion`
+    (B, n >= count, M) holds them followed by the window's own continuation (frames whose audio had not all
+    arrived, never past the clip's end): a right-hand side for zero-phase filters, not to be shown."""
+
+    start: int
+    count: int
+    motion: Tensor
+
+
+class WindowStream:
+    """Sliding-window generation as audio features arrive (low-latency streaming).
+
+    A window of W frames is sampled as soon as the audio of its first `hop` new frames and `lookahead` frames
+    after them has arrived; its first `hop` frames are emitted, and the next window starts from the frames
+    emitted so far: conditioned on the last K of them and their audio (VASA-1 §3.2's X_pre / A_pre), or, while
+    fewer than K exist, by sampling the clip's first window again with them held fixed (`inpainting`, null
+    context as at the start of a clip). The window's frames whose audio has not arrived repeat the last frame
+    heard, as `sliding_windows` pads a clip's end (the DiT's null audio embedding there instead, tried first,
+    damped the mouth: opening std -17 % on the demo's clips, docs/BENCHMARKS.md). Every window starts
+    from the same per-frame noise where it overlaps the others (`_noise`).
+
+    So every emitted frame saw `lookahead` frames of audio after it (more at the clip's end), and the first
+    frame comes out when hop + lookahead frames of features exist. hop = W is the offline stream window for
+    window (window at frame s seeded `seed + s`, as `vasa.inference.generate.stream` always seeded them); the
+    DiT then runs once per W frames, and W / hop times as often with a shorter hop. The result does not depend
+    on how the features are split between `push` calls.
+    """
+
+    def __init__(
+        self,
+        model: MotionDiT,
+        schedule: NoiseSchedule,
+        gaze: Tensor,
+        distance: Tensor,
+        emotion: Tensor,
+        *,
+        steps: int,
+        eta: float,
+        scales: Mapping[str, float] | None,
+        seed: int,
+        hop: int,
+        lookahead: int,
+    ) -> None:
+        if hop < 1 or lookahead < 0:
+            raise ValueError(f"hop must be >= 1 and lookahead >= 0, got {hop}, {lookahead}")
+        self.model, self.schedule, self.steps, self.eta, self.scales = model, schedule, steps, eta, scales
+        self.seed = seed
+        self.hop, self.lookahead = min(hop, model.window), lookahead
+        self.device = next(model.parameters()).device
+        self.clip = {"gaze": gaze.to(self.device), "distance": distance.to(self.device),
+                     "emotion": emotion.to(self.device)}  # fmt: skip
+        b = gaze.shape[0]
+        self.audio = torch.zeros(b, 0, model.audio_dim, device=self.device)  # (B, frames, A) from `offset` on
+        self.motion = torch.zeros(b, 0, model.motion_dim, device=self.device)  # emitted, from `offset` on
+        self.offset = 0  # absolute frame of audio[:, 0] and motion[:, 0]
+        self.emitted = 0
+        # Low latency: one initial noise per clip frame, shared by every window that covers the frame
+        # (the noise reuse of FreeNoise, Qiu et al. 2024), so overlapping windows start alike and their samples
+        # agree where they overlap instead of committing `hop` frames of a new random draw every time.
+        self.noise_generator = torch.Generator().manual_seed(seed)
+        self.noise = torch.zeros(b, 0, model.motion_dim)  # (B, frames, M) on the CPU, from `noise_offset` on
+        self.noise_offset = 0
+
+    def needed(self, start: int) -> int:
+        """Frames of audio (from the clip's start) the window that emits frame `start` on waits for."""
+        first = self._window_start(start)
+        return min(start + self.hop + self.lookahead, first + self.model.window)
+
+    def push(self, audio: Tensor) -> Iterator[Emitted]:
+        """Features (B, n, A) of the next n frames; the windows they complete."""
+        self.audio = torch.cat([self.audio, audio.to(self.device, self.audio.dtype)], dim=1)
+        while self.offset + self.audio.shape[1] >= self.needed(self.emitted):
+            yield self._window(final=False)
+
+    def finish(self) -> Iterator[Emitted]:
+        """The audio has ended: the windows of its remaining frames."""
+        while self.emitted < self.offset + self.audio.shape[1]:
+            yield self._window(final=True)
+
+    def _window_start(self, start: int) -> int:
+        """First frame of the window that emits frames from `start` on: `start`, or 0 (the clip's first window,
+        sampled again around the frames already emitted) while fewer than K frames precede it."""
+        return start if start == 0 or start >= self.model.context else 0
+
+    def _noise(self, first: int) -> Tensor:
+        """The initial noise (B, W, M) of the window from frame `first` on: frame f's is the same in every window,
+        drawn W frames at a time from the seed."""
+        window, b = self.model.window, self.noise.shape[0]
+        while self.noise_offset + self.noise.shape[1] < first + window:
+            fresh = torch.randn(b, window, self.model.motion_dim, generator=self.noise_generator)
+            self.noise = torch.cat([self.noise, fresh], dim=1)
+        self.noise = self.noise[:, first - self.noise_offset :]
+        self.noise_offset = first
+        return self.noise[:, :window]
+
+    def _window(self, final: bool) -> Emitted:
+        window, context = self.model.window, self.model.context
+        start = self.emitted
+        first = self._window_start(start)
+        frames = self.offset + self.audio.shape[1]  # audio received
+        heard = frames if final else self.needed(start)  # frames the window hears: no more than it waits for
+        audio = self.audio[:, first - self.offset : heard - self.offset]
+        cond = {**self.clip, "audio": _pad(audio, window)}  # not yet heard: the last heard frame repeated
+        b = audio.shape[0]
+        if first >= context:
+            lo = first - context - self.offset
+            pre = {"motion_pre": self.motion[:, lo : lo + context], "audio_pre": self.audio[:, lo : lo + context],
+                   "has_pre": torch.ones(b, dtype=torch.bool, device=self.device)}  # fmt: skip
+        else:
+            pre = {"motion_pre": torch.zeros(b, context, self.model.motion_dim, device=self.device),
+                   "audio_pre": torch.zeros(b, context, self.model.audio_dim, device=self.device),
+                   "has_pre": torch.zeros(b, dtype=torch.bool, device=self.device)}  # fmt: skip
+        generator = torch.Generator().manual_seed(self.seed + start)
+        held = self.motion[:, first - self.offset : start - self.offset]  # emitted frames inside the window
+        noise = None if self.hop == window else self._noise(first)  # hop = W: offline's noise, window by window
+        sampled = _sample(self.model, self.schedule, cond | pre, self.steps, self.eta, self.scales, generator, held,
+                          noise)  # fmt: skip
+        end = min(first + window, frames) if final else first + window  # never past the clip's end
+        count = min(self.hop, end - start)
+        self.motion = torch.cat([self.motion, sampled[:, start - first : start - first + count]], dim=1)
+        self.emitted = start + count
+        keep = max(self.emitted - window, 0)  # context and held frames come from the last W emitted frames
+        self.audio, self.motion = self.audio[:, keep - self.offset :], self.motion[:, keep - self.offset :]
+        self.offset = keep
+        return Emitted(start, count, sampled[:, start - first : end - first])
 
 
 def generate(

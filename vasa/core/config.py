@@ -470,6 +470,8 @@ class GenerateConfig(Section):
     max_side: int = Field(ge=64)  # the portrait's longer side is reduced to this before pasting back
     feather: float = Field(ge=0, le=0.5)  # paste-back blend ramp, fraction of the crop side
     render_batch: int = Field(ge=1)  # frames rendered per forward call
+    stream_hop: int = Field(ge=1)  # low-latency streaming: frames per DiT window shown (>= W: whole windows)
+    stream_lookahead: int = Field(ge=0)  # ... frames of audio heard after them first
     smooth_pose: float = Field(ge=0)  # Gaussian sigma (frames) on the generated head pose; 0 = raw
     smooth_dynamics: float = Field(ge=0)  # ... on the generated facial dynamics (lips: keep small)
     encoder: Literal["auto", "libx264", "h264_nvenc"]  # auto: NVENC when rendering on CUDA and it opens

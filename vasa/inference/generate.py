@@ -39,7 +39,7 @@ from preprocessing.decode import DecodeError
 from vasa.core.config import AudioFeatureConfig, DiffusionConfig, FaceConfig, GenerateConfig
 from vasa.core.errors import InputError
 from vasa.core.files import check_output, unique_temp
-from vasa.diffusion import NoiseSchedule, sliding_windows
+from vasa.diffusion import Emitted, NoiseSchedule, WindowStream
 from vasa.inference.bundle import Bundle
 from vasa.inference.encoder import Stage1Encoder
 from vasa.inference.portrait import IMAGE_SUFFIXES, Paster, Portrait, prepare_portrait
@@ -267,16 +267,23 @@ def stream(
     crop_only: bool = False,
     render_batch: int = 25,
     feather: float = 0.12,
+    hop: int | None = None,
+    lookahead: int = 0,
     driving: torch.Tensor | None = None,
     pose_from: torch.Tensor | None = None,
     dynamics_from: torch.Tensor | None = None,
 ) -> Iterator[np.ndarray]:
     """Audio chunks ((n,) float32 at the bundle's sample rate) in, frame chunks ((F, H, W, 3) uint8) out.
 
-    A window of W frames is generated as soon as its audio (plus the STFT's half window) has arrived, so
-    the first frames come after W / fps seconds of audio plus one window's compute. `driving` (T, 7 + Z)
-    replaces the DiT's motion (reenactment); `pose_from` / `dynamics_from` replace one factor only.
-    Exactly one frame per whole 1/fps of audio.
+    Offline (`hop` None, `vasa generate`): a window of W frames is generated as soon as its audio (plus the
+    STFT's look-ahead, `AudioFeatures.lookahead`) has arrived and drawn `render_batch` frames at a time, so
+    the first frames come after W / fps seconds of audio plus one window's compute. Low latency (`hop` < W,
+    `vasa serve`; params generate.stream_hop / stream_lookahead): a window is sampled every `hop` frames as
+    soon as those frames and `lookahead` more have been heard (vasa.diffusion.WindowStream), and its `hop`
+    frames are drawn and yielded one at a time: the first frame after (hop + lookahead) / fps s of audio plus
+    the STFT's look-ahead and one window's compute, at W / hop times the DiT's offline cost per frame.
+    `driving` (T, 7 + Z) replaces the DiT's motion (reenactment); `pose_from` / `dynamics_from` replace one
+    factor only. Exactly one frame per whole 1/fps of audio.
     """
     bundle, meta = session.bundle, session.bundle.meta
     dit, stats, device = bundle.dit, meta["normalisation"], bundle.device
@@ -287,50 +294,52 @@ def stream(
         DiffusionConfig(train_steps=sampling["train_steps"], schedule=sampling["schedule"],
                         sampling_steps=conditions.steps, eta=sampling["eta"])
     )  # fmt: skip
-    gaze = torch.as_tensor(conditions.gaze, dtype=torch.float32)[None]
-    distance = torch.tensor([[conditions.distance]], dtype=torch.float32)
-    emotion = torch.as_tensor(conditions.emotion, dtype=torch.float32)[None]
-    scales = {"audio": conditions.cfg_audio, "gaze": conditions.cfg_gaze}
+    hop = dit.window if hop is None else min(hop, dit.window)  # whole windows: hop = W
+    low_latency = hop < dit.window
+    windows = WindowStream(
+        dit, schedule, torch.as_tensor(conditions.gaze, dtype=torch.float32)[None],
+        torch.tensor([[conditions.distance]], dtype=torch.float32),
+        torch.as_tensor(conditions.emotion, dtype=torch.float32)[None], steps=conditions.steps,
+        eta=float(sampling["eta"]), scales={"audio": conditions.cfg_audio, "gaze": conditions.cfg_gaze},
+        seed=conditions.seed, hop=hop, lookahead=lookahead if low_latency else 0,
+    )  # fmt: skip
+    batch = 1 if low_latency else render_batch  # low latency: each frame out as soon as it is drawn
     paster = None if crop_only else Paster(session.portrait, feather)
-    context: tuple[torch.Tensor, torch.Tensor] | None = None
-    previous: torch.Tensor | None = None  # the last window's sampled motion (model units): smooth_motion's halo
-    produced = 0
+    previous: torch.Tensor | None = None  # the raw motion (model units) emitted last: smooth_motion's halo
 
-    def window_frames(feats: np.ndarray) -> Iterator[np.ndarray]:
-        """One window (n <= W frames of features) -> its n output frames, `render_batch` at a time."""
-        nonlocal context, previous, produced
-        audio = torch.from_numpy(feats)[None]
-        with autocast(device):
-            (_, motion), *_ = sliding_windows(
-                dit, schedule, audio, gaze, distance, emotion, steps=conditions.steps, eta=float(sampling["eta"]),
-                scales=scales, seed=conditions.seed + produced,
-                motion_pre=None if context is None else context[0], audio_pre=None if context is None else context[1],
-            )  # fmt: skip
-        n, k = motion.shape[1], dit.context
-        if n >= k:  # the next window is conditioned on this one's last K frames and their audio
-            context = (motion[:, n - k :], audio[:, n - k :].to(motion.device))
-        raw = at_rest_of(session, denormalise(motion[0].float().cpu(), stats), stats)
-        units = smooth_motion(raw, previous, conditions.smooth_pose, conditions.smooth_dynamics)
-        previous = raw
-        units = _override(units, produced, driving, pose_from, dynamics_from)
+    def frames_of(emitted: Emitted) -> Iterator[np.ndarray]:
+        """One sampled window's emitted frames, `batch` at a time."""
+        nonlocal previous
+        raw = at_rest_of(session, denormalise(emitted.motion[0].float().cpu(), stats), stats)
+        # Smoothed with the window's own continuation on the right (already sampled: no added latency).
+        units = smooth_motion(raw, previous, conditions.smooth_pose, conditions.smooth_dynamics)[: emitted.count]
+        shown = raw[: emitted.count]
+        previous = shown if previous is None else torch.cat([previous, shown])[-dit.window :]
+        units = _override(units, emitted.start, driving, pose_from, dynamics_from)
         if not torch.isfinite(units).all():
             raise NonFiniteError(
-                f"non-finite motion generated at frame {produced} (a broken bundle?): no video written"
+                f"non-finite motion generated at frame {emitted.start} (a broken bundle?): no video written"
             )
-        produced += n
-        for start in range(0, n, render_batch):  # yield as soon as a batch is drawn, not after the whole window
-            crops = render(session, units[start : start + render_batch], render_batch)
+        for start in range(0, emitted.count, batch):  # yield as soon as a batch is drawn, not after the window
+            crops = render(session, units[start : start + batch], batch)
             yield crops if paster is None else paster(crops)  # paster is None exactly when crop_only
 
-    pending = np.zeros((0, features.dim), np.float32)
+    def sampled(windows_out: Iterator[Emitted]) -> Iterator[Emitted]:
+        """The windows, each sampled under autocast (entered per window: never while the caller runs)."""
+        while True:
+            with autocast(device):
+                emitted = next(windows_out, None)
+            if emitted is None:
+                return
+            yield emitted
+
     for chunk in audio_chunks:
-        pending = np.concatenate([pending, features.push(chunk)])
-        while len(pending) >= dit.window:
-            yield from window_frames(pending[: dit.window])
-            pending = pending[dit.window :]
-    pending = np.concatenate([pending, features.finish()])
-    for start in range(0, len(pending), dit.window):
-        yield from window_frames(pending[start : start + dit.window])
+        for emitted in sampled(windows.push(torch.from_numpy(features.push(chunk))[None])):
+            yield from frames_of(emitted)
+    for emitted in sampled(windows.push(torch.from_numpy(features.finish())[None])):
+        yield from frames_of(emitted)
+    for emitted in sampled(windows.finish()):
+        yield from frames_of(emitted)
 
 
 def _override(
@@ -551,9 +560,10 @@ def generate_file(
     track = audio_track(Path(audio_path))  # the user's audio as the video carries it (its rate and channels)
     paster = None if crop_only else Paster(portrait, cfg.feather)
     session = open_session(bundle, portrait)
-    # Crops: pasted back in write_labelled's pipeline, beside the renderer.
+    # Crops: pasted back in write_labelled's pipeline, beside the renderer. Whole windows (hop None): a file
+    # has no one waiting for its first frame.
     crops = stream(session, chunks(speech, rate), conditions, crop_only=True, render_batch=cfg.render_batch,
-                   feather=cfg.feather, **motion_sources)  # fmt: skip
+                   feather=cfg.feather, hop=None, lookahead=0, **motion_sources)  # fmt: skip
     count, signed = write_labelled(out, crops, track, rate, fps, cfg, bundle.sha256, key_password, paster=paster,
                                    device_type=bundle.device.type)  # fmt: skip
     seconds = len(speech) / rate

@@ -2,7 +2,11 @@
 the bundle's with soxr), watermarked JPEG frames and the audio they belong to out, chunk by chunk.
 
     portrait bytes --prepare_portrait--> open_session (the encoders, once)                         `open_live`
-    PCM16 --soxr--> stream(): motion DiT window by window, render, paste back --> watermark --> JPEG  `LiveSession.run`
+    PCM16 --soxr--> stream(): motion DiT every few frames, render, paste back --> watermark --> JPEG  `LiveSession.run`
+
+Low latency: `stream` samples a DiT window every generate.stream_hop frames, once generate.stream_lookahead frames
+of audio after them have arrived, and yields frame by frame (vasa/inference/generate.py), so each chunk sent is one
+frame and its audio.
 
 A session runs on a worker thread and holds one of the server's model slots (a semaphore, serve.workers) only
 while it computes: waiting for audio, or for a slow client to take its frames, it gives the slot back so other
@@ -136,7 +140,8 @@ class LiveSession:
         try:
             self._take_slot()
             frames = stream(self.session, self._audio(), self.conditions, render_batch=self.generate.render_batch,
-                            feather=self.generate.feather)  # fmt: skip
+                            feather=self.generate.feather, hop=self.generate.stream_hop,
+                            lookahead=self.generate.stream_lookahead)  # fmt: skip
             for chunk in frames:
                 self._emit_chunk(chunk)
         except Cancelled:

@@ -148,12 +148,15 @@ class ArrayTrack:
 class AudioFeatures:
     """Log-mel features per video frame, normalised as the motion shards are, from audio in chunks.
 
-    Video frame t owns mel frames [t k, (t + 1) k), centred inside its samples; each needs n_fft / 2
-    samples on both sides. `push` returns the frames whose windows have fully arrived, computed on a
-    segment that starts whole frames earlier (the STFT's edge padding only touches those history frames,
-    which are dropped); `finish` computes the rest up to the true end as `log_mel` does for a whole
-    file. So the features equal `log_mel` over the whole clip whatever the chunking, and memory holds
-    only a few frames of history.
+    Video frame t owns mel frames [t k, (t + 1) k), centred inside its samples at t P + j hop (P samples
+    per frame, j < k); each needs n_fft / 2 samples on both sides, so frame t is complete once sample
+    t P + (k - 1) hop + n_fft / 2 has arrived: `lookahead` samples past the frame's own end (40 = 2.5 ms at
+    16 kHz, 25 fps, hop 160, n_fft 400). `push` returns the frames whose windows have fully arrived,
+    computed on a segment that starts whole frames earlier (the STFT's edge padding only touches those
+    history frames, which are dropped) and ends exactly where the last returned frame's last window ends
+    (no window touches the right padding); `finish` computes the rest up to the true end as `log_mel` does
+    for a whole file. So the features equal `log_mel` over the whole clip whatever the chunking, and memory
+    holds only a few frames of history.
     """
 
     def __init__(self, sample_rate: int, fps: int, cfg: AudioFeatureConfig, stats: dict) -> None:
@@ -162,6 +165,8 @@ class AudioFeatures:
         self.per_frame = sample_rate // fps
         self.margin = cfg.n_fft // 2
         self.history = -(-self.margin // self.per_frame)  # whole frames of samples in front of the first new one
+        # Samples past frame t's end its last mel window reaches (never negative: a frame is whole first).
+        self.lookahead = max(self.margin + (self.k - 1) * cfg.hop_length - self.per_frame, 0)
         self.mean = np.asarray(stats["mean"], np.float32)
         self.std = np.asarray(stats["std"], np.float32)
         self.buffer = np.zeros(0, np.float32)  # samples from `offset` on
@@ -178,9 +183,8 @@ class AudioFeatures:
         chunk = np.asarray(chunk, np.float32).reshape(-1)
         self.buffer = np.concatenate([self.buffer, chunk])
         self.total += len(chunk)
-        last_centre_offset = (self.k - 1) * self.cfg.hop_length  # frame t's last mel centre: t * per_frame + this
-        complete = (self.total - self.margin - last_centre_offset) // self.per_frame  # frames with every window in
-        return self._emit(min(max(complete, 0), self.total // self.per_frame), final=False)
+        complete = (self.total - self.lookahead) // self.per_frame  # frames with every window in
+        return self._emit(max(complete, 0), final=False)
 
     def finish(self) -> np.ndarray:
         """Features of the remaining whole frames, the end treated as the end of the file."""
@@ -191,7 +195,7 @@ class AudioFeatures:
             return np.zeros((0, self.dim), np.float32)
         first = max(self.done - self.history, 0)
         start = first * self.per_frame - self.offset
-        stop = None if final else end * self.per_frame + self.margin + self.per_frame - self.offset
+        stop = None if final else end * self.per_frame + self.lookahead - self.offset
         mel = log_mel(self.buffer[start:stop], self.sample_rate, self.fps, self.cfg)
         feats = mel[(self.done - first) * self.k : (end - first) * self.k].reshape(-1, self.dim)
         self.done = end
