@@ -10,6 +10,9 @@ Recipe (each step a task; the decisions are vasa/provenance/promotion.py's):
      bundle already promoted: stop, decision `unchanged`.
   2. `dvc repro <retrain.targets>`: ingest and preprocess are incremental (only new clips are processed,
      only the shards whose key range they fall in are rewritten); training stages re-run on the new shards.
+     The score stage scores every clip, the new ones included, with that run's judges: the run records the
+     corpus's quality (clips kept, corrected, rejected by reason) and data/retrain/quality.csv + quality.png
+     show it per week (vasa/provenance/quality.py).
   3. Check the gate (retrain.gate: {file, key, op, value} on the stages' metrics JSON).
   4. Pass: `dvc push` (bundle and every other cached output to the default remote), commit dvc.lock and
      the records, tag `<artifact>@vX.Y.Z` and `<artifact>#<stage>#N` (GTO / DVC model registry). Fail:
@@ -35,6 +38,7 @@ from vasa.core.errors import InputError
 from vasa.core.files import read_json, write_json
 from vasa.provenance import history as dvc_history
 from vasa.provenance import promotion as decide
+from vasa.provenance import quality as corpus_quality
 
 RUNS, PROMOTED = "runs", "promoted.json"
 INGEST_STAGE = "ingest"
@@ -91,6 +95,25 @@ def pin_layout(repo: Path, params: str, manifest: str, max_generations: int) -> 
 
 
 @task
+def score_quality(repo: Path, scores: str, diff: dict) -> dict | None:
+    """The score table's counts for the run record (None, logged, when the targets did not make one)."""
+    try:
+        found = corpus_quality.table_quality(repo / scores)
+    except InputError as err:
+        print(f"retrain: no corpus quality for this run: {err}")
+        return None
+    return found | {"added": diff["counts"]["added"]}
+
+
+@task
+def quality_report(records: Path) -> None:
+    """quality.csv and quality.png in `records`, one row per week, from every run record."""
+    rows = corpus_quality.weekly(corpus_quality.read_records(records / RUNS))
+    if rows:
+        corpus_quality.write_report(rows, records)
+
+
+@task
 def promote(repo: Path, cfg: RetrainConfig, records: Path, record: dict) -> dict:
     """Push the outputs, then commit dvc.lock and the records and tag the commit (the tags come last: a
     registered version's data is always in the remote)."""
@@ -124,6 +147,7 @@ def retrain_flow(
     bundle: str = "data/bundle",
     records: str = "data/retrain",
     force: bool = False,
+    scores: str = "data/scores/scores.parquet",
 ) -> dict:
     """One scheduled retraining run in the DVC project at `repo` (paths relative to it); returns the
     run's record. params.yaml is read at run time, so a scheduled run follows the committed settings."""
@@ -146,6 +170,7 @@ def retrain_flow(
     if cfg.pin_shards:
         record["shard_pin"] = pin_layout(root, params, manifest, cfg.max_shard_generations)
     ran += dvc_repro(root, cfg.targets)
+    record["quality"] = score_quality(root, scores, diff)
     results = decide.check_gate(root, cfg.gate)
     reason = decide.gate_reason(results)
     lock = dvc_history.read_lock(root / dvc_history.LOCK_FILE)
@@ -163,6 +188,7 @@ def retrain_flow(
         record |= {"decision": decide.REFUSED, "reason": reason, "kept": current}
         write_json(folder / RUNS / f"{record['run']}.json", record)
         print(f"retrain {record['run']}: refused ({reason}); promoted bundle stays {current}")
+    quality_report(folder)
     return record
 
 

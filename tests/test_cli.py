@@ -14,7 +14,7 @@ from vasa.cli import build_parser, main
 OUTPUT_OPTION = {
     "sample": "--out", "ingest": "--out", "preprocess": "--out", "train-latent": "--out",
     "extract-motion": "--out", "train-motion": "--out", "export": "--out", "generate": "--out", "demo": "--out",
-    "audit": "--out", "pin-shards": "--out", "train-judges": "--out", "evaluate": "--out",
+    "audit": "--out", "pin-shards": "--out", "train-judges": "--out", "score": "--out", "evaluate": "--out",
     "takedown": "--denylist", "retrain": "--records", "verify": None, "serve": None, "plan": None,
 }  # fmt: skip
 

@@ -193,10 +193,10 @@ def test_rerun_redoes_nothing_and_a_changed_shard_is_redone_alone(tmp_path):
     stage1 = write_stage1(tmp_path / "stage1")
     out = tmp_path / "motion"
     first = extract(extract_cfg(), shards, stage1, out, progress=False)
-    assert first == {"redone": 2, "kept": 0, "samples": 2, "failed": 0}
+    assert first == {"redone": 2, "kept": 0, "samples": 2, "failed": 0, "filtered": 0, "realigned": 0}
     before = digests(out)
     again = extract(extract_cfg(), shards, stage1, out, progress=False)
-    assert again == {"redone": 0, "kept": 2, "samples": 2, "failed": 0}
+    assert again == {"redone": 0, "kept": 2, "samples": 2, "failed": 0, "filtered": 0, "realigned": 0}
     assert digests(out) == before  # identical bytes, index and stats included
     # Same inputs into a fresh folder: byte-identical output.
     extract(extract_cfg(), shards, stage1, tmp_path / "fresh", progress=False)

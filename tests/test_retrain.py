@@ -44,9 +44,11 @@ def _set_params(path: Path, clips_per_identity: int, gate: list[dict]) -> None:
     params = yaml.safe_load(path.read_text())
     params["sample"]["clips_per_identity"] = clips_per_identity
     params["sample"]["heldout_clips_per_identity"] = 0  # the counts below are of training clips
-    for stage in ("train_latent", "train_motion"):
-        train = params[stage]["train"]
+    for train in (params[s]["train"] for s in ("train_latent", "train_motion")):
         train.update(steps=STEPS, warmup_steps=1, checkpoint_every=STEPS, image_every=STEPS, log_every=1)
+    for judge in ("sync", "capp"):  # untrained judges: the score stage's judge check turns the sync filter off
+        params["judges"][judge]["train"].update(steps=STEPS, warmup_steps=1, checkpoint_every=STEPS,
+                                                image_every=STEPS, log_every=1)  # fmt: skip
     params["train_latent"]["data"]["eval_pairs"] = 8
     params["train_motion"]["data"]["eval_windows"] = 4
     params["export"]["onnx"] = False
@@ -104,7 +106,8 @@ def test_retrain_promotes_then_refuses_new_data_that_fails_the_gate(tmp_path, mo
         first = run(repo, Path("params.yaml"), Path("data/retrain"))
         assert first["decision"] == decide.PROMOTED, first
         assert first["manifest_diff"]["counts"]["added"] == 4 and not first["manifest_diff"]["baseline"]
-        assert {"ingest", "preprocess", "train_latent", "train_motion", "export"} <= set(first["stages_run"])
+        assert {"ingest", "preprocess", "train_judges", "score", "train_latent", "export"} <= set(first["stages_run"])
+        assert first["quality"]["clips"] >= 4 and first["quality"]["added"] == 4  # every clip scored
         assert first["tags"] == {"version": "talking-face-bundle@v1.0.0", "stage": "talking-face-bundle#prod#1"}
         # The bundle's every file is in the remote, under the md5 the committed, tagged dvc.lock names.
         tagged = dvc_history.lock_at(repo, "talking-face-bundle@v1.0.0")
@@ -144,6 +147,10 @@ def test_retrain_promotes_then_refuses_new_data_that_fails_the_gate(tmp_path, mo
         assert json.loads((records / "promoted.json").read_text()) == promoted  # the promoted bundle stays
         assert sorted(_git(repo, "tag", "--list").split()) == sorted(first["tags"].values())
         assert json.loads((records / "runs" / f"{second['run']}.json").read_text())["decision"] == decide.REFUSED
+        # The new clips were scored like the others; the weekly report holds this week's last run.
+        assert second["quality"]["added"] == 2 and second["quality"]["clips"] >= 6
+        weeks = (records / "quality.csv").read_text().splitlines()
+        assert len(weeks) >= 2 and second["run"] in weeks[-1] and (records / "quality.png").stat().st_size > 0
 
         # Only the shards whose key range holds a new clip were rewritten; every other one kept its bytes.
         new_keys = {ingest_manifest.clip_key(c) for c in second["manifest_diff"]["added"]}

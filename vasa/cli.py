@@ -271,6 +271,7 @@ def _train_latent(args: argparse.Namespace, params: Params) -> int:
         params.train_latent,
         args.shards,
         args.out,
+        scores=args.scores,
         resume=args.resume,
         deepspeed=deepspeed_config(args.deepspeed),
         progress=not args.no_progress,
@@ -296,6 +297,7 @@ def _add_train_latent(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument("--shards", type=Path, required=True, help="preprocess output folder (index.json + shards)")
     parser.add_argument("--out", type=Path, required=True, help="run folder: model/, live/, images/, checkpoints/")
+    _add_scores_option(parser, "its rejected train clips are not trained on")
     parser.add_argument("--resume", action="store_true", help="continue from the latest state in OUT/checkpoints")
     parser.add_argument(
         "--deepspeed",
@@ -311,10 +313,13 @@ def _add_train_latent(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
 def _extract_motion(args: argparse.Namespace, params: Params) -> int:
     from vasa.stages.extract_motion import extract
 
-    counts = extract(params.extract_motion, args.shards, args.latent, args.out, progress=not args.no_progress)
+    counts = extract(
+        params.extract_motion, args.shards, args.latent, args.out, scores=args.scores, progress=not args.no_progress
+    )
     print(
         f"extract-motion: {counts['redone']} shards encoded, {counts['kept']} unchanged, "
-        f"{counts['samples']} samples, {counts['failed']} left out; motion shards in {args.out}"
+        f"{counts['samples']} samples, {counts['failed']} left out, {counts['filtered']} filtered by the scores, "
+        f"{counts['realigned']} re-aligned; motion shards in {args.out}"
     )
     return 0
 
@@ -335,6 +340,7 @@ def _add_extract_motion(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
     parser.add_argument("--shards", type=Path, required=True, help="preprocess output folder (index.json + shards)")
     parser.add_argument("--latent", type=Path, required=True, help="stage-1 model folder (train-latent OUT/model)")
     parser.add_argument("--out", type=Path, required=True, help="output folder for motion shards, index, stats")
+    _add_scores_option(parser, "rejected train clips are left out, corrected offsets re-align the audio")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     parser.set_defaults(handler=_extract_motion)
     return parser
@@ -573,7 +579,7 @@ def _audit(args: argparse.Namespace, params: Params) -> int:
     requests = denylist.load(args.denylist) if args.denylist else None
     report = audit(
         args.target, args.shards, args.manifest, args.dvc_lock, motion=args.motion,
-        verify_content=args.verify_content, denylist=requests, history=args.history,
+        verify_content=args.verify_content, denylist=requests, history=args.history, scores=args.scores,
     )  # fmt: skip
     write_report(report, args.out)
     n = report.summary["counts"]["samples"]
@@ -608,6 +614,7 @@ def _add_audit(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="folder for clips.parquet, audit.json, audit.md")
     parser.add_argument("--dvc-lock", type=Path, help="also check the bundle's recorded stage outputs against it")
     parser.add_argument("--motion", type=Path, help="extract-motion output folder: also check stage 2's data")
+    _add_scores_option(parser, "the clips each filter removed are listed as excluded, with the reason")
     parser.add_argument(
         "--verify-content",
         action="store_true",
@@ -630,8 +637,9 @@ def _train_judges(args: argparse.Namespace, params: Params) -> int:
     from vasa.stages.train_judges import run
 
     results = run(
-        params.judges, params.evaluate, args.shards, args.out, resume=args.resume, progress=not args.no_progress
-    )
+        params.judges, params.evaluate, args.shards, args.out, scores=args.scores, resume=args.resume,
+        progress=not args.no_progress,
+    )  # fmt: skip
     margins = {
         f"{judge}:{k.removeprefix('heldout/margin/')}": round(v, 3)
         for judge, result in results.items()
@@ -657,9 +665,52 @@ def _add_train_judges(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument("--shards", type=Path, required=True, help="preprocess output folder (index.json + shards)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the sync/ and capp/ run folders")
+    _add_scores_option(
+        parser,
+        "the bootstrap's optional second round: retrain on the clips the first judges kept (not in dvc.yaml: "
+        "the DVC stage trains on every clip, so a judge never filters its own training set)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue from the latest states in OUT/*/checkpoints")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     parser.set_defaults(handler=_train_judges)
+    return parser
+
+
+def _add_scores_option(parser: argparse.ArgumentParser, effect: str) -> None:
+    parser.add_argument("--scores", type=Path, help=f"score table (`vasa score` OUT/scores.parquet): {effect}")
+
+
+def _score(args: argparse.Namespace, params: Params) -> int:
+    from vasa.stages.score import run
+
+    metrics = run(params.score, params.evaluate, args.shards, args.judges, args.out, progress=not args.no_progress)
+    _write_metrics(args.metrics, metrics)
+    print(
+        f"score: {metrics['clips']} clips, {metrics['by_status']}; rejected by reason {metrics['rejected_by_reason']}; "
+        f"sync filter {metrics['judge']['sync_filter']}; {args.out}"
+    )
+    return 0
+
+
+def _add_score(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "score",
+        help="score every clip (A/V sync by the sync expert, no-reference image quality) and apply the filters",
+        description=(
+            "Score every sample of the shards (vasa/stages/score.py): the trained sync expert's S_C, S_D and best "
+            "A/V offset over +-evaluate.sync_offsets frames (SyncNet's definition), and a no-reference image "
+            "quality (blur index and frozen face blocks, no weights). Clips below params `score` thresholds are "
+            "rejected with their reason; a confident offset within score.sync.max_offset is corrected instead. "
+            "Writes OUT/scores.parquet, which train-latent and extract-motion read with --scores, and with "
+            "--metrics the counts by status and reason."
+        ),
+    )
+    parser.add_argument("--shards", type=Path, required=True, help="preprocess output folder (index.json + shards)")
+    parser.add_argument("--judges", type=Path, required=True, help="train-judges output folder (sync/model)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for scores.parquet")
+    _add_metrics_option(parser, "clips by status, rejections by reason, the judge check, score quantiles")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    parser.set_defaults(handler=_score)
     return parser
 
 
@@ -856,6 +907,7 @@ STAGES = (
     _add_takedown,
     _add_pin_shards,
     _add_train_judges,
+    _add_score,
     _add_evaluate,
     _add_retrain,
     _add_plan,

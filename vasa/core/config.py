@@ -593,6 +593,35 @@ class RetrainConfig(Section):
     cron: str  # schedule of `vasa retrain --serve` and of the deployment
 
 
+# --- the per-clip score table and its filters (stage `score`, vasa/stages/score.py)
+
+
+class ScoreSyncConfig(Section):
+    """A/V sync filter on the sync expert's S_C and best offset (SyncNet's search over evaluate.sync_offsets)."""
+
+    min_confidence: float = Field(ge=0)  # S_C below this: rejected (audio not this face's speech, or far off)
+    max_offset: int = Field(ge=0)  # |best offset| up to this many frames is corrected (audio shifted), beyond: rejected
+    # The judge's S_C margin (aligned - shifted audio) on the scored clips; below it the sync filter is off
+    # (recorded): a judge that cannot tell timing on this corpus decides nothing.
+    min_judge_margin: float
+
+
+class ScoreQualityConfig(Section):
+    """No-reference image quality of the crops (vasa/evaluation/image_quality.py)."""
+
+    max_blur: float = Field(ge=0, le=1)  # Crété-Roffet blur index of the face above this: rejected (image_blur)
+    max_frozen: float = Field(ge=0, le=1)  # fraction of face blocks frozen between frames above this: image_compression
+    blur_frames: int = Field(ge=1)  # frames (evenly spread) whose blur index is measured; the median counts
+
+
+class ScoreConfig(Section):
+    """Stage `score`: per-clip sync and image-quality scores, and the filters training applies."""
+
+    cpu_threads: int = Field(ge=0)  # torch intra-op threads; 0 keeps torch's default
+    sync: ScoreSyncConfig
+    quality: ScoreQualityConfig
+
+
 class Params(Section):
     """The whole of params.yaml."""
 
@@ -607,6 +636,7 @@ class Params(Section):
     retrain: RetrainConfig
     judges: JudgesConfig
     evaluate: EvaluateConfig
+    score: ScoreConfig
     serve: ServeConfig
 
 

@@ -8,7 +8,9 @@ speaker (VASA-1 §3.1's cross-identity term needs one) -> batches.
 
 Only the train split is read for training, and of every train clip only the first
 (1 - holdout_fraction) of its frames: the tail is never trained on and serves, with any val/test
-split, as held-out pairs (`heldout_batch`). Member names and columns come from preprocessing.schema.
+split, as held-out pairs (`heldout_batch`). Train clips in `exclude` (the score table's rejected clips,
+vasa/loaders/scores.py) are skipped before decoding, in training and in the held-out tail alike. Member
+names and columns come from preprocessing.schema.
 
 Batch (float32 unless said; S = preset resolution):
     source, driver, other:            (B, 3, S, S) in [-1, 1]
@@ -131,9 +133,10 @@ class PairStream(IterableDataset):
     """Endless stream of single training pairs (see module docstring) for one rank and epoch."""
 
     def __init__(
-        self, shard_set: ShardSet, size: int, cfg: LatentDataConfig, seed: int, epoch: int, rank: int, world: int
-    ):
-        self.shards, self.size, self.cfg = shard_set.train, size, cfg
+        self, shard_set: ShardSet, size: int, cfg: LatentDataConfig, seed: int, epoch: int, rank: int, world: int,
+        exclude: frozenset[str] = frozenset(),
+    ):  # fmt: skip
+        self.shards, self.size, self.cfg, self.exclude = shard_set.train, size, cfg, exclude
         self.speakers, self.crop_size = shard_set.speaker_index(), shard_set.crop_size
         self.seed, self.epoch, self.rank, self.world = seed, epoch, rank, world
 
@@ -166,17 +169,27 @@ class PairStream(IterableDataset):
                 )
 
     def _clips(self, rng: random.Random, shards: tuple[Path, ...]) -> Iterator[Clip]:
-        """Resampled shards (with replacement, forever); clips too short for a pair are skipped."""
+        """Resampled shards (with replacement, forever); clips too short for a pair, or excluded, are skipped."""
+        visited, usable = set(), 0
         while True:
             path = shards[rng.randrange(len(shards))]
+            visited.add(path)
             for sample in read_samples(path):
+                if sample["__key__"] in self.exclude:
+                    continue
                 try:
                     clip = decode_sample(sample, self.size, self.speakers, self.crop_size)
                 except (ValueError, KeyError, av.FFmpegError) as err:
                     log.warning("%s: sample %s unreadable, skipped: %s", path.name, sample.get("__key__"), err)
                     continue
                 if train_frames(len(clip.frames), self.cfg.holdout_fraction) > self.cfg.min_frame_gap:
+                    usable += 1
                     yield clip
+            if usable == 0 and len(visited) == len(set(shards)):  # every shard read once, not one clip
+                raise InputError(
+                    f"no usable train clip in {[p.name for p in shards][:5]} ({len(self.exclude)} excluded by the "
+                    "scores; the rest unreadable or too short)"
+                )
 
     def _pair(self, rng: random.Random, buffer: list[Clip], evicted: deque[Clip]) -> dict[str, torch.Tensor] | None:
         clip = buffer[rng.randrange(len(buffer))]
@@ -191,11 +204,15 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decoding parallelism comes from the workers themselves
 
 
-def pair_batches(shard_set: ShardSet, size: int, cfg: LatentDataConfig, batch_size: int, seed: int):
-    """The engine's batch source: `(epoch, rank, world) -> iterator of batch dicts`."""
+def pair_batches(
+    shard_set: ShardSet, size: int, cfg: LatentDataConfig, batch_size: int, seed: int,
+    exclude: frozenset[str] = frozenset(),
+):  # fmt: skip
+    """The engine's batch source: `(epoch, rank, world) -> iterator of batch dicts`; train clips in `exclude`
+    are never read."""
 
     def source(epoch: int, rank: int, world: int) -> Iterator[dict[str, torch.Tensor]]:
-        stream = PairStream(shard_set, size, cfg, seed, epoch, rank, world)
+        stream = PairStream(shard_set, size, cfg, seed, epoch, rank, world, exclude)
         loader = DataLoader(
             stream, batch_size=batch_size, num_workers=cfg.workers, worker_init_fn=_worker_init if cfg.workers else None
         )
@@ -204,10 +221,13 @@ def pair_batches(shard_set: ShardSet, size: int, cfg: LatentDataConfig, batch_si
     return source
 
 
-def heldout_batch(shard_set: ShardSet, size: int, cfg: LatentDataConfig, seed: int) -> dict[str, dict]:
+def heldout_batch(
+    shard_set: ShardSet, size: int, cfg: LatentDataConfig, seed: int, exclude: frozenset[str] = frozenset()
+) -> dict[str, dict]:
     """Deterministic held-out pairs, by group: `frames` (the held-out tail of train clips: known
-    speakers, unseen frames) and `speakers` (the val/test splits, when they have shards). Each group
-    is a batch dict of up to `cfg.eval_pairs` pairs; the `other` frame comes from the same pool."""
+    speakers, unseen frames; clips in `exclude` left out) and `speakers` (the val/test splits, when they
+    have shards). Each group is a batch dict of up to `cfg.eval_pairs` pairs; the `other` frame comes from
+    the same pool."""
     speakers = shard_set.speaker_index()
     groups = {"frames": (shard_set.train, True)}
     heldout = tuple(p for split in (schema.VAL, schema.TEST) for p in shard_set.splits.get(split, ()))
@@ -219,6 +239,8 @@ def heldout_batch(shard_set: ShardSet, size: int, cfg: LatentDataConfig, seed: i
         clips = []
         for path in shards:
             for sample in read_samples(path):
+                if tail_only and sample["__key__"] in exclude:
+                    continue
                 clip = decode_sample(sample, size, speakers, shard_set.crop_size)
                 start = train_frames(len(clip.frames), cfg.holdout_fraction) if tail_only else 0
                 if len(clip.frames) - start > cfg.min_frame_gap:

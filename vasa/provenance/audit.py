@@ -5,7 +5,10 @@ describe any other data than the model saw: the shards' index.json, the ingest m
 given) the motion shards' index.json and dvc.lock must have the digests the model recorded, or the
 audit raises InputError naming the file that does not match. Then every sample of the shards is
 listed (sample keys from the tar member names only: nothing is decoded) and joined to its manifest
-row, and every clip or segment left out (failures.parquet) is listed as excluded with its reason.
+row, and every clip or segment left out (failures.parquet) is listed as excluded with its reason. With
+the score table the model was trained with (`scores`, checked against the digest the model recorded), the
+train clips its filters rejected are excluded too (status `filtered`, the filter as reason), and audit.json
+`score_filters` / audit.md "Score filters" count how many clips each filter removed.
 
     croissant.json  Croissant 1.1 JSON-LD of the shards (vasa/provenance/croissant.py), validated with mlcroissant
     clips.parquet   one row per sample (a face segment of a clip) or left-out clip/segment:
@@ -41,6 +44,7 @@ from preprocessing.shards import read_shard
 from vasa.core.digests import sha256_file
 from vasa.core.errors import InputError
 from vasa.core.files import atomic_path, read_json, write_json
+from vasa.loaders import scores as score_table
 from vasa.provenance import croissant
 from vasa.provenance import history as dvc_history
 
@@ -54,7 +58,17 @@ TRAIN_USE, EVAL_USE, EXCLUDED = "train", "evaluation", "excluded"
 USES = (TRAIN_USE, EVAL_USE, EXCLUDED)
 OK, MISMATCH, SKIPPED = "ok", "mismatch", "skipped"
 # Pipeline order of the stages whose settings and dvc.lock outputs the report lists.
-STAGES = ("sample", "ingest", "preprocess", "train_latent", "extract_motion", "train_motion", "export")
+STAGES = (
+    "sample",
+    "ingest",
+    "preprocess",
+    "train_judges",
+    "score",
+    "train_latent",
+    "extract_motion",
+    "train_motion",
+    "export",
+)
 # Bundle model.json blocks that hold the settings the bundle was exported with (normalisation is
 # statistics, not settings; lineage and weights are reported separately).
 BUNDLE_SETTINGS = ("face_latent", "motion_dit", "audio", "crop", "fps", "sampling")
@@ -122,6 +136,7 @@ def audit(
     verify_content: bool = False,
     denylist: takedown.Denylist | None = None,
     history: Path | None = None,
+    scores: Path | None = None,
 ) -> AuditReport:
     """Audit `target` (a bundle or a train-latent/train-motion `model/` folder) against the shards'
     folder, the ingest manifest and optionally dvc.lock and the motion shards' folder. Raises
@@ -131,7 +146,8 @@ def audit(
     their members' bytes, and motion tars against the sha256 in the motion index), which reads every
     byte of the data: off by default. With `denylist`, each request is reported absent or PRESENT; with
     `history` (the git checkout whose dvc.lock built the target) also for every earlier bundle of its
-    history, from the DVC cache (vasa/provenance/history.py)."""
+    history, from the DVC cache (vasa/provenance/history.py). With `scores` (the score table the model
+    recorded), the train clips it rejected are excluded rows with their filter as reason."""
     meta = _read_json(target / MODEL_JSON, "model.json")
     lineage = target_lineage(meta, target, motion)
     checks = _weight_checks(target, meta)
@@ -143,12 +159,14 @@ def audit(
     checks.append(_digest_check("ingest manifest", manifest, manifest_expected))
     checks += _motion_checks(lineage, motion, target / MODEL_JSON, verify_content)
     checks += _dvc_checks(meta, dvc_lock)
+    table, score_checks = _score_checks(lineage, scores)
+    checks += score_checks
     _refuse_mismatches(checks)
     listing, shard_check = list_shards(shards, index, verify_content)  # only once index.json is the right one
     checks.append(shard_check)
     _refuse_mismatches(checks)
     rows_by_key, clip_rows = _manifest_rows(manifest)
-    rows = _sample_rows(shards, listing, rows_by_key) + _excluded_rows(shards, clip_rows)
+    rows = _filtered(_sample_rows(shards, listing, rows_by_key), table) + _excluded_rows(shards, clip_rows)
     rows.sort(key=lambda r: (USES.index(r["used_for"]), _split_rank(r["split"]), r["key"], r["reason"] or ""))
     summary = {
         "format": AUDIT_FORMAT,
@@ -160,6 +178,8 @@ def audit(
         "counts": counts(rows),
         "unaccounted_clips": sorted(set(clip_rows) - {r["clip_id"] for r in rows}),
     }
+    if table is not None:
+        summary["score_filters"] = score_filters(table)
     if denylist is not None:
         summary["takedown"] = takedown_check(rows, denylist)
         summary["ok"] = all(r["status"] == ABSENT for r in summary["takedown"])
@@ -206,6 +226,7 @@ def target_lineage(meta: dict, target: Path, motion: Path | None) -> dict:
             "stage1_weights_sha256": latent.get("weights_sha256"),
             "motion_index_sha256": dit.get("index_sha256"),
             "motion_stage1_weights_sha256": dit.get("stage1_weights_sha256"),
+            "scores_sha256": latent.get("scores_sha256"),
         }
     if task == "train_latent":
         return {
@@ -213,6 +234,7 @@ def target_lineage(meta: dict, target: Path, motion: Path | None) -> dict:
             "index_sha256": lineage.get("index_sha256"),
             "manifest_sha256": lineage.get("dataset_manifest_sha256"),
             "stage1_weights_sha256": ((meta.get("weights") or {}).get("generator") or {}).get("sha256"),
+            "scores_sha256": lineage.get("scores_sha256"),
         }
     if task == "train_motion":
         # A motion model names only its motion shards; their index names the shards they came from.
@@ -226,6 +248,7 @@ def target_lineage(meta: dict, target: Path, motion: Path | None) -> dict:
             "stage1_weights_sha256": lineage.get("stage1_weights_sha256"),
             "motion_index_sha256": lineage.get("index_sha256"),
             "motion_stage1_weights_sha256": lineage.get("stage1_weights_sha256"),
+            "scores_sha256": dataset.get("scores_sha256"),
         }
     raise InputError(f"{target / MODEL_JSON}: neither a bundle nor a train-latent/train-motion output")
 
@@ -268,6 +291,53 @@ def _motion_checks(lineage: dict, motion: Path | None, model_json: Path, content
         found = f"{len(wrong)} differ: {', '.join(wrong[:5])}" if wrong else expected
         checks.append(Check("motion shard files", str(motion), expected, found, MISMATCH if wrong else OK))
     return checks
+
+
+def _score_checks(lineage: dict, scores: Path | None) -> tuple[score_table.Scores | None, list[Check]]:
+    """The score table the model trained with: read and checked against the recorded digest; SKIPPED when the
+    model recorded one and none is given. A table for a model that recorded none is refused: it trained on
+    every clip, and listing filtered clips would describe other data than the model saw."""
+    expected = lineage.get("scores_sha256")
+    if scores is None:
+        return None, [Check("score table", "(not given)", expected, None, SKIPPED)] if expected else []
+    if expected is None:
+        raise InputError(f"{scores}: the model records no score table (it trained on every clip); drop --scores")
+    table = score_table.read_scores(Path(scores))
+    status = OK if table.sha256 == expected else MISMATCH
+    return table, [Check("score table", str(scores), expected, table.sha256, status)]
+
+
+def _filtered(rows: list[dict], table: score_table.Scores | None) -> list[dict]:
+    """Train rows whose clip the score table rejected become excluded rows (status `filtered`, the filter as
+    reason); the others are unchanged."""
+    if table is None:
+        return rows
+    rejected = table.rejected_train
+    out = []
+    for row in rows:
+        if row["used_for"] == TRAIN_USE and row["key"] in rejected:
+            found = table.rows[row["key"]]
+            row = row | {"used_for": EXCLUDED, "status": "filtered"} | {k: found[k] for k in ("reason", "detail")}
+        out.append(row)
+    return out
+
+
+def score_filters(table: score_table.Scores) -> dict:
+    """How many train clips each score filter removed, how many were re-aligned, and the val/test clips the
+    filters would reject (kept in the evaluation sets)."""
+    rows = list(table.rows.values())
+    train = [r for r in rows if r["split"] == schema.TRAIN]
+    removed = Counter(r["reason"] for r in train if r["status"] == score_table.REJECTED)
+    return {
+        "table_sha256": table.sha256,
+        "train_clips": len(train),
+        "removed_by_reason": {reason: removed[reason] for reason in score_table.REASONS if removed[reason]},
+        "removed": sum(removed.values()),
+        "corrected": sum(r["status"] == score_table.CORRECTED for r in train),
+        "evaluation_rejected_kept": sum(
+            r["status"] == score_table.REJECTED for r in rows if r["split"] != schema.TRAIN
+        ),
+    }
 
 
 def _same_file(path: Path, sha256: str | None) -> bool:
@@ -437,6 +507,9 @@ def _processing(
         by_stage["extract_motion"]["left_out"] = sorted(
             motion_index.get("failures") or [], key=lambda f: (str(f.get("key")), str(f.get("shard")))
         )
+        by_stage["extract_motion"]["filtered"] = sorted(
+            motion_index.get("filtered") or [], key=lambda f: (str(f.get("key")), str(f.get("shard")))
+        )
     steps = [step for step in steps if len(step) > 1]
     return {
         "code_sha256": recorded.get("code_sha256"),
@@ -514,6 +587,18 @@ def render_markdown(report: AuditReport) -> str:
     if len(excluded) > MD_LIST:
         lines.append(f"- ... and {len(excluded) - MD_LIST} more (clips.parquet)")
     lines += [] if excluded else ["None."]
+    if "score_filters" in s:
+        f = s["score_filters"]
+        lines += ["", "## Score filters", ""]
+        lines += [
+            f"Score table `{_short(f['table_sha256'])}`: {f['removed']} of {f['train_clips']} train clips removed, "
+            f"{f['corrected']} kept with their A/V offset corrected; {f['evaluation_rejected_kept']} val/test clips "
+            "the filters would reject stay in the evaluation sets.",
+            "",
+            "| filter (reason) | train clips removed |",
+            "|---|---|",
+            *(f"| {reason} | {n} |" for reason, n in f["removed_by_reason"].items()),
+        ]
     if "takedown" in s:
         lines += ["", "## Takedown requests", ""]
         lines += ["| kind | id | date | in this model |", "|---|---|---|---|"] if s["takedown"] else ["None recorded."]

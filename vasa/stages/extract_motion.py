@@ -2,7 +2,13 @@
 latents of stage 1): the shards' crop mp4 -> the trained stage-1 motion encoder -> one motion shard per
 input shard, same shard names and sample keys, plus index.json and the train-split stats.json. The
 motion-shard format is documented in vasa/loaders/motion.py. An input shard is re-encoded only when
-its input digest changed (input shard sha256 + stage-1 weights sha256 + this code + settings).
+its input digest changed (input shard sha256 + stage-1 weights sha256 + this code + settings + the score
+table's decisions on its samples).
+
+With a score table (`--scores`, vasa/loaders/scores.py): train clips it rejected are left out (index.json
+`filtered`, with the reason), and clips it corrected are re-aligned in every split (`align_audio`: the audio
+features move by the offset the sync expert found, the unmatched ends are dropped), so stage 2 learns
+motion from speech that drives it.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from vasa.loaders.motion import (
     load_npy,
     npy,
 )
+from vasa.loaders.scores import Scores, align_audio, read_scores
 from vasa.loaders.shards import decode_frames, read_index, read_samples
 from vasa.models.motion_dit import EMOTION_COLUMNS
 from vasa.models.motion_encoder import EXPRESSION_DIMS, POSE_DIM, REST_PERCENTILES
@@ -51,10 +58,16 @@ def code_digest() -> str:
 
 
 def motion_sample(
-    sample: dict[str, bytes], encoder: Stage1Encoder, crop_size: int, batch_size: int, fps: float
+    sample: dict[str, bytes],
+    encoder: Stage1Encoder,
+    crop_size: int,
+    batch_size: int,
+    fps: float,
+    audio_shift: int = 0,
 ) -> Sample:
-    """One input shard sample -> its motion sample (members in MEMBERS). Raises KeyError/ValueError on
-    a sample that lacks a member or cannot be decoded."""
+    """One input shard sample -> its motion sample (members in MEMBERS), its audio moved by `audio_shift`
+    frames against the video (vasa.loaders.scores.align_audio). Raises KeyError/ValueError on a sample that
+    lacks a member or cannot be decoded."""
     frames = decode_frames(sample[schema.MP4], encoder.resolution)
     pose = load_npy(sample[schema.POSE]).astype(np.float32)
     gaze = load_npy(sample[schema.GAZE]).astype(np.float32)
@@ -73,22 +86,33 @@ def motion_sample(
     scale = pose[:t, schema.POSE_COLUMNS.index("scale_px")]
     distance = np.log(crop_size / np.clip(scale, 1e-6, None))[:, None].astype(np.float32)
     columns = [schema.EXPRESSION_COLUMNS.index(c) for c in EMOTION_COLUMNS]
+    (motion, gaze_t, distance, emotion), audio = align_audio(
+        [motion, gaze[:t], distance, expression[:t, columns]], audio, audio_shift
+    )
+    t = len(motion)
     members = {
         MOTION: npy(motion),
         AUDIO: npy(audio.astype(np.float32)),
-        GAZE: npy(gaze[:t]),
+        GAZE: npy(gaze_t),
         DISTANCE: npy(distance),
-        EMOTION: npy(expression[:t, columns]),
+        EMOTION: npy(emotion),
         JSON: sample[schema.JSON],
     }
     return Sample(sample["__key__"], members, frames=t, seconds=t / fps)
 
 
 def extract(
-    cfg: ExtractMotionConfig, shards: Path, stage1: Path, out: Path, *, progress: bool = True
+    cfg: ExtractMotionConfig,
+    shards: Path,
+    stage1: Path,
+    out: Path,
+    *,
+    scores: Path | None = None,
+    progress: bool = True,
 ) -> dict[str, int]:
     """Encode every sample of the shards in `shards` with the stage-1 model in `stage1` into motion
-    shards in `out`; unchanged input shards are kept. Returns counts: shards done/kept, samples, failed."""
+    shards in `out`, filtered and re-aligned by the score table `scores` (None: every sample as it is);
+    unchanged input shards are kept. Returns counts: shards done/kept, samples, failed, filtered, realigned."""
     index_path = shards / INDEX_FILE
     index = read_index(index_path)
     dataset = index.get("dataset") if isinstance(index.get("dataset"), dict) else {}
@@ -96,6 +120,7 @@ def extract(
     if not isinstance(crop_size, int):
         raise InputError(f"{index_path}: no dataset.crop_size (needed for the head distance)")
     encoder = load_stage1_encoder(stage1, cfg.device)
+    table = read_scores(scores)
     code = code_digest()
     settings = {"batch_size": cfg.batch_size, "device": encoder.device.type, "format": FORMAT}
     out.mkdir(parents=True, exist_ok=True)
@@ -108,14 +133,21 @@ def extract(
             if not path.is_file():
                 raise InputError(f"{index_path}: split {split} lists a missing shard {shard['shard']}")
             plan.append((split, path, shard.get("samples", 0)))
-    counts = {"redone": 0, "kept": 0, "samples": 0, "failed": 0}
+    counts = {"redone": 0, "kept": 0, "samples": 0, "failed": 0, "filtered": 0, "realigned": 0}
     splits: dict[str, list[dict]] = {}
     failures: list[dict] = []
+    filtered: list[dict] = []
     bar = tqdm(total=sum(n for _, _, n in plan), unit="clip", desc="extract-motion", disable=not progress)
     for split, path, n_samples in plan:
         digest = hashlib.sha256(
             json.dumps(
-                {"input": sha256_file(path), "stage1": encoder.weights_sha256, "code": code, **settings},
+                {
+                    "input": sha256_file(path),
+                    "stage1": encoder.weights_sha256,
+                    "code": code,
+                    **settings,
+                    "scores": _score_decisions(table, path.name, split),
+                },
                 sort_keys=True,
             ).encode()
         ).hexdigest()
@@ -129,13 +161,21 @@ def extract(
         ):
             splits.setdefault(split, []).append(previous)
             failures += [f for f in old.get("failures", []) if f.get("shard") == path.name]
+            filtered += [f for f in old.get("filtered", []) if f.get("shard") == path.name]
             counts["kept"] += 1
             bar.update(n_samples)
             continue
         samples = []
         for sample in read_samples(path):
+            row = table.rows.get(sample["__key__"])
+            if split == schema.TRAIN and sample["__key__"] in table.rejected_train:
+                filtered.append({"shard": path.name, "key": sample["__key__"], "reason": row["reason"],
+                                 "detail": row["detail"]})  # fmt: skip
+                bar.update(1)
+                continue
+            shift = table.audio_shift(sample["__key__"])
             try:
-                samples.append(motion_sample(sample, encoder, crop_size, cfg.batch_size, dataset["fps"]))
+                samples.append(motion_sample(sample, encoder, crop_size, cfg.batch_size, dataset["fps"], shift))
             except (KeyError, ValueError, av.FFmpegError) as err:
                 log.warning("%s: sample %s left out: %s", path.name, sample.get("__key__"), err)
                 failures.append({"shard": path.name, "key": sample.get("__key__"), "reason": str(err)[:200]})
@@ -152,7 +192,8 @@ def extract(
         counts["redone"] += 1
     bar.close()
     counts["samples"] = sum(e["samples"] for entries in splits.values() for e in entries)
-    counts["failed"] = len(failures)
+    counts["failed"], counts["filtered"] = len(failures), len(filtered)
+    counts["realigned"] = sum(1 for r in table.rows.values() if r["audio_shift"])
     stats = train_stats(out, splits.get(schema.TRAIN, []), cfg.std_floor) | rest_convention(encoder.measured_expression)
     write_json(out / STATS_FILE, stats)
     first = next((e for entries in splits.values() for e in entries if e["samples"]), None)
@@ -168,6 +209,7 @@ def extract(
             "emotion_columns": list(EMOTION_COLUMNS),
             "dims": dims,
             "stats_sha256": sha256_file(out / STATS_FILE),
+            "scores_sha256": table.sha256,
         },
         "splits": {
             split: {
@@ -178,11 +220,19 @@ def extract(
             for split, entries in sorted(splits.items())
         },
         "failures": failures,
+        "filtered": filtered,
     }
     for name in sorted(set(old_entries) - {e["shard"] for entries in splits.values() for e in entries}):
         (out / name).unlink(missing_ok=True)  # only files the previous index listed are ever removed
     write_json(out / INDEX_FILE, new_index)
     return counts
+
+
+def _score_decisions(table: Scores, shard: str, split: str) -> list:
+    """What the score table decides for one shard's samples (part of its digest): rejected train keys and
+    the audio shifts; empty without a table."""
+    rejected = table.rejected_train if split == schema.TRAIN else frozenset()
+    return [[r["key"], r["key"] in rejected, int(r["audio_shift"] or 0)] for r in table.shard_rows(shard)]
 
 
 def _dims(path: Path) -> dict[str, int]:

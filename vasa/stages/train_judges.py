@@ -11,6 +11,10 @@ than with the audio shifted by params `evaluate.shift_frames`; CAPP higher for t
 for pairs shuffled across clips.
 
     python -m vasa.cli --params params.yaml train-judges --shards data/shards --out data/judges
+
+The DVC stage trains on every train clip: the score stage's filters come from the sync expert trained here,
+so a judge never decides its own training set. `--scores` (not in dvc.yaml) is the bootstrap's optional
+second round: retrain on the clips the first judges kept, into another folder, and score again with it.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from vasa.evaluation import capp as capp_mod
 from vasa.evaluation import sync as sync_mod
 from vasa.evaluation.metrics import offset_distances, shift_audio, sync_score
 from vasa.loaders.judge_clips import JudgeClip, evaluation_set, load_clips, mel_stats, normalise_mel
+from vasa.loaders.scores import read_scores
 from vasa.loaders.shards import ShardSet, open_shards
 from vasa.training.checkpoint import shards_lineage
 from vasa.training.engine import TrainResult, train
@@ -75,14 +80,23 @@ def capp_check(model: capp_mod.Capp, clips: list[JudgeClip], stats: dict, evalua
 
 
 def run(
-    cfg: JudgesConfig, evaluate: EvaluateConfig, shards: Path, out: Path, *, resume: bool = False, progress: bool = True
+    cfg: JudgesConfig,
+    evaluate: EvaluateConfig,
+    shards: Path,
+    out: Path,
+    *,
+    scores: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
 ) -> dict[str, TrainResult]:
-    """Train both judges on `shards` into `out/sync` and `out/capp` (library entry: config passed in)."""
+    """Train both judges on `shards` into `out/sync` and `out/capp` (library entry: config passed in); with a
+    score table, without the train clips it rejected (the bootstrap's second round)."""
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
     shard_set = open_shards(shards)
     group, why, eval_shards, eval_keys = evaluation_set(shard_set)
-    train_clips = load_clips(shard_set.train, None, exclude=eval_keys)
+    table = read_scores(scores)
+    train_clips = load_clips(shard_set.train, None, exclude=eval_keys | table.rejected_train)
     heldout = load_clips(eval_shards, eval_keys, exclude=set())
     stats = mel_stats(train_clips)
     mel_per_frame = train_clips[0].mel.shape[1] // _n_mels(shard_set)
@@ -91,6 +105,7 @@ def run(
         "lineage": {"shards": shards.name, **shards_lineage(shard_set.index_path)},
         "normalisation": {"audio": stats},
         "trained_on": sorted(c.key for c in train_clips),
+        **({"scores_sha256": table.sha256} if table.sha256 else {}),
         "evaluation": {"set": group, "why": why, "keys": sorted(eval_keys)},
     }
     results = {}

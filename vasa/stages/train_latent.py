@@ -9,6 +9,9 @@ Launch commands (every path explicit; the same code from one CPU to many GPU nod
 
     # one process (CPU or one GPU)
     python -m vasa.cli --params params.yaml train-latent --shards data/shards --out data/latent
+    # skip the clips the score stage rejected (dvc.yaml does)
+    python -m vasa.cli --params params.yaml train-latent --shards data/shards --scores data/scores/scores.parquet \
+        --out data/latent
     # resume a killed run from its latest state
     python -m vasa.cli --params params.yaml train-latent --shards data/shards --out data/latent --resume
     # 2 CPU processes (gloo; the engine sets Accelerator(cpu=True) itself when there is no CUDA)
@@ -34,6 +37,7 @@ from torch import Tensor, nn
 
 from vasa.core.config import TrainLatentConfig
 from vasa.loaders.pairs import heldout_batch, pair_batches
+from vasa.loaders.scores import read_scores
 from vasa.loaders.shards import open_shards
 from vasa.training.checkpoint import shards_lineage
 from vasa.training.engine import TrainResult, train
@@ -97,10 +101,12 @@ def run(
     out: Path,
     *,
     resume: bool,
+    scores: Path | None = None,
     deepspeed: dict | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train stage 1 on the shards in `shards` into `out` (library entry: config passed in)."""
+    """Train stage 1 on the shards in `shards` into `out` (library entry: config passed in), leaving out the train
+    clips the score table `scores` rejected (None: every clip)."""
     from vasa.models.presets import get_preset
     from vasa.training.latent_task import LatentTask
 
@@ -111,14 +117,16 @@ def run(
     shard_set = open_shards(shards)
     preset = get_preset(cfg.model)
     task = LatentTask(cfg.loss, preset, n_speakers=len(shard_set.speakers), crop_size=shard_set.crop_size)
-    batches = pair_batches(shard_set, preset.resolution, cfg.data, cfg.train.batch_size, cfg.train.seed)
+    table = read_scores(scores)
+    exclude = table.rejected_train
+    batches = pair_batches(shard_set, preset.resolution, cfg.data, cfg.train.batch_size, cfg.train.seed, exclude)
     log.info(
-        "stage 1: preset %s at %d², %d train shards, %d speakers",
-        cfg.model, preset.resolution, len(shard_set.train), len(shard_set.speakers),
+        "stage 1: preset %s at %d², %d train shards, %d speakers, %d train clips left out by the scores",
+        cfg.model, preset.resolution, len(shard_set.train), len(shard_set.speakers), len(exclude),
     )  # fmt: skip
 
     def evaluate(models: dict[str, nn.Module]) -> dict[str, float]:
-        groups = heldout_batch(shard_set, preset.resolution, cfg.data, cfg.train.seed)
+        groups = heldout_batch(shard_set, preset.resolution, cfg.data, cfg.train.seed, exclude)
         figures = heldout_psnr(task, models, groups, cfg.train.batch_size)
         figures |= heldout_disentanglement(models["generator"], groups)
         for key, value in sorted(figures.items()):
@@ -127,7 +135,11 @@ def run(
 
     meta = {
         "params": {"train_latent": cfg.model_dump(mode="json")},
-        "lineage": {"shards": shard_set.index_path.parent.name, **shards_lineage(shard_set.index_path)},
+        "lineage": {
+            "shards": shard_set.index_path.parent.name,
+            **shards_lineage(shard_set.index_path),
+            **({"scores_sha256": table.sha256} if table.sha256 else {}),
+        },
         "speakers": list(shard_set.speakers),
     }
     return train(
