@@ -184,3 +184,7 @@ def test_saturating_embedding_equals_the_int16_sum() -> None:
         delta = np.rint(gains[i] * field).astype(np.int16)[..., None]
         np.testing.assert_array_equal(got[i], np.clip(frames[i] + delta, 0, 255))
     assert np.abs(np.rint(gains[:, None, None] * field)).max() > 0  # the mark is not empty
+    # Frames that are a strided view (rendered crops come as permuted tensors' arrays): the same bytes.
+    view = np.ascontiguousarray(frames.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+    assert not view.flags.c_contiguous
+    np.testing.assert_array_equal(Watermarker(b"payload!").apply(view), got)

@@ -224,8 +224,8 @@ class Watermarker:
             raise ValueError(f"frames must be (T, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
         count, height, width = frames.shape[:3]
         gains = modulation(self._key.seed, self.frame, count)
-        out = np.empty_like(frames)
-        raised = np.empty_like(frames[0])
+        out = np.empty(frames.shape, np.uint8)  # C order whatever the input's (rendered crops can be views)
+        raised = np.empty(frames.shape[1:], np.uint8)
         for i in range(count):
             # clip(frame + delta, 0, 255) with the same step on R, G, B (luma only), as two saturating uint8
             # operations: the same bytes at a quarter of the CPU of an int16 sum (docs/BENCHMARKS.md).
