@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import soundfile
+import torch
 
 from tests.test_serve import uvicorn_server
 from vasa.inference.bundle import load_bundle
@@ -42,8 +43,15 @@ def url(tiny_bundle: Path, params) -> Iterator[str]:
     """`vasa serve` on uvicorn in a background thread, on a free port of 127.0.0.1."""
     cfg = params.serve.replace(max_side=256)  # smaller frames: a quicker first window on a CPU
     app = create_app(load_bundle(tiny_bundle), cfg, params.generate.replace(steps=4), params.preprocess.face)
-    with uvicorn_server(app, cfg) as address:
-        yield address
+    # One intra-op thread: the low-latency stream's per-frame calls otherwise keep OpenMP workers spinning on
+    # both cores of the shared machine, and the browser, starved beside them, stalls and skips frames.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with uvicorn_server(app, cfg) as address:
+            yield address
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
