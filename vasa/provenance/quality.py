@@ -96,7 +96,7 @@ def write_report(rows: list[dict], folder: Path) -> None:
         axes.bar(weeks, values, bottom=bottom, label=label, hatch="" if column in KEPT else "//")
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     axes.set_ylabel("clips (score table)")
-    axes.set_title("corpus quality per week (last retraining run of the week)")
+    axes.set_title("corpus quality per week\n(the week's last retraining run)", fontsize=9)
     axes.legend(fontsize=7, loc="upper left")
     figure.tight_layout()
     with atomic_path(folder / QUALITY_PNG) as tmp:
