@@ -61,8 +61,7 @@ def speed_and_memory(task: object, modules: dict[str, nn.Module], checkpointing:
     """Params `train.activation_checkpointing`: the task's `checkpoint_activations(modules)` makes its
     heavy blocks recompute their activations in the backward pass (torch.utils.checkpoint: less memory,
     one more forward of those blocks; the weights come out the same). `train.compile`: every module's
-    forward through torch.compile, in place (`nn.Module.compile`: state_dict keys and checkpoints unchanged;
-    dynamo compiles the project's own modules, torch's bare containers such as nn.Sequential run as they are).
+    forward through torch.compile, in place (`nn.Module.compile`: state_dict keys and checkpoints unchanged).
     Both off by default; docs/BENCHMARKS.md has what they cost and save."""
     if checkpointing:
         hook = getattr(task, "checkpoint_activations", None)
