@@ -5,15 +5,16 @@ AAC, as `vasa generate` runs them (vasa/inference/postprocess.py), and each stag
         [--encoder-threads 1] [--threads 1] [--json OUT]
 
 Content: a synthetic portrait of side P (smooth random colour, as benchmarks/generate_throughput.py draws it)
-whose central 70 % box is the face crop, at the portrait's own side (the crop side `vasa generate` renders at:
-max(--crop-size, 0.7 P), 512 at P 512, 716 at P 1024); the crops are the portrait's own crop under a small
-moving head (rotation +-3 deg, shift +-4 px) with a dark mouth opening and closing at 4 Hz, so libx264 sees a
-still background and a moving face, as in a generated video. Audio: 48 kHz stereo speech-like noise (the
-user's audio at its own rate), AAC at params generate.audio_bit_rate.
+whose central 70 % box is the face crop (scale 1 on whole pixels, as `native_crop` takes it), at the portrait's
+own side (the crop side `vasa generate` renders at: max(--crop-size, 0.7 P), 512 at P 512, 716 at P 1024); the
+crops are the portrait's own crop under a small moving head (rotation +-3 deg, shift +-4 px) with a dark mouth
+opening and closing at 4 Hz, so libx264 sees a still background and a moving face, as in a generated video.
+Audio: 48 kHz stereo speech-like noise (the user's audio at its own rate), AAC at params generate.audio_bit_rate.
 
 post       `postprocess.write_video` into a temporary mp4, threaded (the pipeline) and sequential (the same
            bytes): CPU-ms per frame = the process's CPU time over all threads / frames, and wall-ms per frame
-paste      `Paster` alone (uint8 blendLinear in the mask's box); and the float32 blend it replaced
+paste      `Paster` alone (uint8 blendLinear in the mask's box, reading the crop in place: a whole-pixel
+           shift); the float32 blend it replaced; and `Paster` on a crop taken at a fractional scale (warped)
 mark       watermark + RGB -> I420 (`mark_frames`) alone; and the watermark alone
 encode     libx264 on I420 frames (`Encoder`, no audio) at each --presets (CPU-ms and KiB per frame, PSNR of
            the decoded luma against the input's); audio = post's encoder with the track minus without it
@@ -50,16 +51,20 @@ PAYLOAD = bytes.fromhex("ab" * 8)
 TAGS = {"comment": "benchmark"}
 
 
-def portrait_and_crops(side: int, crop_size: int, frames: int) -> tuple[Portrait, np.ndarray]:
+def portrait_and_crops(side: int, crop_size: int, frames: int, exact: bool = True) -> tuple[Portrait, np.ndarray]:
     """A (side, side) synthetic portrait and `frames` (T, S, S, 3) crops of its face box at the portrait's own
-    side S = max(crop_size, 0.7 side), moving (module docstring)."""
+    side S = max(crop_size, 0.7 side), moving (module docstring); `exact`: the box at scale 1 on whole pixels
+    (as `vasa generate` crops), else at a fractional scale and offset."""
     rng = np.random.default_rng(0)
     small = rng.integers(0, 256, (side // 16, side // 16, 3), dtype=np.uint8)
     frame = cv2.resize(small, (side, side), interpolation=cv2.INTER_CUBIC)
-    box = 0.7 * side
-    crop_side = max(crop_size, int(round(box / 2)) * 2)
-    scale = crop_side / box
-    x0 = (side - box) / 2
+    if exact:  # what `native_crop` takes whenever the face box fits [crop_size, max_side]: scale 1, whole pixels
+        crop_side = max(crop_size, int(round(0.7 * side / 2)) * 2)
+        scale, x0 = 1.0, float((side - crop_side) // 2)
+    else:  # a resampled crop (a face box outside that range): the paste-back warps
+        box = 0.7 * side
+        crop_side = max(crop_size, int(round(box / 2)) * 2)
+        scale, x0 = crop_side / box, (side - box) / 2
     transform = np.array([[scale, 0, -scale * x0], [0, scale, -scale * x0]], np.float64)
     crop = cv2.warpAffine(frame, transform, (crop_side, crop_side), flags=cv2.INTER_LINEAR)
     crops = np.empty((frames, crop_side, crop_side, 3), np.uint8)
@@ -130,6 +135,10 @@ def measure_post(cfg: GenerateConfig, side: int, crop_size: int, frames: int, ba
     out["paste_cpu_ms"] = 1000 * cpu / frames
     cpu, _ = cpu_wall(lambda: [_float_paste(paster, chunk) for chunk in chunked(crops, batch)], repeats)
     out["paste_float_cpu_ms"] = 1000 * cpu / frames
+    warped, warped_crops = portrait_and_crops(side, crop_size, frames, exact=False)
+    warper = Paster(warped, cfg.feather)  # a crop at a fractional scale: the paste warps every frame
+    cpu, _ = cpu_wall(lambda: [warper(chunk) for chunk in chunked(warped_crops, batch)], repeats)
+    out["paste_warp_cpu_ms"] = 1000 * cpu / frames
     marker = Watermarker(PAYLOAD)
     planes = [mark_frames(marker, chunk) for chunk in pasted]
     cpu, _ = cpu_wall(lambda: [mark_frames(marker, chunk) for chunk in pasted], repeats)
@@ -199,13 +208,14 @@ def measure_presets(cfg: GenerateConfig, side: int, crop_size: int, frames: int,
 def report(post: dict[int, dict[str, float]], presets: list[dict]) -> None:
     print("\n## after the renderer: CPU-ms per frame (all threads), wall-ms per frame in brackets\n")
     print("| portrait | crop side | post, threaded | post, sequential | same bytes | paste (float32 before) "
-          "| watermark + I420 (watermark) | H.264 | AAC 48 kHz stereo | KiB/frame |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| paste of a resampled crop (warp) | watermark + I420 (watermark) | H.264 | AAC 48 kHz stereo "
+          "| KiB/frame |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for side, m in post.items():
         print(f"| {side}² | {m['crop_side']:.0f} | {m['post_cpu_ms']:.2f} ({m['post_wall_ms']:.2f}) "
               f"| {m['post_sequential_cpu_ms']:.2f} ({m['post_sequential_wall_ms']:.2f}) "
               f"| {'yes' if m['threaded_bytes_equal'] else 'NO'} "
-              f"| {m['paste_cpu_ms']:.2f} ({m['paste_float_cpu_ms']:.2f}) "
+              f"| {m['paste_cpu_ms']:.2f} ({m['paste_float_cpu_ms']:.2f}) | {m['paste_warp_cpu_ms']:.2f} "
               f"| {m['mark_cpu_ms']:.2f} ({m['watermark_cpu_ms']:.2f}) | {m['encode_cpu_ms']:.2f} "
               f"| {m['audio_cpu_ms']:.2f} | {m['kib_per_frame']:.1f} |")  # fmt: skip
     if presets:

@@ -73,6 +73,28 @@ def test_uint8_paste_back_stays_within_one_grey_level_of_the_float_blend():
     assert (got[:, outside] == portrait.frame[outside]).all()  # the still portrait, untouched
 
 
+@pytest.mark.parametrize(("corner", "inside"), [((40, 22), True), ((-12, 30), True), ((7, 9), False)])
+def test_a_whole_pixel_shift_is_pasted_without_a_warp_and_gives_the_warps_bytes(corner, inside):
+    """The crop of `native_crop` (scale 1, whole-pixel corner, here also one reaching past the frame's left
+    edge) is pasted by reading the crop in place; the result is byte-identical to the bilinear warp's. A crop
+    at a fractional scale still goes through the warp."""
+    side, crop = 160, 96
+    frame = cv2.resize(np.random.default_rng(0).integers(0, 256, (20, 20, 3), dtype=np.uint8), (side, side))
+    x0, y0 = corner
+    transform = np.array([[1.0, 0.0, -x0], [0.0, 1.0, -y0]]) if inside else cv2.getRotationMatrix2D((80, 80), 0, 1.01)
+    full = cv2.warpAffine(frame, transform, (crop, crop))
+    zeros = np.zeros(2, np.float32)
+    portrait = Portrait(frame=frame, transform=transform, crop=full, crop_full=full, full_transform=transform,
+                        gaze=zeros, distance=0.0, emotion=zeros, faces=1,
+                        expression=np.full(EXPRESSION_DIMS, np.nan, np.float32))  # fmt: skip
+    paster = Paster(portrait, 0.12)
+    assert (paster.window is not None) == inside
+    crops = _crops(3)
+    got = paster(crops)
+    paster.window = None  # the warp's path on the same portrait
+    np.testing.assert_array_equal(got, paster(crops))
+
+
 # --- the pipeline ------------------------------------------------------------------------------------------------
 
 
