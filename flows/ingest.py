@@ -2,6 +2,7 @@
 
     vasa ingest --out data/ingest --sample-dir data/sample [--local-dir DIR --local-csv CSV]
                 [--voxceleb-dir DIR ...] [--downloads DIR]
+                [--hdtf-dir DIR] [--celebvhq-json FILE] [--talkvid-json FILE ...]
 
 The flow only wires tasks; the logic lives in preprocessing/ingest/. One bad item never stops
 the run: a failed part, a corrupt archive, an unavailable video or an unreadable file becomes a
@@ -27,7 +28,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm import tqdm
 
 from preprocessing import denylist
-from preprocessing.ingest import incremental, manifest, probe, sources, splits, voxceleb
+from preprocessing.ingest import incremental, lists, manifest, probe, sources, splits, voxceleb
 from vasa.core.config import ArchiveConfig, IngestConfig, YoutubeConfig
 
 MANIFEST_NAME = "manifest.parquet"
@@ -170,10 +171,8 @@ def ingest_youtube(
     """Re-download each metadata track's YouTube video and cut + crop it at cfg.youtube.size (never
     for a row the takedown denylist covers). Each distinct video is one `fetch_youtube` task, all
     submitted at once to the flow's task runner; a track is read again only when it is cut."""
-    from prefect.futures import wait
-
     from preprocessing.decode import DecodeError
-    from preprocessing.ingest.youtube import UnavailableError, cut_and_crop
+    from preprocessing.ingest.youtube import cut_and_crop
 
     yt = cfg.youtube
     rows: list[dict] = []
@@ -192,16 +191,7 @@ def ingest_youtube(
                 to_cut.append((len(rows), vox_row))
             rows.append(row)
 
-    fetch = fetch_youtube.with_options(retries=yt.retries, retry_delay_seconds=yt.retry_delay_s)
-    futures = {yid: fetch.submit(yid, cache, yt) for yid in dict.fromkeys(v["youtube_id"] for _, v in to_cut)}
-    wait(list(futures.values()))
-    references: dict[str, Path | str] = {}  # youtube id -> file, or the reason it is unavailable
-    for youtube_id, future in futures.items():
-        try:
-            references[youtube_id] = future.result()
-        except UnavailableError as err:
-            references[youtube_id] = str(err)
-
+    references = fetch_references([v["youtube_id"] for _, v in to_cut], cache, yt)
     for index, vox_row in to_cut:
         row = rows[index]
         reference = references[vox_row["youtube_id"]]
@@ -230,6 +220,93 @@ def ingest_youtube(
     return rows
 
 
+def fetch_references(youtube_ids: Sequence[str], cache: Path, yt: YoutubeConfig) -> dict[str, Path | str]:
+    """Each distinct video is one `fetch_youtube` task, all submitted at once to the flow's task
+    runner. Returns youtube id -> the downloaded file, or the reason it is unavailable."""
+    from prefect.futures import wait
+
+    from preprocessing.ingest.youtube import UnavailableError
+
+    fetch = fetch_youtube.with_options(retries=yt.retries, retry_delay_seconds=yt.retry_delay_s)
+    futures = {yid: fetch.submit(yid, cache, yt) for yid in dict.fromkeys(youtube_ids)}
+    wait(list(futures.values()))
+    references: dict[str, Path | str] = {}
+    for youtube_id, future in futures.items():
+        try:
+            references[youtube_id] = future.result()
+        except UnavailableError as err:
+            references[youtube_id] = str(err)
+    return references
+
+
+def read_lists(
+    cfg: IngestConfig, hdtf_dir: Path | None, celebvhq_json: Path | None, talkvid_json: Sequence[Path]
+) -> tuple[list[lists.Entry], list[dict]]:
+    """The entries of every configured corpus list, and rows for its unusable entries."""
+    entries: list[lists.Entry] = []
+    rows: list[dict] = []
+    if "hdtf" in cfg.sources:
+        hdtf = _required(hdtf_dir, "hdtf", "--hdtf-dir")
+        if not hdtf.is_dir():
+            raise sources.SourceError(f"{hdtf}: HDTF list folder not found (HDTF_dataset/ of github.com/MRzzm/HDTF)")
+        found, bad = lists.read_hdtf(hdtf, cfg.hdtf.subsets, cfg.hdtf.licence, cfg.hdtf.max_span_s)
+        entries, rows = entries + found, rows + bad
+    if "celebvhq" in cfg.sources:
+        path = _existing_file(_required(celebvhq_json, "celebvhq", "--celebvhq-json"))
+        found, bad = lists.read_celebvhq(path, cfg.celebvhq.licence, cfg.celebvhq.max_span_s)
+        entries, rows = entries + found, rows + bad
+    if "talkvid" in cfg.sources:
+        if not talkvid_json:
+            raise sources.SourceError("source 'talkvid' is configured but --talkvid-json was not given")
+        for path in talkvid_json:
+            found, bad = lists.read_talkvid(_existing_file(path), cfg.talkvid.licence, cfg.talkvid.max_span_s)
+            entries, rows = entries + found, rows + bad
+    return entries, rows
+
+
+def ingest_lists(
+    cfg: IngestConfig, entries: list[lists.Entry], out_dir: Path, cache: Path, deny: denylist.Denylist
+) -> list[dict]:
+    """Cut every corpus-list entry (lists.Entry) through the YouTube path, as `ingest_youtube` does
+    for VoxCeleb2 tracks: one download per distinct video, the span cut at 25 fps and the list's
+    box (scaled to the downloaded frame) cropped at cfg.youtube.size with the source's `enlarge`.
+    Entries the denylist covers are never downloaded; media already cut is kept."""
+    from preprocessing.decode import DecodeError
+    from preprocessing.ingest.youtube import cut_and_crop, frame_size
+
+    yt = cfg.youtube
+    rows: list[dict] = []
+    to_cut: list[tuple[int, lists.Entry]] = []
+    for entry in sorted(entries, key=lambda e: e.clip_id):
+        row = lists.entry_row(entry, out_dir)
+        taken = deny.reason(row)
+        if taken is not None:
+            rows.append(row | {"status": denylist.TAKEN_DOWN, "error": taken})
+            continue
+        if not Path(row["media_path"]).exists():
+            to_cut.append((len(rows), entry))
+        rows.append(row)
+
+    references = fetch_references([entry.youtube_id for _, entry in to_cut], cache, yt)
+    for index, entry in to_cut:
+        row, reference = rows[index], references[entry.youtube_id]
+        if isinstance(reference, str):
+            rows[index] = row | {"status": manifest.UNAVAILABLE, "error": reference}
+            continue
+        target = Path(row["media_path"])
+        target.parent.mkdir(parents=True, exist_ok=True)
+        enlarge = getattr(cfg, entry.source).enlarge
+        try:
+            frames, boxes = lists.track(entry, *frame_size(Path(reference)))
+            cut = cut_and_crop(Path(reference), frames, boxes, target, size=yt.size, enlarge=enlarge, smooth_frames=1)
+            rows[index] = row | {"max_outside_fraction": round(float(cut["max_outside_fraction"]), 6)}
+        except lists.ListError as err:
+            rows[index] = row | {"status": manifest.BAD_METADATA, "error": f"{entry.where}: {err}"}
+        except (ValueError, DecodeError) as err:
+            rows[index] = row | {"status": manifest.UNREADABLE, "error": str(err)}
+    return rows
+
+
 @flow(name="ingest", log_prints=True)
 def ingest_flow(
     cfg: IngestConfig,
@@ -240,6 +317,9 @@ def ingest_flow(
     voxceleb_dirs: list[Path] | None = None,
     downloads_dir: Path | None = None,
     denylist_path: Path | None = None,
+    hdtf_dir: Path | None = None,
+    celebvhq_json: Path | None = None,
+    talkvid_json: list[Path] | None = None,
 ) -> dict[str, int]:
     """Ingest every configured source into `out_dir/manifest.parquet`; returns counts by status.
     Rows the takedown denylist covers get status `taken_down` before any probing, new or kept.
@@ -259,6 +339,11 @@ def ingest_flow(
         downloads = downloads_dir or out_dir / "downloads"
         vox_rows, parsed = ingest_voxceleb(cfg, out_dir, downloads, voxceleb_dirs or [], deny, existing, parsed_state)
         rows += vox_rows
+    entries, list_rows = read_lists(cfg, hdtf_dir, celebvhq_json, talkvid_json or [])
+    rows += list_rows
+    if entries:
+        downloads = downloads_dir or out_dir / "downloads"
+        rows += ingest_lists(cfg, entries, out_dir, downloads / "youtube", deny)
     rows = splits.assign_splits(rows, cfg.holdout_speakers, cfg.val_fraction)
     rows, _ = denylist.mark(rows, deny)  # taken-down rows are `ready`: never hashed or probed
 
@@ -286,6 +371,12 @@ def ingest_flow(
 def _required(path: Path | None, source: str, option: str) -> Path:
     if path is None:
         raise sources.SourceError(f"source {source!r} is configured but {option} was not given")
+    return path
+
+
+def _existing_file(path: Path) -> Path:
+    if not path.is_file():
+        raise sources.SourceError(f"{path}: list file not found")
     return path
 
 

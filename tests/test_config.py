@@ -103,8 +103,22 @@ def test_duplicate_yaml_keys_are_rejected_naming_the_dotted_key(tmp_path):
             ),
             r"ingest\.voxceleb2.*archive names must be unique",
         ),
+        (lambda d: d["ingest"]["hdtf"].update(subsets=["../RD"]), r"ingest\.hdtf.*letters and digits only"),
+        (lambda d: d["ingest"]["celebvhq"].update(enlarge=0.5), r"ingest\.celebvhq\.enlarge"),
+        (lambda d: d["ingest"]["talkvid"].update(max_span_s=0), r"ingest\.talkvid\.max_span_s"),
+        (lambda d: d["ingest"].update(sources=["sample", "hdtf2"]), r"unknown sources \['hdtf2'\]"),
     ],
-    ids=["extension-without-dot", "val-fraction-1", "zero-extract-limit", "zero-deadline", "same-archive-twice"],
+    ids=[
+        "extension-without-dot",
+        "val-fraction-1",
+        "zero-extract-limit",
+        "zero-deadline",
+        "same-archive-twice",
+        "hdtf-subset-path",
+        "shrinking-enlarge",
+        "zero-span-limit",
+        "unknown-source",
+    ],
 )
 def test_ingest_params_that_cannot_work_are_rejected(tmp_path, mutate, key):
     with pytest.raises(ConfigError, match=key):

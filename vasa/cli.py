@@ -70,6 +70,9 @@ def _ingest(args: argparse.Namespace, params: Params) -> int:
         voxceleb_dirs=args.voxceleb_dir,
         downloads_dir=args.downloads,
         denylist_path=args.denylist,
+        hdtf_dir=args.hdtf_dir,
+        celebvhq_json=args.celebvhq_json,
+        talkvid_json=args.talkvid_json,
     )
     _write_metrics(args.metrics, {"clips": sum(counts.values()), "clips_by_status": counts})
     return 0
@@ -81,8 +84,8 @@ def _add_ingest(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="turn the configured sources into media files plus one provenance manifest",
         description=(
             "Run the Prefect flow `ingest` (flows/ingest.py): read every source named in params "
-            "`ingest.sources` (sample, local, voxceleb2, youtube), download and extract archives "
-            "(resumable, verified, zip-slip safe; credentials from the environment variables named in "
+            "`ingest.sources` (sample, local, voxceleb2, youtube, hdtf, celebvhq, talkvid), download and "
+            "extract archives (resumable, verified, zip-slip safe; credentials from the environment variables named in "
             "params), and write OUT/manifest.parquet: one row per clip with speaker, source, licence, "
             "sha256, duration, fps, split and status. Bad inputs become rows with a status and a reason; "
             "re-running adds new clips and keeps the ones already ingested."
@@ -98,6 +101,15 @@ def _add_ingest(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         action="append",
         default=[],
         help="an already extracted VoxCeleb2 tree (repeatable; sources `voxceleb2` and `youtube`)",
+    )
+    parser.add_argument("--hdtf-dir", type=Path, help="HDTF_dataset/ of github.com/MRzzm/HDTF (source `hdtf`)")
+    parser.add_argument("--celebvhq-json", type=Path, help="CelebV-HQ's celebvhq_info.json (source `celebvhq`)")
+    parser.add_argument(
+        "--talkvid-json",
+        type=Path,
+        action="append",
+        default=[],
+        help="a TalkVid metadata JSON (repeatable; source `talkvid`)",
     )
     parser.add_argument(
         "--downloads",

@@ -55,7 +55,7 @@ SCHEMA = pa.schema(
     [
         ("clip_id", pa.string()),
         ("key", pa.string()),  # 16 hex chars of sha1(clip_id): file-name and shard-key safe
-        ("source_kind", pa.string()),  # sample | local | voxceleb2 | youtube
+        ("source_kind", pa.string()),  # sample | local | voxceleb2 | youtube | hdtf | celebvhq | talkvid
         ("speaker_id", pa.string()),
         ("source_url", pa.string()),
         ("youtube_id", pa.string()),

@@ -153,6 +153,18 @@ def _downloaded(dest_dir: Path, youtube_id: str) -> Path | None:
     return None
 
 
+def frame_size(video_path: Path) -> tuple[int, int]:
+    """(width, height) of the first video stream of `video_path`; DecodeError if there is none."""
+    try:
+        with av.open(str(video_path)) as container:
+            if not container.streams.video:
+                raise DecodeError(f"{video_path}: no video stream")
+            context = container.streams.video[0].codec_context
+            return context.width, context.height
+    except av.error.FFmpegError as err:
+        raise DecodeError(f"{video_path}: {err}") from err
+
+
 def smooth_track(frames: np.ndarray, boxes: np.ndarray, *, smooth_frames: int) -> np.ndarray:
     """Boxes for every frame in [frames[0], frames[-1]]: gaps filled, jitter averaged out.
 

@@ -88,7 +88,7 @@ class SampleConfig(Section):
         return self
 
 
-SOURCE_KINDS = ("sample", "local", "voxceleb2", "youtube")
+SOURCE_KINDS = ("sample", "local", "voxceleb2", "youtube", "hdtf", "celebvhq", "talkvid")
 
 
 class LocalSourceConfig(Section):
@@ -155,6 +155,26 @@ class YoutubeConfig(Section):
     retry_delay_s: float = Field(ge=0)
 
 
+class CorpusListConfig(Section):
+    """A corpus published as a list of YouTube ids, time spans and face boxes (CelebV-HQ, TalkVid):
+    cut through the YouTube path (ingest.youtube: url_template, format, size, retries)."""
+
+    licence: str  # recorded on every clip of the list
+    enlarge: float = Field(ge=1)  # crop side = enlarge x the larger side of the list's box
+    max_span_s: float = Field(gt=0)  # a longer span is refused as a bad list entry
+
+
+class HdtfConfig(CorpusListConfig):
+    subsets: tuple[str, ...] = Field(min_length=1)  # HDTF_dataset/<subset>_*.txt files to read
+
+    @model_validator(mode="after")
+    def _check(self) -> HdtfConfig:
+        odd = [s for s in self.subsets if not s.isalnum()]
+        if odd:
+            raise ValueError(f"subsets name files <subset>_video_url.txt: letters and digits only, got {odd}")
+        return self
+
+
 class IngestConfig(Section):
     """Stage `ingest`: sources -> media files + one parquet manifest."""
 
@@ -166,6 +186,9 @@ class IngestConfig(Section):
     local: LocalSourceConfig
     voxceleb2: VoxCeleb2Config
     youtube: YoutubeConfig
+    hdtf: HdtfConfig
+    celebvhq: CorpusListConfig
+    talkvid: CorpusListConfig
 
     @model_validator(mode="after")
     def _check(self) -> IngestConfig:

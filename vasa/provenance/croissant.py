@@ -104,6 +104,9 @@ COLLECTION = {
         "official archives; metadata CC-BY-4.0, video copyright with the YouTube owners."
     ),
     "youtube": "High-resolution re-downloads (yt-dlp) of the YouTube videos behind VoxCeleb2's metadata tracks.",
+    "hdtf": "HDTF (Zhang et al. 2021) clips cut from YouTube (yt-dlp) by its published spans and crop windows.",
+    "celebvhq": "CelebV-HQ (Zhu et al. 2022) clips cut from YouTube (yt-dlp) by its published spans and boxes.",
+    "talkvid": "TalkVid (Chen et al. 2025) clips cut from YouTube (yt-dlp) by its published spans.",
 }
 
 # Each always-present member: (field name, Croissant dataType, arrayShape or None, encodingFormat, what).
