@@ -52,6 +52,7 @@ def loss_cfg(**changes) -> LatentLossConfig:
         pose=1.0,
         expression=1.0,
         mouth=5.0,
+        warp=1.0,
         transfer=2.0,
         cross_identity=1.0,
         identity=1.0,
@@ -438,7 +439,7 @@ def test_skip_path_starts_near_copying_the_source_and_can_render_the_warped_sour
     points = identity_grid(d, h, w, torch.device("cpu"), torch.float32).expand(2, d, h, w, 3)
     with torch.no_grad():
         start = decoder(volume, points, image)
-        # Init: the unchanged source dominates the mix (MIX_INIT_BIAS), so training starts at the copy baseline.
+        # Init: the source dominates the mix (MIX_INIT_BIAS), so training starts near the copy baseline.
         assert (start - image).abs().mean() < 0.3 * (decoder(volume, points, -image) - image).abs().mean() + 1e-6
         decoder.mix.weight.zero_()
         decoder.mix.bias.copy_(torch.tensor([-30.0, 30.0, -30.0]))  # all weight on the warped source
@@ -449,6 +450,29 @@ def test_skip_path_starts_near_copying_the_source_and_can_render_the_warped_sour
     torch.testing.assert_close(moved[..., 8:-8, 8:-12], image[..., 8:-8, 12:-8], atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="skip path"):
         decoder(volume)
+
+
+def test_the_warp_term_trains_the_flow_when_the_mix_shuts_the_warp_out() -> None:
+    """The collapse it guards against: a mix that gives the warped source ~0 weight passes the flow ~0
+    gradient through the reconstruction; the warp term's L1 of the warped source alone still reaches it."""
+
+    def flow_grad(warp: float) -> tuple[float, set[str]]:
+        torch.manual_seed(0)
+        task = LatentTask(loss_cfg(warp=warp), get_preset("tiny", SMALL), n_speakers=2, crop_size=128)
+        models = task.build()
+        decoder = models["generator"].decoder
+        with torch.no_grad():
+            decoder.mix.weight.zero_()
+            decoder.mix.bias.copy_(torch.tensor([0.0, -30.0, 0.0]))  # the warped source gets e^-30 of the weight
+        loss, terms = task.loss("generator", models, synthetic_batch(2, SMALL), {})
+        loss.backward()
+        grad = decoder.depth_weights.weight.grad
+        return (0.0 if grad is None else grad.abs().sum().item()), set(terms)
+
+    shut, terms_off = flow_grad(0.0)
+    trained, terms_on = flow_grad(1.0)
+    assert "warp" not in terms_off and "warp" in terms_on
+    assert shut < 1e-6 < trained, (shut, trained)
 
 
 def test_expression_field_moves_and_covers_only_with_a_change_of_expression() -> None:

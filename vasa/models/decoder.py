@@ -12,8 +12,11 @@ from vasa.models.motion_encoder import EXPRESSION_DIMS
 from vasa.models.presets import LatentPreset
 
 # Initial mixing logits of (rendered, warped source, unchanged source): training starts close to showing
-# the source image (the copy baseline) instead of an untrained rendering, and learns where to depart from it.
-MIX_INIT_BIAS = (0.0, 0.0, 2.0)
+# the source image (the copy baseline: 84 % of each pixel from the source, the warp starting near identity)
+# instead of an untrained rendering, and learns where to depart from it. The warped source starts with as
+# much weight as the unchanged one: at (0, 0, 2) it had 11 %, its gradient was scaled down by that weight,
+# and one seed in three collapsed onto the unchanged source and the rendering (docs/BENCHMARKS.md).
+MIX_INIT_BIAS = (0.0, 1.0, 1.0)
 
 
 class Decoder(nn.Module):
@@ -75,6 +78,7 @@ class Decoder(nn.Module):
         dynamics: torch.Tensor | None = None,
         canonical_points: torch.Tensor | None = None,
         expression_change: torch.Tensor | None = None,
+        parts: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """volume (B, C, D, H, W); with the skip path also source_points (B, D, H, W, 3): the source-volume
         coordinate (x, y, z in [-1, 1]) each voxel shows, and source_image (B, 3, S, S) in [-1, 1].
@@ -86,7 +90,9 @@ class Decoder(nn.Module):
         same path with R = S. `dynamics` (B, Z): the target's z_dyn (FiLM; None leaves the features as
         they are). `canonical_points` (B, D, H, W, 3): the canonical-face point each voxel shows, and
         `expression_change` (B, EXPRESSION_DIMS): target minus source expression, drive the expression
-        field (both or neither; ignored by a decoder without one)."""
+        field (both or neither; ignored by a decoder without one). `parts`, a dict to fill: receives "warped",
+        the source moved by the flow alone (the mix's warped term), for a loss that trains the flow whatever
+        weight the mix gives it."""
         b, c, d, h, w = volume.shape
         folded = volume.reshape(b, c * d, h, w)
         features = self.body(self.project(folded))
@@ -112,16 +118,18 @@ class Decoder(nn.Module):
         # sub-pixel shift and halves a fine-grained photo's high frequencies (measured: docs/BENCHMARKS.md).
         mode = "bilinear" if source_hires is None else "bicubic"
         if self.expression is None or canonical_points is None or expression_change is None:
-            return mix[:, :1] * rendered + mix[:, 1:2] * _sample(source, flow, mode) + mix[:, 2:] * source
+            warped = _sample(source, flow, mode)
+            if parts is not None:
+                parts["warped"] = warped
+            return mix[:, :1] * rendered + mix[:, 1:2] * warped + mix[:, 2:] * source
         points = F.interpolate(_collapse(canonical_points, depth), size=side, mode="bilinear", align_corners=False)
         displacement, cover, colour = self.expression(expression_change, points)
         still = F.affine_grid(torch.eye(2, 3, dtype=flow.dtype, device=flow.device).expand(b, 2, 3), list(source.shape),
                               align_corners=False).permute(0, 3, 1, 2)  # fmt: skip
-        image = (
-            mix[:, :1] * rendered
-            + mix[:, 1:2] * _sample(source, flow + displacement, mode)
-            + mix[:, 2:] * _sample(source, still + displacement, mode)
-        )
+        warped = _sample(source, flow + displacement, mode)
+        if parts is not None:
+            parts["warped"] = warped
+        image = mix[:, :1] * rendered + mix[:, 1:2] * warped + mix[:, 2:] * _sample(source, still + displacement, mode)
         return (1 - cover) * image + cover * colour
 
 

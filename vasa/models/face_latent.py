@@ -81,9 +81,17 @@ class FaceLatent(nn.Module):
         grid = self.warping.to_canonical_grid(code.pose, code.dyn, code.z_id, code.volume.shape)
         return Canonical(volume=sample_volume(code.volume, grid), source_grid=grid, image=image, dyn=code.dyn)
 
-    def render(self, canonical: Canonical, z_id: torch.Tensor, pose: torch.Tensor, dyn: torch.Tensor) -> torch.Tensor:
+    def render(
+        self,
+        canonical: Canonical,
+        z_id: torch.Tensor,
+        pose: torch.Tensor,
+        dyn: torch.Tensor,
+        parts: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Decode a canonical face posed by (pose (B, 7), dyn (B, Z)): -> (B, 3, S, S) in [-1, 1], or
-        (B, 3, R, R) when the canonical face carries a `hires` source (the decoder warps its pixels)."""
+        (B, 3, R, R) when the canonical face carries a `hires` source (the decoder warps its pixels).
+        `parts`: filled by the decoder's skip path (Decoder.forward)."""
         grid = self.warping.from_canonical_grid(pose, dyn, z_id, canonical.volume.shape)
         posed = sample_volume(canonical.volume, grid)
         if not self.preset.source_skip:
@@ -98,6 +106,7 @@ class FaceLatent(nn.Module):
             dynamics=dyn,
             canonical_points=grid,
             expression_change=change,
+            parts=parts,
         )
 
     def judge_identity(self, image: torch.Tensor) -> torch.Tensor:
@@ -127,6 +136,7 @@ class FaceLatent(nn.Module):
         other: torch.Tensor,
         transfer: bool = True,
         pose_swap: bool = False,
+        warped: bool = False,
         expressions: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Renderings and latents for one batch of frame triples, each (B, 3, S, S) in [-1, 1].
@@ -138,6 +148,7 @@ class FaceLatent(nn.Module):
           transfer_a, transfer_b   (if transfer) VASA-1's pairwise transfer pair for frames i = source,
                       j = driver: render(app_j, id_j, pose_i, dyn_j) and render(app_i, id_i, pose_i, dyn_j)
           pose_swap   (if pose_swap) source appearance and dynamics with `other`'s head pose
+          recon_warped (if warped, skip-path decoders) the source moved by recon's flow alone, unmixed
           id_logits   CosFace cosines (3B, n_speakers) of [source; driver; other]
           source_pose, driver_pose, other_pose (B, 7); source_dyn, driver_dyn, other_dyn (B, Z) as encoded;
           source_id (B, I)
@@ -152,8 +163,9 @@ class FaceLatent(nn.Module):
             src, drv, oth = (self.measured(c, e) for c, e in zip((src, drv, oth), expressions, strict=True))
         canon_src = self.canonical(src, source)
         cross = self.render(canon_src, src.z_id, oth.pose, oth.dyn)
+        parts: dict[str, torch.Tensor] = {}
         out = {
-            "recon": self.render(canon_src, src.z_id, drv.pose, drv.dyn),
+            "recon": self.render(canon_src, src.z_id, drv.pose, drv.dyn, parts if warped else None),
             "cross": cross,
             "cross_id": self.judge_identity(cross),
             "id_logits": self.identity_head(torch.cat([src.z_id, drv.z_id, oth.z_id])),
@@ -163,6 +175,8 @@ class FaceLatent(nn.Module):
             **encoded,
             "source_id": src.z_id,
         }
+        if "warped" in parts:
+            out["recon_warped"] = parts["warped"]
         if transfer:
             out["transfer_a"] = self.render(self.canonical(drv, driver), drv.z_id, src.pose, drv.dyn)
             out["transfer_b"] = self.render(canon_src, src.z_id, src.pose, drv.dyn)

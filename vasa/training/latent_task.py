@@ -7,6 +7,9 @@ The generator's loss is the weighted sum of (weights in params `train_latent.los
   pose                    the motion encoder's z_pose against the shards' measured head pose
   expression              z_dyn's first dims against the shards' FaceMesh expression (mouth, eyes, brows)
   mouth                   L1 of the reconstruction inside the driver's mouth box (the lips must move)
+  warp                    multi-scale L1 of the source moved by the flow alone: the flow learns whatever
+                          weight the decoder's mix gives the warped source (without it, a mix that starts
+                          away from the warp can starve it of gradient and collapse; docs/BENCHMARKS.md)
   transfer                VASA-1's pairwise pose/dynamics transfer consistency (frames i, j of one clip)
   cross_identity          the stop-gradient identity judge keeps the source identity under another motion
   identity                CosFace over the train speakers, which trains that judge (the identity encoder)
@@ -150,7 +153,12 @@ class LatentTask:
     ) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg
         out = models[GENERATOR](
-            batch["source"], batch["driver"], batch["other"], transfer=cfg.transfer > 0, expressions=_expressions(batch)
+            batch["source"],
+            batch["driver"],
+            batch["other"],
+            transfer=cfg.transfer > 0,
+            warped=cfg.warp > 0,
+            expressions=_expressions(batch),
         )
         recon, driver = out["recon"], batch["driver"]
         terms: dict[str, Tensor] = {"l1": multiscale_l1(recon, driver, cfg.l1_scales)}
@@ -183,6 +191,8 @@ class LatentTask:
             ) + expression_supervision_loss(out["source_dyn"], batch["source_expression"], EXPRESSION_UNITS, source)
         if cfg.mouth > 0:
             terms["mouth"] = region_l1(recon, driver, batch["driver_mouth"])
+        if "recon_warped" in out:
+            terms["warp"] = multiscale_l1(out["recon_warped"], driver, cfg.l1_scales)
         if cfg.transfer > 0:
             terms["transfer"] = transfer_consistency_loss(out["transfer_a"], out["transfer_b"])
         labels = torch.cat([batch["speaker"], batch["speaker"], batch["other_speaker"]])
