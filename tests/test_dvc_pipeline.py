@@ -37,7 +37,7 @@ def _run(args: list[str], cwd: Path) -> str:
 # (measured on the 2-core machine: docs/BENCHMARKS.md). `make repro` runs the full params.yaml schedules.
 LATENT_STEPS, MOTION_STEPS = 250, 200
 # Stage 1 must beat copying the source frame. Measured at 250 steps on the sample corpus across training seeds
-# 0/1/2: +0.81/+0.23/+0.32 dB with the warp term (before it, +0.42/-1.92/+0.78: seed 1's mix collapsed away
+# 0/1/2: +0.84/+0.27/+0.27 dB with the warp term (before it, +0.42/-1.92/+0.78: seed 1's mix collapsed away
 # from the warped source; docs/BENCHMARKS.md "Stage 1 across seeds"). The bound is the worst seed's, less a
 # margin for the float trajectory of another machine: what still means "learned something the copy cannot show".
 MIN_LATENT_MARGIN_DB = 0.2

@@ -161,12 +161,18 @@ def region_l1(fake: torch.Tensor, real: torch.Tensor, boxes: torch.Tensor) -> to
     """L1 inside one box per sample: fake, real (B, 3, S, S); boxes (B, 4) x0, y0, x1, y1 as fractions of the
     side. The mean over the boxes' pixels, so a small region (the mouth: ~2-5 % of a face crop) weighs as
     much as a whole-image term: a model that never opens the mouth can no longer score well."""
-    side = fake.shape[-1]
-    axis = (torch.arange(side, device=fake.device, dtype=fake.dtype) + 0.5) / side  # pixel centres
+    mask = box_mask(boxes, fake)
+    return ((fake - real).abs() * mask).sum() / (mask.sum() * fake.shape[1]).clamp_min(1.0)
+
+
+def box_mask(boxes: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B, 1, S, S) 1 inside one box per sample, boxes (B, 4) x0, y0, x1, y1 as fractions of the side of `like`
+    (B, C, S, S), else 0; `like`'s dtype and device."""
+    side = like.shape[-1]
+    axis = (torch.arange(side, device=like.device, dtype=like.dtype) + 0.5) / side  # pixel centres
     inside_x = (axis[None] >= boxes[:, 0:1]) & (axis[None] <= boxes[:, 2:3])  # (B, S)
     inside_y = (axis[None] >= boxes[:, 1:2]) & (axis[None] <= boxes[:, 3:4])
-    mask = (inside_y[:, :, None] & inside_x[:, None, :]).to(fake.dtype)[:, None]  # (B, 1, S, S)
-    return ((fake - real).abs() * mask).sum() / (mask.sum() * fake.shape[1]).clamp_min(1.0)
+    return (inside_y[:, :, None] & inside_x[:, None, :]).to(like.dtype)[:, None]
 
 
 def expression_supervision_loss(

@@ -377,7 +377,7 @@ class LatentLossConfig(Section):
     pose: float = Field(ge=0)  # supervision of the motion encoder's head pose by the shards' pose
     expression: float = Field(ge=0)  # supervision of z_dyn's first dims by the shards' FaceMesh expression
     mouth: float = Field(ge=0)  # L1 of the reconstruction inside the driver's mouth box (lip motion)
-    warp: float = Field(ge=0)  # multi-scale L1 of the source warped by the flow alone (skip-path decoders)
+    warp: float = Field(ge=0)  # multi-scale L1 of the source warped by the flow alone, outside the mouth box
     transfer: float = Field(ge=0)  # VASA-1 pairwise pose/dynamics transfer consistency
     cross_identity: float = Field(ge=0)  # identity must survive re-rendering with another speaker's motion
     identity: float = Field(ge=0)  # CosFace loss of the identity encoder on the speaker labels

@@ -7,9 +7,10 @@ The generator's loss is the weighted sum of (weights in params `train_latent.los
   pose                    the motion encoder's z_pose against the shards' measured head pose
   expression              z_dyn's first dims against the shards' FaceMesh expression (mouth, eyes, brows)
   mouth                   L1 of the reconstruction inside the driver's mouth box (the lips must move)
-  warp                    multi-scale L1 of the source moved by the flow alone: the flow learns whatever
-                          weight the decoder's mix gives the warped source (without it, a mix that starts
-                          away from the warp can starve it of gradient and collapse; docs/BENCHMARKS.md)
+  warp                    multi-scale L1 of the source moved by the flow alone, outside the driver's mouth
+                          box: the flow learns whatever weight the decoder's mix gives the warped source
+                          (without it, a mix that starts away from the warp can starve it of gradient and
+                          collapse; docs/BENCHMARKS.md)
   transfer                VASA-1's pairwise pose/dynamics transfer consistency (frames i, j of one clip)
   cross_identity          the stop-gradient identity judge keeps the source identity under another motion
   identity                CosFace over the train speakers, which trains that judge (the identity encoder)
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 from vasa.core.config import LatentLossConfig
 from vasa.losses import (
     VGG19Features,
+    box_mask,
     cosface_loss,
     cross_identity_loss,
     expression_supervision_loss,
@@ -192,7 +194,10 @@ class LatentTask:
         if cfg.mouth > 0:
             terms["mouth"] = region_l1(recon, driver, batch["driver_mouth"])
         if "recon_warped" in out:
-            terms["warp"] = multiscale_l1(out["recon_warped"], driver, cfg.l1_scales)
+            # Outside the driver's mouth box: what the warp cannot show (an opening mouth) is the rendering's and
+            # the expression cover's; asking the warp for it too halved the demo's mouth opening (BENCHMARKS.md).
+            keep = 1 - box_mask(batch["driver_mouth"], driver)
+            terms["warp"] = multiscale_l1(out["recon_warped"] * keep, driver * keep, cfg.l1_scales)
         if cfg.transfer > 0:
             terms["transfer"] = transfer_consistency_loss(out["transfer_a"], out["transfer_b"])
         labels = torch.cat([batch["speaker"], batch["speaker"], batch["other_speaker"]])
