@@ -20,8 +20,8 @@ from preprocessing.media import write_mp4
 from preprocessing.shards import Sample, write_shard
 from vasa.core.config import LatentDataConfig
 from vasa.core.errors import InputError
-from vasa.loaders.pairs import heldout_batch, pair_batches, train_frames
-from vasa.loaders.shards import open_shards, worker_shards
+from vasa.loaders.pairs import Frame, PairStream, heldout_batch, pair_batches, train_frames, worker_frames
+from vasa.loaders.shards import decode_some, open_shards, read_samples, worker_shards
 
 FRAMES, SIDE, SIZE = 20, 32, 16
 
@@ -207,3 +207,32 @@ def test_a_worker_whose_shards_hold_one_speaker_fails_clearly(tmp_path, monkeypa
     lonely = dataclasses.replace(shard_set, splits={"train": shard_set.train[:1]})  # only speaker 0's shard
     with pytest.raises(InputError, match="without a second speaker"):
         take(pair_batches(lonely, SIZE, data_config(), 2, seed=0), 1)
+
+
+def test_only_the_wanted_frames_are_decoded_and_decoding_stops_after_the_last(shards, monkeypatch):
+    mp4 = next(read_samples(sorted(shards.glob("train-*.tar"))[0]))[schema.MP4]
+    got = decode_some(mp4, SIZE, {7, 3})
+    assert sorted(got) == [3, 7] and got[3].shape == (SIZE, SIZE, 3)
+    assert [round(float(got[i][..., 0].mean()) / 12) for i in (3, 7)] == [3, 7]  # red = 12 x frame index
+    assert decode_some(mp4, SIZE, {FRAMES + 5}) == {} and decode_some(mp4, SIZE, ()) == {}
+    # The stream asks for the frames of its pairs and spares only, never a held-out one.
+    asked = []
+    monkeypatch.setattr("vasa.loaders.pairs.decode_some", lambda mp4, size, wanted: asked.append(set(wanted)) or
+                        decode_some(mp4, size, wanted))  # fmt: skip
+    cfg = data_config()
+    take(pair_batches(open_shards(shards), SIZE, cfg, batch_size=4, seed=0), 3)
+    assert asked and all(len(w) <= 3 * cfg.pairs_per_clip and max(w) < train_frames(FRAMES, cfg.holdout_fraction)
+                         for w in asked)  # fmt: skip
+
+
+def test_a_worker_holds_a_bounded_number_of_decoded_frames(shards):
+    """Memory is bounded by frames, not by clip length: count the live decoded frames while streaming."""
+    import gc
+
+    cfg = data_config(shuffle_buffer=2, pairs_per_clip=3)
+    stream = iter(PairStream(open_shards(shards), SIZE, cfg, seed=0, epoch=0, rank=0, world=1))
+    peak = 0
+    for _ in range(60):
+        next(stream)
+        peak = max(peak, sum(type(o) is Frame for o in gc.get_objects()))
+    assert 0 < peak <= worker_frames(cfg), (peak, worker_frames(cfg))

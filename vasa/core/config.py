@@ -356,7 +356,7 @@ class TrainConfig(Section):
 class LatentDataConfig(Section):
     """Stage-1 loader (vasa/loaders/pairs.py): frame pairs from the train shards, held-out frames for evaluation."""
 
-    shuffle_buffer: int = Field(ge=1)  # decoded clips held by each loader worker for shuffling
+    shuffle_buffer: int = Field(ge=1)  # clips' worth of pairs each loader worker shuffles (memory: vasa.loaders.pairs)
     pairs_per_clip: int = Field(ge=1)  # source/driver pairs drawn from a clip each time it is decoded
     min_frame_gap: int = Field(ge=0)  # frames between source and driver, at least
     holdout_fraction: float = Field(ge=0, lt=0.5)  # last part of every train clip: never trained on, evaluated

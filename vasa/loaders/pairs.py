@@ -1,10 +1,16 @@
 """Stage-1 loader: frame pairs from the webdataset shards that `preprocess` writes.
 
 shards' index.json -> the `train` split's shard list -> split by node, then by worker -> shards
-resampled (drawn with replacement) under a seed of (seed, epoch, rank, worker) -> crop mp4 decoded
-in the worker (PyAV, from bytes) and resized to the preset's resolution -> a shuffle buffer of
-decoded clips -> source/driver pairs from one clip and an `other` frame from a clip of a different
-speaker (VASA-1 §3.1's cross-identity term needs one) -> batches.
+resampled (drawn with replacement) under a seed of (seed, epoch, rank, worker) -> for each clip,
+`pairs_per_clip` source/driver pairs and as many spare frames drawn first, then only those frames
+decoded in the worker (PyAV, from bytes, stopping after the last one) and resized to the preset's
+resolution -> a shuffle buffer of pairs (`shuffle_buffer` clips' worth) -> each pair given an `other`
+frame of a different speaker from the spare frames of the clips read before it (VASA-1 §3.1's
+cross-identity term needs one) -> batches.
+
+Memory is bounded by frames, not clips: a worker holds at most 5 x shuffle_buffer x pairs_per_clip
+decoded frames (the buffer's pairs, the spare-frame pool, one clip in flight), whatever the clips' length
+(`worker_frames`; at 512², 8 x 16: ~0.5 GB).
 
 Only the train split is read for training, and of every train clip only the first
 (1 - holdout_fraction) of its frames: the tail is never trained on and serves, with any val/test
@@ -39,7 +45,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from preprocessing import schema
 from vasa.core.config import LatentDataConfig
 from vasa.core.errors import InputError
-from vasa.loaders.shards import ShardSet, decode_frames, meta_speaker, read_samples, video_side, worker_shards
+from vasa.loaders.shards import (
+    ShardSet,
+    decode_frames,
+    decode_some,
+    meta_speaker,
+    read_samples,
+    video_side,
+    worker_shards,
+)
 from vasa.models.images import to_tensor
 
 log = logging.getLogger(__name__)
@@ -129,6 +143,48 @@ def pair_item(rng: random.Random, clip: Clip, i: int, j: int, other: Clip) -> di
     }
 
 
+@dataclass(frozen=True)
+class Frame:
+    """One decoded training frame with its labels: the `other` of a pair, or one side of it."""
+
+    image: np.ndarray  # (S, S, 3) uint8 RGB
+    pose: np.ndarray  # (7,)
+    expression: np.ndarray  # (E,)
+    speaker: int
+
+
+@dataclass(frozen=True)
+class Pair:
+    source: Frame
+    driver: Frame
+    mouth: np.ndarray  # (4,) the driver's mouth box
+
+
+def stream_item(pair: Pair, other: Frame) -> dict[str, torch.Tensor]:
+    """The batch dict of one training pair with its cross-identity frame (same keys as `pair_item`)."""
+    return {
+        "source": to_tensor(pair.source.image),
+        "driver": to_tensor(pair.driver.image),
+        "source_pose": torch.from_numpy(pair.source.pose.copy()),
+        "driver_pose": torch.from_numpy(pair.driver.pose.copy()),
+        "other": to_tensor(other.image),
+        "other_pose": torch.from_numpy(other.pose.copy()),
+        "source_expression": torch.from_numpy(pair.source.expression.copy()),
+        "driver_expression": torch.from_numpy(pair.driver.expression.copy()),
+        "other_expression": torch.from_numpy(other.expression.copy()),
+        "driver_mouth": torch.from_numpy(pair.mouth.copy()),
+        "speaker": torch.tensor(pair.source.speaker, dtype=torch.int64),
+        "other_speaker": torch.tensor(other.speaker, dtype=torch.int64),
+    }
+
+
+def worker_frames(cfg: LatentDataConfig) -> int:
+    """The most decoded frames a loader worker holds: the buffer's pairs (2 each), the spare-frame pool
+    (2 x buffer), and the clip being added (its pairs and spares)."""
+    buffered = cfg.shuffle_buffer * cfg.pairs_per_clip
+    return 2 * buffered + 2 * buffered + 3 * cfg.pairs_per_clip
+
+
 class PairStream(IterableDataset):
     """Endless stream of single training pairs (see module docstring) for one rank and epoch."""
 
@@ -146,30 +202,35 @@ class PairStream(IterableDataset):
         # A str seed is hashed with SHA-512 by `random`: stable across runs and platforms.
         rng = random.Random(f"vasa.data/{self.seed}/{self.epoch}/{self.rank}/{worker}")
         mine = worker_shards(self.shards, self.rank, self.world, worker, workers)
-        buffer: list[Clip] = []
-        # Clips evicted from the shuffle buffer stay available as cross-identity `other` frames for a
-        # while: with few speakers, a buffer of one speaker's clips happens by chance.
-        evicted: deque[Clip] = deque(maxlen=self.cfg.shuffle_buffer)
+        capacity = self.cfg.shuffle_buffer * self.cfg.pairs_per_clip
+        buffer: list[Pair] = []
+        # Spare frames of the clips read before: the `other` frames. With few speakers, a buffer of one
+        # speaker's pairs happens by chance; twice the buffer's clips keep another speaker in reach.
+        spares: deque[Frame] = deque(maxlen=2 * capacity)
         starved = 0  # clips in a row that gave no pair (no second speaker in reach)
-        for clip in self._clips(rng, mine):
-            if len(buffer) >= self.cfg.shuffle_buffer:
-                evicted.append(buffer.pop(rng.randrange(len(buffer))))
-            buffer.append(clip)
-            made = 0
-            for _ in range(self.cfg.pairs_per_clip):
-                item = self._pair(rng, buffer, evicted)
-                if item is not None:
-                    made += 1
-                    yield item
-            starved = 0 if made else starved + 1
+        for pairs, extra in self._clips(rng, mine):
+            buffer.extend(pairs)
+            if len(buffer) >= capacity:  # filled: as many pairs out as came in, drawn from the whole buffer
+                made = 0
+                for _ in range(len(pairs)):
+                    pick = rng.randrange(len(buffer))
+                    buffer[pick], buffer[-1] = buffer[-1], buffer[pick]
+                    pair = buffer.pop()
+                    others = [f for f in spares if f.speaker != pair.source.speaker]
+                    if others:
+                        made += 1
+                        yield stream_item(pair, others[rng.randrange(len(others))])
+                starved = 0 if made else starved + 1
+            spares.extend(extra)
             if starved > STARVED_CLIPS:
                 raise InputError(
                     f"loader worker {worker} (rank {self.rank}): {starved} clips in a row without a second speaker "
                     f"in reach; its shards {[p.name for p in mine][:5]} hold one speaker"
                 )
 
-    def _clips(self, rng: random.Random, shards: tuple[Path, ...]) -> Iterator[Clip]:
-        """Resampled shards (with replacement, forever); clips too short for a pair, or excluded, are skipped."""
+    def _clips(self, rng: random.Random, shards: tuple[Path, ...]) -> Iterator[tuple[list[Pair], list[Frame]]]:
+        """Resampled shards (with replacement, forever) -> per usable clip its pairs and spare frames, decoded;
+        clips too short for a pair, excluded or unreadable are skipped."""
         visited, usable = set(), 0
         while True:
             path = shards[rng.randrange(len(shards))]
@@ -178,26 +239,43 @@ class PairStream(IterableDataset):
                 if sample["__key__"] in self.exclude:
                     continue
                 try:
-                    clip = decode_sample(sample, self.size, self.speakers, self.crop_size)
+                    drawn = self._draw(rng, sample)
                 except (ValueError, KeyError, av.FFmpegError) as err:
                     log.warning("%s: sample %s unreadable, skipped: %s", path.name, sample.get("__key__"), err)
                     continue
-                if train_frames(len(clip.frames), self.cfg.holdout_fraction) > self.cfg.min_frame_gap:
+                if drawn is not None:
                     usable += 1
-                    yield clip
+                    yield drawn
             if usable == 0 and len(visited) == len(set(shards)):  # every shard read once, not one clip
                 raise InputError(
                     f"no usable train clip in {[p.name for p in shards][:5]} ({len(self.exclude)} excluded by the "
                     "scores; the rest unreadable or too short)"
                 )
 
-    def _pair(self, rng: random.Random, buffer: list[Clip], evicted: deque[Clip]) -> dict[str, torch.Tensor] | None:
-        clip = buffer[rng.randrange(len(buffer))]
-        others = [c for c in buffer if c.speaker != clip.speaker] or [c for c in evicted if c.speaker != clip.speaker]
-        pair = draw_pair(rng, 0, train_frames(len(clip.frames), self.cfg.holdout_fraction), self.cfg.min_frame_gap)
-        if pair is None or not others:
+    def _draw(self, rng: random.Random, sample: dict[str, bytes]) -> tuple[list[Pair], list[Frame]] | None:
+        """A clip's `pairs_per_clip` pairs and as many spare frames, drawn from its train frames before
+        decoding, then only those frames decoded; None when the clip is too short for a pair."""
+        meta = json.loads(sample[schema.JSON])
+        pose, expression = _npy(sample[schema.POSE]), _npy(sample[schema.EXPRESSION])
+        landmarks = np.load(io.BytesIO(sample[schema.LANDMARKS]), allow_pickle=False)
+        n = min(len(pose), len(expression), len(landmarks))
+        hi = train_frames(n, self.cfg.holdout_fraction)
+        if hi <= self.cfg.min_frame_gap:
             return None
-        return pair_item(rng, clip, *pair, others[rng.randrange(len(others))])
+        pairs = [draw_pair(rng, 0, hi, self.cfg.min_frame_gap) for _ in range(self.cfg.pairs_per_clip)]
+        spare = [rng.randrange(hi) for _ in range(self.cfg.pairs_per_clip)]
+        images = decode_some(sample[schema.MP4], self.size, {i for pair in pairs if pair for i in pair} | set(spare))
+        if not images:
+            raise ValueError("no video frames")
+        speaker = self.speakers.get(meta_speaker(meta), -1)
+        mouth = mouth_boxes(landmarks[:n], self.crop_size or video_side(sample[schema.MP4]))
+
+        def frame(i: int) -> Frame:
+            return Frame(images[i], pose[i], expression[i], speaker)
+
+        # A video shorter than its label arrays (the schema says equal) loses the pairs past its end.
+        kept = [Pair(frame(i), frame(j), mouth[j]) for i, j in (p for p in pairs if p) if i in images and j in images]
+        return kept, [frame(k) for k in spare if k in images]
 
 
 def _worker_init(_: int) -> None:

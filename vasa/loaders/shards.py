@@ -8,7 +8,7 @@ import io
 import json
 import logging
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,6 +133,29 @@ def decode_frames(mp4: bytes, size: int) -> np.ndarray:
     if not frames:
         raise ValueError("no video frames")
     return np.stack(frames)
+
+
+def decode_some(mp4: bytes, size: int, wanted: Collection[int]) -> dict[int, np.ndarray]:
+    """The frames of an mp4 (bytes) at the indices in `wanted`, each (size, size, 3) uint8 RGB, area-resized.
+
+    Decoding stops after the last wanted frame and only wanted frames are converted and resized: a training
+    sample uses a few frames of a clip, and at 512² converting every frame costs a fifth of the decode and
+    holding them all ~200 MB a clip (docs/BENCHMARKS.md "Stage-1 loader"). Indices past the video's end are
+    absent from the result."""
+    want = set(wanted)
+    last = max(want, default=-1)
+    out: dict[int, np.ndarray] = {}
+    if last < 0:
+        return out
+    with av.open(io.BytesIO(mp4)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "SLICE"
+        for index, frame in enumerate(container.decode(stream)):
+            if index in want:
+                out[index] = frame.to_ndarray(width=size, height=size, format="rgb24", interpolation="AREA")
+            if index >= last:
+                break
+    return out
 
 
 def video_side(mp4: bytes) -> int:

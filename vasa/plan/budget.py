@@ -25,9 +25,11 @@ from pathlib import Path
 
 from vasa.core.config import Params, TrainConfig
 from vasa.loaders.judge_clips import MOUTH_H, MOUTH_W
+from vasa.loaders.pairs import worker_frames
 from vasa.models.presets import get_preset
 from vasa.plan.costs import (
     ALLOCATOR_SLACK,
+    CONVERT_CPU_S_512,
     CUDA_RESERVED_GIB,
     DECODE_CPU_S_512,
     GIB,
@@ -145,10 +147,17 @@ def budget(
     latent, motion, judges = params.train_latent, params.train_motion, params.judges
     resolution, crop = get_preset(latent.model).resolution, params.preprocess.crop_size
 
-    # Training stages: the GPU's rate, unless the loader workers are slower.
-    cpu_s = (clip_frames * DECODE_CPU_S_512 * (crop / 512) ** 2 / latent.data.pairs_per_clip
-             + 3 * TO_TENSOR_CPU_S_512 * (resolution / 512) ** 2)  # fmt: skip
-    worker_gib = WORKER_BASE_GIB + 2 * latent.data.shuffle_buffer * clip_frames * resolution**2 * 3 / GIB
+    # Training stages: the GPU's rate, unless the loader workers are slower. A stage-1 worker decodes a clip's
+    # train frames once (stopping after the last one its samples use) for `pairs_per_clip` samples, converts
+    # 3 frames per sample (source, driver, a spare `other`) and makes 3 tensors (vasa/loaders/pairs.py); it
+    # holds `worker_frames` decoded frames at most.
+    decoded = clip_frames * (1 - latent.data.holdout_fraction)
+    cpu_s = (
+        decoded * DECODE_CPU_S_512 * (crop / 512) ** 2 / latent.data.pairs_per_clip
+        + 3 * CONVERT_CPU_S_512 * (crop / 512) ** 2
+        + 3 * TO_TENSOR_CPU_S_512 * (resolution / 512) ** 2
+    )
+    worker_gib = WORKER_BASE_GIB + worker_frames(latent.data) * resolution**2 * 3 / GIB
     loaders = (
         Loader("train_latent", flop_s / costs.latent.flop, cpu_s, latent.data.workers, worker_gib),
         Loader("train_motion", flop_s / costs.motion.flop, MOTION_WINDOW_CPU_S, motion.data.workers, WORKER_BASE_GIB),
@@ -160,7 +169,7 @@ def budget(
 
     # extract_motion: every frame of every split through the motion encoder, decoded in the same process.
     encode_s = frames * costs.encoder.flop / flop_s
-    decode_s = frames * DECODE_CPU_S_512 * (crop / 512) ** 2
+    decode_s = frames * (DECODE_CPU_S_512 + CONVERT_CPU_S_512) * (crop / 512) ** 2
     extract = StageBudget(
         "extract_motion",
         1,
@@ -177,7 +186,7 @@ def budget(
 
     # Judges: one process reads every train clip into memory (mouth crops, log-mel, head angles), then trains.
     judges_gib = train_frames * (MOUTH_H * MOUTH_W + audio_dim(params) * 4 + 3 * 4) / GIB
-    load_s = train_frames * DECODE_CPU_S_512 * (crop / 512) ** 2
+    load_s = train_frames * (DECODE_CPU_S_512 + CONVERT_CPU_S_512) * (crop / 512) ** 2
     sync, capp = (
         _training(name, cfg.train, cost, 1, zero, Loader(name, flop_s / cost.flop, 0.0, 1, 0.0), "window")
         for name, cfg, cost in (("sync", judges.sync, costs.sync), ("capp", judges.capp, costs.capp))

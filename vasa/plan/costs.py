@@ -56,7 +56,11 @@ VOXCELEB2 = Corpus("VoxCeleb2", dev_clips=1_092_009, dev_hours=2360.0, test_clip
                    dev_speakers=5994)  # fmt: skip
 
 # Measured here, 2-core shared VM, CPU seconds (docs/BENCHMARKS.md "`vasa plan`: the cost model").
-DECODE_CPU_S_512 = 2.9e-3  # PyAV decode of a 512² H.264 crop (superfast, crf 18) per frame, SLICE threads
+# PyAV decode of a 512² H.264 crop (superfast, crf 18) per frame, SLICE threads, and the RGB conversion + area
+# resize that the stage-1 loader pays only for the frames a sample uses (benchmarks/loader_throughput.py on the
+# fixtures' 512² shards, 2026-12-07; 2.9 ms for both in the 2026-11-22 measurement under heavier load)
+DECODE_CPU_S_512 = 1.13e-3
+CONVERT_CPU_S_512 = 0.55e-3
 TO_TENSOR_CPU_S_512 = 1.1e-3  # one 512² uint8 frame -> float tensor in [-1, 1] (vasa.models.images.to_tensor)
 WORKER_BASE_GIB = 0.27  # RSS of a loader worker's imports (torch, PyAV, OpenCV, numpy)
 MOTION_WINDOW_CPU_S = 0.55e-3  # one W=100/K=25 window of base motion (263 + 320 dims): clip read / 4 + collate
