@@ -68,6 +68,41 @@ OUTER_LIP = (61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291, 409, 270, 269, 2
 MOUTH_MARGIN = 0.35  # the box grows by this fraction of the lip-corner distance on every side (open jaw, chin)
 
 
+@dataclass(frozen=True)
+class Frame:
+    """One decoded training frame with its labels: the `other` of a pair, or one side of it."""
+
+    image: np.ndarray  # (S, S, 3) uint8 RGB
+    pose: np.ndarray  # (7,)
+    expression: np.ndarray  # (E,)
+    speaker: int
+
+
+@dataclass(frozen=True)
+class Pair:
+    source: Frame
+    driver: Frame
+    mouth: np.ndarray  # (4,) the driver's mouth box
+
+
+def stream_item(pair: Pair, other: Frame) -> dict[str, torch.Tensor]:
+    """The batch dict of one training pair with its cross-identity frame (vasa.training.latent_task's keys)."""
+    return {
+        "source": to_tensor(pair.source.image),
+        "driver": to_tensor(pair.driver.image),
+        "source_pose": torch.from_numpy(pair.source.pose.copy()),
+        "driver_pose": torch.from_numpy(pair.driver.pose.copy()),
+        "other": to_tensor(other.image),
+        "other_pose": torch.from_numpy(other.pose.copy()),
+        "source_expression": torch.from_numpy(pair.source.expression.copy()),
+        "driver_expression": torch.from_numpy(pair.driver.expression.copy()),
+        "other_expression": torch.from_numpy(other.expression.copy()),
+        "driver_mouth": torch.from_numpy(pair.mouth.copy()),
+        "speaker": torch.tensor(pair.source.speaker, dtype=torch.int64),
+        "other_speaker": torch.tensor(other.speaker, dtype=torch.int64),
+    }
+
+
 @dataclass
 class Clip:
     """One decoded sample: frames (T, S, S, 3) uint8, pose (T, 7), expression (T, E) schema.EXPRESSION_COLUMNS
@@ -79,6 +114,9 @@ class Clip:
     speaker: int
     expression: np.ndarray
     mouth: np.ndarray
+
+    def frame(self, i: int) -> Frame:
+        return Frame(self.frames[i], self.pose[i], self.expression[i], self.speaker)
 
 
 def mouth_boxes(landmarks: np.ndarray, side: float) -> np.ndarray:
@@ -126,56 +164,9 @@ def draw_pair(rng: random.Random, lo: int, hi: int, min_gap: int) -> tuple[int, 
 
 
 def pair_item(rng: random.Random, clip: Clip, i: int, j: int, other: Clip) -> dict[str, torch.Tensor]:
-    k = rng.randrange(len(other.frames))
-    return {
-        "source": to_tensor(clip.frames[i]),
-        "driver": to_tensor(clip.frames[j]),
-        "source_pose": torch.from_numpy(clip.pose[i].copy()),
-        "driver_pose": torch.from_numpy(clip.pose[j].copy()),
-        "other": to_tensor(other.frames[k]),
-        "other_pose": torch.from_numpy(other.pose[k].copy()),
-        "source_expression": torch.from_numpy(clip.expression[i].copy()),
-        "driver_expression": torch.from_numpy(clip.expression[j].copy()),
-        "other_expression": torch.from_numpy(other.expression[k].copy()),
-        "driver_mouth": torch.from_numpy(clip.mouth[j].copy()),
-        "speaker": torch.tensor(clip.speaker, dtype=torch.int64),
-        "other_speaker": torch.tensor(other.speaker, dtype=torch.int64),
-    }
-
-
-@dataclass(frozen=True)
-class Frame:
-    """One decoded training frame with its labels: the `other` of a pair, or one side of it."""
-
-    image: np.ndarray  # (S, S, 3) uint8 RGB
-    pose: np.ndarray  # (7,)
-    expression: np.ndarray  # (E,)
-    speaker: int
-
-
-@dataclass(frozen=True)
-class Pair:
-    source: Frame
-    driver: Frame
-    mouth: np.ndarray  # (4,) the driver's mouth box
-
-
-def stream_item(pair: Pair, other: Frame) -> dict[str, torch.Tensor]:
-    """The batch dict of one training pair with its cross-identity frame (same keys as `pair_item`)."""
-    return {
-        "source": to_tensor(pair.source.image),
-        "driver": to_tensor(pair.driver.image),
-        "source_pose": torch.from_numpy(pair.source.pose.copy()),
-        "driver_pose": torch.from_numpy(pair.driver.pose.copy()),
-        "other": to_tensor(other.image),
-        "other_pose": torch.from_numpy(other.pose.copy()),
-        "source_expression": torch.from_numpy(pair.source.expression.copy()),
-        "driver_expression": torch.from_numpy(pair.driver.expression.copy()),
-        "other_expression": torch.from_numpy(other.expression.copy()),
-        "driver_mouth": torch.from_numpy(pair.mouth.copy()),
-        "speaker": torch.tensor(pair.source.speaker, dtype=torch.int64),
-        "other_speaker": torch.tensor(other.speaker, dtype=torch.int64),
-    }
+    """The batch dict of frames i, j of `clip` with a random frame of `other` (held-out pairs)."""
+    other_frame = other.frame(rng.randrange(len(other.frames)))
+    return stream_item(Pair(clip.frame(i), clip.frame(j), clip.mouth[j]), other_frame)
 
 
 def worker_frames(cfg: LatentDataConfig) -> int:

@@ -9,6 +9,7 @@ import json
 import logging
 import tarfile
 from collections.abc import Collection, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,39 +124,43 @@ def read_samples(path: Path) -> Iterator[dict[str, bytes]]:
 
 def decode_frames(mp4: bytes, size: int) -> np.ndarray:
     """All frames of an mp4 (bytes) as (T, size, size, 3) uint8 RGB, area-resized."""
-    frames = []
-    with av.open(io.BytesIO(mp4)) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "SLICE"
-        for frame in container.decode(stream):
-            # swscale's area filter, not cv2: cv2's thread pool can deadlock in a forked loader worker.
-            frames.append(frame.to_ndarray(width=size, height=size, format="rgb24", interpolation="AREA"))
-    if not frames:
+    with closing(_video_frames(mp4)) as frames:
+        rgb = [_rgb(frame, size) for frame in frames]
+    if not rgb:
         raise ValueError("no video frames")
-    return np.stack(frames)
+    return np.stack(rgb)
 
 
 def decode_some(mp4: bytes, size: int, wanted: Collection[int]) -> dict[int, np.ndarray]:
     """The frames of an mp4 (bytes) at the indices in `wanted`, each (size, size, 3) uint8 RGB, area-resized.
 
     Decoding stops after the last wanted frame and only wanted frames are converted and resized: a training
-    sample uses a few frames of a clip, and at 512² converting every frame costs a fifth of the decode and
-    holding them all ~200 MB a clip (docs/BENCHMARKS.md "Stage-1 loader"). Indices past the video's end are
+    sample uses a few frames of a clip, and at 512² converting every frame costs a third of the decode and
+    holding them all ~150 MB a clip (docs/BENCHMARKS.md "Stage-1 loader"). Indices past the video's end are
     absent from the result."""
     want = set(wanted)
     last = max(want, default=-1)
     out: dict[int, np.ndarray] = {}
-    if last < 0:
-        return out
+    with closing(_video_frames(mp4)) as frames:
+        for index, frame in enumerate(frames):
+            if index > last:
+                break
+            if index in want:
+                out[index] = _rgb(frame, size)
+    return out
+
+
+def _video_frames(mp4: bytes) -> Iterator[av.VideoFrame]:
+    """The decoded frames of an mp4 (bytes), in order; close the generator to stop decoding early."""
     with av.open(io.BytesIO(mp4)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "SLICE"
-        for index, frame in enumerate(container.decode(stream)):
-            if index in want:
-                out[index] = frame.to_ndarray(width=size, height=size, format="rgb24", interpolation="AREA")
-            if index >= last:
-                break
-    return out
+        yield from container.decode(stream)
+
+
+def _rgb(frame: av.VideoFrame, size: int) -> np.ndarray:
+    # swscale's area filter, not cv2: cv2's thread pool can deadlock in a forked loader worker.
+    return frame.to_ndarray(width=size, height=size, format="rgb24", interpolation="AREA")
 
 
 def video_side(mp4: bytes) -> int:
