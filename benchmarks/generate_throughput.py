@@ -297,11 +297,13 @@ def first_frame_latency(
     render_batch: int = 25,
     hop: int | None = None,
     lookahead: int = 0,
-) -> tuple[float, float]:
+) -> tuple[float, float, float]:
     """Audio arriving at real time in `chunk_s` chunks (pasted-back frames): seconds from the first chunk's
-    arrival to the arrival of the chunk that completed the first window (audio wait), and from there to
-    the first yielded frame chunk (compute)."""
+    arrival to the arrival of the chunk that completed the first window (audio wait), from there to the
+    first yielded frame chunk (compute), and the process CPU seconds of that compute (what load on other
+    cores does not inflate)."""
     arrivals: list[float] = []
+    cpu: list[float] = []
 
     def microphone() -> Iterator[np.ndarray]:
         start = time.perf_counter()
@@ -309,13 +311,14 @@ def first_frame_latency(
             ready = start + (index + 1) * chunk_s  # chunk i holds audio up to (i + 1) x chunk_s
             time.sleep(max(0.0, ready - time.perf_counter()))
             arrivals.append(time.perf_counter())
+            cpu.append(time.process_time())
             yield piece
 
     frames = stream(session, microphone(), conditions(steps), render_batch=render_batch, hop=hop, lookahead=lookahead)
     next(frames)
-    first = time.perf_counter()
+    first, first_cpu = time.perf_counter(), time.process_time()
     frames.close()
-    return arrivals[-1] - arrivals[0], first - arrivals[-1]
+    return arrivals[-1] - arrivals[0], first - arrivals[-1], first_cpu - cpu[-1]
 
 
 def audio_lookahead(
@@ -360,16 +363,21 @@ def real_time_figures(params: Params, args: argparse.Namespace) -> dict:
     gen = params.generate
     out: dict = {}
     # Low latency (`vasa serve`: params generate.stream_hop / stream_lookahead) and offline (`vasa generate`).
-    for prefix, hop, ahead in (("", gen.stream_hop, gen.stream_lookahead), ("offline_", None, 0)):
-        lookahead = audio_lookahead(session, speech_like(seconds, rate), rate, args.stream_steps, hop=hop,
-                                    lookahead=ahead)  # fmt: skip
-        wait, compute = first_frame_latency(session, speech_like(bundle.dit.window / FPS + 0.5, rate), rate,
-                                            args.stream_steps, LIVE_CHUNK_S, gen.render_batch, hop, ahead)  # fmt: skip
+    # The low-latency stream draws its windows in generate.stream_steps DDIM steps (when set), offline --stream-steps.
+    live_steps = gen.stream_steps or args.stream_steps
+    for prefix, hop, ahead, steps in (("", gen.stream_hop, gen.stream_lookahead, live_steps),
+                                      ("offline_", None, 0, args.stream_steps)):  # fmt: skip
+        lookahead = audio_lookahead(session, speech_like(seconds, rate), rate, steps, hop=hop, lookahead=ahead)
+        audio = speech_like(bundle.dit.window / FPS + 0.5, rate)
+        wait, compute, compute_cpu = first_frame_latency(session, audio, rate, steps, LIVE_CHUNK_S, gen.render_batch,
+                                                         hop, ahead)  # fmt: skip
         out[f"{prefix}audio_lookahead_ms"] = 1000 * lookahead
         out[f"{prefix}first_frame_ms"] = 1000 * (wait + compute)
         out[f"{prefix}first_frame_wait_ms"], out[f"{prefix}first_frame_compute_ms"] = 1000 * wait, 1000 * compute
+        out[f"{prefix}first_frame_compute_cpu_ms"] = 1000 * compute_cpu
     out["first_frame_config"] = (
-        f"tiny at {bundle.resolution}², crop side {params.preprocess.crop_size}, {args.stream_steps} DDIM steps, "
+        f"tiny at {bundle.resolution}², crop side {params.preprocess.crop_size}, {live_steps} DDIM steps "
+        f"({args.stream_steps} offline), "
         f"render_batch {gen.render_batch}, W {bundle.dit.window}, hop {gen.stream_hop} + look-ahead "
         f"{gen.stream_lookahead} frames (offline_*: whole windows), {LIVE_CHUNK_S * 1000:.0f} ms chunks"
     )
@@ -421,8 +429,8 @@ def measure(params: Params, name: str, resolution: int, args: argparse.Namespace
                 wall, cpu, count = run_stream(session, audio, rate, args.stream_steps, crop_only)
                 assert count == int(args.seconds * FPS), count
                 out[f"stream_{key}_fps"], out[f"stream_{key}_cpu_fps"] = count / wall, count / cpu
-            wait, compute = first_frame_latency(session, speech_like(bundle.dit.window / FPS + 0.5, rate), rate,
-                                                args.stream_steps)  # fmt: skip
+            wait, compute, _ = first_frame_latency(session, speech_like(bundle.dit.window / FPS + 0.5, rate), rate,
+                                                   args.stream_steps)  # fmt: skip
             out["wait_s"], out["compute_s"] = wait, compute
         else:  # one DiT window + W renderings + W paste-backs, from the parts
             window = bundle.dit.window

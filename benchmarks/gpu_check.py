@@ -242,7 +242,7 @@ def generation(plan: Plan, params: Params, args: argparse.Namespace, deadline: f
             wall, _, frames = run_stream(session, speech_like(plan.stream_seconds, rate), rate, plan.ddim_steps,
                                          crop_only)  # fmt: skip
             offline |= {f"fps_{key}": frames / wall, f"frames_{key}": frames}
-        wait, compute = first_frame_latency(session, speech_like(window_s + 0.5, rate), rate, plan.ddim_steps)
+        wait, compute, _ = first_frame_latency(session, speech_like(window_s + 0.5, rate), rate, plan.ddim_steps)
     return {
         "generation_offline": {**setup, "audio_s": plan.stream_seconds, **offline, **peak_memory(device, False)},
         "generation_streaming": {**setup, "audio_wait_s": wait, "compute_s": compute, "first_frame_s": wait + compute},

@@ -2,7 +2,7 @@
 offline generation (whole windows), on the demo's held-out sentences, by the judge-free measures.
 
     python benchmarks/stream_quality.py [--bundle data/bundle] [--sample data/sample] [--configs 2:2 1:0 ...]
-        [--seeds 0 1 2] [--json out.json]
+        [--seeds 0 1 2] [--json out.json]            # a config HOP:LOOKAHEAD:STEPS also sets the DDIM steps
 
 Inputs as the `demo` stage (vasa/stages/demo.py) makes them: for each speaker of the sample corpus its held-out
 clip (the last by id), whose first frame is the portrait and whose audio is the speech, with params' generate
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -71,8 +72,8 @@ class DitClock:
         generate.WindowStream._window = self._original  # type: ignore[method-assign]
 
 
-def run_clip(bundle, params, clip: dict, sample: Path, configs: list[tuple[int, int] | None], seeds: list[int],
-             work: Path) -> list[dict]:  # fmt: skip
+def run_clip(bundle, params, clip: dict, sample: Path, configs: list[tuple[int, int, int | None] | None],
+             seeds: list[int], work: Path) -> list[dict]:  # fmt: skip
     """Every mode x seed of one held-out clip -> rows of measures."""
     rate, fps = bundle.meta["audio"]["sample_rate"], bundle.meta["fps"]
     source = sample / clip["file"]
@@ -86,15 +87,17 @@ def run_clip(bundle, params, clip: dict, sample: Path, configs: list[tuple[int, 
     rows = []
     for config in configs:
         for seed in seeds:
+            hop, lookahead, steps = config if config is not None else (None, 0, None)
             conditions = conditions_for(portrait, bundle, params.generate, seed=seed)
-            hop, lookahead = config if config is not None else (None, 0)
+            if steps is not None:
+                conditions = replace(conditions, steps=steps)
             wall = time.perf_counter()
             with DitClock() as clock:
                 frames = np.concatenate(list(stream(session, chunks(speech, int(rate * CHUNK_S)), conditions,
                                                     hop=hop, lookahead=lookahead)))  # fmt: skip
             wall = time.perf_counter() - wall
             seen = measure_video(frames, speech, fps, first, params.preprocess.face, sample_rate=rate)
-            mode = "offline" if config is None else f"{hop}:{lookahead}"
+            mode = "offline" if config is None else f"{hop}:{lookahead}" + ("" if steps is None else f":{steps}")
             rows.append({"clip": clip["clip_id"], "mode": mode, "seed": seed, "frames": len(frames),
                          "dit_cpu_ms_per_frame": 1000 * clock.seconds / len(frames), "dit_windows": clock.windows,
                          "wall_s": wall, **{key: seen[key] for key in KEYS}})  # fmt: skip
@@ -114,7 +117,7 @@ def summarise(rows: list[dict], window: int) -> dict:
     for mode in modes:
         stats = {key: float(np.nanmean(values(mode, key))) for key in (*KEYS, "dit_cpu_ms_per_frame")}
         if mode != "offline":
-            hop, lookahead = (int(v) for v in mode.split(":"))
+            hop, lookahead = (int(v) for v in mode.split(":")[:2])
             stats["first_frame_audio_ms"] = 1000 * (hop + lookahead) / 25 + 2.5
         else:
             stats["first_frame_audio_ms"] = 1000 * window / 25 + 2.5
@@ -161,7 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--bundle", type=Path, default=Path("data/bundle"))
     parser.add_argument("--sample", type=Path, default=Path("data/sample"), help="the sample corpus (index.json)")
     parser.add_argument("--configs", nargs="*", default=None,
-                        help="HOP:LOOKAHEAD frames; default params' generate.stream_hop:stream_lookahead")  # fmt: skip
+                        help="HOP:LOOKAHEAD[:STEPS] frames (and DDIM steps); default params' generate.stream_hop:"
+                             "stream_lookahead:stream_steps")  # fmt: skip
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work", type=Path, default=Path("/tmp/stream_quality"), help="portraits are written here")
@@ -170,10 +174,12 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     params = load_params(args.params)
     bundle = load_bundle(args.bundle)
-    default = f"{params.generate.stream_hop}:{params.generate.stream_lookahead}"
-    configs: list[tuple[int, int] | None] = [None] + [
-        (int(h), int(la)) for h, la in (c.split(":") for c in (args.configs or [default]))
-    ]
+    gen = params.generate
+    default = f"{gen.stream_hop}:{gen.stream_lookahead}" + (f":{gen.stream_steps}" if gen.stream_steps else "")
+    configs: list[tuple[int, int, int | None] | None] = [None]
+    for config in args.configs or [default]:
+        hop, lookahead, *steps = (int(v) for v in config.split(":"))
+        configs.append((hop, lookahead, steps[0] if steps else None))
     args.work.mkdir(parents=True, exist_ok=True)
     print(f"# bundle {bundle.sha256[:16]} (W {bundle.dit.window}, K {bundle.dit.context}, "
           f"{bundle.meta['sampling']['steps']} steps), configs {configs}, seeds {args.seeds}")  # fmt: skip

@@ -231,7 +231,7 @@ def open_live(bundle: Bundle, image: bytes, rate_in: int, generate: GenerateConf
             portrait = prepare_portrait(path, bundle.resolution, meta["crop"]["crop_size"], face, serve.max_side)
         except InputError as err:
             raise InputError(str(err).replace(str(path), "portrait")) from None
-        conditions = conditions_for(portrait, bundle, generate)
+        conditions = conditions_for(portrait, bundle, generate, steps=generate.stream_steps)  # the stream's DDIM steps
         defaults = {key: f"{key} (the portrait's, the bundle's or params' default)" for key in vars(conditions)}
         check_conditions(vars(conditions), generate, train_steps=meta["sampling"]["train_steps"],
                          emotion_dim=bundle.dit.emotion_dim, names=defaults)  # fmt: skip
