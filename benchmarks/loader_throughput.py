@@ -12,8 +12,9 @@ on the next run). Then, each in a fresh process (a loader worker's conditions: o
            shuffle buffer of decoded clips plus as many evicted ones for the cross-identity frames
 both with the recipe's stage-1 data settings (cluster/recipes/voxceleb2_512_8gpu.yaml over params.yaml) at
 the `base` preset's resolution. Reported: samples per CPU-s (after the buffer's warm-up) and the process's
-peak RSS (what one DataLoader worker holds). Stage 2: vasa.loaders.motion's window stream over a motion-shard
-folder (`--motion`, default the checkout's data/motion from `dvc repro`), windows per CPU-s.
+peak RSS (what one DataLoader worker holds). Stage 2 (`stage2`; alone with --stage2-only): windows per CPU-s of
+vasa.loaders.motion's `ArrayWindows` against the shard reader it replaced, on a motion folder (`--motion`, default
+the checkout's data/motion from `dvc repro`), and on synthetic arrays at the recipe's sizes.
 """
 
 from __future__ import annotations
@@ -145,23 +146,78 @@ def decode_split(shards: Path, resolution: int, clips: int = 6) -> dict:
             "convert_share": round((both - decode) / both, 2)}  # fmt: skip
 
 
-def stage2(motion: Path, windows: int) -> dict:
+def stage2(motion: Path, windows: int, work: Path) -> dict:
+    """Windows per CPU-s of the stage-2 loader, one process, one thread: the shipped `ArrayWindows` (a batch
+    gathered from the memory-mapped train arrays) and the shard reader it replaced (each clip's npy members
+    read from its tar and normalised, windows cut one by one and collated; re-created here as the baseline),
+    on `motion` at params' W, K and batch; then `ArrayWindows` on synthetic arrays with the recipe's sizes
+    (the `base` latent's 263 motion dims, 320 audio dims, W = 100, K = 25, its batch)."""
+    import numpy as np
     import torch
+    from torch.utils.data import default_collate
 
     from vasa.core.config import load_params
-    from vasa.loaders.motion import WindowStream, open_motion
+    from vasa.loaders.motion import (
+        ARRAY_MEMBERS,
+        ARRAYS_DIR,
+        CLIPS_FILE,
+        ArrayWindows,
+        draw_start,
+        open_motion,
+        read_clip,
+        window_item,
+    )
+    from vasa.loaders.shards import read_samples
 
     torch.set_num_threads(1)
-    cfg = load_params(ROOT / "params.yaml").train_motion
-    data = cfg.data.model_copy(update={"workers": 0})
-    stream = iter(WindowStream(open_motion(motion), data, cfg.window, cfg.context, seed=0, epoch=0, rank=0, world=1))
-    next(stream)
-    start = time.process_time()
-    for _ in range(windows):
-        next(stream)
-    cpu = time.process_time() - start
-    return {"windows": windows, "window": cfg.window, "context": cfg.context,
-            "windows_per_cpu_s": round(windows / cpu)}  # fmt: skip
+    params = load_params(ROOT / "params.yaml")
+    cfg, recipe = params.train_motion, yaml.safe_load(RECIPE.read_text())["train_motion"]
+
+    def rate(batches, batch: int) -> float:
+        next(batches)
+        start, done = time.process_time(), 0
+        while done < windows:
+            done += len(next(batches)["motion"])
+        return round(done / (time.process_time() - start))
+
+    def shard_reader(motion_set, window: int, context: int, batch: int):
+        rng = random.Random(0)
+        while True:
+            path = motion_set.train[rng.randrange(len(motion_set.train))]
+            for sample in read_samples(path):
+                clip = read_clip(sample, motion_set.stats)
+                if len(clip.motion) < window:
+                    continue
+                items = [window_item(clip, draw_start(rng, len(clip.motion), window, context), window, context)
+                         for _ in range(batch)]  # fmt: skip
+                yield default_collate(items)
+
+    out: dict = {"window": cfg.window, "context": cfg.context, "batch": cfg.train.batch_size}
+    motion_set = open_motion(motion)
+    arrays = ArrayWindows(motion, cfg.window, cfg.context, cfg.train.batch_size, 0, 0, 0, 1)
+    out["windows_per_cpu_s"] = rate(iter(arrays), cfg.train.batch_size)
+    out["shard_reader_windows_per_cpu_s"] = rate(shard_reader(motion_set, cfg.window, cfg.context,
+                                                              cfg.train.batch_size), cfg.train.batch_size)  # fmt: skip
+    out["speedup_vs_shard_reader"] = round(out["windows_per_cpu_s"] / out["shard_reader_windows_per_cpu_s"], 1)
+    # The recipe's sizes on synthetic arrays (2,000 clips of 8 s, written once into the work folder).
+    window, context, batch = recipe["window"], recipe["context"], recipe["train"]["batch_size"]
+    dims = {"motion": (263,), "audio": (320,), "gaze": (2,), "distance": (1,), "emotion": (2,)}
+    root = work / "motion_recipe"
+    folder = root / ARRAYS_DIR / "train"
+    clips, frames = 2000, 200
+    if not (folder / CLIPS_FILE).exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(0)
+        for name in ARRAY_MEMBERS:
+            array = np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=np.float32,
+                                              shape=(clips * frames, *dims[name]))  # fmt: skip
+            array[:] = rng.standard_normal(array.shape, dtype=np.float32)
+            array.flush()
+        np.save(folder / CLIPS_FILE, np.stack([np.arange(clips) * frames, np.full(clips, frames)], 1).astype(np.int64))
+    recipe_rate = rate(iter(ArrayWindows(root, window, context, batch, 0, 0, 0, 1)), batch)
+    out["recipe"] = {"window": window, "context": context, "batch": batch, "motion_dim": 263, "audio_dim": 320,
+                     "windows_per_cpu_s": recipe_rate, "cpu_ms_per_window": round(1000 / recipe_rate, 4)}  # fmt: skip
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -176,12 +232,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--windows", type=int, default=5000)
     parser.add_argument("--pairs-per-clip", type=int, help="instead of the recipe's train_latent.data value")
     parser.add_argument("--shuffle-buffer", type=int, help="instead of the recipe's train_latent.data value")
+    parser.add_argument("--stage2-only", action="store_true", help="only the stage-2 figures (no fixtures needed)")
     parser.add_argument("--child", nargs=2, metavar=("SHARDS", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     changes = {key: value for key, value in (("pairs_per_clip", args.pairs_per_clip),
                ("shuffle_buffer", args.shuffle_buffer)) if value is not None}  # fmt: skip
     if args.child:
         print(json.dumps(stage1_child(Path(args.child[0]), args.child[1], args.samples, args.resolution, changes)))
+        return
+    if args.stage2_only:
+        out = {"stage2": stage2(args.motion, args.windows, args.work)}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+        print(json.dumps(out, indent=2))
         return
     if not args.fixtures.is_dir():
         raise SystemExit(f"{args.fixtures}: no fixtures folder (pass --fixtures)")
@@ -204,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     out["speedup_vs_whole"] = round(needed["samples_per_cpu_s"] / whole["samples_per_cpu_s"], 2)
     out["rss_ratio_vs_whole"] = round(needed["peak_rss_mb"] / whole["peak_rss_mb"], 2)
     if (args.motion / "index.json").exists():
-        out["stage2"] = stage2(args.motion, args.windows)
+        out["stage2"] = stage2(args.motion, args.windows, args.work)
         out["windows_per_cpu_s"] = out["stage2"]["windows_per_cpu_s"]
     else:
         print(f"stage 2 skipped: no motion shards at {args.motion} (run `dvc repro extract_motion`)")

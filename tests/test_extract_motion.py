@@ -121,7 +121,9 @@ def load(sample: dict[str, bytes], member: str) -> np.ndarray:
 
 
 def digests(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+    """Every file under `folder` (the train arrays included), by relative path."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
 
 
 def test_motion_shards_have_the_members_shapes_and_provenance(motion_fixture):
@@ -208,6 +210,8 @@ def test_rerun_redoes_nothing_and_a_changed_shard_is_redone_alone(tmp_path):
     after = digests(out)
     assert after["train-0-0000.tar"] == before["train-0-0000.tar"]
     assert after["train-1-0000.tar"] != before["train-1-0000.tar"]
+    assert after["arrays/train/motion.npy"] != before["arrays/train/motion.npy"]  # the arrays follow the shards
+    assert not (out / "arrays" / ".train.partial").exists()
     # New stage-1 weights: everything is redone.
     write_stage1(stage1, seed=1)
     assert extract(extract_cfg(), shards, stage1, out, progress=False)["redone"] == 2
@@ -229,3 +233,24 @@ def test_bad_inputs_fail_clearly_or_are_recorded(tmp_path):
     index = json.loads((tmp_path / "out" / INDEX_FILE).read_text())
     assert index["failures"][0]["key"] == broken.key and "mel" in index["failures"][0]["reason"]
     assert math.isfinite(json.loads((tmp_path / "out" / STATS_FILE).read_text())["motion"]["mean"][0])
+
+
+def test_train_arrays_hold_the_train_clips_as_the_shard_reader_normalises_them(motion_fixture):
+    from vasa.loaders.motion import ARRAY_MEMBERS, open_motion, read_clip
+
+    root = motion_fixture["motion"]
+    motion_set = open_motion(root)
+    folder = root / "arrays" / "train"
+    clips = [read_clip(sample, motion_set.stats) for path in motion_set.train for sample in read_samples(path)]
+    rows = np.load(folder / "clips.npy")
+    assert rows.tolist() == [[sum(len(c.motion) for c in clips[:i]), len(clip.motion)] for i, clip in enumerate(clips)]
+    assert json.loads((folder / "keys.json").read_text())["keys"] == [
+        f"{path.name}/{sample['__key__']}" for path in motion_set.train for sample in read_samples(path)
+    ]
+    for name in ARRAY_MEMBERS:
+        array = np.load(folder / f"{name}.npy", mmap_mode="r")
+        assert array.dtype == np.float32
+        np.testing.assert_array_equal(array, np.concatenate([getattr(c, name) for c in clips]))
+    index = json.loads((root / INDEX_FILE).read_text())["dataset"]["arrays"]["train"]
+    assert index["frames"] == int(rows[:, 1].sum()) and index["clips"] == len(clips)
+    assert index["sha256"]["motion.npy"] == hashlib.sha256((folder / "motion.npy").read_bytes()).hexdigest()

@@ -3,6 +3,8 @@ batch contract of MotionTask, context handling at clip starts, train split only,
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -17,9 +19,7 @@ W, K, B = 10, 3, 8
 
 
 def data_cfg(**changes) -> MotionDataConfig:
-    return MotionDataConfig.from_data(
-        {"shuffle_buffer": 4, "windows_per_clip": 4, "eval_windows": 6, "workers": 0} | changes
-    )
+    return MotionDataConfig.from_data({"eval_windows": 6, "workers": 0} | changes)
 
 
 def take(source, n: int, epoch: int = 0, rank: int = 0, world: int = 1) -> list[dict]:
@@ -92,10 +92,12 @@ def test_streams_are_seeded_and_split_by_rank(motion_fixture):  # noqa: F811
     assert not torch.equal(
         take(window_batches(motion_set, data_cfg(), W, K, B, seed=1), 1)[0]["motion"], a[0]["motion"]
     )
-    # Two ranks: each reads its own train shard (train-0: clips 0, 1; train-1: clips 2, 3).
-    for rank, expected in ((0, {0, 1}), (1, {2, 3})):
-        seen = {int(round(v)) for batch in take(source, 4, rank=rank, world=2) for v in batch["gaze"][:, 0].tolist()}
-        assert seen == expected
+    # Two ranks: each draws from its own half of the train clips (every other clip in index order).
+    seen = {
+        rank: {int(round(v)) for batch in take(source, 4, rank=rank, world=2) for v in batch["gaze"][:, 0].tolist()}
+        for rank in (0, 1)
+    }
+    assert seen[0] | seen[1] == {0, 1, 2, 3} and not seen[0] & seen[1]
 
 
 def test_heldout_windows_come_from_the_test_split_and_are_deterministic(motion_fixture):  # noqa: F811
@@ -117,3 +119,17 @@ def test_bad_motion_folders_fail_clearly(tmp_path, motion_fixture):  # noqa: F81
     motion_set = open_motion(motion_fixture["motion"])
     with pytest.raises(InputError, match="frames a window needs"):
         take(window_batches(motion_set, data_cfg(), FRAMES + 1, K, B, seed=0), 1)
+    # Shards without their arrays (an older extract-motion): a clear message at once, not in a worker.
+    shutil.copytree(motion_fixture["motion"], tmp_path / "old", ignore=shutil.ignore_patterns("arrays"))
+    with pytest.raises(InputError, match="re-run extract-motion"):
+        window_batches(open_motion(tmp_path / "old"), data_cfg(), W, K, B, seed=0)
+
+
+def test_worker_processes_yield_the_batches_of_their_own_slices(motion_fixture):  # noqa: F811
+    motion_set = open_motion(motion_fixture["motion"])
+    one = take(window_batches(motion_set, data_cfg(workers=2), W, K, B, seed=0), 4)
+    for batch in one:
+        assert batch["motion"].shape == (B, W, motion_set.dims["motion"])
+    # Worker 0 and worker 1 draw from disjoint halves of the clips, batch by batch in turn.
+    clips = [{int(round(v)) for v in batch["gaze"][:, 0].tolist()} for batch in one]
+    assert not (clips[0] | clips[2]) & (clips[1] | clips[3])

@@ -445,10 +445,8 @@ class ExtractMotionConfig(Section):
 
 
 class MotionDataConfig(Section):
-    """The stage-2 loader: windows of W frames (+ K context frames) from the motion shards' train split."""
+    """The stage-2 loader: windows of W frames (+ K context frames) from the train split's memory-mapped arrays."""
 
-    shuffle_buffer: int = Field(ge=1)  # clips held by each loader worker for shuffling
-    windows_per_clip: int = Field(ge=1)  # windows drawn from a clip each time it is read
     eval_windows: int = Field(ge=1)  # held-out (val/test, else train) windows for the end-of-training figures
     workers: int = Field(ge=0)  # DataLoader processes per training process (0 = read in the trainer)
 

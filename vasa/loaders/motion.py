@@ -22,18 +22,30 @@ stage-1 weights digest and dims) and stats.json (mean/std per motion and audio d
 split only; training normalises with it, generation undoes it). An input shard is re-encoded only when
 its input digest changed (input shard sha256 + stage-1 weights sha256 + this code + settings).
 
-Loader: windows of W frames with the K frames before them as context (zeros and has_pre False at a
-clip's start), from the train split, shards resampled under a seed of (seed, epoch, rank, worker),
-split by node then worker with vasa.loaders.shards.worker_shards. Batch contract of vasa.training.motion_task:
+Beside them, arrays/train/: the train split as memory-mapped arrays (`write_arrays`, rebuilt by
+extract_motion whenever the train shards or stats change): motion, audio, gaze, distance and emotion .npy,
+every clip's frames concatenated in index order and normalised as `read_clip` does, clips.npy (C, 2) int64
+(first row, frames) and keys.json. The tar shards stay the format of record (provenance, audit, held-out
+figures); the arrays are what training reads.
+
+Loader (`ArrayWindows`): batches of windows of W frames with the K frames before them as context (zeros and
+has_pre False at a clip's start) drawn at random from the train clips (a clip uniformly, then a start
+uniformly; starts with fewer than K frames before them snap to 0), gathered from the memory-mapped arrays
+in one indexing per array and batch: no clip is decoded or held, so a worker's memory is the pages the OS
+maps and its cost per window a few microseconds. Clips are split by rank then worker (all clips when there
+are fewer clips than slices), each slice drawing under a seed of (seed, epoch, rank, worker). Batch contract
+of vasa.training.motion_task:
     motion (B, W, M), motion_pre (B, K, M): normalised; audio (B, W, A), audio_pre (B, K, A): normalised;
     has_pre (B,) bool; gaze (B, 2) window-mean degrees; distance (B, 1) window mean; emotion (B, E) window mean.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import random
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,9 +56,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from preprocessing import schema
 from vasa.core.config import MotionDataConfig
+from vasa.core.digests import sha256_file
 from vasa.core.errors import InputError
-from vasa.core.files import read_json
-from vasa.loaders.shards import read_index, read_samples, split_shards, worker_shards
+from vasa.core.files import read_json, write_json
+from vasa.loaders.shards import read_index, read_samples, split_shards
 
 log = logging.getLogger(__name__)
 
@@ -185,55 +198,120 @@ def draw_start(rng: random.Random, frames: int, window: int, context: int) -> in
     return 0 if start < context else start
 
 
-class WindowStream(IterableDataset):
-    """Endless stream of single motion windows from the train split for one rank and epoch."""
+ARRAYS_DIR = "arrays"  # root/arrays/<split>/: the split's clips as memory-mappable arrays
+ARRAY_MEMBERS = ("motion", "audio", "gaze", "distance", "emotion")
+CLIPS_FILE = "clips.npy"  # (C, 2) int64: each clip's first row in the arrays and its frames
+KEYS_FILE = "keys.json"  # the clips' sample keys, in the same order
+
+
+def write_arrays(root: Path, shards: tuple[Path, ...], stats: dict, split: str = schema.TRAIN) -> dict:
+    """The clips of `shards` (in that order, samples in shard order), normalised as `read_clip` normalises
+    them, written to root/arrays/<split>/ (module docstring). Filled in place through `open_memmap` (a first
+    pass reads the clips' lengths): memory is one clip, whatever the split's size. Written beside and swapped
+    in whole: a killed run leaves the previous arrays. Returns {"frames", "clips", "sha256": {file: digest}}."""
+    folder = root / ARRAYS_DIR / split
+    rows, keys, frames = [], [], 0
+    dims: dict[str, tuple[int, ...]] = {}
+    for path in shards:
+        for sample in read_samples(path):
+            clip = read_clip(sample, stats)
+            rows.append((frames, len(clip.motion)))
+            keys.append(f"{path.name}/{clip.key}")
+            frames += len(clip.motion)
+            dims = {name: getattr(clip, name).shape[1:] for name in ARRAY_MEMBERS}
+    if not rows:
+        raise InputError(f"{root}: the {split} split has no clips to write as arrays")
+    staging = folder.with_name(f".{split}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    arrays = {
+        name: np.lib.format.open_memmap(
+            staging / f"{name}.npy", mode="w+", dtype=np.float32, shape=(frames, *dims[name])
+        )  # fmt: skip
+        for name in ARRAY_MEMBERS
+    }
+    row = 0
+    for path in shards:
+        for sample in read_samples(path):
+            clip = read_clip(sample, stats)
+            for name, array in arrays.items():
+                array[row : row + len(clip.motion)] = getattr(clip, name)
+            row += len(clip.motion)
+    for array in arrays.values():
+        array.flush()
+    del arrays
+    np.save(staging / CLIPS_FILE, np.asarray(rows, np.int64), allow_pickle=False)
+    write_json(staging / KEYS_FILE, {"keys": keys})
+    files = [f"{name}.npy" for name in ARRAY_MEMBERS] + [CLIPS_FILE, KEYS_FILE]
+    digests = {name: sha256_file(staging / name) for name in files}
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+    return {"frames": frames, "clips": len(rows), "sha256": digests}
+
+
+class ArrayWindows(IterableDataset):
+    """Endless batches of motion windows from root/arrays/train for one rank and epoch (module docstring)."""
 
     def __init__(
-        self, motion_set: MotionSet, cfg: MotionDataConfig, window: int, context: int, seed: int, epoch: int,
-        rank: int, world: int,
-    ):  # fmt: skip
-        self.shards, self.stats, self.cfg = motion_set.train, motion_set.stats, cfg
-        self.window, self.context = window, context
+        self, root: Path, window: int, context: int, batch_size: int, seed: int, epoch: int, rank: int, world: int
+    ) -> None:
+        self.folder = root / ARRAYS_DIR / schema.TRAIN
+        self.window, self.context, self.batch_size = window, context, batch_size
         self.seed, self.epoch, self.rank, self.world = seed, epoch, rank, world
+
+    def open(self, worker: int = 0, workers: int = 1) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The memory-mapped arrays and this slice's usable clips ((C, 2): first row, frames)."""
+        try:
+            arrays = {name: np.load(self.folder / f"{name}.npy", mmap_mode="r") for name in ARRAY_MEMBERS}
+            clips = np.load(self.folder / CLIPS_FILE, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise InputError(f"{self.folder}: the train split's motion arrays are missing or unreadable ({err}); "
+                             "re-run extract-motion") from None  # fmt: skip
+        usable = clips[clips[:, 1] >= self.window]
+        if not len(usable):
+            raise InputError(f"no train clip of {self.folder} has the {self.window} frames a window needs")
+        slices = self.world * workers
+        mine = usable[self.rank :: self.world][worker::workers]
+        return arrays, (usable if len(usable) < slices or not len(mine) else mine)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        # A str seed is hashed with SHA-512 by `random`: stable across runs and platforms.
-        rng = random.Random(f"vasa.motion_data/{self.seed}/{self.epoch}/{self.rank}/{worker}")
-        mine = worker_shards(self.shards, self.rank, self.world, worker, workers)
-        buffer: list[MotionClip] = []
-        usable, visited = 0, set()
-        for path, clip in self._clips(rng, mine):
-            visited.add(path)
-            if len(clip.motion) < self.window:
-                if usable == 0 and len(visited) == len(set(mine)):  # every shard read once, not one window
-                    raise InputError(f"no train clip of {mine[0].parent} has the {self.window} frames a window needs")
-                continue
-            usable += 1
-            if len(buffer) >= self.cfg.shuffle_buffer:
-                buffer.pop(rng.randrange(len(buffer)))
-            buffer.append(clip)
-            for _ in range(self.cfg.windows_per_clip):
-                chosen = buffer[rng.randrange(len(buffer))]
-                yield window_item(chosen, draw_start(rng, len(chosen.motion), self.window, self.context), self.window,
-                                  self.context)  # fmt: skip
-
-    def _clips(self, rng: random.Random, shards: tuple[Path, ...]) -> Iterator[tuple[Path, MotionClip]]:
-        while True:  # shards resampled with replacement, forever
-            path = shards[rng.randrange(len(shards))]
-            for sample in read_samples(path):
-                yield path, read_clip(sample, self.stats)
+        arrays, clips = self.open(worker, workers)
+        seed = hashlib.sha256(f"vasa.motion_arrays/{self.seed}/{self.epoch}/{self.rank}/{worker}".encode()).digest()
+        rng = np.random.default_rng(int.from_bytes(seed[:8], "little"))
+        steps, before = np.arange(self.window), np.arange(-self.context, 0)
+        while True:
+            chosen = clips[rng.integers(len(clips), size=self.batch_size)]
+            starts = rng.integers(0, chosen[:, 1] - self.window + 1)
+            starts[starts < self.context] = 0  # as draw_start: has_pre False always means a clip start
+            has_pre = starts >= self.context
+            rows = (chosen[:, 0] + starts)[:, None]
+            window, pre = rows + steps, np.maximum(rows + before, chosen[:, :1])  # pre of a clip start: masked
+            batch = {name: arrays[name][window] for name in ARRAY_MEMBERS}
+            keep = has_pre[:, None, None].astype(np.float32)
+            yield {
+                "motion": torch.from_numpy(batch["motion"]),
+                "motion_pre": torch.from_numpy(arrays["motion"][pre] * keep),
+                "audio": torch.from_numpy(batch["audio"]),
+                "audio_pre": torch.from_numpy(arrays["audio"][pre] * keep),
+                "has_pre": torch.from_numpy(has_pre),
+                "gaze": torch.from_numpy(batch["gaze"].mean(1)),
+                "distance": torch.from_numpy(batch["distance"].mean(1)),
+                "emotion": torch.from_numpy(batch["emotion"].mean(1)),
+            }
 
 
 def window_batches(
     motion_set: MotionSet, cfg: MotionDataConfig, window: int, context: int, batch_size: int, seed: int
 ) -> Callable[[int, int, int], Iterator[dict[str, torch.Tensor]]]:
-    """The engine's batch source: `(epoch, rank, world) -> iterator of batch dicts`."""
+    """The engine's batch source: `(epoch, rank, world) -> iterator of batch dicts` (ArrayWindows; a worker
+    yields whole batches)."""
+    ArrayWindows(motion_set.root, window, context, batch_size, seed, 0, 0, 1).open()  # fail here, not in a worker
 
     def source(epoch: int, rank: int, world: int) -> Iterator[dict[str, torch.Tensor]]:
-        stream = WindowStream(motion_set, cfg, window, context, seed, epoch, rank, world)
-        return iter(DataLoader(stream, batch_size=batch_size, num_workers=cfg.workers))
+        batches = ArrayWindows(motion_set.root, window, context, batch_size, seed, epoch, rank, world)
+        return iter(DataLoader(batches, batch_size=None, num_workers=cfg.workers))
 
     return source
 

@@ -88,7 +88,7 @@ class StageBudget:
     gpu_hours: float
     memory_gib: dict[str, float]  # per GPU, by part
     checkpoint_minutes: float | None = None
-    passes: float | None = None  # times each train clip is read
+    passes: float | None = None  # passes over the train data: reads of each clip (stage 1), W-frame windows (2)
 
     @property
     def memory_total_gib(self) -> float:
@@ -165,7 +165,7 @@ def budget(
     stage1 = _training("train_latent", latent.train, costs.latent, gpus, zero, loaders[0], "sample",
                        train_clips * latent.data.pairs_per_clip)  # fmt: skip
     stage2 = _training("train_motion", motion.train, costs.motion, gpus, zero, loaders[1], "window",
-                       train_clips * motion.data.windows_per_clip)  # fmt: skip
+                       train_frames / motion.window)  # fmt: skip
 
     # extract_motion: every frame of every split through the motion encoder, decoded in the same process.
     encode_s = frames * costs.encoder.flop / flop_s
@@ -208,7 +208,7 @@ def budget(
     refusals += _host_refusals(loaders, judges_gib, min(gpus, NODE_GPUS), kind)
     stages = (stage1, extract, stage2, judges_stage)
     notes = _notes(params, loaders, extract, judges_stage, load_s)
-    storage = _storage(params, costs, frames)
+    storage = _storage(params, costs, frames, train_frames)
     return Budget(kind, gpus, zero, mfu, corpus, frames, train_clips, stages, loaders, judges_gib, storage, notes,
                   tuple(refusals))  # fmt: skip
 
@@ -289,15 +289,16 @@ def _host_refusals(loaders: tuple[Loader, ...], judges_gib: float, node_gpus: in
         if lo.workers * lo.worker_gib * node_gpus > kind.node_ram_gib:
             out.append(f"{lo.stage}.data: loader workers need {lo.workers * lo.worker_gib * node_gpus:.0f} GiB of RAM "
                        f"per node ({lo.worker_gib:.1f} GiB each); the node has {kind.node_ram_gib:.0f}: lower "
-                       "shuffle_buffer or workers")  # fmt: skip
+                       "the shuffle buffer or workers")  # fmt: skip
     if judges_gib > kind.node_ram_gib:
         out.append(f"train_judges: the train split's clips need {judges_gib:.0f} GiB of RAM in one process; the node "
                    f"has {kind.node_ram_gib:.0f}")  # fmt: skip
     return out
 
 
-def _storage(params: Params, costs: Costs, frames: float) -> dict[str, float]:
-    """Bytes on disk: shards and the preprocess cache (same members per clip), motion shards, checkpoints."""
+def _storage(params: Params, costs: Costs, frames: float, train_frames: float) -> dict[str, float]:
+    """Bytes on disk: shards and the preprocess cache (same members per clip), motion shards and the train split
+    again as memory-mapped arrays (the same float32 members), checkpoints."""
     shard = frames * sum(shard_frame_bytes(params).values())
     motion = frames * motion_frame_bytes(params)
 
@@ -308,6 +309,7 @@ def _storage(params: Params, costs: Costs, frames: float) -> dict[str, float]:
         "shards": shard,
         "preprocess cache": shard,
         "motion shards": motion,
+        "motion arrays (train)": train_frames * motion_frame_bytes(params),
         "checkpoints train_latent": states(costs.latent, params.train_latent.train.keep_checkpoints),
         "checkpoints train_motion": states(costs.motion, params.train_motion.train.keep_checkpoints),
         "checkpoints judges": states(costs.sync, params.judges.sync.train.keep_checkpoints)
@@ -362,7 +364,7 @@ def render(plan: Budget, sources: str = "params") -> str:
     lines.append("schedule:")
     for s in plan.stages:
         if s.checkpoint_minutes is not None:
-            passes = f", {s.passes:.1f} reads of each train clip" if s.passes is not None else ""
+            passes = f", {s.passes:.1f} passes over the train data" if s.passes is not None else ""
             lines.append(f"  {s.stage:15s} a checkpoint every {s.checkpoint_minutes:.1f} min{passes}")
     node = min(plan.gpus, NODE_GPUS)
     for lo in plan.loaders:

@@ -63,7 +63,9 @@ DECODE_CPU_S_512 = 1.13e-3
 CONVERT_CPU_S_512 = 0.55e-3
 TO_TENSOR_CPU_S_512 = 1.1e-3  # one 512² uint8 frame -> float tensor in [-1, 1] (vasa.models.images.to_tensor)
 WORKER_BASE_GIB = 0.27  # RSS of a loader worker's imports (torch, PyAV, OpenCV, numpy)
-MOTION_WINDOW_CPU_S = 0.55e-3  # one W=100/K=25 window of base motion (263 + 320 dims): clip read / 4 + collate
+# One W=100/K=25 window of `base` motion (263 + 320 dims) gathered from the memory-mapped train arrays, batch 32
+# (benchmarks/loader_throughput.py --stage2-only, 2026-12-07; the shard reader before it: 0.55e-3)
+MOTION_WINDOW_CPU_S = 0.083e-3
 CROP_VIDEO_BYTES_512 = 7.7e3  # per frame, superfast crf 18 (docs/BENCHMARKS.md "Crops at 512²", 4 fixtures)
 # Assumed until benchmarks/gpu_check.py has run on a GPU.
 CUDA_RESERVED_GIB = 2.0  # CUDA context, cuDNN/cuBLAS workspaces

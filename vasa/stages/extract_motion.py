@@ -32,6 +32,7 @@ from vasa.core.errors import InputError
 from vasa.core.files import read_json, write_json
 from vasa.inference.encoder import Stage1Encoder, load_stage1_encoder
 from vasa.loaders.motion import (
+    ARRAYS_DIR,
     AUDIO,
     DISTANCE,
     EMOTION,
@@ -43,6 +44,7 @@ from vasa.loaders.motion import (
     STATS_FILE,
     load_npy,
     npy,
+    write_arrays,
 )
 from vasa.loaders.scores import Scores, align_audio, read_scores
 from vasa.loaders.shards import decode_frames, read_index, read_samples
@@ -196,6 +198,7 @@ def extract(
     counts["realigned"] = sum(1 for r in table.rows.values() if r["audio_shift"])
     stats = train_stats(out, splits.get(schema.TRAIN, []), cfg.std_floor) | rest_convention(encoder.measured_expression)
     write_json(out / STATS_FILE, stats)
+    arrays = _train_arrays(out, splits.get(schema.TRAIN, []), stats, code, (old.get("dataset") or {}).get("arrays"))
     first = next((e for entries in splits.values() for e in entries if e["samples"]), None)
     dims = _dims(out / first["shard"]) if first else {}
     new_index = {
@@ -209,6 +212,7 @@ def extract(
             "emotion_columns": list(EMOTION_COLUMNS),
             "dims": dims,
             "stats_sha256": sha256_file(out / STATS_FILE),
+            "arrays": arrays,
             "scores_sha256": table.sha256,
         },
         "splits": {
@@ -226,6 +230,20 @@ def extract(
         (out / name).unlink(missing_ok=True)  # only files the previous index listed are ever removed
     write_json(out / INDEX_FILE, new_index)
     return counts
+
+
+def _train_arrays(out: Path, entries: list[dict], stats: dict, code: str, previous: dict | None) -> dict:
+    """The train split as memory-mapped arrays (vasa/loaders/motion.py `write_arrays`), rewritten only when
+    the train shards, the statistics or the code changed: the index's `dataset.arrays` entry."""
+    digest = hashlib.sha256(
+        json.dumps({"shards": [e["sha256"] for e in entries], "stats": stats, "code": code}, sort_keys=True).encode()
+    ).hexdigest()
+    folder = out / ARRAYS_DIR / schema.TRAIN
+    train = (previous or {}).get(schema.TRAIN) or {}
+    if train.get("input_digest") == digest and all((folder / name).is_file() for name in train.get("sha256", {})):
+        return previous  # type: ignore[return-value]
+    written = write_arrays(out, tuple(out / e["shard"] for e in entries), stats)
+    return {schema.TRAIN: {"input_digest": digest, **written}}
 
 
 def _score_decisions(table: Scores, shard: str, split: str) -> list:
