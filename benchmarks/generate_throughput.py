@@ -45,10 +45,12 @@ Real-time figures (issue 22; printed, and written to --json OUT with the machine
   audio_lookahead_ms  the most audio `stream` has read past the end of a frame when it yields that frame, over
                       every frame chunk yielded before the audio ends (20 ms chunks, counted in samples, not
                       timed): the floor of any latency, whatever the hardware
-  first_frame_ms      the tests' tiny bundle (`tiny` at its own side, crop side params preprocess.crop_size, DDIM
-                      --stream-steps, params generate.render_batch) on this CPU, a synthetic 512² portrait, audio
-                      arriving at real time in 20 ms chunks: from the first chunk's arrival to the first pasted-back
-                      frame chunk (= the wait for the chunk that completes the first window + compute)
+  first_frame_ms      the tests' tiny bundle (`tiny` at its own side, crop side params preprocess.crop_size, the
+                      low-latency stream's params generate.stream_hop / stream_lookahead / stream_steps) on this
+                      CPU, a synthetic 512² portrait, audio arriving at real time in 20 ms chunks: from the first
+                      chunk's arrival to the first pasted-back frame (= the wait for the chunk that completes the
+                      first window + compute; *_compute_cpu_ms: that compute in process CPU time). offline_*: the
+                      same for whole windows at --stream-steps. first_frame_ms_crop512: a face crop of --crop-size
   post_ms_per_frame_512 / _1024   CPU-ms per frame of everything after the renderer (paste-back, watermark,
                       RGB -> I420, libx264 and 48 kHz stereo AAC, pipelined as `vasa generate` runs them) into a 512² /
                       1024² portrait: benchmarks/generate_post.py, which also breaks it down by stage
@@ -375,8 +377,18 @@ def real_time_figures(params: Params, args: argparse.Namespace) -> dict:
         out[f"{prefix}first_frame_ms"] = 1000 * (wait + compute)
         out[f"{prefix}first_frame_wait_ms"], out[f"{prefix}first_frame_compute_ms"] = 1000 * wait, 1000 * compute
         out[f"{prefix}first_frame_compute_cpu_ms"] = 1000 * compute_cpu
+    # The same low-latency first frame from a portrait whose face crop is --crop-size (real data's 512, not the
+    # sample corpus's): the renderer then composes at that side.
+    real = build_bundle(params, name, get_preset(name).resolution, args.crop_size)
+    big = open_session(real, synthetic_portrait(real.resolution, args.crop_size))
+    wait, compute, compute_cpu = first_frame_latency(big, speech_like(real.dit.window / FPS + 0.5, rate), rate,
+                                                     live_steps, LIVE_CHUNK_S, gen.render_batch, gen.stream_hop,
+                                                     gen.stream_lookahead)  # fmt: skip
+    out[f"first_frame_ms_crop{args.crop_size}"] = 1000 * (wait + compute)
+    out[f"first_frame_compute_cpu_ms_crop{args.crop_size}"] = 1000 * compute_cpu
     out["first_frame_config"] = (
-        f"tiny at {bundle.resolution}², crop side {params.preprocess.crop_size}, {live_steps} DDIM steps "
+        f"tiny at {bundle.resolution}², crop side {params.preprocess.crop_size} (and {args.crop_size}: "
+        f"*_crop{args.crop_size}), {live_steps} DDIM steps "
         f"({args.stream_steps} offline), "
         f"render_batch {gen.render_batch}, W {bundle.dit.window}, hop {gen.stream_hop} + look-ahead "
         f"{gen.stream_lookahead} frames (offline_*: whole windows), {LIVE_CHUNK_S * 1000:.0f} ms chunks"
