@@ -108,6 +108,15 @@ def load_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+def npy_shape(data: bytes) -> tuple[int, ...]:
+    """The shape an npy member holds, from its header alone (nothing else parsed)."""
+    buffer = io.BytesIO(data)
+    major, _ = np.lib.format.read_magic(buffer)
+    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    shape, _, _ = read(buffer)
+    return tuple(shape)
+
+
 @dataclass(frozen=True)
 class MotionSet:
     """The motion shards of one extract_motion output, as its index.json and stats.json describe them."""
@@ -200,6 +209,7 @@ def draw_start(rng: random.Random, frames: int, window: int, context: int) -> in
 
 ARRAYS_DIR = "arrays"  # root/arrays/<split>/: the split's clips as memory-mappable arrays
 ARRAY_MEMBERS = ("motion", "audio", "gaze", "distance", "emotion")
+_ARRAY_MEMBER_FILES = dict(zip(ARRAY_MEMBERS, (MOTION, AUDIO, GAZE, DISTANCE, EMOTION), strict=True))
 CLIPS_FILE = "clips.npy"  # (C, 2) int64: each clip's first row in the arrays and its frames
 KEYS_FILE = "keys.json"  # the clips' sample keys, in the same order
 
@@ -212,13 +222,13 @@ def write_arrays(root: Path, shards: tuple[Path, ...], stats: dict, split: str =
     folder = root / ARRAYS_DIR / split
     rows, keys, frames = [], [], 0
     dims: dict[str, tuple[int, ...]] = {}
-    for path in shards:
+    for path in shards:  # the first pass reads the npy headers only
         for sample in read_samples(path):
-            clip = read_clip(sample, stats)
-            rows.append((frames, len(clip.motion)))
-            keys.append(f"{path.name}/{clip.key}")
-            frames += len(clip.motion)
-            dims = {name: getattr(clip, name).shape[1:] for name in ARRAY_MEMBERS}
+            shapes = {name: npy_shape(sample[member]) for name, member in _ARRAY_MEMBER_FILES.items()}
+            rows.append((frames, shapes["motion"][0]))
+            keys.append(f"{path.name}/{sample['__key__']}")
+            frames += shapes["motion"][0]
+            dims = {name: shape[1:] for name, shape in shapes.items()}
     if not rows:
         raise InputError(f"{root}: the {split} split has no clips to write as arrays")
     staging = folder.with_name(f".{split}.partial")
