@@ -115,7 +115,7 @@ def _others_can_read(path: Path) -> bool:
 @pytest.mark.skipif(os.geteuid() == 0 and shutil.which("setpriv") is None, reason="root writes anywhere")
 @pytest.mark.skipif(
     os.geteuid() == 0 and not _others_can_read(REPO),
-    reason=f"{REPO} sits in a folder other users cannot enter (mktemp -d makes it 0700): the CLI cannot run as `nobody`",
+    reason=f"{REPO} sits in a folder other users cannot enter (mktemp -d: 0700): the CLI cannot run as `nobody`",
 )
 def test_read_only_output_folder_is_refused_before_work():
     """As a user who may not write there (root writes anywhere, so the CLI runs as `nobody` when this is root)."""
