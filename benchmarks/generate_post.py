@@ -12,10 +12,13 @@ opening and closing at 4 Hz, so libx264 sees a still background and a moving fac
 Audio: 48 kHz stereo speech-like noise (the user's audio at its own rate), AAC at params generate.audio_bit_rate.
 
 post       `postprocess.write_video` into a temporary mp4, threaded (the pipeline) and sequential (the same
-           bytes): CPU-ms per frame = the process's CPU time over all threads / frames, and wall-ms per frame
+           bytes): CPU-ms per frame = the process's CPU time over all threads / frames, and wall-ms per frame;
+           and sequential through whole frames (paste-back, watermark and I420 of every pixel: the path before
+           the box-only `BoxComposer`, the same bytes)
 paste      `Paster` alone (uint8 blendLinear in the mask's box, reading the crop in place: a whole-pixel
            shift); the float32 blend it replaced; and `Paster` on a crop taken at a fractional scale (warped)
-mark       watermark + RGB -> I420 (`mark_frames`) alone; and the watermark alone
+mark       watermark + RGB -> I420 (`mark_frames`) alone; and the watermark alone; and `BoxComposer` (paste,
+           watermark and I420 on the face's box only) alone
 encode     libx264 on I420 frames (`Encoder`, no audio) at each --presets (CPU-ms and KiB per frame, PSNR of
            the decoded luma against the input's); audio = post's encoder with the track minus without it
 Every figure is the least CPU of --repeats runs (threaded and sequential runs alternate): on the shared 2-core
@@ -40,7 +43,7 @@ import numpy as np
 
 from vasa.core.config import GenerateConfig, load_params
 from vasa.inference.portrait import Paster, Portrait
-from vasa.inference.postprocess import Encoder, choose_codec, mark_frames, write_video
+from vasa.inference.postprocess import BoxComposer, Encoder, choose_codec, mark_frames, write_video
 from vasa.inference.speech import ArrayTrack
 from vasa.labelling.watermark import Watermarker
 from vasa.models.motion_encoder import EXPRESSION_DIMS
@@ -116,20 +119,25 @@ def measure_post(cfg: GenerateConfig, side: int, crop_size: int, frames: int, ba
     audio = ArrayTrack(speech_like_stereo(frames / FPS + 0.1), AUDIO_RATE)
     out: dict[str, float] = {"crop_side": crops.shape[1], "frames": frames}
     with tempfile.TemporaryDirectory(prefix="vasa-post-") as folder:
-        runs: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+        # post: the box-only composer (write_video given a Paster); whole: the same through whole frames (a
+        # plain callable paster: paste-back, then the watermark and I420 of every pixel), the baseline.
+        variants = {"post": (True, paster), "post_sequential": (False, paster),
+                    "post_whole_sequential": (False, lambda chunk: paster(chunk))}  # fmt: skip
+        runs: dict[str, list[tuple[float, float]]] = {key: [] for key in variants}
         files = {}
         for _ in range(repeats):
-            for threaded in (True, False):
-                path = Path(folder) / f"{'threaded' if threaded else 'sequential'}.mp4"
+            for key, (threaded, paste) in variants.items():
+                path = Path(folder) / f"{key}.mp4"
                 run = functools.partial(write_video, path, chunked(crops, batch), audio, FPS, cfg, TAGS,
-                                        watermark=Watermarker(PAYLOAD), paster=paster, threaded=threaded)  # fmt: skip
-                runs[threaded].append(cpu_wall(run))
-                files[threaded] = path.read_bytes()
-        for threaded, key in ((True, "post"), (False, "post_sequential")):
-            cpu, wall = min(runs[threaded])
+                                        watermark=Watermarker(PAYLOAD), paster=paste, threaded=threaded)  # fmt: skip
+                runs[key].append(cpu_wall(run))
+                files[key] = path.read_bytes()
+        for key in variants:
+            cpu, wall = min(runs[key])
             out[f"{key}_cpu_ms"], out[f"{key}_wall_ms"] = 1000 * cpu / frames, 1000 * wall / frames
-        out["threaded_bytes_equal"] = float(files[True] == files[False])
-        out["kib_per_frame"] = len(files[True]) / 1024 / frames
+        out["threaded_bytes_equal"] = float(files["post"] == files["post_sequential"])
+        out["box_bytes_equal"] = float(files["post_sequential"] == files["post_whole_sequential"])
+        out["kib_per_frame"] = len(files["post"]) / 1024 / frames
     pasted = [paster(chunk) for chunk in chunked(crops, batch)]
     cpu, _ = cpu_wall(lambda: [paster(chunk) for chunk in chunked(crops, batch)], repeats)
     out["paste_cpu_ms"] = 1000 * cpu / frames
@@ -145,6 +153,9 @@ def measure_post(cfg: GenerateConfig, side: int, crop_size: int, frames: int, ba
     out["mark_cpu_ms"] = 1000 * cpu / frames
     cpu, _ = cpu_wall(lambda: [marker.apply(chunk) for chunk in pasted], repeats)
     out["watermark_cpu_ms"] = 1000 * cpu / frames
+    composer = BoxComposer(paster, Watermarker(PAYLOAD))
+    cpu, _ = cpu_wall(lambda: [composer(chunk) for chunk in chunked(crops, batch)], repeats)
+    out["compose_cpu_ms"] = 1000 * cpu / frames  # paste + watermark + I420 on the box only
     for track, key in ((None, "encode"), (audio, "encode_audio")):
 
         def encode(track=track) -> None:
@@ -207,16 +218,19 @@ def measure_presets(cfg: GenerateConfig, side: int, crop_size: int, frames: int,
 
 def report(post: dict[int, dict[str, float]], presets: list[dict]) -> None:
     print("\n## after the renderer: CPU-ms per frame (all threads), wall-ms per frame in brackets\n")
-    print("| portrait | crop side | post, threaded | post, sequential | same bytes | paste (float32 before) "
-          "| paste of a resampled crop (warp) | watermark + I420 (watermark) | H.264 | AAC 48 kHz stereo "
-          "| KiB/frame |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| portrait | crop side | post, threaded | post, sequential | whole frames, sequential | same bytes "
+          "| paste (float32 before) | paste of a resampled crop (warp) | watermark + I420 (watermark) "
+          "| box composer (paste + watermark + I420) | H.264 | AAC 48 kHz stereo | KiB/frame |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for side, m in post.items():
+        same = m["threaded_bytes_equal"] and m["box_bytes_equal"]
         print(f"| {side}² | {m['crop_side']:.0f} | {m['post_cpu_ms']:.2f} ({m['post_wall_ms']:.2f}) "
               f"| {m['post_sequential_cpu_ms']:.2f} ({m['post_sequential_wall_ms']:.2f}) "
-              f"| {'yes' if m['threaded_bytes_equal'] else 'NO'} "
+              f"| {m['post_whole_sequential_cpu_ms']:.2f} ({m['post_whole_sequential_wall_ms']:.2f}) "
+              f"| {'yes' if same else 'NO'} "
               f"| {m['paste_cpu_ms']:.2f} ({m['paste_float_cpu_ms']:.2f}) | {m['paste_warp_cpu_ms']:.2f} "
-              f"| {m['mark_cpu_ms']:.2f} ({m['watermark_cpu_ms']:.2f}) | {m['encode_cpu_ms']:.2f} "
+              f"| {m['mark_cpu_ms']:.2f} ({m['watermark_cpu_ms']:.2f}) | {m['compose_cpu_ms']:.2f} "
+              f"| {m['encode_cpu_ms']:.2f} "
               f"| {m['audio_cpu_ms']:.2f} | {m['kib_per_frame']:.1f} |")  # fmt: skip
     if presets:
         print("\n## libx264 alone on the pipeline's I420 frames\n")

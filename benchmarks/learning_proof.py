@@ -119,6 +119,7 @@ def reconstruction_check(latent: Path, clip: Path, params_file: Path) -> tuple[d
     from vasa.evaluation.independent import mouth_opening
     from vasa.models.face_latent import Canonical, load_face_latent
     from vasa.models.images import to_tensor, to_uint8
+    from vasa.models.motion_encoder import shard_pose_to_model
 
     params = load_params(params_file)
     model, _ = load_face_latent(latent)
@@ -131,15 +132,20 @@ def reconstruction_check(latent: Path, clip: Path, params_file: Path) -> tuple[d
     side = model.preset.resolution
     small = np.stack([cv2.resize(c, (side, side), interpolation=cv2.INTER_AREA) for c in crops])
     expression = torch.from_numpy(pose_mod.expression(landmarks, pose_mod.head_pose(landmarks))).float()
+    head = pose_mod.head_pose(face_mod.transform_points(landmarks, np.repeat(transform[None], len(frames), 0)))
+    shard_pose = np.column_stack([head.yaw, head.pitch, head.roll, head.translation, head.scale])  # as the shards
+    pose = shard_pose_to_model(torch.from_numpy(shard_pose).float(), params.preprocess.crop_size,
+                               model.preset.canonical_scale)  # fmt: skip
     with torch.no_grad():
         source = to_tensor(small[0])[None]
-        code = model.measured(model.encode(source), expression[:1])
+        code = model.measured(model.encode(source), expression[:1], pose[:1])
         canonical = model.canonical(code, source)
         hires = to_tensor(crops[0])[None]
         out = []
         for start in range(0, len(small), 16):
             driver = torch.stack([to_tensor(x) for x in small[start : start + 16]])
-            motion = model.measured(model.encode(driver, appearance=False), expression[start : start + 16])
+            motion = model.measured(model.encode(driver, appearance=False), expression[start : start + 16],
+                                    pose[start : start + 16])  # fmt: skip
             n = len(driver)
             batch = Canonical(canonical.volume.expand(n, -1, -1, -1, -1),
                               canonical.source_grid.expand(n, -1, -1, -1, -1), canonical.image.expand(n, -1, -1, -1),

@@ -154,15 +154,22 @@ def test_motion_shards_have_the_members_shapes_and_provenance(motion_fixture):
                 np.testing.assert_allclose(load(out, DISTANCE)[:, 0], np.log(SIDE / scale), rtol=1e-6)
                 assert load(out, EMOTION).shape == (FRAMES, 2)
                 np.testing.assert_array_equal(load(out, schema.GAZE), load(source, schema.GAZE))
-    # The stored motion is the encoder's output on the decoded frames, its expression dims the shards' measured
-    # expression relative to the clip's rest (REST_PERCENTILES).
+    # The stored motion is the encoder's output on the decoded frames, its head pose the shards' measured pose
+    # (z_pose units) and its expression dims their measured expression relative to the clip's rest.
+    import torch
+
     from vasa.loaders.shards import decode_frames
-    from vasa.models.motion_encoder import EXPRESSION_DIMS, POSE_DIM, REST_PERCENTILES
+    from vasa.models.motion_encoder import EXPRESSION_DIMS, POSE_DIM, REST_PERCENTILES, shard_pose_to_model
 
     first = next(read_samples(motion_fixture["shards"] / "train-0-0000.tar"))
-    expected = encoder.encode(decode_frames(first[schema.MP4], SIDE), 7, load(first, schema.EXPRESSION))
+    pose = load(first, schema.POSE)
+    expected = encoder.encode(decode_frames(first[schema.MP4], SIDE), 7, load(first, schema.EXPRESSION), pose, SIDE)
+    assert encoder.measured_expression and encoder.measured_pose
+    measured = shard_pose_to_model(torch.from_numpy(pose), SIDE, encoder.canonical_scale).numpy()
+    np.testing.assert_allclose(expected[:, :POSE_DIM], measured, atol=1e-6)
+    unmeasured = encoder.encode(decode_frames(first[schema.MP4], SIDE), 7)
+    assert np.abs(unmeasured[:, :POSE_DIM] - measured).max() > 1e-3  # the estimate is replaced, not equal
     head = expected[:, POSE_DIM : POSE_DIM + EXPRESSION_DIMS]
-    assert encoder.measured_expression
     head -= np.percentile(head, REST_PERCENTILES, axis=0).diagonal()[None]
     got = load(next(read_samples(motion_fixture["motion"] / "train-0-0000.tar")), MOTION)
     np.testing.assert_allclose(got, expected, atol=1e-5)

@@ -23,7 +23,15 @@ from vasa.cli import main
 from vasa.core.errors import InputError
 from vasa.inference.generate import generate_file, resolve_device
 from vasa.inference.portrait import Paster, Portrait
-from vasa.inference.postprocess import VideoCodec, choose_codec, nvenc_available, run_stages, write_video
+from vasa.inference.postprocess import (
+    BoxComposer,
+    VideoCodec,
+    choose_codec,
+    mark_frames,
+    nvenc_available,
+    run_stages,
+    write_video,
+)
 from vasa.inference.speech import ArrayTrack, audio_track, load_speech
 from vasa.labelling.watermark import Watermarker
 from vasa.models.motion_encoder import EXPRESSION_DIMS
@@ -93,6 +101,35 @@ def test_a_whole_pixel_shift_is_pasted_without_a_warp_and_gives_the_warps_bytes(
     got = paster(crops)
     paster.window = None  # the warp's path on the same portrait
     np.testing.assert_array_equal(got, paster(crops))
+
+
+@pytest.mark.parametrize(("corner", "side"), [(None, 160), ((41, 23), 160), ((7, 3), 120)])
+def test_the_box_composer_gives_the_planes_of_paste_back_watermark_and_conversion_of_whole_frames(corner, side):
+    """Only the paste-back's box (widened to even rows and columns) is blended, marked and converted per
+    frame; the rest is the portrait's planes per watermark gain: byte-identical to the whole-frame path, at
+    odd box corners, through the warp (a turned crop) or the whole-pixel shift, over chunk boundaries."""
+    crop = 96
+    if corner is None:
+        portrait = _portrait(side, crop)
+    else:
+        frame = cv2.resize(np.random.default_rng(0).integers(0, 256, (20, 20, 3), dtype=np.uint8), (side, side))
+        transform = np.array([[1.0, 0.0, -corner[0]], [0.0, 1.0, -corner[1]]])
+        full = cv2.warpAffine(frame, transform, (crop, crop))
+        zeros = np.zeros(2, np.float32)
+        portrait = Portrait(frame=frame, transform=transform, crop=full, crop_full=full, full_transform=transform,
+                            gaze=zeros, distance=0.0, emotion=zeros, faces=1,
+                            expression=np.full(EXPRESSION_DIMS, np.nan, np.float32))  # fmt: skip
+    paster = Paster(portrait, 0.12)
+    assert (paster.window is not None) == (corner is not None)
+    assert corner is None or paster.box[0] % 2 or paster.box[2] % 2  # an odd corner to widen
+    crops = _crops(40, crop)
+    composer, whole = BoxComposer(Paster(portrait, 0.12), Watermarker(b"\x05" * 8)), Watermarker(b"\x05" * 8)
+    for start in range(0, 40, 13):
+        chunk = crops[start : start + 13]
+        np.testing.assert_array_equal(composer(chunk), mark_frames(whole, paster(chunk)))
+    assert len(composer._backgrounds) >= 2  # the modulation took several gains over these frames
+    unmarked = BoxComposer(Paster(portrait, 0.12), None)
+    np.testing.assert_array_equal(unmarked(crops[:5]), mark_frames(None, paster(crops[:5])))
 
 
 # --- the pipeline ------------------------------------------------------------------------------------------------

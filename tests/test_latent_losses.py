@@ -136,12 +136,12 @@ def test_task_uses_perceptual_weights_or_logs_that_it_is_off(vgg_file: str, capl
     preset = get_preset("tiny", SMALL)
     batch = synthetic_batch(2, SMALL)
     cheap = dict(adversarial=0.0, feature_matching=0.0, transfer=0.0, pose=0.0)
-    with_vgg = LatentTask(loss_cfg(perceptual=10.0, perceptual_weights=vgg_file, **cheap), preset, 2)
+    with_vgg = LatentTask(loss_cfg(perceptual=10.0, perceptual_weights=vgg_file, **cheap), preset, 2, crop_size=128)
     _, terms = with_vgg.loss("generator", with_vgg.build(), batch, {})
     assert terms["perceptual"] > 0
     assert "adversarial" not in terms and "transfer" not in terms  # zero weight: not computed
     with caplog.at_level(logging.WARNING, logger="vasa.training.latent_task"):
-        without = LatentTask(loss_cfg(perceptual=10.0, perceptual_weights=None, **cheap), preset, 2)
+        without = LatentTask(loss_cfg(perceptual=10.0, perceptual_weights=None, **cheap), preset, 2, crop_size=128)
     assert sum("perceptual loss is off" in r.getMessage() for r in caplog.records) == 1
     _, terms = without.loss("generator", without.build(), batch, {})
     assert "perceptual" not in terms

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -21,6 +22,7 @@ from vasa.models.motion_encoder import (
     POSE_DIM,
     shard_pose_to_model,
     with_measured_expression,
+    with_measured_pose,
 )
 from vasa.models.presets import LATENT_PRESETS, get_preset
 from vasa.models.warping import (
@@ -311,6 +313,8 @@ def test_discriminator_step_needs_the_generator_fake() -> None:
 def test_task_validation_describe_and_images() -> None:
     with pytest.raises(ValueError, match="crop_size"):
         LatentTask(loss_cfg(), get_preset("tiny", SMALL), n_speakers=2)
+    with pytest.raises(ValueError, match="crop_size"):  # a measured-pose model renders the shards' pose
+        LatentTask(loss_cfg(pose=0.0), get_preset("tiny", SMALL), n_speakers=2)
     with pytest.raises(ValueError, match="2 train speakers"):
         LatentTask(loss_cfg(), get_preset("tiny", SMALL), n_speakers=1, crop_size=128)
     task = LatentTask(loss_cfg(), get_preset("tiny", SMALL), n_speakers=2, crop_size=128)
@@ -530,6 +534,44 @@ def test_measured_expression_replaces_the_estimate_in_units_except_where_unmeasu
     torch.testing.assert_close(out[1, :EXPRESSION_DIMS], torch.full((EXPRESSION_DIMS,), 2.0))
     torch.testing.assert_close(out[2], dyn[2])  # no landmarks: the encoder's estimate stays
     torch.testing.assert_close(out[:, EXPRESSION_DIMS:], dyn[:, EXPRESSION_DIMS:])
+
+
+def test_measured_pose_replaces_the_estimate_except_where_unmeasured() -> None:
+    pose = torch.randn(3, POSE_DIM)
+    measured = torch.tensor([[5.0, -3.0, 1.0, 0.1, -0.1, 0.0, 0.2], [float("nan")] * POSE_DIM, [1.0] * POSE_DIM])
+    out = with_measured_pose(pose, measured)
+    torch.testing.assert_close(out[[0, 2]], measured[[0, 2]])
+    torch.testing.assert_close(out[1], pose[1])  # no landmarks: the encoder's estimate stays
+
+
+def test_a_measured_pose_model_renders_from_the_measured_pose_and_returns_its_own_estimate() -> None:
+    """forward(poses=...) renders every face at the given head pose (the shards', in z_pose units), while the
+    returned *_pose stay the encoder's (what the pose loss supervises); a model without the flag ignores them."""
+    torch.manual_seed(0)
+    preset = get_preset("tiny", SMALL)
+    assert preset.measured_pose
+    face = FaceLatent(preset, n_speakers=2).eval()
+    batch = synthetic_batch(2, SMALL)
+    task = LatentTask(loss_cfg(), preset, n_speakers=2, crop_size=128)
+    poses = task._poses(batch)
+    assert poses is not None
+    torch.testing.assert_close(poses[1], shard_pose_to_model(batch["driver_pose"], 128, preset.canonical_scale))
+    with torch.no_grad():
+        plain = face(batch["source"], batch["driver"], batch["other"], transfer=False)
+        given = face(batch["source"], batch["driver"], batch["other"], transfer=False, poses=poses)
+        # The same rendering as measured() + render() by hand: the pose used is the measured one.
+        src = face.measured(face.encode(batch["source"]), None, poses[0])
+        drv = face.measured(face.encode(batch["driver"], appearance=False), None, poses[1])
+        by_hand = face.render(face.canonical(src, batch["source"]), src.z_id, drv.pose, drv.dyn)
+    torch.testing.assert_close(given["driver_pose"], plain["driver_pose"])  # the encoder's own estimate
+    torch.testing.assert_close(drv.pose, poses[1])
+    torch.testing.assert_close(given["recon"], by_hand)
+    assert (given["recon"] - plain["recon"]).abs().max() > 1e-3
+    other = FaceLatent(dataclasses.replace(preset, measured_pose=False), n_speakers=2).eval()
+    other.load_state_dict(face.state_dict())
+    with torch.no_grad():
+        ignored = other(batch["source"], batch["driver"], batch["other"], transfer=False, poses=poses)
+    torch.testing.assert_close(ignored["recon"], plain["recon"])
 
 
 def test_the_identity_judge_passes_gradients_to_the_image_only():

@@ -112,9 +112,13 @@ def motion_track(
     for start in np.sort(rng.choice(max(n - len(BLINK_SHAPE), 1), size=rng.poisson(expected), replace=True)):
         span = blink[start : start + len(BLINK_SHAPE)]
         np.maximum(span, BLINK_SHAPE[: len(span)], out=span)
+    # Yaw and pitch sway at 0.1-0.8 Hz: turns and nods as a speaker makes them. At 0.08-0.4 Hz (earlier
+    # corpora) a frame's turn was smaller than FaceMesh's frame-to-frame noise (~0.3 degrees), so even the
+    # real clips scored near 0 on the yaw-change autocorrelation a viewer's smoothness check reads
+    # (vasa/evaluation/independent.py; docs/BENCHMARKS.md "Head motion").
     return MotionTrack(
-        yaw=motion.yaw_deg * _smooth_noise(rng, n, fps, 0.08, 0.4),
-        pitch=motion.pitch_deg * _smooth_noise(rng, n, fps, 0.1, 0.5) + motion.nod_with_speech_deg * nod,
+        yaw=motion.yaw_deg * _smooth_noise(rng, n, fps, 0.1, 0.8),
+        pitch=motion.pitch_deg * _smooth_noise(rng, n, fps, 0.1, 0.8) + motion.nod_with_speech_deg * nod,
         roll=motion.roll_deg * _smooth_noise(rng, n, fps, 0.05, 0.3),
         shift_x=motion.shift * _smooth_noise(rng, n, fps, 0.05, 0.25),
         shift_y=motion.shift * _smooth_noise(rng, n, fps, 0.05, 0.25),

@@ -52,18 +52,21 @@ def mouth_following(
     driver: torch.Tensor,
     tracker: FaceMeshTracker,
     expressions: tuple[torch.Tensor, torch.Tensor] | None = None,
+    poses: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
 ) -> dict[str, float]:
     """Does the rendering open the mouth as the driver does? The source's appearance driven by the driver's
     motion, frame pairs (N, 3, S, S) of one clip each; FaceMesh mouth opening (|lm13 - lm14| / mouth width,
     vasa/evaluation/independent.py) of driver and reconstruction, on pairs where both show one face:
     `mouth/r` their Pearson r, `mouth/std_ratio` the reconstruction's spread over the driver's.
     `expressions`: the measured expression (N, E) of source and driver (the shards'), which a model with an
-    expression field renders from (as it trains and generates)."""
+    expression field renders from (as it trains and generates); `poses` their measured head pose (N, 7) in
+    z_pose units, which a `measured_pose` model renders from."""
     device = next(model.parameters()).device
     source, driver = source.to(device), driver.to(device)
     measured_s, measured_d = expressions if expressions is not None else (None, None)
-    code_s = model.measured(model.encode(source), measured_s)
-    code_d = model.measured(model.encode(driver, appearance=False), measured_d)
+    pose_s, pose_d = poses if poses is not None else (None, None)
+    code_s = model.measured(model.encode(source), measured_s, pose_s)
+    code_d = model.measured(model.encode(driver, appearance=False), measured_d, pose_d)
     recon = model.render(model.canonical(code_s, source), code_s.z_id, code_d.pose, code_d.dyn)
     real = mouth_opening(measured_landmarks(tracker, driver))
     made = mouth_opening(measured_landmarks(tracker, recon))
@@ -82,13 +85,21 @@ def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def disentanglement(model: FaceLatent, a: torch.Tensor, b: torch.Tensor, tracker: FaceMeshTracker) -> dict[str, float]:
+def disentanglement(
+    model: FaceLatent,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    tracker: FaceMeshTracker,
+    poses: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+) -> dict[str, float]:
     """Figures (see the module docstring) over frame pairs a, b: (N, 3, S, S) in [-1, 1], a[i] and b[i]
     of different speakers. Pose figures use the pairs where FaceMesh finds one face in A, B and the pose
-    swap and A and B differ by at least MIN_GAP_DEG of rotation."""
+    swap and A and B differ by at least MIN_GAP_DEG of rotation. `poses`: the measured head pose (N, 7) of
+    a and b in z_pose units, which a `measured_pose` model renders from (as it trains and generates)."""
     device = next(model.parameters()).device
     a, b = a.to(device), b.to(device)
-    code_a, code_b = model.encode(a), model.encode(b)
+    pose_a, pose_b = poses if poses is not None else (None, None)
+    code_a, code_b = model.measured(model.encode(a), None, pose_a), model.measured(model.encode(b), None, pose_b)
     pose_swap = model.render(model.canonical(code_a, a), code_a.z_id, code_b.pose, code_a.dyn)
     appearance_swap = model.render(model.canonical(code_b, b), code_b.z_id, code_a.pose, code_a.dyn)
 

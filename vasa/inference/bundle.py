@@ -91,6 +91,7 @@ class LatentPresetMeta(_Strict):
     canonical_scale: float = Field(gt=0, le=1)
     source_skip: bool
     expression_side: int = Field(ge=0, le=512)
+    measured_pose: bool = False  # absent from bundles exported before it existed
 
     @model_validator(mode="after")
     def _widths(self) -> LatentPresetMeta:

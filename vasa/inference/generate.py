@@ -48,7 +48,7 @@ from vasa.inference.speech import ArrayTrack, AudioFeatures, audio_track, load_s
 from vasa.models.face_latent import Canonical
 from vasa.models.images import to_tensor, to_uint8
 from vasa.models.motion_dit import EMOTION_COLUMNS
-from vasa.models.motion_encoder import POSE_DIM
+from vasa.models.motion_encoder import POSE_DIM, shard_pose_to_model
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +165,12 @@ class Session:
 def open_session(bundle: Bundle, portrait: Portrait) -> Session:
     start = time.perf_counter()
     image = to_tensor(portrait.crop)[None].to(bundle.device)
-    # The portrait's own measured expression, as in training (a model with an expression field).
-    code = bundle.face.measured(bundle.face.encode(image), torch.from_numpy(portrait.expression)[None])
+    # The portrait's own measured expression and head pose, as in training (a model that renders them).
+    pose = None
+    if portrait.pose is not None:
+        crop_size = bundle.meta["crop"]["crop_size"]
+        pose = shard_pose_to_model(torch.from_numpy(portrait.pose)[None], crop_size, bundle.face.preset.canonical_scale)
+    code = bundle.face.measured(bundle.face.encode(image), torch.from_numpy(portrait.expression)[None], pose)
     canonical = bundle.face.canonical(code, image)
     if portrait.crop_full.shape[0] > portrait.crop.shape[0]:  # render at the crop side: the portrait's own pixels
         hires = to_tensor(portrait.crop_full)[None].to(bundle.device)
@@ -389,14 +393,20 @@ def encode_video(bundle: Bundle, path: Path, face_cfg: FaceConfig, crop_size: in
     side = bundle.resolution
     small = np.stack([cv2.resize(c, (side, side), interpolation=cv2.INTER_AREA) for c in crops])
     expression = pose_mod.expression(track.landmarks, pose_mod.head_pose(track.landmarks))  # template units
+    in_crop = face_mod.transform_points(track.landmarks, np.repeat(transform[None], len(frames), 0))  # crop pixels
+    head = pose_mod.head_pose(in_crop)
+    pose = np.column_stack([head.yaw, head.pitch, head.roll, head.translation, head.scale]).astype(np.float32)
+    preset = bundle.face.preset
     encoder = Stage1Encoder(
         bundle.face.motion,
         side,
         bundle.sha256,
         bundle.device,
-        measured_expression=bundle.face.preset.expression_side > 0,
+        measured_expression=preset.expression_side > 0,
+        measured_pose=preset.measured_pose,
+        canonical_scale=preset.canonical_scale,
     )  # extract_motion's encoder
-    return torch.from_numpy(encoder.encode(small, batch_size=64, expression=expression))
+    return torch.from_numpy(encoder.encode(small, 64, expression=expression, pose=pose, crop_size=crop_size))
 
 
 def chunks(audio: np.ndarray, size: int) -> Iterator[np.ndarray]:

@@ -42,6 +42,7 @@ class Portrait:
     emotion: np.ndarray  # (E,) EMOTION_COLUMNS of the expression descriptor
     faces: int  # faces FaceMesh found (the largest is used)
     expression: np.ndarray  # (len(EXPRESSION_COLUMNS),) the whole expression descriptor, template units
+    pose: np.ndarray | None = None  # (7,) head pose, POSE_COLUMNS in crop pixels (crop side = crop_size), as the shards
 
 
 def read_portrait(path: Path, max_side: int) -> np.ndarray:
@@ -132,6 +133,7 @@ def prepare_portrait(path: Path, resolution: int, crop_size: int, face_cfg: Face
         emotion=expression[columns].astype(np.float32),
         faces=faces,
         expression=expression.astype(np.float32),
+        pose=np.column_stack([head.yaw, head.pitch, head.roll, head.translation, head.scale])[0].astype(np.float32),
     )
 
 
@@ -189,28 +191,32 @@ class Paster:
         # The crop -> portrait warp, shifted so it writes straight into the box.
         self.warp = self.inverse - np.array([[0, 0, left], [0, 0, top]], dtype=np.float64)
         self.window = _integer_window(self.warp, crop_size, (bottom - top, right - left))
+        self._placed = np.empty_like(self.base)  # the warped crop, when the warp is not a whole-pixel shift
 
     def __call__(self, crops: np.ndarray) -> np.ndarray:
         """(T, S, S, 3) uint8 crops -> (T, H, W, 3) uint8 frames."""
         top, bottom, left, right = self.box
-        size = (right - left, bottom - top)
         out = np.repeat(self.portrait.frame[None], len(crops), axis=0)
-        placed = np.empty_like(self.base)
         for index, crop in enumerate(crops):
-            side = (self.crop_size, self.crop_size)
-            big = crop if crop.shape[:2] == side else cv2.resize(crop, side, interpolation=cv2.INTER_CUBIC)
-            if self.window is not None:  # a whole-pixel shift: the warp would copy these pixels exactly
-                row, col = self.window
-                source = big[row : row + size[1], col : col + size[0]]
-            else:
-                source = placed
-                cv2.warpAffine(big, self.warp, size, dst=placed, flags=cv2.INTER_LINEAR,
-                               borderMode=cv2.BORDER_REPLICATE)  # fmt: skip
-            box = out[index, top:bottom, left:right]  # a view: the blend writes straight into the frame
-            written = cv2.blendLinear(source, self.base, self.alpha, self.rest, dst=box)
-            if written is not box:  # OpenCV allocated instead (it never has for this uint8 view)
-                box[...] = written
+            self.blend_into(crop, out[index, top:bottom, left:right])  # a view: written straight into the frame
         return out
+
+    def blend_into(self, crop: np.ndarray, box: np.ndarray) -> None:
+        """Blend one (S, S, 3) uint8 crop into `box`, a (h, w, 3) uint8 view of the frame's `self.box` holding
+        the portrait's pixels there (row-contiguous: a slice of a C-order frame)."""
+        height, width = box.shape[:2]
+        side = (self.crop_size, self.crop_size)
+        big = crop if crop.shape[:2] == side else cv2.resize(crop, side, interpolation=cv2.INTER_CUBIC)
+        if self.window is not None:  # a whole-pixel shift: the warp would copy these pixels exactly
+            row, col = self.window
+            source = big[row : row + height, col : col + width]
+        else:
+            source = self._placed
+            cv2.warpAffine(big, self.warp, (width, height), dst=source, flags=cv2.INTER_LINEAR,
+                           borderMode=cv2.BORDER_REPLICATE)  # fmt: skip
+        written = cv2.blendLinear(source, self.base, self.alpha, self.rest, dst=box)
+        if written is not box:  # OpenCV allocated instead (it never has for this uint8 view)
+            box[...] = written
 
 
 def _integer_window(warp: np.ndarray, crop_size: int, box: tuple[int, int]) -> tuple[int, int] | None:

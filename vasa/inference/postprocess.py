@@ -262,6 +262,75 @@ def _frames_to_planes(paster: Callable[[np.ndarray], np.ndarray] | None, waterma
     return mark_frames(watermark, chunk if paster is None else paster(chunk))
 
 
+class BoxComposer:
+    """Paste-back, watermark and RGB -> I420 of crop chunks, fused and done on the face's box only: the same
+    planes as `mark_frames(watermark, paster(crops))`, byte for byte, for less CPU.
+
+    Outside the paste-back's box every frame is the portrait, marked at one of the few gains the watermark's
+    modulation takes (`Watermarker.next_gains`): its I420 planes are converted once per gain and copied. Inside,
+    on the box widened to even rows and columns (I420's chroma averages 2 x 2 pixels, so planes of an
+    even-aligned region are exactly the full frame's there), each frame is blended, marked and converted. At
+    1024² this skips the full-frame RGB copy, watermark and conversion of the pixels that never change
+    (docs/BENCHMARKS.md "Real time after the renderer")."""
+
+    def __init__(self, paster, watermark) -> None:
+        frame = paster.portrait.frame
+        self.paster, self.watermark, self.size = paster, watermark, frame.shape[:2]
+        height, width = self.size
+        if height % 2 or width % 2:
+            raise ValueError(f"I420 needs an even frame size, got {width}x{height}")
+        top, bottom, left, right = (int(v) for v in paster.box)
+        self.region = (top - top % 2, bottom + bottom % 2, left - left % 2, right + right % 2)  # within: H, W even
+        row, end_row, col, end_col = self.region
+        self.inner = (top - row, bottom - row, left - col, right - col)  # the paste-back box within the region
+        self.portrait_region = np.ascontiguousarray(frame[row:end_row, col:end_col])
+        self._backgrounds: dict[float, np.ndarray] = {}
+
+    def __call__(self, crops: np.ndarray) -> np.ndarray:
+        """(T, S, S, 3) uint8 crops -> (T, 3 H / 2, W) uint8 I420 planes of the marked frames."""
+        height, width = self.size
+        it, ib, il, ir = self.inner
+        gains = self.watermark.next_gains(len(crops)) if self.watermark is not None else np.zeros(len(crops))
+        out = np.empty((len(crops), height * 3 // 2, width), np.uint8)
+        region = np.empty_like(self.portrait_region)
+        for index, crop in enumerate(crops):
+            np.copyto(region, self.portrait_region)
+            self.paster.blend_into(crop, region[it:ib, il:ir])
+            if self.watermark is not None:
+                self.watermark.mark_region(region, self.size, self.region, gains[index])
+            np.copyto(out[index], self._background(gains[index]))
+            _put_planes(out[index], rgb_to_i420(region), (height, width), self.region)
+        return out
+
+    def _background(self, gain) -> np.ndarray:
+        """The I420 planes (3 H / 2, W) of the whole portrait marked at `gain` (kept per gain, at most 16)."""
+        key = float(gain)
+        if key not in self._backgrounds:
+            if len(self._backgrounds) >= 16:
+                self._backgrounds.clear()
+            frame = self.paster.portrait.frame
+            if self.watermark is not None:
+                frame = np.ascontiguousarray(frame).copy()
+                self.watermark.mark_region(frame, self.size, (0, self.size[0], 0, self.size[1]), gain)
+            self._backgrounds[key] = rgb_to_i420(frame)
+        return self._backgrounds[key]
+
+
+def _put_planes(frame: np.ndarray, part: np.ndarray, size: tuple[int, int], box: tuple[int, int, int, int]) -> None:
+    """Write `part`, the I420 planes of the even-aligned region `box` (top, bottom, left, right), into `frame`,
+    the I420 planes (3 H / 2, W) of a frame of `size` (H, W)."""
+    height, width = size
+    top, bottom, left, right = box
+    h, w = bottom - top, right - left
+    whole, piece = frame.reshape(-1), part.reshape(-1)
+    whole[: height * width].reshape(height, width)[top:bottom, left:right] = piece[: h * w].reshape(h, w)
+    quarter, small = height * width // 4, h * w // 4
+    for plane in range(2):  # U, then V: (H / 2, W / 2) each, after Y
+        start, begin = height * width + plane * quarter, h * w + plane * small
+        target = whole[start : start + quarter].reshape(height // 2, width // 2)
+        target[top // 2 : bottom // 2, left // 2 : right // 2] = piece[begin : begin + small].reshape(h // 2, w // 2)
+
+
 def mark_frames(watermark, frames: np.ndarray) -> np.ndarray:
     """(T, H, W, 3) uint8 RGB -> (T, 3 H / 2, W) I420 planes, watermarked first when `watermark` is given."""
     marked = frames if watermark is None else watermark.apply(frames)
@@ -285,7 +354,10 @@ def write_video(
     `out`, H.264 + `track` as AAC at generate.audio_bit_rate: pasted back, watermarked and encoded in the
     pipeline of the module docstring. Returns the frames written."""
     encoder = Encoder(out, fps, choose_codec(cfg, device_type), track, cfg.audio_bit_rate, tags)
-    stages = [functools.partial(_frames_to_planes, paster, watermark)]
+    if hasattr(paster, "blend_into"):  # a portrait Paster: the box-only path, the same bytes
+        stages: list[Callable[[np.ndarray], np.ndarray]] = [BoxComposer(paster, watermark)]
+    else:
+        stages = [functools.partial(_frames_to_planes, paster, watermark)]
     try:
         run_stages(frames, stages, encoder, threaded=threaded)
     except BaseException:

@@ -223,7 +223,7 @@ class Watermarker:
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
             raise ValueError(f"frames must be (T, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
         count, height, width = frames.shape[:3]
-        gains = modulation(self._key.seed, self.frame, count)
+        gains = self.next_gains(count)
         out = np.empty(frames.shape, np.uint8)  # C order whatever the input's (rendered crops can be views)
         raised = np.empty(frames.shape[1:], np.uint8)
         for i in range(count):
@@ -232,8 +232,22 @@ class Watermarker:
             up, down = self._steps(height, width, gains[i])
             cv2.add(np.ascontiguousarray(frames[i]), up, dst=raised)
             cv2.subtract(raised, down, dst=out[i])
-        self.frame += count
         return out
+
+    def next_gains(self, count: int) -> np.ndarray:
+        """(count,) float32: the modulation of the next `count` frames of the clip (the clip advances)."""
+        gains = modulation(self._key.seed, self.frame, count)
+        self.frame += count
+        return gains
+
+    def mark_region(self, region: np.ndarray, size: tuple[int, int], box: tuple[int, int, int, int], gain) -> None:
+        """Mark, in place, `region` (h, w, 3) uint8, the part rows top:bottom, columns left:right (`box`) of a
+        frame of `size` (H, W) whose modulation is `gain`: the same bytes as `apply` gives there (the mark
+        of a pixel depends only on its place and the frame's gain)."""
+        top, bottom, left, right = box
+        up, down = self._steps(size[0], size[1], gain)
+        cv2.add(region, up[top:bottom, left:right], dst=region)
+        cv2.subtract(region, down[top:bottom, left:right], dst=region)
 
     def _steps(self, height: int, width: int, gain: np.float32) -> tuple[np.ndarray, np.ndarray]:
         """(up, down) (H, W, 3) uint8: the positive and negative parts of delta = rint(gain x field) on R, G, B

@@ -19,7 +19,7 @@ from vasa.models.appearance_encoder import AppearanceEncoder
 from vasa.models.decoder import Decoder
 from vasa.models.identity_encoder import CosFaceHead, IdentityEncoder
 from vasa.models.layers import recompute_blocks
-from vasa.models.motion_encoder import EXPRESSION_DIMS, MotionEncoder, with_measured_expression
+from vasa.models.motion_encoder import EXPRESSION_DIMS, MotionEncoder, with_measured_expression, with_measured_pose
 from vasa.models.presets import LatentPreset, preset_from_json
 from vasa.models.warping import WarpingGenerator, compose_grids, sample_volume
 
@@ -68,12 +68,16 @@ class FaceLatent(nn.Module):
         volume = self.appearance(image) if appearance else None
         return FaceCode(volume=volume, z_id=self.identity(image), pose=pose, dyn=dyn)
 
-    def measured(self, code: FaceCode, expression: torch.Tensor | None) -> FaceCode:
-        """`code` with z_dyn's expression dims replaced by the measured FaceMesh expression (B, E) in template
-        units, as this model renders them when it has an expression field; otherwise (or with None) as it is."""
-        if expression is None or not self.preset.expression_side:
-            return code
-        return replace(code, dyn=with_measured_expression(code.dyn, expression.to(code.dyn.device)))
+    def measured(self, code: FaceCode, expression: torch.Tensor | None, pose: torch.Tensor | None = None) -> FaceCode:
+        """`code` with what this model renders from measurements put in place of the encoder's estimates:
+        z_dyn's expression dims by the measured FaceMesh expression (B, E) in template units when it has an
+        expression field, z_pose by the measured head pose (B, 7) in z_pose units (`shard_pose_to_model`)
+        when its preset has `measured_pose`. None (or a model without the feature) keeps the estimate."""
+        if expression is not None and self.preset.expression_side:
+            code = replace(code, dyn=with_measured_expression(code.dyn, expression.to(code.dyn.device)))
+        if pose is not None and self.preset.measured_pose:
+            code = replace(code, pose=with_measured_pose(code.pose, pose))
+        return code
 
     def canonical(self, code: FaceCode, image: torch.Tensor) -> Canonical:
         """V_app of `code` (encoded from `image`) moved to the canonical (pose- and dynamics-free) frame."""
@@ -138,6 +142,7 @@ class FaceLatent(nn.Module):
         pose_swap: bool = False,
         warped: bool = False,
         expressions: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        poses: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Renderings and latents for one batch of frame triples, each (B, 3, S, S) in [-1, 1].
 
@@ -153,14 +158,21 @@ class FaceLatent(nn.Module):
           source_pose, driver_pose, other_pose (B, 7); source_dyn, driver_dyn, other_dyn (B, Z) as encoded;
           source_id (B, I)
         `expressions`: the measured FaceMesh expression (B, E) of source, driver and other (template units);
-        with an expression field they replace the encoded z_dyn's first dims in every rendering.
+        with an expression field they replace the encoded z_dyn's first dims in every rendering. `poses`: the
+        measured head pose (B, 7) of the three in z_pose units, which replaces z_pose in every rendering of a
+        `measured_pose` model. The returned *_pose and *_dyn are the encoder's own (their supervision).
         """
         src = self.encode(source)
         drv = self.encode(driver, appearance=transfer)
         oth = self.encode(other, appearance=False)
         encoded = {"source_dyn": src.dyn, "driver_dyn": drv.dyn, "other_dyn": oth.dyn}
-        if expressions is not None:
-            src, drv, oth = (self.measured(c, e) for c, e in zip((src, drv, oth), expressions, strict=True))
+        encoded |= {"source_pose": src.pose, "driver_pose": drv.pose, "other_pose": oth.pose}
+        if expressions is not None or poses is not None:
+            none = (None, None, None)
+            src, drv, oth = (
+                self.measured(c, e, p)
+                for c, e, p in zip((src, drv, oth), expressions or none, poses or none, strict=True)
+            )
         canon_src = self.canonical(src, source)
         cross = self.render(canon_src, src.z_id, oth.pose, oth.dyn)
         parts: dict[str, torch.Tensor] = {}
@@ -169,9 +181,6 @@ class FaceLatent(nn.Module):
             "cross": cross,
             "cross_id": self.judge_identity(cross),
             "id_logits": self.identity_head(torch.cat([src.z_id, drv.z_id, oth.z_id])),
-            "source_pose": src.pose,
-            "driver_pose": drv.pose,
-            "other_pose": oth.pose,
             **encoded,
             "source_id": src.z_id,
         }

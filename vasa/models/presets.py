@@ -34,6 +34,7 @@ class LatentPreset:
     canonical_scale: float  # head scale of the canonical volume: crop fraction per template unit (eye corners)
     source_skip: bool = True  # decoder also samples the source image along the warp (vasa/models/decoder.py)
     expression_side: int = 0  # side of the canonical expression field (vasa/models/expression.py); 0 = none
+    measured_pose: bool = False  # render with the frames' measured FaceMesh head pose (vasa/models/motion_encoder.py)
 
     def __post_init__(self) -> None:
         downs = len(self.appearance_widths)
@@ -83,6 +84,7 @@ LATENT_PRESETS: dict[str, LatentPreset] = {
         discriminator_scales=2,
         canonical_scale=0.25,
         expression_side=32,
+        measured_pose=True,
     ),
     # Paper-like 512² model (MegaPortraits/EMOPortraits volume 96 x 16 x 64 x 64).
     "base": LatentPreset(
@@ -102,6 +104,7 @@ LATENT_PRESETS: dict[str, LatentPreset] = {
         discriminator_scales=3,
         canonical_scale=0.25,
         expression_side=128,
+        measured_pose=True,
     ),
 }
 

@@ -80,7 +80,7 @@ def motion_sample(
     t = min(len(frames), len(pose), len(gaze), len(expression), len(mel) // per_frame)
     if t < 1:
         raise ValueError("no frame with video, pose, gaze, expression and mel")
-    motion = encoder.encode(frames[:t], batch_size, expression[:t])
+    motion = encoder.encode(frames[:t], batch_size, expression[:t], pose[:t], crop_size)
     if encoder.measured_expression:  # stage 2 learns the expression relative to this clip's face at rest
         head = motion[:, POSE_DIM : POSE_DIM + EXPRESSION_DIMS]
         head -= np.percentile(head, REST_PERCENTILES, axis=0).diagonal()[None].astype(np.float32)  # column k at its q_k

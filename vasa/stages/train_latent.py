@@ -74,23 +74,33 @@ def heldout_psnr(task, models: dict[str, nn.Module], groups: dict[str, dict], ba
     return figures
 
 
-def heldout_disentanglement(generator: nn.Module, groups: dict[str, dict]) -> dict[str, float]:
+def heldout_disentanglement(generator: nn.Module, groups: dict[str, dict], crop_size: int | None) -> dict[str, float]:
     """Pose swap vs appearance swap on each held-out group's (source, other-speaker) pairs, judged by the
     pipeline's own pose estimator and the identity encoder, and whether the reconstructions open the mouth
-    as their drivers do (FaceMesh; vasa/evaluation/disentanglement.py)."""
+    as their drivers do (FaceMesh; vasa/evaluation/disentanglement.py). `crop_size`: the shards' crop side
+    (their head pose, which a `measured_pose` model renders from)."""
     from preprocessing.face import FaceMeshTracker
     from vasa.evaluation.disentanglement import disentanglement, mouth_following
+    from vasa.models.motion_encoder import shard_pose_to_model
 
     tracker = FaceMeshTracker(min_detection_confidence=0.5, min_tracking_confidence=0.5)
     model = getattr(generator, "module", generator)  # the EMA copy is a plain module; a wrapped one is not
+
+    def measured_pose(batch: dict, role: str, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor | None:
+        if crop_size is None:
+            return None
+        return shard_pose_to_model(batch[f"{role}_pose"][rows], crop_size, model.preset.canonical_scale)
+
     figures = {}
     for group, batch in sorted(groups.items()):
         measured = (batch["source_expression"], batch["driver_expression"])
-        found = mouth_following(model, batch["source"], batch["driver"], tracker, measured)
+        poses = measured_pose(batch, "source"), measured_pose(batch, "driver")
+        found = mouth_following(model, batch["source"], batch["driver"], tracker, measured, poses)
         figures |= {f"heldout_{group}/{k}": v for k, v in found.items()}
         other = batch["speaker"] != batch["other_speaker"]
         if other.any():
-            found = disentanglement(model, batch["source"][other], batch["other"][other], tracker)
+            poses = measured_pose(batch, "source", other), measured_pose(batch, "other", other)
+            found = disentanglement(model, batch["source"][other], batch["other"][other], tracker, poses)
             figures |= {f"heldout_{group}/disentangle/{k}": v for k, v in found.items()}
     return figures
 
@@ -128,7 +138,7 @@ def run(
     def evaluate(models: dict[str, nn.Module]) -> dict[str, float]:
         groups = heldout_batch(shard_set, preset.resolution, cfg.data, cfg.train.seed, exclude)
         figures = heldout_psnr(task, models, groups, cfg.train.batch_size)
-        figures |= heldout_disentanglement(models["generator"], groups)
+        figures |= heldout_disentanglement(models["generator"], groups, shard_set.crop_size)
         for key, value in sorted(figures.items()):
             log.info("%s = %.3f", key, value)
         return figures

@@ -65,8 +65,8 @@ class LatentTask:
     ) -> None:
         if n_speakers < 2:
             raise ValueError(f"stage 1 needs at least 2 train speakers (cross-identity pairs), got {n_speakers}")
-        if cfg.pose > 0 and crop_size is None:
-            raise ValueError("loss.pose > 0 needs the shards' crop_size to convert their head pose")
+        if (cfg.pose > 0 or preset.measured_pose) and crop_size is None:
+            raise ValueError("loss.pose > 0 and a measured_pose preset need the shards' crop_size (their head pose)")
         self.cfg, self.preset, self.n_speakers, self.crop_size = cfg, preset, n_speakers, crop_size
         self.vgg: VGG19Features | None = None
         if cfg.perceptual > 0 and cfg.perceptual_weights is not None:
@@ -123,7 +123,12 @@ class LatentTask:
     def reconstruct(self, models: dict[str, nn.Module], batch: dict[str, Tensor]) -> Tensor:
         """The driver frame rendered from the source's appearance and the driver's motion: (B, 3, S, S)."""
         out = models[GENERATOR](
-            batch["source"], batch["driver"], batch["other"], transfer=False, expressions=_expressions(batch)
+            batch["source"],
+            batch["driver"],
+            batch["other"],
+            transfer=False,
+            expressions=_expressions(batch),
+            poses=self._poses(batch),
         )
         return out["recon"]
 
@@ -143,10 +148,26 @@ class LatentTask:
                 transfer=False,
                 pose_swap=True,
                 expressions=_expressions(part),
+                poses=self._poses(part),
             )
         columns = [part["source"], part["driver"], out["recon"], out["cross"], out["pose_swap"]]
         grid = torch.cat([torch.cat(list(col.float()), dim=1) for col in columns], dim=2)  # (3, n*S, 5*S)
         return ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+    def _model_pose(self, pose: Tensor) -> Tensor:
+        """The shards' head pose (B, 7) (POSE_COLUMNS: degrees, crop pixels) in z_pose units."""
+        if self.crop_size is None:
+            raise ValueError("the shards' head pose needs their crop_size (index.json dataset.crop_size)")
+        return shard_pose_to_model(pose, self.crop_size, self.preset.canonical_scale)
+
+    def _poses(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The measured head pose of source, driver and other in z_pose units, which a `measured_pose` model
+        renders from; None for other models or a batch without poses."""
+        roles = ("source_pose", "driver_pose", "other_pose")
+        if not self.preset.measured_pose or not all(r in batch for r in roles):
+            return None
+        source, driver, other = (self._model_pose(batch[r]) for r in roles)
+        return source, driver, other
 
     # --- the two losses ---------------------------------------------------------------------------
 
@@ -161,6 +182,7 @@ class LatentTask:
             transfer=cfg.transfer > 0,
             warped=cfg.warp > 0,
             expressions=_expressions(batch),
+            poses=self._poses(batch),
         )
         recon, driver = out["recon"], batch["driver"]
         terms: dict[str, Tensor] = {"l1": multiscale_l1(recon, driver, cfg.l1_scales)}
@@ -175,14 +197,8 @@ class LatentTask:
                     real_out = models[DISCRIMINATOR](driver)
                 terms["feature_matching"] = feature_matching_loss([f for f, _ in real_out], [f for f, _ in fake_out])
         if cfg.pose > 0:
-            crop_size = self.crop_size
-            assert crop_size is not None  # __init__ requires it when the pose weight is > 0
             pose_sum = sum(
-                pose_supervision_loss(
-                    out[f"{role}_pose"],
-                    shard_pose_to_model(batch[f"{role}_pose"], crop_size, self.preset.canonical_scale),
-                    ANGLE_UNIT_DEG,
-                )
+                pose_supervision_loss(out[f"{role}_pose"], self._model_pose(batch[f"{role}_pose"]), ANGLE_UNIT_DEG)
                 for role in ("source", "driver", "other")
             )
             terms["pose"] = cast(Tensor, pose_sum) / 3  # a sum of three Tensors: a Tensor, not sum()'s start 0
