@@ -167,6 +167,7 @@ def test_motion_shards_have_the_members_shapes_and_provenance(motion_fixture):
     assert encoder.measured_expression and encoder.measured_pose
     measured = shard_pose_to_model(torch.from_numpy(pose), SIDE, encoder.canonical_scale).numpy()
     np.testing.assert_allclose(expected[:, :POSE_DIM], measured, atol=1e-6)
+    expected[:, :POSE_DIM] -= np.median(expected[:, :POSE_DIM], axis=0)  # stored relative to the clip's median pose
     unmeasured = encoder.encode(decode_frames(first[schema.MP4], SIDE), 7)
     assert np.abs(unmeasured[:, :POSE_DIM] - measured).max() > 1e-3  # the estimate is replaced, not equal
     head = expected[:, POSE_DIM : POSE_DIM + EXPRESSION_DIMS]
@@ -190,6 +191,7 @@ def test_stats_come_from_the_train_split_only(motion_fixture):
     std = np.where(std < stats["std_floor"], 1.0, std)  # constant dims (the fixture's still expression): centred only
     np.testing.assert_allclose(stats["motion"]["std"], std, rtol=1e-4, atol=1e-6)
     assert stats["expression_rest"]["motion_dims"] == list(range(7, 13))
+    assert stats["pose_rest"] == {"motion_dims": list(range(7)), "percentiles": [50.0] * 7}
     assert not np.allclose(stats["motion"]["mean"], np.concatenate(everything).mean(0), atol=1e-6)
     assert stats["frames"] == 4 * FRAMES and stats["split"] == "train"
     assert len(stats["audio"]["mean"]) == K_MEL * MELS

@@ -403,3 +403,12 @@ def test_generated_expression_is_relative_to_the_portrait_at_rest():
     assert not out[:, others].any() and not units.any()  # the input is left as it was
     assert at_rest_of(session, units, {"expression_rest": None}) is units
     assert at_rest_of(session, units, {}) is units
+    # A measured-pose bundle: the head pose relative to the clip's median, the portrait's own pose added too.
+    pose = {"motion_dims": list(range(POSE_DIM)), "percentiles": [50.0] * POSE_DIM}
+    both = at_rest_of(session, units, {"expression_rest": {"motion_dims": dims, "percentiles": [5.0] + [50.0] * 5},
+                                       "pose_rest": pose})  # fmt: skip
+    torch.testing.assert_close(both[:, : POSE_DIM + 6], own[:, : POSE_DIM + 6].expand(5, -1))
+    assert not both[:, POSE_DIM + 6 :].any()
+    torch.testing.assert_close(
+        at_rest_of(session, units, {"pose_rest": pose})[:, :POSE_DIM], own[:, :POSE_DIM].expand(5, -1)
+    )

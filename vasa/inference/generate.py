@@ -187,13 +187,13 @@ def open_session(bundle: Bundle, portrait: Portrait) -> Session:
 
 
 def at_rest_of(session: Session, units: torch.Tensor, stats: dict) -> torch.Tensor:
-    """Generated motion (T, 7 + Z) whose expression dims are relative to a face at rest (the bundle's
-    normalisation says so: `expression_rest`, vasa/models/motion_encoder.py REST_PERCENTILES) -> absolute,
-    at rest = the portrait's own measured expression. Other bundles' motion is returned as it is."""
-    rest = stats.get("expression_rest")
-    if not rest:
+    """Generated motion (T, 7 + Z) whose expression dims and head pose are relative to a face at rest (the
+    bundle's normalisation says which: `expression_rest`, `pose_rest`; vasa/models/motion_encoder.py
+    REST_PERCENTILES, POSE_REST_PERCENTILE) -> absolute, at rest = the portrait's own measured expression and
+    head pose. Dims no convention names are returned as generated."""
+    dims = [d for key in ("expression_rest", "pose_rest") if stats.get(key) for d in stats[key]["motion_dims"]]
+    if not dims:
         return units
-    dims = list(rest["motion_dims"])
     units = units.clone()
     units[:, dims] += session.own_motion[0, dims].to(units.dtype).cpu()
     return units

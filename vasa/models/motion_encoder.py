@@ -28,6 +28,11 @@ EXPRESSION_UNITS = (0.1, 0.06, 0.04, 0.013, 0.013, 0.023)  # EXPRESSION_COLUMNS 
 # the DiT, told nothing of identity, generates the corpus's average face shape, and the renderer stretches
 # every portrait toward it (measured: grace_hopper's jaw pulled down by a constant width/smile change).
 REST_PERCENTILES = (5.0, 50.0, 50.0, 50.0, 50.0, 50.0)  # EXPRESSION_COLUMNS order
+# Likewise the measured head pose (a `measured_pose` model): stage 2 generates it relative to the clip's median
+# pose (head turns, nods and sways about the speaker's own rest), and generation adds the portrait's own, so a
+# portrait turned away stays turned away and moves about its pose (LivePortrait's "relative" driving, too).
+# Absolute, the DiT would turn every portrait toward the corpus's average pose in the first window.
+POSE_REST_PERCENTILE = 50.0
 
 
 class MotionEncoder(nn.Module):

@@ -49,7 +49,7 @@ from vasa.loaders.motion import (
 from vasa.loaders.scores import Scores, align_audio, read_scores
 from vasa.loaders.shards import decode_frames, read_index, read_samples
 from vasa.models.motion_dit import EMOTION_COLUMNS
-from vasa.models.motion_encoder import EXPRESSION_DIMS, POSE_DIM, REST_PERCENTILES
+from vasa.models.motion_encoder import EXPRESSION_DIMS, POSE_DIM, POSE_REST_PERCENTILE, REST_PERCENTILES
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,9 @@ def motion_sample(
     if encoder.measured_expression:  # stage 2 learns the expression relative to this clip's face at rest
         head = motion[:, POSE_DIM : POSE_DIM + EXPRESSION_DIMS]
         head -= np.percentile(head, REST_PERCENTILES, axis=0).diagonal()[None].astype(np.float32)  # column k at its q_k
+    if encoder.measured_pose:  # ... and the head pose relative to this clip's median pose (POSE_REST_PERCENTILE)
+        rest = np.percentile(motion[:, :POSE_DIM], POSE_REST_PERCENTILE, axis=0)
+        motion[:, :POSE_DIM] -= rest[None].astype(np.float32)
     audio = mel[: t * per_frame].reshape(t, per_frame * mel.shape[1])
     scale = pose[:t, schema.POSE_COLUMNS.index("scale_px")]
     distance = np.log(crop_size / np.clip(scale, 1e-6, None))[:, None].astype(np.float32)
@@ -196,7 +199,9 @@ def extract(
     counts["samples"] = sum(e["samples"] for entries in splits.values() for e in entries)
     counts["failed"], counts["filtered"] = len(failures), len(filtered)
     counts["realigned"] = sum(1 for r in table.rows.values() if r["audio_shift"])
-    stats = train_stats(out, splits.get(schema.TRAIN, []), cfg.std_floor) | rest_convention(encoder.measured_expression)
+    stats = train_stats(out, splits.get(schema.TRAIN, []), cfg.std_floor) | rest_convention(
+        encoder.measured_expression, encoder.measured_pose
+    )
     write_json(out / STATS_FILE, stats)
     arrays = _train_arrays(out, splits.get(schema.TRAIN, []), stats, code, (old.get("dataset") or {}).get("arrays"))
     first = next((e for entries in splits.values() for e in entries if e["samples"]), None)
@@ -289,10 +294,13 @@ def train_stats(out: Path, entries: list[dict], std_floor: float) -> dict:
     return stats
 
 
-def rest_convention(measured: bool) -> dict:
-    """stats.json's note of how the motion's expression dims are stored (generation reads it from the bundle):
-    relative to the face at rest (REST_PERCENTILES of the clip), or as the encoder gives them."""
-    if not measured:
-        return {"expression_rest": None}
+def rest_convention(measured: bool, measured_pose: bool = False) -> dict:
+    """stats.json's note of how the motion's expression dims (`expression_rest`) and head pose (`pose_rest`) are
+    stored (generation reads it from the bundle): relative to the face at rest (REST_PERCENTILES of the clip;
+    the pose: its POSE_REST_PERCENTILE), or as they were measured or encoded (None)."""
     dims = list(range(POSE_DIM, POSE_DIM + EXPRESSION_DIMS))
-    return {"expression_rest": {"motion_dims": dims, "percentiles": list(REST_PERCENTILES)}}
+    pose = {"motion_dims": list(range(POSE_DIM)), "percentiles": [POSE_REST_PERCENTILE] * POSE_DIM}
+    return {
+        "expression_rest": {"motion_dims": dims, "percentiles": list(REST_PERCENTILES)} if measured else None,
+        "pose_rest": pose if measured_pose else None,
+    }
