@@ -117,6 +117,7 @@ def reconstruction_check(latent: Path, clip: Path, params_file: Path) -> tuple[d
     from preprocessing.decode import read_frames
     from vasa.core.config import load_params
     from vasa.evaluation.independent import mouth_opening
+    from vasa.inference.portrait import pose_columns
     from vasa.models.face_latent import Canonical, load_face_latent
     from vasa.models.images import to_tensor, to_uint8
     from vasa.models.motion_encoder import shard_pose_to_model
@@ -133,8 +134,7 @@ def reconstruction_check(latent: Path, clip: Path, params_file: Path) -> tuple[d
     small = np.stack([cv2.resize(c, (side, side), interpolation=cv2.INTER_AREA) for c in crops])
     expression = torch.from_numpy(pose_mod.expression(landmarks, pose_mod.head_pose(landmarks))).float()
     head = pose_mod.head_pose(face_mod.transform_points(landmarks, np.repeat(transform[None], len(frames), 0)))
-    shard_pose = np.column_stack([head.yaw, head.pitch, head.roll, head.translation, head.scale])  # as the shards
-    pose = shard_pose_to_model(torch.from_numpy(shard_pose).float(), params.preprocess.crop_size,
+    pose = shard_pose_to_model(torch.from_numpy(pose_columns(head)), params.preprocess.crop_size,
                                model.preset.canonical_scale)  # fmt: skip
     with torch.no_grad():
         source = to_tensor(small[0])[None]

@@ -48,11 +48,20 @@ def _portrait(side: int = 160, crop: int = 96) -> Portrait:
     frame = cv2.resize(rng.integers(0, 256, (side // 8, side // 8, 3), dtype=np.uint8), (side, side))
     transform = cv2.getRotationMatrix2D((side / 2, side / 2), 10, 1.0)
     transform[:, 2] -= (side - crop) / 2
+    return _cropped(frame, transform, crop)
+
+
+def _cropped(frame: np.ndarray, transform: np.ndarray, crop: int) -> Portrait:
+    """A portrait of `frame` whose face crop is `transform` (frame -> crop pixels) at side `crop`."""
     full = cv2.warpAffine(frame, transform, (crop, crop))
     zeros = np.zeros(2, np.float32)
     return Portrait(frame=frame, transform=transform, crop=full, crop_full=full, full_transform=transform,
                     gaze=zeros, distance=0.0, emotion=zeros, faces=1,
                     expression=np.full(EXPRESSION_DIMS, np.nan, np.float32))  # fmt: skip
+
+
+def _noise_frame(side: int) -> np.ndarray:
+    return cv2.resize(np.random.default_rng(0).integers(0, 256, (20, 20, 3), dtype=np.uint8), (side, side))
 
 
 def _crops(count: int, side: int = 96) -> np.ndarray:
@@ -86,15 +95,9 @@ def test_a_whole_pixel_shift_is_pasted_without_a_warp_and_gives_the_warps_bytes(
     """The crop of `native_crop` (scale 1, whole-pixel corner, here also one reaching past the frame's left
     edge) is pasted by reading the crop in place; the result is byte-identical to the bilinear warp's. A crop
     at a fractional scale still goes through the warp."""
-    side, crop = 160, 96
-    frame = cv2.resize(np.random.default_rng(0).integers(0, 256, (20, 20, 3), dtype=np.uint8), (side, side))
     x0, y0 = corner
     transform = np.array([[1.0, 0.0, -x0], [0.0, 1.0, -y0]]) if inside else cv2.getRotationMatrix2D((80, 80), 0, 1.01)
-    full = cv2.warpAffine(frame, transform, (crop, crop))
-    zeros = np.zeros(2, np.float32)
-    portrait = Portrait(frame=frame, transform=transform, crop=full, crop_full=full, full_transform=transform,
-                        gaze=zeros, distance=0.0, emotion=zeros, faces=1,
-                        expression=np.full(EXPRESSION_DIMS, np.nan, np.float32))  # fmt: skip
+    portrait = _cropped(_noise_frame(160), transform, 96)
     paster = Paster(portrait, 0.12)
     assert (paster.window is not None) == inside
     crops = _crops(3)
@@ -112,13 +115,8 @@ def test_the_box_composer_gives_the_planes_of_paste_back_watermark_and_conversio
     if corner is None:
         portrait = _portrait(side, crop)
     else:
-        frame = cv2.resize(np.random.default_rng(0).integers(0, 256, (20, 20, 3), dtype=np.uint8), (side, side))
         transform = np.array([[1.0, 0.0, -corner[0]], [0.0, 1.0, -corner[1]]])
-        full = cv2.warpAffine(frame, transform, (crop, crop))
-        zeros = np.zeros(2, np.float32)
-        portrait = Portrait(frame=frame, transform=transform, crop=full, crop_full=full, full_transform=transform,
-                            gaze=zeros, distance=0.0, emotion=zeros, faces=1,
-                            expression=np.full(EXPRESSION_DIMS, np.nan, np.float32))  # fmt: skip
+        portrait = _cropped(_noise_frame(side), transform, crop)
     paster = Paster(portrait, 0.12)
     assert (paster.window is not None) == (corner is not None)
     assert corner is None or paster.box[0] % 2 or paster.box[2] % 2  # an odd corner to widen

@@ -42,7 +42,7 @@ from vasa.core.files import check_output, unique_temp
 from vasa.diffusion import Emitted, NoiseSchedule, WindowStream
 from vasa.inference.bundle import Bundle
 from vasa.inference.encoder import Stage1Encoder
-from vasa.inference.portrait import IMAGE_SUFFIXES, Paster, Portrait, prepare_portrait
+from vasa.inference.portrait import IMAGE_SUFFIXES, Paster, Portrait, pose_columns, prepare_portrait
 from vasa.inference.postprocess import Track, write_video
 from vasa.inference.speech import ArrayTrack, AudioFeatures, audio_track, load_speech
 from vasa.models.face_latent import Canonical
@@ -394,8 +394,7 @@ def encode_video(bundle: Bundle, path: Path, face_cfg: FaceConfig, crop_size: in
     small = np.stack([cv2.resize(c, (side, side), interpolation=cv2.INTER_AREA) for c in crops])
     expression = pose_mod.expression(track.landmarks, pose_mod.head_pose(track.landmarks))  # template units
     in_crop = face_mod.transform_points(track.landmarks, np.repeat(transform[None], len(frames), 0))  # crop pixels
-    head = pose_mod.head_pose(in_crop)
-    pose = np.column_stack([head.yaw, head.pitch, head.roll, head.translation, head.scale]).astype(np.float32)
+    pose = pose_columns(pose_mod.head_pose(in_crop))
     preset = bundle.face.preset
     encoder = Stage1Encoder(
         bundle.face.motion,

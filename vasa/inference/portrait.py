@@ -133,8 +133,13 @@ def prepare_portrait(path: Path, resolution: int, crop_size: int, face_cfg: Face
         emotion=expression[columns].astype(np.float32),
         faces=faces,
         expression=expression.astype(np.float32),
-        pose=np.column_stack([head.yaw, head.pitch, head.roll, head.translation, head.scale])[0].astype(np.float32),
+        pose=pose_columns(head)[0],
     )
+
+
+def pose_columns(head: pose_mod.Pose) -> np.ndarray:
+    """(T, 7) float32 head pose in POSE_COLUMNS order, as the shards store it (preprocessing/process.py)."""
+    return np.column_stack([head.yaw, head.pitch, head.roll, head.translation, head.scale]).astype(np.float32)
 
 
 def native_crop(transform: np.ndarray, crop_size: int, max_side: int) -> tuple[int, np.ndarray]:
