@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import random
 
 import numpy as np
 import pytest
@@ -20,7 +21,17 @@ from preprocessing.media import write_mp4
 from preprocessing.shards import Sample, write_shard
 from vasa.core.config import LatentDataConfig
 from vasa.core.errors import InputError
-from vasa.loaders.pairs import Frame, PairStream, heldout_batch, pair_batches, train_frames, worker_frames
+from vasa.loaders.pairs import (
+    REST_SOURCE_PERCENTILE,
+    Frame,
+    PairStream,
+    draw_rest_pair,
+    heldout_batch,
+    pair_batches,
+    rest_frames,
+    train_frames,
+    worker_frames,
+)
 from vasa.loaders.shards import decode_some, open_shards, read_samples, worker_shards
 
 FRAMES, SIDE, SIZE = 20, 32, 16
@@ -123,6 +134,36 @@ def test_batches_hold_same_clip_pairs_and_a_cross_identity_frame(shards):
         assert 0 <= x0 < 0.35 and 0.65 < x1 <= 1 and y0 < 0.7 and 0.8 < y1 <= 1  # lips inside, with a margin
         assert spk_oth != spk_src and batch["speaker"][b] == spk_src and batch["other_speaker"][b] == spk_oth
         assert spk_src != 3  # speaker 3 is in the test split only
+
+
+def test_sources_at_rest_have_the_mouth_closed_and_drivers_do_not(shards):
+    shard_set = open_shards(shards)
+    cfg = data_config(source_at_rest=1.0)
+    limit = train_frames(FRAMES, cfg.holdout_fraction)
+    rest_limit = np.percentile(np.arange(limit), REST_SOURCE_PERCENTILE)  # mouth_open = 0.01 t in these clips
+    sources, drivers = [], []
+    for batch in take(pair_batches(shard_set, SIZE, cfg, batch_size=6, seed=0), 4):
+        for b in range(6):
+            t_src, clip_src, _ = decode(batch["source"][b])
+            t_drv, clip_drv, _ = decode(batch["driver"][b])
+            assert clip_src == clip_drv and abs(t_src - t_drv) >= cfg.min_frame_gap and t_drv < limit
+            sources.append(t_src)
+            drivers.append(t_drv)
+    assert max(sources) <= rest_limit < max(drivers)
+    # half the pairs at rest: both kinds of source come
+    mixed = [
+        decode(batch["source"][b])[0]
+        for batch in take(pair_batches(shard_set, SIZE, data_config(source_at_rest=0.5), batch_size=6, seed=0), 4)
+        for b in range(6)
+    ]
+    assert min(mixed) <= rest_limit < max(mixed)
+
+
+def test_rest_frames_ignore_unmeasured_frames_and_the_held_out_tail():
+    opening = np.array([0.5, np.nan, 0.1, 0.2, 0.9, 0.0, 0.05])
+    assert rest_frames(opening, 5) == [2]  # finite head [0.5, 0.1, 0.2, 0.9]: 25th percentile 0.175
+    assert rest_frames(np.full(4, np.nan), 4) == []
+    assert draw_rest_pair(random.Random(0), [0], 2, 2) is None  # no driver 2 frames away
 
 
 def test_stream_is_deterministic_per_seed_epoch_and_rank(shards):

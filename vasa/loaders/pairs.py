@@ -58,6 +58,13 @@ from vasa.models.images import to_tensor
 
 log = logging.getLogger(__name__)
 
+# A source "at rest" (LatentDataConfig.source_at_rest) has its mouth opening at or below this percentile of
+# its clip's train frames: closed, as most portraits are. Generation renders the portrait's face opened by
+# the expression field; pairs whose source talks teach the rendering to close what the field opens
+# (measured on the learning proof's long stage-1 runs: docs/BENCHMARKS.md).
+REST_SOURCE_PERCENTILE = 25.0
+MOUTH_OPENING = schema.EXPRESSION_COLUMNS.index("mouth_open")
+
 
 STARVED_CLIPS = 200  # clips in a row without any cross-identity partner before a worker gives up
 
@@ -163,6 +170,28 @@ def draw_pair(rng: random.Random, lo: int, hi: int, min_gap: int) -> tuple[int, 
             return i, j
 
 
+def draw_rest_pair(rng: random.Random, rest: list[int], hi: int, min_gap: int) -> tuple[int, int] | None:
+    """A source index from `rest` (frames with the mouth at rest) and a driver index in [0, hi) at least
+    `min_gap` away, or None if no rest frame has a driver that far."""
+    usable = [i for i in rest if i - min_gap >= 0 or i + min_gap < hi]
+    if not usable or hi <= max(min_gap, 1):
+        return None
+    i = usable[rng.randrange(len(usable))]
+    while True:
+        j = rng.randrange(hi)
+        if abs(i - j) >= max(min_gap, 1):
+            return i, j
+
+
+def rest_frames(opening: np.ndarray, hi: int) -> list[int]:
+    """Train frames [0, hi) whose mouth opening is at or below the clip's REST_SOURCE_PERCENTILE (NaN: not)."""
+    head = opening[:hi]
+    if not np.isfinite(head).any():
+        return []
+    limit = np.nanpercentile(head, REST_SOURCE_PERCENTILE)
+    return [int(k) for k in np.flatnonzero(np.nan_to_num(head, nan=np.inf) <= limit)]
+
+
 def pair_item(rng: random.Random, clip: Clip, i: int, j: int, other: Clip) -> dict[str, torch.Tensor]:
     """The batch dict of frames i, j of `clip` with a random frame of `other` (held-out pairs)."""
     other_frame = other.frame(rng.randrange(len(other.frames)))
@@ -253,7 +282,13 @@ class PairStream(IterableDataset):
         hi = train_frames(n, self.cfg.holdout_fraction)
         if hi <= self.cfg.min_frame_gap:
             return None
-        pairs = [draw_pair(rng, 0, hi, self.cfg.min_frame_gap) for _ in range(self.cfg.pairs_per_clip)]
+        rest = rest_frames(expression[:, MOUTH_OPENING], hi) if self.cfg.source_at_rest else []
+        pairs = [
+            draw_rest_pair(rng, rest, hi, self.cfg.min_frame_gap)
+            if rest and rng.random() < self.cfg.source_at_rest
+            else draw_pair(rng, 0, hi, self.cfg.min_frame_gap)
+            for _ in range(self.cfg.pairs_per_clip)
+        ]
         spare = [rng.randrange(hi) for _ in range(self.cfg.pairs_per_clip)]
         images = decode_some(sample[schema.MP4], self.size, {i for pair in pairs if pair for i in pair} | set(spare))
         if not images:
