@@ -456,9 +456,10 @@ def main(argv: list[str] | None = None) -> int:
     # the ranks must agree.
     summary = {"step": result.step, "digests": result.parameter_digests, "losses": result.loss_curve}
     (args.out / f"rank{result.rank}.json").write_text(json.dumps(summary | {"evaluation": result.evaluation}))
-    from vasa.cli import close_process_group
-
-    close_process_group()  # as `vasa` does at its end
+    # End the process group before exit: left to interpreter teardown, its threads aborted a finished two-process
+    # ZeRO-3 run (SIGABRT, "terminate called without an active exception") in 1 of 6 runs on the loaded 2-core VM.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return 0
 
 
@@ -480,16 +481,3 @@ def test_deepspeed_half_precision_runs_the_loss_under_autocast():
     for mixed, deepspeed in (("bf16", False), ("no", True), ("no", False)):
         with loss_autocast(mixed, torch.device("cpu"), deepspeed=deepspeed):
             assert not torch.is_autocast_enabled("cpu")
-
-
-def test_close_process_group_ends_a_started_group_and_is_a_no_op_without_one(tmp_path):
-    import torch.distributed as dist
-
-    from vasa.cli import close_process_group
-
-    close_process_group()  # none started: nothing to do
-    store = dist.FileStore(str(tmp_path / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    assert dist.is_initialized()
-    close_process_group()
-    assert not dist.is_initialized()

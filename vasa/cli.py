@@ -982,18 +982,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"vasa {args.stage}: {err}: training diverged; --resume restarts from the last saved state", file=sys.stderr
         )
         return 1
-    finally:
-        close_process_group()
-
-
-def close_process_group() -> None:
-    """End this process's torch.distributed group (torchrun / Slurm launches), if one was started, before the
-    interpreter exits. Left to interpreter teardown, the group's threads can abort a process that finished its
-    work ("terminate called without an active exception", SIGABRT): measured 1 in 6 two-process ZeRO-3 runs of
-    tests/test_distributed.py on the loaded 2-core VM, which the launcher then reports as a failed run."""
-    dist = sys.modules.get("torch.distributed")  # never imports torch for a command that did not
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
