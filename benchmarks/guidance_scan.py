@@ -20,14 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from stream_quality import CHUNK_S, clip_session
 
-from preprocessing.decode import read_audio, read_frames
 from vasa.core.config import load_params
 from vasa.evaluation.independent import measure_video
 from vasa.inference.bundle import load_bundle
-from vasa.inference.generate import chunks, conditions_for, open_session, stream
-from vasa.inference.portrait import prepare_portrait
+from vasa.inference.generate import chunks, conditions_for, stream
 from vasa.stages.demo import pick_clips
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,21 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     rows, real = [], []
     for clip in pick_clips(args.sample):
-        source = args.sample / clip["file"]
-        frames = read_frames(source)[0]
-        speech = read_audio(source, rate)
+        frames, speech, portrait, session = clip_session(bundle, params, args.sample / clip["file"], args.work)
         seen = measure_video(frames, speech, fps, frames[0], params.preprocess.face, sample_rate=rate)
         real.append({"clip": clip["clip_id"], **{key: float(seen[key]) for key in KEYS}})
         print(json.dumps({"real": True, **real[-1]}), flush=True)
-        image = args.work / f"{clip['clip_id']}.png"
-        Image.fromarray(frames[0]).save(image)
-        portrait = prepare_portrait(image, bundle.resolution, bundle.meta["crop"]["crop_size"], params.preprocess.face,
-                                    params.generate.max_side)  # fmt: skip
-        session = open_session(bundle, portrait)
         for scale in args.scales:
             for seed in args.seeds:
                 conditions = replace(conditions_for(portrait, bundle, params.generate, seed=seed), cfg_audio=scale)
-                made = np.concatenate(list(stream(session, chunks(speech, int(rate * 0.02)), conditions)))
+                made = np.concatenate(list(stream(session, chunks(speech, int(rate * CHUNK_S)), conditions)))
                 seen = measure_video(made, speech, fps, frames[0], params.preprocess.face, sample_rate=rate)
                 rows.append({"clip": clip["clip_id"], "cfg_audio": scale, "seed": seed,
                              **{key: float(seen[key]) for key in KEYS}})  # fmt: skip

@@ -72,18 +72,24 @@ class DitClock:
         generate.WindowStream._window = self._original  # type: ignore[method-assign]
 
 
+def clip_session(bundle, params, source: Path, work: Path):
+    """A held-out clip's frames, its speech at the bundle's rate, and its first frame (written to `work`) as the
+    portrait: (frames, speech, portrait, session)."""
+    frames = read_frames(source)[0]
+    speech = read_audio(source, bundle.meta["audio"]["sample_rate"])
+    image = work / f"{source.stem}.png"
+    Image.fromarray(frames[0]).save(image)
+    portrait = prepare_portrait(image, bundle.resolution, bundle.meta["crop"]["crop_size"], params.preprocess.face,
+                                params.generate.max_side)  # fmt: skip
+    return frames, speech, portrait, open_session(bundle, portrait)
+
+
 def run_clip(bundle, params, clip: dict, sample: Path, configs: list[tuple[int, int, int | None] | None],
              seeds: list[int], work: Path) -> list[dict]:  # fmt: skip
     """Every mode x seed of one held-out clip -> rows of measures."""
     rate, fps = bundle.meta["audio"]["sample_rate"], bundle.meta["fps"]
-    source = sample / clip["file"]
-    first = read_frames(source)[0][0]
-    speech = read_audio(source, rate)
-    image = work / f"{clip['clip_id']}.png"
-    Image.fromarray(first).save(image)
-    portrait = prepare_portrait(image, bundle.resolution, bundle.meta["crop"]["crop_size"], params.preprocess.face,
-                                params.generate.max_side)  # fmt: skip
-    session = open_session(bundle, portrait)
+    frames, speech, portrait, session = clip_session(bundle, params, sample / clip["file"], work)
+    first = frames[0]
     rows = []
     for config in configs:
         for seed in seeds:

@@ -173,13 +173,14 @@ def draw_pair(rng: random.Random, lo: int, hi: int, min_gap: int) -> tuple[int, 
 def draw_rest_pair(rng: random.Random, rest: list[int], hi: int, min_gap: int) -> tuple[int, int] | None:
     """A source index from `rest` (frames with the mouth at rest) and a driver index in [0, hi) at least
     `min_gap` away, or None if no rest frame has a driver that far."""
-    usable = [i for i in rest if i - min_gap >= 0 or i + min_gap < hi]
-    if not usable or hi <= max(min_gap, 1):
+    gap = max(min_gap, 1)
+    usable = [i for i in rest if i - gap >= 0 or i + gap < hi]
+    if not usable:
         return None
     i = usable[rng.randrange(len(usable))]
     while True:
         j = rng.randrange(hi)
-        if abs(i - j) >= max(min_gap, 1):
+        if abs(i - j) >= gap:
             return i, j
 
 
