@@ -85,7 +85,7 @@ def clip_session(bundle, params, source: Path, work: Path):
 
 
 def run_clip(bundle, params, clip: dict, sample: Path, configs: list[tuple[int, int, int | None] | None],
-             seeds: list[int], work: Path) -> list[dict]:  # fmt: skip
+             seeds: list[int], work: Path, overlap: int) -> list[dict]:  # fmt: skip
     """Every mode x seed of one held-out clip -> rows of measures."""
     rate, fps = bundle.meta["audio"]["sample_rate"], bundle.meta["fps"]
     frames, speech, portrait, session = clip_session(bundle, params, sample / clip["file"], work)
@@ -100,7 +100,7 @@ def run_clip(bundle, params, clip: dict, sample: Path, configs: list[tuple[int, 
             wall = time.perf_counter()
             with DitClock() as clock:
                 frames = np.concatenate(list(stream(session, chunks(speech, int(rate * CHUNK_S)), conditions,
-                                                    hop=hop, lookahead=lookahead)))  # fmt: skip
+                                                    hop=hop, lookahead=lookahead, overlap=overlap)))  # fmt: skip
             wall = time.perf_counter() - wall
             seen = measure_video(frames, speech, fps, first, params.preprocess.face, sample_rate=rate)
             mode = "offline" if config is None else f"{hop}:{lookahead}" + ("" if steps is None else f":{steps}")
@@ -173,6 +173,12 @@ def main(argv: list[str] | None = None) -> dict:
                         help="HOP:LOOKAHEAD[:STEPS] frames (and DDIM steps); default params' generate.stream_hop:"
                              "stream_lookahead:stream_steps")  # fmt: skip
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument(
+        "--overlap",
+        type=int,
+        default=None,
+        help="shown frames held inside each streaming window (default params' generate.stream_overlap)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work", type=Path, default=Path("/tmp/stream_quality"), help="portraits are written here")
     parser.add_argument("--json", type=Path, default=None, help="rows and summary written here")
@@ -186,12 +192,14 @@ def main(argv: list[str] | None = None) -> dict:
     for config in args.configs or [default]:
         hop, lookahead, *steps = (int(v) for v in config.split(":"))
         configs.append((hop, lookahead, steps[0] if steps else None))
+    overlap = gen.stream_overlap if args.overlap is None else args.overlap
     args.work.mkdir(parents=True, exist_ok=True)
     print(f"# bundle {bundle.sha256[:16]} (W {bundle.dit.window}, K {bundle.dit.context}, "
-          f"{bundle.meta['sampling']['steps']} steps), configs {configs}, seeds {args.seeds}")  # fmt: skip
+          f"{bundle.meta['sampling']['steps']} steps), configs {configs}, overlap {overlap}, "
+          f"seeds {args.seeds}")  # fmt: skip
     rows = []
     for clip in pick_clips(args.sample):
-        rows += run_clip(bundle, params, clip, args.sample, configs, args.seeds, args.work)
+        rows += run_clip(bundle, params, clip, args.sample, configs, args.seeds, args.work, overlap)
     summary = summarise(rows, bundle.dit.window)
     print_table(summary)
     result = {"bundle_sha256": bundle.sha256, "seeds": args.seeds, "rows": rows, **summary}

@@ -185,11 +185,12 @@ def test_each_window_is_conditioned_on_the_last_generated_frames():
     assert all(torch.equal(a, b) for a, (_, b) in zip(again, windows, strict=True))  # deterministic under a seed
 
 
-def _window_stream(model, hop: int, lookahead: int, batch: int = 1, seed: int = 0, steps: int = 2, schedule=None):
+def _window_stream(model, hop: int, lookahead: int, batch: int = 1, seed: int = 0, steps: int = 2, schedule=None,
+                   overlap: int = 0):  # fmt: skip
     return WindowStream(
         model, schedule or NoiseSchedule(diffusion_cfg()), torch.zeros(batch, 2), torch.zeros(batch, 1),
         torch.zeros(batch, EMOTION_DIM), steps=steps, eta=0.0, scales={"audio": 0.5, "gaze": 1.0}, seed=seed, hop=hop,
-        lookahead=lookahead,
+        lookahead=lookahead, overlap=overlap,
     )  # fmt: skip
 
 
@@ -262,6 +263,52 @@ def test_window_stream_emits_each_hop_once_its_lookahead_is_heard_and_never_hear
     settled = (cut - hop - lookahead) // hop * hop + hop  # frames of the windows that heard no more than T
     assert torch.equal(again[:, :settled], shown[:, :settled])
     assert not torch.equal(again[:, settled:], shown[:, settled:])
+
+
+def test_window_stream_overlap_holds_the_shown_frames_inside_each_window_at_the_same_latency(monkeypatch):
+    """overlap m: each window starts m frames before the first new one, those frames (already shown) held fixed
+    and the K frames before them as its context; frames come out when they did without it."""
+    import vasa.diffusion as diffusion
+
+    model = _perturbed_model()
+    hop, lookahead, overlap = 2, 1, 6
+    n_frames = 2 * WINDOW + 5
+    audio = torch.randn(1, n_frames, AUDIO_DIM, generator=torch.Generator().manual_seed(5))
+    calls: list[tuple[torch.Tensor | None, torch.Tensor]] = []
+    original = diffusion._sample
+
+    def spy(model, schedule, cond, steps, eta, scales, generator, known=None, noise=None):
+        calls.append((None if known is None else known.clone(), cond["motion_pre"].clone()))
+        return original(model, schedule, cond, steps, eta, scales, generator, known, noise)
+
+    monkeypatch.setattr(diffusion, "_sample", spy)
+    windows, emitted = _window_stream(model, hop, lookahead, overlap=overlap), []
+    for frame in range(n_frames):
+        got = list(windows.push(audio[:, frame : frame + 1]))
+        start = frame + 1 - hop - lookahead
+        assert [(e.start, e.count) for e in got] == ([(start, hop)] if start >= 0 and start % hop == 0 else [])
+        emitted += got
+    emitted += list(windows.finish())
+    shown = _shown(emitted)
+    assert shown.shape == (1, n_frames, MOTION_DIM) and bool(torch.isfinite(shown).all())
+    held_back = 0
+    for e, (known, context) in zip(emitted, calls, strict=True):
+        first = e.start - overlap
+        if first >= CONTEXT:  # m shown frames held, the K before them the context
+            held_back += 1
+            assert known is not None and torch.equal(known, shown[:, first : e.start])
+            assert torch.equal(context, shown[:, first - CONTEXT : first])
+        else:  # the clip's first window again around what is shown
+            assert (known is None and e.start == 0) or torch.equal(known, shown[:, : e.start])
+            assert torch.count_nonzero(context) == 0
+    assert held_back >= len(emitted) - (overlap + CONTEXT) // hop - 1
+    # Not the stream without overlap, and the same whatever the split of the features.
+    assert not torch.equal(shown, _shown(_run_stream(_window_stream(model, hop, lookahead), audio, [])))
+    assert torch.equal(_shown(_run_stream(_window_stream(model, hop, lookahead, overlap=overlap), audio, [3, 7])),
+                       shown)  # fmt: skip
+    # Capped so the context and the new frames fit the kept W frames; whole windows (offline) take none.
+    assert _window_stream(model, hop, lookahead, overlap=100).overlap == min(WINDOW - CONTEXT, WINDOW - hop - lookahead)
+    assert _window_stream(model, WINDOW, lookahead, overlap=5).overlap == 0
 
 
 # ---------------------------------------------------------------- what a briefly trained tiny DiT learns
@@ -348,11 +395,11 @@ def test_pose_jump_at_window_borders_is_no_larger_than_within_windows(trained, h
     assert ratio <= 1.1, (float(jumps[border].mean()), float(jumps[~border].mean()))
 
 
-def _stream_generate(trained, clips, hop: int, lookahead: int) -> torch.Tensor:
+def _stream_generate(trained, clips, hop: int, lookahead: int, overlap: int = 0) -> torch.Tensor:
     task, model = trained
     windows = WindowStream(
         model, task.schedule, clips["gaze"], clips["distance"], clips["emotion"], steps=10, eta=0.0, scales=GUIDED,
-        seed=0, hop=hop, lookahead=lookahead,
+        seed=0, hop=hop, lookahead=lookahead, overlap=overlap,
     )  # fmt: skip
     return _shown(_run_stream(windows, clips["audio"], [1] * clips["audio"].shape[1])).cpu()
 
@@ -366,9 +413,11 @@ def test_streaming_with_a_short_hop_keeps_the_offline_lip_sync_and_smoothness(tr
         return float((motion[:, 1:, :7] - motion[:, :-1, :7]).abs().mean())
 
     offline = _generate(trained, held_out)
-    for hop, lookahead in ((2, 2), (1, 0)):  # params' default; the shortest: a window per frame, no look-ahead
-        streamed = _stream_generate(trained, held_out, hop, lookahead)
-        # Measured: mouth r 0.992 (2, 2) and 0.991 (1, 0) vs 0.993 offline; pose change per frame 0.142 both vs
-        # 0.138 offline (this synthetic mouth follows the audio of its own frame: no look-ahead needed).
+    # params' default (with and without the overlap); the shortest: a window per frame, no look-ahead
+    for hop, lookahead, overlap in ((3, 1, 12), (3, 1, 0), (1, 0, 0)):
+        streamed = _stream_generate(trained, held_out, hop, lookahead, overlap)
+        # Measured: mouth r 0.993 (3, 1, 12), 0.992 (3, 1, 0) and 0.993 (1, 0, 0) vs 0.993 offline; pose change per
+        # frame 0.135, 0.138 and 0.139 vs 0.138 offline (this synthetic mouth follows the audio of its own frame:
+        # no look-ahead needed).
         assert mouth_r(streamed) >= 0.98 * mouth_r(offline), (hop, lookahead, mouth_r(streamed), mouth_r(offline))
         assert jump(streamed) <= 1.1 * jump(offline), (hop, lookahead, jump(streamed), jump(offline))

@@ -207,9 +207,9 @@ def one_thread():
 
 def test_low_latency_stream_starts_after_its_lookahead_frame_by_frame(bundle, params, fixtures_dir, tmp_path,
                                                                       one_thread):  # fmt: skip
-    """generate.stream_hop / stream_lookahead (vasa serve): the first frame after (hop + lookahead) frames of
-    audio plus the STFT's 2.5 ms, one frame per chunk, as many frames as offline, whatever the chunking;
-    hop = W is the offline stream byte for byte."""
+    """generate.stream_hop / stream_lookahead / stream_overlap (vasa serve): the first frame after (hop +
+    lookahead) frames of audio plus the STFT's 2.5 ms, one frame per chunk, as many frames as offline, whatever
+    the chunking; hop = W is the offline stream byte for byte."""
     portrait = prepare_portrait(  # small frames: four streams are drawn
         fixtures_dir / PORTRAIT, bundle.resolution, params.preprocess.crop_size, params.preprocess.face, 160
     )
@@ -218,7 +218,7 @@ def test_low_latency_stream_starts_after_its_lookahead_frame_by_frame(bundle, pa
     audio, _ = soundfile.read(speech_clip(fixtures_dir, tmp_path, 1.3), dtype="float32")
     hop, lookahead = params.generate.stream_hop, params.generate.stream_lookahead
     assert hop + lookahead <= 5  # the stated look-ahead: <= 200 ms of audio before the first frame
-    low = {"hop": hop, "lookahead": lookahead}
+    low = {"hop": hop, "lookahead": lookahead, "overlap": params.generate.stream_overlap}
     offline = list(stream(session, chunks(audio, RATE), conditions, crop_only=True))
     pulled = []
 
@@ -235,7 +235,9 @@ def test_low_latency_stream_starts_after_its_lookahead_frame_by_frame(bundle, pa
     assert len(streamed) == sum(map(len, offline)) == int(1.3 * FPS)
     whole = np.concatenate(list(stream(session, [audio], conditions, crop_only=True, **low)))
     np.testing.assert_array_equal(np.concatenate(streamed), whole)
-    again = stream(session, chunks(audio, RATE // 50), conditions, crop_only=True, hop=bundle.dit.window, lookahead=2)
+    again = stream(
+        session, chunks(audio, RATE // 50), conditions, crop_only=True, hop=bundle.dit.window, lookahead=2, overlap=5
+    )  # whole windows: no look-ahead, no overlap
     np.testing.assert_array_equal(np.concatenate(list(again)), np.concatenate(offline))
 
 

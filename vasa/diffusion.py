@@ -240,10 +240,14 @@ class WindowStream:
     after them has arrived; its first `hop` frames are emitted, and the next window starts from the frames
     emitted so far: conditioned on the last K of them and their audio (VASA-1 §3.2's X_pre / A_pre), or, while
     fewer than K exist, by sampling the clip's first window again with them held fixed (`inpainting`, null
-    context as at the start of a clip). The window's frames whose audio has not arrived repeat the last frame
-    heard, as `sliding_windows` pads a clip's end (the DiT's null audio embedding there instead, tried first,
-    damped the mouth: opening std -17 % on the demo's clips, docs/BENCHMARKS.md). Every window starts
-    from the same per-frame noise where it overlaps the others (`_noise`).
+    context as at the start of a clip). With `overlap` m > 0 a window starts m frames before its first new one,
+    those m shown frames held fixed the same way and the K before them its context: the new frames come from
+    mid-window, continuing the held motion, rather than from just after a context seam, where a briefly
+    trained DiT's head pose is least consistent (yaw-change autocorrelation of the rendered video, held-out
+    sentences: docs/BENCHMARKS.md "Low-latency streaming"). The window's frames whose audio has not arrived
+    repeat the last frame heard, as `sliding_windows` pads a clip's end (the DiT's null audio embedding there
+    instead, tried first, damped the mouth: opening std -17 % on the demo's clips, docs/BENCHMARKS.md). Every
+    window starts from the same per-frame noise where it overlaps the others (`_noise`).
 
     So every emitted frame saw `lookahead` frames of audio after it (more at the clip's end), and the first
     frame comes out when hop + lookahead frames of features exist. hop = W is the offline stream window for
@@ -266,12 +270,16 @@ class WindowStream:
         seed: int,
         hop: int,
         lookahead: int,
+        overlap: int = 0,
     ) -> None:
-        if hop < 1 or lookahead < 0:
-            raise ValueError(f"hop must be >= 1 and lookahead >= 0, got {hop}, {lookahead}")
+        if hop < 1 or lookahead < 0 or overlap < 0:
+            raise ValueError(f"hop must be >= 1, lookahead and overlap >= 0, got {hop}, {lookahead}, {overlap}")
         self.model, self.schedule, self.steps, self.eta, self.scales = model, schedule, steps, eta, scales
         self.seed = seed
         self.hop, self.lookahead = min(hop, model.window), lookahead
+        # Past frames inside each window: the K conditioning frames before the window and the new frames after
+        # the held ones must both fit in the last W frames kept (so at most W - K and W - hop - lookahead).
+        self.overlap = max(0, min(overlap, model.window - model.context, model.window - self.hop - lookahead))
         self.device = next(model.parameters()).device
         self.clip = {"gaze": gaze.to(self.device), "distance": distance.to(self.device),
                      "emotion": emotion.to(self.device)}  # fmt: skip
@@ -304,9 +312,11 @@ class WindowStream:
             yield self._window(final=True)
 
     def _window_start(self, start: int) -> int:
-        """First frame of the window that emits frames from `start` on: `start`, or 0 (the clip's first window,
-        sampled again around the frames already emitted) while fewer than K frames precede it."""
-        return start if start == 0 or start >= self.model.context else 0
+        """First frame of the window that emits frames from `start` on: `overlap` frames before `start` (the
+        shown frames there held fixed, as below), or 0 (the clip's first window, sampled again around the frames
+        already emitted) while fewer than K frames would precede it."""
+        first = start - self.overlap
+        return first if first >= self.model.context else 0
 
     def _noise(self, first: int) -> Tensor:
         """The initial noise (B, W, M) of the window from frame `first` on: frame f's is the same in every window,

@@ -498,6 +498,7 @@ class GenerateConfig(Section):
     stream_hop: int = Field(ge=1)  # low-latency streaming: frames per DiT window shown (>= W: whole windows)
     stream_lookahead: int = Field(ge=0)  # ... frames of audio heard after them first
     stream_steps: int | None = Field(ge=1)  # ... DDIM steps of those windows; null = `steps`
+    stream_overlap: int = Field(ge=0)  # ... frames already shown held fixed at the start of each window
     smooth_pose: float = Field(ge=0)  # Gaussian sigma (frames) on the generated head pose; 0 = raw
     smooth_dynamics: float = Field(ge=0)  # ... on the generated facial dynamics (lips: keep small)
     encoder: Literal["auto", "libx264", "h264_nvenc"]  # auto: NVENC when rendering on CUDA and it opens

@@ -273,6 +273,7 @@ def stream(
     feather: float = 0.12,
     hop: int | None = None,
     lookahead: int = 0,
+    overlap: int = 0,
     driving: torch.Tensor | None = None,
     pose_from: torch.Tensor | None = None,
     dynamics_from: torch.Tensor | None = None,
@@ -306,6 +307,7 @@ def stream(
         torch.as_tensor(conditions.emotion, dtype=torch.float32)[None], steps=conditions.steps,
         eta=float(sampling["eta"]), scales={"audio": conditions.cfg_audio, "gaze": conditions.cfg_gaze},
         seed=conditions.seed, hop=hop, lookahead=lookahead if low_latency else 0,
+        overlap=overlap if low_latency else 0,
     )  # fmt: skip
     batch = 1 if low_latency else render_batch  # low latency: each frame out as soon as it is drawn
     paster = None if crop_only else Paster(session.portrait, feather)

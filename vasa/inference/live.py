@@ -141,7 +141,8 @@ class LiveSession:
             self._take_slot()
             frames = stream(self.session, self._audio(), self.conditions, render_batch=self.generate.render_batch,
                             feather=self.generate.feather, hop=self.generate.stream_hop,
-                            lookahead=self.generate.stream_lookahead)  # fmt: skip
+                            lookahead=self.generate.stream_lookahead,
+                            overlap=self.generate.stream_overlap)  # fmt: skip
             for chunk in frames:
                 self._emit_chunk(chunk)
         except Cancelled:
