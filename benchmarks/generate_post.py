@@ -42,6 +42,7 @@ import cv2
 import numpy as np
 
 from vasa.core.config import GenerateConfig, load_params
+from vasa.inference.generate import limit_threads
 from vasa.inference.portrait import Paster, Portrait
 from vasa.inference.postprocess import BoxComposer, Encoder, choose_codec, mark_frames, write_video
 from vasa.inference.speech import ArrayTrack
@@ -257,13 +258,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--crop-size", type=int, default=512, help="the bundle's crop side (real data: 512)")
     parser.add_argument("--presets", nargs="*", default=[], help="libx264 presets to measure alone")
     parser.add_argument("--encoder-threads", type=int, nargs="*", default=[1], help="... at these thread counts")
-    parser.add_argument("--threads", type=int, default=1, help="OpenCV threads (vasa generate: generate.threads)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch, OpenCV and BLAS threads, set as vasa generate sets generate.threads",
+    )
+    parser.add_argument("--opencv-only", action="store_true",
+                        help="set only OpenCV's threads, numpy's BLAS pool left at one thread per core (as before "
+                             "vasa.inference.generate.limit_threads): the baseline")  # fmt: skip
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
-    cv2.setNumThreads(args.threads)
+    if args.opencv_only:
+        cv2.setNumThreads(args.threads)
+    else:
+        limit_threads(args.threads)
     cfg = load_params(args.params).generate
-    print(f"# {platform.processor() or platform.machine()}, load average {load_average()}, OpenCV threads "
-          f"{args.threads}; libx264 {cfg.preset} CRF {cfg.crf}, {cfg.encoder_threads} thread(s); AAC "
+    print(f"# {platform.processor() or platform.machine()}, load average {load_average()}, "
+          f"{'OpenCV' if args.opencv_only else 'torch, OpenCV and BLAS'} threads {args.threads}; libx264 "
+          f"{cfg.preset} CRF {cfg.crf}, {cfg.encoder_threads} thread(s); AAC "
           f"{cfg.audio_bit_rate // 1000} kb/s", flush=True)  # fmt: skip
     post = {side: measure_post(cfg, side, args.crop_size, args.frames, cfg.render_batch, args.repeats)
             for side in args.sides}  # fmt: skip

@@ -79,7 +79,7 @@ from preprocessing.audio import log_mel
 from vasa.core.config import DiffusionConfig, Params, load_params
 from vasa.diffusion import NoiseSchedule, guided_denoiser, sliding_windows
 from vasa.inference.bundle import Bundle, bundle_meta
-from vasa.inference.generate import Conditions, open_session, render, stream
+from vasa.inference.generate import Conditions, limit_threads, open_session, render, stream
 from vasa.inference.portrait import Portrait, paste_back
 from vasa.models.face_latent import FaceLatent
 from vasa.models.motion_dit import MotionDiT
@@ -538,8 +538,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.count_only = [c for c in args.configs + args.count_only if c != "tiny:256"]
         args.configs, args.stream_configs, args.seconds, args.repeats = ["tiny:256"], ["tiny:256"], 1.0, 1
-    torch.set_num_threads(args.threads)
-    cv2.setNumThreads(args.threads)
+    limit_threads(args.threads)  # torch, OpenCV and the BLAS pools, as vasa generate / serve set them
     params = load_params(args.params)
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s), "
           f"torch {torch.__version__}, fp32 CPU; W {params.train_motion.window} K {params.train_motion.context}, "

@@ -19,13 +19,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 from stream_quality import CHUNK_S, clip_session
 
 from vasa.core.config import load_params
 from vasa.evaluation.independent import measure_video
 from vasa.inference.bundle import load_bundle
-from vasa.inference.generate import chunks, conditions_for, stream
+from vasa.inference.generate import chunks, conditions_for, limit_threads, stream
 from vasa.stages.demo import pick_clips
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/vasa-guidance-scan"), help="portraits go here")
     parser.add_argument("--json", type=Path, help="rows and summary written here")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    limit_threads(1)
     params = load_params(args.params)
     bundle = load_bundle(args.bundle)
     rate, fps = bundle.meta["audio"]["sample_rate"], bundle.meta["fps"]

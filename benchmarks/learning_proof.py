@@ -116,7 +116,7 @@ def reconstruction_check(latent: Path, clip: Path, params_file: Path) -> tuple[d
     from preprocessing import pose as pose_mod
     from preprocessing.decode import read_frames
     from vasa.core.config import load_params
-    from vasa.evaluation.independent import mouth_opening
+    from vasa.evaluation.independent import mouth_opening, track_enlarged
     from vasa.inference.portrait import pose_columns
     from vasa.models.face_latent import Canonical, load_face_latent
     from vasa.models.images import to_tensor, to_uint8
@@ -152,8 +152,8 @@ def reconstruction_check(latent: Path, clip: Path, params_file: Path) -> tuple[d
                               hires.expand(n, -1, -1, -1), code.dyn.expand(n, -1))  # fmt: skip
             out.append(to_uint8(model.render(batch, code.z_id.expand(n, -1), motion.pose, motion.dyn)))
     recon = np.concatenate(out)
-    real = mouth_opening(face_mod.get_tracker(params.preprocess.face).track(crops).landmarks)
-    made = mouth_opening(face_mod.get_tracker(params.preprocess.face).track(recon).landmarks)
+    real = mouth_opening(track_enlarged(crops, params.preprocess.face))  # tracked at >= 384 px, as evaluate does
+    made = mouth_opening(track_enlarged(recon, params.preprocess.face))
     ok = np.isfinite(real) & np.isfinite(made)
     r = float(np.corrcoef(real[ok], made[ok])[0, 1]) if ok.sum() > 2 else float("nan")
     pick = np.linspace(0, len(crops) - 1, 8).round().astype(int)

@@ -29,7 +29,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from preprocessing.decode import read_audio, read_frames
@@ -37,7 +36,7 @@ from vasa.core.config import load_params
 from vasa.evaluation.independent import measure_video
 from vasa.inference import generate
 from vasa.inference.bundle import load_bundle
-from vasa.inference.generate import chunks, conditions_for, open_session, stream
+from vasa.inference.generate import chunks, conditions_for, limit_threads, open_session, stream
 from vasa.inference.portrait import prepare_portrait
 from vasa.stages.demo import pick_clips
 
@@ -183,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work", type=Path, default=Path("/tmp/stream_quality"), help="portraits are written here")
     parser.add_argument("--json", type=Path, default=None, help="rows and summary written here")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    limit_threads(args.threads)
     params = load_params(args.params)
     bundle = load_bundle(args.bundle)
     gen = params.generate

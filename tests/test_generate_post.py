@@ -21,7 +21,7 @@ import torch
 from tests.conftest import REPO
 from vasa.cli import main
 from vasa.core.errors import InputError
-from vasa.inference.generate import generate_file, resolve_device
+from vasa.inference.generate import generate_file, limit_threads, resolve_device
 from vasa.inference.portrait import Paster, Portrait
 from vasa.inference.postprocess import (
     BoxComposer,
@@ -226,6 +226,23 @@ def test_the_encoder_is_libx264_unless_nvenc_opens_beside_a_cuda_renderer(params
     assert choose_codec(cfg.model_copy(update={"encoder": "libx264"}), "cuda", nvenc=lambda: True) == x264
     if not torch.cuda.is_available():
         assert nvenc_available() is False  # PyAV has the wrapper; without a GPU it must not open
+
+
+def test_the_thread_count_reaches_torch_opencv_and_every_blas_pool():
+    """generate.threads also caps numpy's and scipy's OpenBLAS pools, whose spare workers otherwise spin after
+    each call (2 CPU-ms per frame of the 512² post-processing on the 2-core VM)."""
+    from threadpoolctl import threadpool_info
+
+    before = torch.get_num_threads(), cv2.getNumThreads()
+    limiter = limit_threads(1)
+    try:
+        assert torch.get_num_threads() == 1 and cv2.getNumThreads() == 1
+        blas = [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
+        assert blas and all(pool["num_threads"] == 1 for pool in blas), blas
+    finally:
+        limiter.restore_original_limits()
+        torch.set_num_threads(before[0])
+        cv2.setNumThreads(before[1])
 
 
 def test_devices_resolve_to_cuda_then_mps_then_cpu_and_a_missing_one_is_refused():

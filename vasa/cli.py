@@ -489,13 +489,11 @@ def _generate_config(args: argparse.Namespace, params: Params) -> GenerateConfig
 
 
 def _set_threads(threads: int) -> None:
-    """torch intra-op and OpenCV threads for generation (params generate.threads): set here, by the entry point,
-    so the library never reads the environment or changes a caller's settings."""
-    import cv2
-    import torch
+    """Generation's threads (params generate.threads: torch, OpenCV, BLAS pools): set here, by the entry point, so
+    the library never reads the environment or changes a caller's settings."""
+    from vasa.inference.generate import limit_threads
 
-    torch.set_num_threads(threads)
-    cv2.setNumThreads(threads)
+    limit_threads(threads)
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -479,6 +479,19 @@ DEVICE_MISSING = {
 }
 
 
+def limit_threads(threads: int):
+    """Generation's thread count (params generate.threads), for an entry point to set once: torch intra-op, OpenCV,
+    and every BLAS / OpenMP pool the process has loaded (threadpoolctl: numpy's and scipy's OpenBLAS). OpenBLAS
+    otherwise keeps a worker per core that busy-waits after each call (the watermark's small matrix products): on
+    the 2-core VM 2 CPU-ms per frame of the post-processing at 512², a third of it, went to that spinning
+    (docs/BENCHMARKS.md). Returns threadpoolctl's limiter (`restore_original_limits()` undoes the BLAS part)."""
+    from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
+
+    torch.set_num_threads(threads)
+    cv2.setNumThreads(threads)
+    return threadpool_limits(limits=threads)
+
+
 def resolve_device(device: str, available: dict[str, bool] | None = None) -> torch.device:
     """`auto`: cuda if there is a GPU, else mps (Apple Silicon), else cpu; a named device that is not there
     is refused. `available` says which of cuda and mps this machine has (default: torch's answer).
@@ -574,7 +587,7 @@ def generate_file(
     # Crops: pasted back in write_labelled's pipeline, beside the renderer. Whole windows (hop None): a file
     # has no one waiting for its first frame.
     crops = stream(session, chunks(speech, rate), conditions, crop_only=True, render_batch=cfg.render_batch,
-                   feather=cfg.feather, hop=None, lookahead=0, **motion_sources)  # fmt: skip
+                   feather=cfg.feather, hop=None, lookahead=0, overlap=0, **motion_sources)  # fmt: skip
     count, signed = write_labelled(out, crops, track, rate, fps, cfg, bundle.sha256, key_password, paster=paster,
                                    device_type=bundle.device.type)  # fmt: skip
     seconds = len(speech) / rate
