@@ -11,8 +11,9 @@ crops are the portrait's own crop under a small moving head (rotation +-3 deg, s
 opening and closing at 4 Hz, so libx264 sees a still background and a moving face, as in a generated video.
 Audio: 48 kHz stereo speech-like noise (the user's audio at its own rate), AAC at params generate.audio_bit_rate.
 
-post       `postprocess.write_video` into a temporary mp4, threaded (the pipeline) and sequential (the same
-           bytes): CPU-ms per frame = the process's CPU time over all threads / frames, and wall-ms per frame;
+post       `postprocess.write_video` into a temporary mp4, threaded (the pipeline as beside a CPU renderer:
+           one post-processing thread), split (a thread per stage, as beside a CUDA renderer) and sequential
+           (the same bytes): CPU-ms per frame = the process's CPU time over all threads / frames, and wall-ms;
            and sequential through whole frames (paste-back, watermark and I420 of every pixel: the path before
            the box-only `BoxComposer`, the same bytes)
 paste      `Paster` alone (uint8 blendLinear in the mask's box, reading the crop in place: a whole-pixel
@@ -122,21 +123,23 @@ def measure_post(cfg: GenerateConfig, side: int, crop_size: int, frames: int, ba
     with tempfile.TemporaryDirectory(prefix="vasa-post-") as folder:
         # post: the box-only composer (write_video given a Paster); whole: the same through whole frames (a
         # plain callable paster: paste-back, then the watermark and I420 of every pixel), the baseline.
-        variants = {"post": (True, paster), "post_sequential": (False, paster),
-                    "post_whole_sequential": (False, lambda chunk: paster(chunk))}  # fmt: skip
+        variants = {"post": (True, paster, None), "post_split": (True, paster, True),
+                    "post_sequential": (False, paster, None),
+                    "post_whole_sequential": (False, lambda chunk: paster(chunk), None)}  # fmt: skip
         runs: dict[str, list[tuple[float, float]]] = {key: [] for key in variants}
         files = {}
         for _ in range(repeats):
-            for key, (threaded, paste) in variants.items():
+            for key, (threaded, paste, split) in variants.items():
                 path = Path(folder) / f"{key}.mp4"
                 run = functools.partial(write_video, path, chunked(crops, batch), audio, FPS, cfg, TAGS,
-                                        watermark=Watermarker(PAYLOAD), paster=paste, threaded=threaded)  # fmt: skip
+                                        watermark=Watermarker(PAYLOAD), paster=paste, threaded=threaded,
+                                        split=split)  # fmt: skip
                 runs[key].append(cpu_wall(run))
                 files[key] = path.read_bytes()
         for key in variants:
             cpu, wall = min(runs[key])
             out[f"{key}_cpu_ms"], out[f"{key}_wall_ms"] = 1000 * cpu / frames, 1000 * wall / frames
-        out["threaded_bytes_equal"] = float(files["post"] == files["post_sequential"])
+        out["threaded_bytes_equal"] = float(files["post"] == files["post_split"] == files["post_sequential"])
         out["box_bytes_equal"] = float(files["post_sequential"] == files["post_whole_sequential"])
         out["kib_per_frame"] = len(files["post"]) / 1024 / frames
     pasted = [paster(chunk) for chunk in chunked(crops, batch)]
@@ -219,13 +222,15 @@ def measure_presets(cfg: GenerateConfig, side: int, crop_size: int, frames: int,
 
 def report(post: dict[int, dict[str, float]], presets: list[dict]) -> None:
     print("\n## after the renderer: CPU-ms per frame (all threads), wall-ms per frame in brackets\n")
-    print("| portrait | crop side | post, threaded | post, sequential | whole frames, sequential | same bytes "
+    print("| portrait | crop side | post, threaded | post, split | post, sequential | whole frames, sequential "
+          "| same bytes "
           "| paste (float32 before) | paste of a resampled crop (warp) | watermark + I420 (watermark) "
           "| box composer (paste + watermark + I420) | H.264 | AAC 48 kHz stereo | KiB/frame |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for side, m in post.items():
         same = m["threaded_bytes_equal"] and m["box_bytes_equal"]
         print(f"| {side}² | {m['crop_side']:.0f} | {m['post_cpu_ms']:.2f} ({m['post_wall_ms']:.2f}) "
+              f"| {m['post_split_cpu_ms']:.2f} ({m['post_split_wall_ms']:.2f}) "
               f"| {m['post_sequential_cpu_ms']:.2f} ({m['post_sequential_wall_ms']:.2f}) "
               f"| {m['post_whole_sequential_cpu_ms']:.2f} ({m['post_whole_sequential_wall_ms']:.2f}) "
               f"| {'yes' if same else 'NO'} "

@@ -133,9 +133,10 @@ def test_the_box_composer_gives_the_planes_of_paste_back_watermark_and_conversio
 # --- the pipeline ------------------------------------------------------------------------------------------------
 
 
-def _write(path: Path, threaded: bool, cfg, audio: ArrayTrack, chunks: list[np.ndarray], paster) -> bytes:
+def _write(path: Path, threaded: bool, cfg, audio: ArrayTrack, chunks: list[np.ndarray], paster,
+           split: bool | None = None) -> bytes:  # fmt: skip
     count = write_video(path, iter(chunks), audio, FPS, cfg, TAGS, watermark=Watermarker(b"\x01" * 8), paster=paster,
-                        threaded=threaded)  # fmt: skip
+                        threaded=threaded, split=split)  # fmt: skip
     assert count == sum(len(c) for c in chunks)
     return path.read_bytes()
 
@@ -146,10 +147,11 @@ def test_pipelined_output_is_byte_identical_to_the_sequential_path(params, tmp_p
     portrait, crops = _portrait(), _crops(30)
     chunks = [crops[i : i + 7] for i in range(0, 30, 7)]  # uneven chunks, as a stream's last window gives
     audio = ArrayTrack(np.random.default_rng(2).normal(0, 0.1, (int(1.3 * 48000), 2)).astype(np.float32), 48000)
-    threaded = _write(tmp_path / "threaded.mp4", True, cfg, audio, chunks, Paster(portrait, 0.12))
     sequential = _write(tmp_path / "sequential.mp4", False, cfg, audio, chunks, Paster(portrait, 0.12))
-    assert threaded == sequential
-    with av.open(str(tmp_path / "threaded.mp4")) as container:
+    for split in (False, True):  # one post-processing thread (beside a CPU renderer), or a thread per stage
+        split_bytes = _write(tmp_path / f"split{split}.mp4", True, cfg, audio, chunks, Paster(portrait, 0.12), split)
+        assert split_bytes == sequential, split
+    with av.open(str(tmp_path / "splitTrue.mp4")) as container:
         video, sound = container.streams.video[0], container.streams.audio[0]
         assert (video.width, video.height) == (160, 160) and video.frames == 30
         assert sound.codec_context.sample_rate == 48000 and sound.codec_context.layout.nb_channels == 2

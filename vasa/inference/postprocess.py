@@ -4,9 +4,12 @@
                                                one thread                                     one thread:
                                                                                    H.264 + the user's audio (AAC)
 
-Each stage runs in its own thread, joined to the next by a queue of QUEUE_CHUNKS chunks: the renderer draws
-the next chunk while the last ones are pasted, marked and encoded, and memory stays bounded (a stage that
-falls behind holds the one before it back; no queue grows). The stages' work is OpenCV, NumPy and FFmpeg
+Beside a CUDA renderer (the CPU's cores free) the two post-processing stages run in a thread each, as drawn: the
+least wall time per frame. Beside a renderer on the CPU they run fused in one thread, still beside the renderer:
+the two threads cost 0.3-1.2 CPU-ms more per 512² frame than one (the cores are the renderer's too; `split` in
+`write_video`, docs/BENCHMARKS.md). Each thread is joined to the next by a queue of QUEUE_CHUNKS chunks: the
+renderer draws the next chunk while the last ones are pasted, marked and encoded, and memory stays bounded (a
+stage that falls behind holds the one before it back; no queue grows). The stages' work is OpenCV, NumPy and FFmpeg
 calls, which release the GIL. One thread per stage and FIFO queues keep the chunks in order, so the file
 has the same bytes as the sequential path (`threaded=False`, tests/test_generate_post.py). A failure in any
 stage, or in the renderer, stops the others and is raised in the caller's thread; the partial file is
@@ -254,6 +257,14 @@ class Encoder:
             self._samples += len(part)
 
 
+def _compose_and_encode(stages: Sequence[Callable[[np.ndarray], np.ndarray]], encoder: Callable[[np.ndarray], None],
+                        chunk: np.ndarray) -> None:  # fmt: skip
+    """The post-processing fused into one step (one thread beside a CPU renderer)."""
+    for stage in stages:
+        chunk = stage(chunk)
+    encoder(chunk)
+
+
 def _frames_to_planes(paster: Callable[[np.ndarray], np.ndarray] | None, watermark, chunk: np.ndarray) -> np.ndarray:
     """One stage: paste back (when `paster`), watermark, RGB -> I420. In one thread, so the full RGB frames
     (75 MB per 25-frame chunk at 1024²) never cross to another core; only the planes go on to the encoder,
@@ -349,17 +360,24 @@ def write_video(
     paster: Callable[[np.ndarray], np.ndarray] | None = None,
     device_type: str = "cpu",
     threaded: bool = True,
+    split: bool | None = None,
 ) -> int:
     """Frame chunks ((T, S, S, 3) crops when `paster` is given, else (T, H, W, 3) frames, uint8 RGB) ->
     `out`, H.264 + `track` as AAC at generate.audio_bit_rate: pasted back, watermarked and encoded in the
-    pipeline of the module docstring. Returns the frames written."""
+    pipeline of the module docstring (`threaded`), composing and encoding in a thread each (`split`; None: when
+    the renderer is on CUDA) or in one. The same bytes every way. Returns the frames written."""
     encoder = Encoder(out, fps, choose_codec(cfg, device_type), track, cfg.audio_bit_rate, tags)
     if hasattr(paster, "blend_into"):  # a portrait Paster: the box-only path, the same bytes
         stages: list[Callable[[np.ndarray], np.ndarray]] = [BoxComposer(paster, watermark)]
     else:
         stages = [functools.partial(_frames_to_planes, paster, watermark)]
+    if split is None:
+        split = device_type == "cuda"
     try:
-        run_stages(frames, stages, encoder, threaded=threaded)
+        if split:
+            run_stages(frames, stages, encoder, threaded=threaded)
+        else:
+            run_stages(frames, [], functools.partial(_compose_and_encode, stages, encoder), threaded=threaded)
     except BaseException:
         encoder.abort()
         raise
