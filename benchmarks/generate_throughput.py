@@ -53,7 +53,8 @@ Real-time figures (issue 22; printed, and written to --json OUT with the machine
                       same for whole windows at --stream-steps. first_frame_ms_crop512: a face crop of --crop-size
   post_ms_per_frame_512 / _1024   CPU-ms per frame of everything after the renderer (paste-back, watermark,
                       RGB -> I420, libx264 and 48 kHz stereo AAC, pipelined as `vasa generate` runs them) into a 512² /
-                      1024² portrait: benchmarks/generate_post.py, which also breaks it down by stage
+                      1024² portrait, over 100 frames (a 4 s clip, with --quick too; 50 before: the encoders'
+                      start per file weighed twice as much): benchmarks/generate_post.py, which also breaks it down
 """
 
 from __future__ import annotations
@@ -393,7 +394,7 @@ def real_time_figures(params: Params, args: argparse.Namespace) -> dict:
         f"render_batch {gen.render_batch}, W {bundle.dit.window}, hop {gen.stream_hop} + look-ahead "
         f"{gen.stream_lookahead} frames (offline_*: whole windows), {LIVE_CHUNK_S * 1000:.0f} ms chunks"
     )
-    frames = 50 if args.quick else 100
+    frames = 100  # a 4 s clip, as generate_post.py's default
     post = {side: measure_post(params.generate, side, args.crop_size, frames, params.generate.render_batch)
             for side in (512, 1024)}  # fmt: skip
     for side, figures in post.items():
