@@ -53,8 +53,8 @@ Real-time figures (issue 22; printed, and written to --json OUT with the machine
                       same for whole windows at --stream-steps. first_frame_ms_crop512: a face crop of --crop-size
   post_ms_per_frame_512 / _1024   CPU-ms per frame of everything after the renderer (paste-back, watermark,
                       RGB -> I420, libx264 and 48 kHz stereo AAC, pipelined as `vasa generate` runs them) into a 512² /
-                      1024² portrait, over 100 frames (a 4 s clip, with --quick too; 50 before: the encoders'
-                      start per file weighed twice as much): benchmarks/generate_post.py, which also breaks it down
+                      1024² portrait over 100 frames (a 4 s clip, --quick too): benchmarks/generate_post.py, which
+                      also breaks it down by stage
 """
 
 from __future__ import annotations

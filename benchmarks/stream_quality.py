@@ -87,8 +87,8 @@ def run_clip(bundle, params, clip: dict, sample: Path, configs: list[tuple[int, 
              seeds: list[int], work: Path, overlap: int) -> list[dict]:  # fmt: skip
     """Every mode x seed of one held-out clip -> rows of measures."""
     rate, fps = bundle.meta["audio"]["sample_rate"], bundle.meta["fps"]
-    frames, speech, portrait, session = clip_session(bundle, params, sample / clip["file"], work)
-    first = frames[0]
+    real, speech, portrait, session = clip_session(bundle, params, sample / clip["file"], work)
+    first = real[0]
     rows = []
     for config in configs:
         for seed in seeds:

@@ -10,7 +10,7 @@ the two threads cost 0.3-1.2 CPU-ms more per 512² frame than one (the cores are
 `write_video`, docs/BENCHMARKS.md). Each thread is joined to the next by a queue of QUEUE_CHUNKS chunks: the
 renderer draws the next chunk while the last ones are pasted, marked and encoded, and memory stays bounded (a
 stage that falls behind holds the one before it back; no queue grows). The stages' work is OpenCV, NumPy and FFmpeg
-calls, which release the GIL. One thread per stage and FIFO queues keep the chunks in order, so the file
+calls, which release the GIL. FIFO queues and at most one thread per stage keep the chunks in order, so the file
 has the same bytes as the sequential path (`threaded=False`, tests/test_generate_post.py). A failure in any
 stage, or in the renderer, stops the others and is raised in the caller's thread; the partial file is
 removed.
@@ -72,17 +72,18 @@ def run_stages(
     sink: Callable[[np.ndarray], None],
     *,
     threaded: bool = True,
+    split: bool = True,
 ) -> None:
     """Pull `chunks` in the calling thread and pass each through `stages` in order into `sink`; with
-    `threaded`, each stage and the sink run in a thread of their own (module docstring). Returns when the
-    sink has taken the last chunk; raises the first error of any stage, or of `chunks` itself."""
+    `threaded`, each stage and the sink run in a thread of their own (`split`) or all of them in one thread
+    (module docstring). Returns when the sink has taken the last chunk; raises the first error of any stage, or
+    of `chunks` itself."""
+    through = functools.partial(_through, stages, sink)
     if not threaded:
         for chunk in chunks:
-            for stage in stages:
-                chunk = stage(chunk)
-            sink(chunk)
+            through(chunk)
         return
-    steps = [*stages, sink]
+    steps = [*stages, sink] if split else [through]
     queues: list[queue.Queue] = [queue.Queue(maxsize=QUEUE_CHUNKS) for _ in steps]
     stop = threading.Event()
     errors: list[BaseException] = []
@@ -111,6 +112,14 @@ def run_stages(
             worker.join()
     if errors:
         raise errors[0]
+
+
+def _through(stages: Sequence[Callable[[np.ndarray], np.ndarray]], sink: Callable[[np.ndarray], None],
+             chunk: np.ndarray) -> None:  # fmt: skip
+    """One chunk through every stage into the sink, in the calling thread."""
+    for stage in stages:
+        chunk = stage(chunk)
+    sink(chunk)
 
 
 def _work(step: Callable, inbox: queue.Queue, outbox: queue.Queue | None, stop: threading.Event,
@@ -257,14 +266,6 @@ class Encoder:
             self._samples += len(part)
 
 
-def _compose_and_encode(stages: Sequence[Callable[[np.ndarray], np.ndarray]], encoder: Callable[[np.ndarray], None],
-                        chunk: np.ndarray) -> None:  # fmt: skip
-    """The post-processing fused into one step (one thread beside a CPU renderer)."""
-    for stage in stages:
-        chunk = stage(chunk)
-    encoder(chunk)
-
-
 def _frames_to_planes(paster: Callable[[np.ndarray], np.ndarray] | None, watermark, chunk: np.ndarray) -> np.ndarray:
     """One stage: paste back (when `paster`), watermark, RGB -> I420. In one thread, so the full RGB frames
     (75 MB per 25-frame chunk at 1024²) never cross to another core; only the planes go on to the encoder,
@@ -374,10 +375,7 @@ def write_video(
     if split is None:
         split = device_type == "cuda"
     try:
-        if split:
-            run_stages(frames, stages, encoder, threaded=threaded)
-        else:
-            run_stages(frames, [], functools.partial(_compose_and_encode, stages, encoder), threaded=threaded)
+        run_stages(frames, stages, encoder, threaded=threaded, split=split)
     except BaseException:
         encoder.abort()
         raise
