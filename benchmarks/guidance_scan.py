@@ -31,6 +31,17 @@ ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("mouth_r", "mouth_std", "yaw_lag1_autocorr", "sharpness_ratio")
 
 
+def first_train_clips(sample: Path) -> list[dict]:
+    """Each speaker's first train clip (by id) of the sample corpus."""
+    index = json.loads((sample / "index.json").read_text())
+    first: dict[str, dict] = {}
+    for clip in sorted(index["clips"], key=lambda c: c["clip_id"]):
+        record = json.loads((sample / f"{clip['clip_id']}.json").read_text())
+        if record.get("split") == "train":
+            first.setdefault(clip["speaker_id"], clip)
+    return [first[speaker] for speaker in sorted(first)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
@@ -40,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--work", type=Path, default=Path("/tmp/vasa-guidance-scan"), help="portraits go here")
     parser.add_argument("--json", type=Path, help="rows and summary written here")
+    parser.add_argument("--split", choices=("test", "train"), default="test",
+                        help="the demo's held-out clips (default), or each speaker's first train clip: a scale "
+                        "chosen there has not seen the sentences it is then judged on")  # fmt: skip
     args = parser.parse_args(argv)
     limit_threads(1)
     params = load_params(args.params)
@@ -47,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     rate, fps = bundle.meta["audio"]["sample_rate"], bundle.meta["fps"]
     args.work.mkdir(parents=True, exist_ok=True)
     rows, real = [], []
-    for clip in pick_clips(args.sample):
+    for clip in pick_clips(args.sample) if args.split == "test" else first_train_clips(args.sample):
         frames, speech, portrait, session = clip_session(bundle, params, args.sample / clip["file"], args.work)
         seen = measure_video(frames, speech, fps, frames[0], params.preprocess.face, sample_rate=rate)
         real.append({"clip": clip["clip_id"], **{key: float(seen[key]) for key in KEYS}})

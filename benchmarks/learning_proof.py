@@ -7,7 +7,10 @@ viewer would, on held-out sentences, without the project's own judges deciding i
 
 params.yaml with benchmarks/learning_proof.yaml merged over it (and any --set KEY=VALUE) is written to
 OUT/params.yaml and validated by the project's config loader; every stage then runs as
-`python -m vasa.cli --params OUT/params.yaml <command>` with its outputs under OUT. Reported (OUT/proof.json,
+`python -m vasa.cli --params OUT/params.yaml <command>` with its outputs under OUT. Stage 1 keeps a state every
+`checkpoint_every` steps; the chain goes on from the one whose validation check is best (`select_stage1`: the
+worst speaker's mouth r on the held-out tails of train clips; `--stage1 last` keeps the last weights), and
+`--from-run RUN --stage1-step N` trains stage 2 onward on another run's state N. Reported (OUT/proof.json,
 OUT/contact_sheet.png, OUT/curves/): the stage-1 reconstruction check (a held-out clip's first frame driven
 by every frame's own motion: FaceMesh mouth opening of the reconstruction against the driver's, r and std),
 the demo's judge-free figures on the held-out clips against the real clips' (mouth r with the loudness,
@@ -65,7 +68,9 @@ def vasa(params: Path, *args: str) -> float:
     return time.perf_counter() - start
 
 
-def run_chain(out: Path, params: Path) -> dict[str, float]:
+def run_chain(out: Path, params: Path, after: dict | None = None) -> dict[str, float]:
+    """Every stage in a subprocess, resuming after the last finished one; `after[stage](out)` runs once
+    when `stage` has finished (before the next stage)."""
     data = out / "data"
     steps = {
         "sample": ["sample", "--out", f"{data}/sample"],
@@ -89,15 +94,98 @@ def run_chain(out: Path, params: Path) -> dict[str, float]:
         done = out / f".done_{name}"
         if done.exists():  # a re-run resumes after the last finished stage
             seconds[name] = json.loads(done.read_text())["seconds"]
-            continue
-        try:
-            seconds[name] = round(vasa(params, *args), 1)
-        except subprocess.CalledProcessError:
-            if name != "demo":  # the demo exits 1 when a label check fails: its report is still written
-                raise
-            seconds[name] = float("nan")
-        done.write_text(json.dumps({"seconds": seconds[name]}))
+        else:
+            try:
+                seconds[name] = round(vasa(params, *args), 1)
+            except subprocess.CalledProcessError:
+                if name != "demo":  # the demo exits 1 when a label check fails: its report is still written
+                    raise
+                seconds[name] = float("nan")
+            done.write_text(json.dumps({"seconds": seconds[name]}))
+        hooked = out / f".done_after_{name}"
+        if after and name in after and not hooked.exists():
+            after[name](out)
+            hooked.write_text("{}")
     return seconds
+
+
+# What a run trained on a stage-1 state of another run takes over from it: the stages before stage 1 and the
+# judges (neither depends on the stage-1 model), by hard link.
+SHARED_STAGES = {"sample": "sample", "ingest": "ingest", "preprocess": "shards", "train_judges": "judges"}
+
+
+def state_model(run: Path, step: int, model: Path, meta_from: Path | None = None) -> None:
+    """Write `run`'s stage-1 resumable state at `step` as a stage-1 model folder `model`: its EMA weights with
+    the model.json of `meta_from` (default `run`'s stage-1 model; step replaced)."""
+    from vasa.core.weights import load_weights, write_weights
+    from vasa.training import checkpoint
+
+    state = checkpoint.state_dir(run / "data" / "latent" / "checkpoints", step)
+    problem = checkpoint.state_problem(state)
+    if problem is not None:
+        raise SystemExit(f"{state}: {problem}")
+    weights, _ = checkpoint.read_engine_state(state)
+    _, meta = load_weights(meta_from or run / "data" / "latent" / "model")
+    meta = {k: v for k, v in meta.items() if k not in ("files", "json_sha256")} | {"step": step}
+    shutil.rmtree(model, ignore_errors=True)
+    write_weights(model, weights, meta)
+
+
+def scan_stage1(run: Path) -> list[dict]:
+    """The validation and test reconstruction checks of every kept stage-1 state of `run`."""
+    import tempfile
+
+    from vasa.training import checkpoint
+
+    params_file, sample = run / "params.yaml", run / "data" / "sample"
+    test_clip = sample / heldout_clips(sample)[0]["file"]
+    rows = []
+    for step, _ in checkpoint.complete_states(run / "data" / "latent" / "checkpoints"):
+        with tempfile.TemporaryDirectory() as tmp:
+            state_model(run, step, Path(tmp) / "model")
+            rows.append({
+                "step": step,
+                "validation": validation_check(Path(tmp) / "model", sample, params_file),
+                "test": reconstruction_check(Path(tmp) / "model", test_clip, params_file)[0],
+            })  # fmt: skip
+        print(json.dumps(rows[-1], default=float), flush=True)
+    return rows
+
+
+def validation_score(row: dict) -> float:
+    """What a stage-1 state is chosen by: the worst speaker's validation mouth r (NaN counts as -1)."""
+    values = [v["mouth_r"] for v in row["validation"].values()]
+    return min(v if np.isfinite(v) else -1.0 for v in values)
+
+
+def select_stage1(out: Path) -> None:
+    """Keep as the stage-1 model the kept state whose validation check is best (`validation_score`: the
+    held-out tails of train clips, never the test sentences); the last weights move to latent/model_last.
+    The checks of every state, test included for the record, go to OUT/stage1_selection.json."""
+    rows = scan_stage1(out)
+    best = max(rows, key=validation_score)
+    latent = out / "data" / "latent"
+    if not (latent / "model_last").exists():
+        (latent / "model").rename(latent / "model_last")
+    state_model(out, best["step"], latent / "model", meta_from=latent / "model_last")
+    report = {"rule": "max over kept states of min over train speakers of validation mouth r", "selected": best["step"],
+              "states": rows}  # fmt: skip
+    (out / "stage1_selection.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+
+
+def from_stage1_state(run: Path, step: int, out: Path) -> None:
+    """Start `out` as `run` trained only to `step` in stage 1: its shared stages linked, and as its stage-1
+    model the EMA weights of `run`'s resumable state at `step` with `run`'s model.json (step replaced). The
+    chain then resumes at extract_motion (the states are kept by `train_latent.train.keep_checkpoints`)."""
+    import os
+
+    state_model(run, step, out / "data" / "latent" / "model")
+    for stage, folder in SHARED_STAGES.items():
+        if not (run / f".done_{stage}").exists():  # not run yet there (the judges come last): run here
+            continue
+        shutil.copytree(run / "data" / folder, out / "data" / folder, copy_function=os.link, dirs_exist_ok=True)
+        shutil.copy(run / f".done_{stage}", out / f".done_{stage}")
+    (out / ".done_train_latent").write_text(json.dumps({"seconds": float("nan"), "from": str(run), "step": step}))
 
 
 def heldout_clips(sample: Path) -> list[dict]:
@@ -106,8 +194,11 @@ def heldout_clips(sample: Path) -> list[dict]:
     return [r for r in records if r.get("split") == "test"]
 
 
-def reconstruction_check(latent: Path, clip: Path, params_file: Path) -> tuple[dict, np.ndarray]:
-    """The clip's first frame driven by every frame's own stage-1 motion; FaceMesh mouth opening of the
+def reconstruction_check(
+    latent: Path, clip: Path, params_file: Path, tail: float | None = None
+) -> tuple[dict, np.ndarray]:
+    """The clip's first frame driven by every frame's own stage-1 motion (`tail`: only the clip's last
+    `tail` of frames, the part stage 1 holds out of a train clip); FaceMesh mouth opening of the
     reconstruction against the driver's. Returns the figures and a strip (driver over reconstruction)."""
     import cv2
     import torch
@@ -130,6 +221,9 @@ def reconstruction_check(latent: Path, clip: Path, params_file: Path) -> tuple[d
     transform = face_mod.box_transform(landmarks[:1], params.preprocess.crop_size, params.preprocess.face.crop_scale,
                                        frames.shape[1:3])  # fmt: skip
     crops = np.stack([face_mod.crop_frame(f, transform, params.preprocess.crop_size) for f in frames])
+    if tail is not None:  # frame 0 (the source) stays first; the drivers are the held-out tail
+        keep = np.r_[0, np.arange(len(frames) - max(3, round(tail * len(frames))), len(frames))]
+        frames, crops, landmarks = frames[keep], crops[keep], landmarks[keep]
     side = model.preset.resolution
     small = np.stack([cv2.resize(c, (side, side), interpolation=cv2.INTER_AREA) for c in crops])
     expression = torch.from_numpy(pose_mod.expression(landmarks, pose_mod.head_pose(landmarks))).float()
@@ -162,6 +256,25 @@ def reconstruction_check(latent: Path, clip: Path, params_file: Path) -> tuple[d
     return figures, strip
 
 
+def validation_check(latent: Path, sample: Path, params_file: Path) -> dict[str, dict]:
+    """The reconstruction check on frames stage 1 never trained on that are not the test sentences: per
+    train speaker, the first train clip's first frame driven by its held-out tail
+    (`train_latent.data.holdout_fraction`). What a checkpoint can be chosen by without seeing the test split."""
+    from vasa.core.config import load_params
+
+    tail = load_params(params_file).train_latent.data.holdout_fraction
+    index = json.loads((sample / "index.json").read_text())
+    records = [json.loads((sample / f"{c['clip_id']}.json").read_text()) for c in index["clips"]]
+    first: dict[str, dict] = {}
+    for record in sorted(records, key=lambda r: r["clip_id"]):
+        if record.get("split") == "train":
+            first.setdefault(record["speaker_id"], record)
+    return {
+        speaker: reconstruction_check(latent, sample / record["file"], params_file, tail)[0]
+        for speaker, record in sorted(first.items())
+    }
+
+
 def contact_sheet(data: Path, clips: list[dict], columns: int = 8) -> np.ndarray:
     """Per held-out clip: real frames over the generated video's frames at the same times (resized)."""
     from preprocessing.decode import read_frames
@@ -185,19 +298,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overlay", type=Path, default=OVERLAY, help="params overlay (default: %(default)s)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="one more params override")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--from-run", type=Path, help="a finished run whose stage-1 state --stage1-step to go on from")
+    parser.add_argument("--stage1-step", type=int, help="with --from-run: the stage-1 state (step) to use")
+    parser.add_argument("--stage1", choices=("validation", "last"), default="validation",
+                        help="the stage-1 weights the chain goes on with: the kept state with the best validation "
+                        "check (default), or the last")  # fmt: skip
+    parser.add_argument("--scan-stage1", action="store_true", help="only the reconstruction checks of every kept "
+                        "stage-1 state of the finished run --out (to OUT/stage1_scan.json)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.scan_stage1:
+        rows = scan_stage1(args.out)
+        (args.out / "stage1_scan.json").write_text(json.dumps(rows, indent=1, default=float) + "\n")
+        return 0
+    if (args.from_run is None) != (args.stage1_step is None):
+        parser.error("--from-run and --stage1-step go together")
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.from_run is not None and not (args.out / ".done_train_latent").exists():
+        from_stage1_state(args.from_run, args.stage1_step, args.out)
     params_file = args.out / "params.yaml"
     params = merged_params(args.overlay, args.set)
     params["preprocess"]["shards"]["pin"] = None  # the run's own layout, not the checkout's pin file
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-    seconds = run_chain(args.out, params_file)
+    select = {} if args.from_run is not None or args.stage1 == "last" else {"train_latent": select_stage1}
+    seconds = run_chain(args.out, params_file, after=select)
     data = args.out / "data"
     clips = heldout_clips(data / "sample")
     if not clips:
         raise SystemExit("the sample corpus has no held-out clips (params sample.heldout_clips_per_identity)")
     recon, strip = reconstruction_check(data / "latent" / "model", data / "sample" / clips[0]["file"], params_file)
     Image.fromarray(strip).save(args.out / "reconstruction.png")
+    validation = validation_check(data / "latent" / "model", data / "sample", params_file)
     demo = json.loads((data / "demo" / "report.json").read_text())
     evaluate = json.loads((data / "evaluate" / "metrics.json").read_text())
     Image.fromarray(contact_sheet(data, clips)).save(args.out / "contact_sheet.png")
@@ -212,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
             "train_motion": params["train_motion"]["train"]["steps"],
         },  # fmt: skip
         "stage1_reconstruction": recon,
+        "stage1_validation": validation,
+        "stage1_selection": json.loads(selection.read_text())
+        if (selection := args.out / "stage1_selection.json").exists()
+        else None,
         "demo_independent": {name: video["independent"] for name, video in demo["videos"].items()},
         "evaluate": {
             "eval_set": evaluate["eval_set"]["name"],

@@ -176,6 +176,13 @@ class VideoWriter:
             self.abort()
 
 
+# libx264 options under which its output does not depend on the CPU's instruction set (AVX-512 vs AVX2 vs
+# SSSE3): macroblock-tree rate control off. Measured on the sample corpus: with it on, astronaut_000's bytes
+# differed between AVX-512 and AVX2 machines (and in the code before, grace_hopper_004's); with it off, all
+# ten clips are byte-identical under x264's AVX-512, AVX2 and SSSE3 kernels.
+MACHINE_INDEPENDENT_X264 = {"x264-params": "mbtree=0"}
+
+
 def write_mp4(
     path: str | Path,
     frames: np.ndarray,
@@ -190,7 +197,9 @@ def write_mp4(
 
     H and W must be even (yuv420p); `metadata` becomes container tags (see VideoWriter). The file is
     written to a temporary name and renamed, so a killed run never leaves a truncated mp4 under the
-    final name.
+    final name. The same frames give the same bytes on any x86-64 CPU: libx264's macroblock-tree
+    rate control is off (MACHINE_INDEPENDENT_X264), whose float kernels differ between its AVX-512 and AVX2
+    code, which made one sample clip in ten differ between machines (docs/BENCHMARKS.md).
     """
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
@@ -204,6 +213,7 @@ def write_mp4(
         preset,
         audio_rate=sample_rate if audio is not None else None,
         metadata=metadata,
+        codec_options={"crf": str(crf), "preset": preset, **MACHINE_INDEPENDENT_X264},
     )
     try:
         for rgb in frames:

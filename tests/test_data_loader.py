@@ -157,12 +157,22 @@ def test_sources_at_rest_have_the_mouth_closed_and_drivers_do_not(shards):
         for b in range(6)
     ]
     assert min(mixed) <= rest_limit < max(mixed)
+    # a lower rest percentile keeps the sources to the most closed frames only
+    strict = data_config(source_at_rest=1.0, rest_percentile=5.0)
+    strict_limit = np.percentile(np.arange(limit), 5.0)
+    closed = [
+        decode(batch["source"][b])[0]
+        for batch in take(pair_batches(shard_set, SIZE, strict, 6, seed=0), 4)
+        for b in range(6)
+    ]
+    assert max(closed) <= strict_limit < rest_limit
 
 
 def test_rest_frames_ignore_unmeasured_frames_and_the_held_out_tail():
     opening = np.array([0.5, np.nan, 0.1, 0.2, 0.9, 0.0, 0.05])
     assert rest_frames(opening, 5) == [2]  # finite head [0.5, 0.1, 0.2, 0.9]: 25th percentile 0.175
     assert rest_frames(np.full(4, np.nan), 4) == []
+    assert rest_frames(opening, 5, percentile=100.0) == [0, 2, 3, 4]
     assert draw_rest_pair(random.Random(0), [0], 2, 2) is None  # no driver 2 frames away
 
 

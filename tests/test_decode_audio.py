@@ -319,3 +319,28 @@ def test_state_times_interpolate_to_frame_centres() -> None:
     values = np.array([[0.0], [1.0], [2.0]])
     out = audio._interpolate(values, times, np.array([0.0, 0.0225, 0.04, 1.0]))
     np.testing.assert_allclose(out[:, 0], [0.0, 0.5, 1.375, 2.0])
+
+
+def test_write_mp4_bytes_do_not_depend_on_the_cpus_instruction_set(tmp_path):
+    """The sample corpus's clips are DVC artifacts: their bytes must not change with the machine. libx264's
+    macroblock-tree rate control does (its float kernels differ between AVX-512 and AVX2); write_mp4 turns it
+    off, says so in the stream, and encodes the same bytes under x264's AVX-512, AVX2 and SSSE3 kernels."""
+    from preprocessing.media import MACHINE_INDEPENDENT_X264, VideoWriter, write_mp4
+
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (12, 64, 64, 3), dtype=np.uint8)
+    frames = np.cumsum(frames // 32, axis=0).astype(np.uint8)  # moving texture: inter prediction has work
+    write_mp4(tmp_path / "default.mp4", frames, FPS)
+    data = (tmp_path / "default.mp4").read_bytes()
+    assert b"mbtree=0" in data  # x264 writes its settings into the stream's SEI
+    for level in ("AVX2", "SSSE3"):
+        options = {
+            "crf": "18",
+            "preset": "medium",
+            "x264-params": f"{MACHINE_INDEPENDENT_X264['x264-params']}:asm={level}",
+        }
+        writer = VideoWriter(tmp_path / f"{level}.mp4", 64, 64, FPS, codec_options=options)
+        for rgb in frames:
+            writer.write(rgb)
+        writer.close(None)
+        assert (tmp_path / f"{level}.mp4").read_bytes() == data, level

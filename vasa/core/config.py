@@ -360,8 +360,9 @@ class LatentDataConfig(Section):
     pairs_per_clip: int = Field(ge=1)  # source/driver pairs drawn from a clip each time it is decoded
     min_frame_gap: int = Field(ge=0)  # frames between source and driver, at least
     # Share of pairs whose source is a frame with the mouth at rest (opening at or below the clip's
-    # REST_SOURCE_PERCENTILE), as generation's portrait is; 0 = every source drawn like the driver.
+    # rest_percentile), as generation's portrait is; 0 = every source drawn like the driver.
     source_at_rest: float = Field(default=0.0, ge=0, le=1)
+    rest_percentile: float = Field(default=25.0, gt=0, le=100)
     holdout_fraction: float = Field(ge=0, lt=0.5)  # last part of every train clip: never trained on, evaluated
     eval_pairs: int = Field(ge=1)  # held-out pairs for the end-of-training PSNR vs the copy baseline
     workers: int = Field(ge=0)  # DataLoader processes per training process (0 = decode in the trainer)

@@ -58,10 +58,11 @@ from vasa.models.images import to_tensor
 
 log = logging.getLogger(__name__)
 
-# A source "at rest" (LatentDataConfig.source_at_rest) has its mouth opening at or below this percentile of
-# its clip's train frames: closed, as most portraits are. Generation renders the portrait's face opened by
-# the expression field; pairs whose source talks teach the rendering to close what the field opens
-# (measured on the learning proof's long stage-1 runs: docs/BENCHMARKS.md).
+# A source "at rest" (LatentDataConfig.source_at_rest) has its mouth opening at or below a percentile of its
+# clip's train frames (LatentDataConfig.rest_percentile, default this one): closed, as most portraits are.
+# Generation renders the portrait's face opened by the expression field; pairs whose source talks teach the
+# rendering to close what the field opens (measured on the learning proof's long stage-1 runs; a 5th
+# percentile with every source at rest was worse: docs/BENCHMARKS.md).
 REST_SOURCE_PERCENTILE = 25.0
 MOUTH_OPENING = schema.EXPRESSION_COLUMNS.index("mouth_open")
 
@@ -184,12 +185,12 @@ def draw_rest_pair(rng: random.Random, rest: list[int], hi: int, min_gap: int) -
             return i, j
 
 
-def rest_frames(opening: np.ndarray, hi: int) -> list[int]:
-    """Train frames [0, hi) whose mouth opening is at or below the clip's REST_SOURCE_PERCENTILE (NaN: not)."""
+def rest_frames(opening: np.ndarray, hi: int, percentile: float = REST_SOURCE_PERCENTILE) -> list[int]:
+    """Train frames [0, hi) whose mouth opening is at or below the clip's `percentile` (NaN: not)."""
     head = opening[:hi]
     if not np.isfinite(head).any():
         return []
-    limit = np.nanpercentile(head, REST_SOURCE_PERCENTILE)
+    limit = np.nanpercentile(head, percentile)
     return [int(k) for k in np.flatnonzero(np.nan_to_num(head, nan=np.inf) <= limit)]
 
 
@@ -283,7 +284,9 @@ class PairStream(IterableDataset):
         hi = train_frames(n, self.cfg.holdout_fraction)
         if hi <= self.cfg.min_frame_gap:
             return None
-        rest = rest_frames(expression[:, MOUTH_OPENING], hi) if self.cfg.source_at_rest else []
+        rest = (
+            rest_frames(expression[:, MOUTH_OPENING], hi, self.cfg.rest_percentile) if self.cfg.source_at_rest else []
+        )
         pairs = [
             draw_rest_pair(rng, rest, hi, self.cfg.min_frame_gap)
             if rest and rng.random() < self.cfg.source_at_rest
