@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from learning_proof import first_per_speaker, sample_records
 from stream_quality import CHUNK_S, clip_session
 
 from vasa.core.config import load_params
@@ -29,17 +30,6 @@ from vasa.stages.demo import pick_clips
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("mouth_r", "mouth_std", "yaw_lag1_autocorr", "sharpness_ratio")
-
-
-def first_train_clips(sample: Path) -> list[dict]:
-    """Each speaker's first train clip (by id) of the sample corpus."""
-    index = json.loads((sample / "index.json").read_text())
-    first: dict[str, dict] = {}
-    for clip in sorted(index["clips"], key=lambda c: c["clip_id"]):
-        record = json.loads((sample / f"{clip['clip_id']}.json").read_text())
-        if record.get("split") == "train":
-            first.setdefault(clip["speaker_id"], clip)
-    return [first[speaker] for speaker in sorted(first)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     rate, fps = bundle.meta["audio"]["sample_rate"], bundle.meta["fps"]
     args.work.mkdir(parents=True, exist_ok=True)
     rows, real = [], []
-    for clip in pick_clips(args.sample) if args.split == "test" else first_train_clips(args.sample):
+    train = first_per_speaker(sample_records(args.sample, "train"))
+    for clip in pick_clips(args.sample) if args.split == "test" else train:
         frames, speech, portrait, session = clip_session(bundle, params, args.sample / clip["file"], args.work)
         seen = measure_video(frames, speech, fps, frames[0], params.preprocess.face, sample_rate=rate)
         real.append({"clip": clip["clip_id"], **{key: float(seen[key]) for key in KEYS}})

@@ -102,8 +102,13 @@ def run_chain(out: Path, params: Path, after: dict | None = None) -> dict[str, f
                     raise
                 seconds[name] = float("nan")
             done.write_text(json.dumps({"seconds": seconds[name]}))
+            (out / f".done_after_{name}").unlink(missing_ok=True)  # a re-made stage's hook runs again
         hooked = out / f".done_after_{name}"
         if after and name in after and not hooked.exists():
+            later = [n for n in list(steps)[list(steps).index(name) + 1 :] if (out / f".done_{n}").exists()]
+            if later:  # the stages after it were made from its output as it was: changing it now would mix two
+                raise SystemExit(f"{out}: {name} is followed by finished stages ({', '.join(later)}) made "
+                                 f"without its after-step; start a new --out")  # fmt: skip
             after[name](out)
             hooked.write_text("{}")
     return seconds
@@ -117,18 +122,19 @@ SHARED_STAGES = {"sample": "sample", "ingest": "ingest", "preprocess": "shards",
 def state_model(run: Path, step: int, model: Path, meta_from: Path | None = None) -> None:
     """Write `run`'s stage-1 resumable state at `step` as a stage-1 model folder `model`: its EMA weights with
     the model.json of `meta_from` (default `run`'s stage-1 model; step replaced)."""
-    from vasa.core.weights import load_weights, write_weights
+    from vasa.core.weights import load_weights
     from vasa.training import checkpoint
 
     state = checkpoint.state_dir(run / "data" / "latent" / "checkpoints", step)
     problem = checkpoint.state_problem(state)
     if problem is not None:
-        raise SystemExit(f"{state}: {problem}")
+        raise ValueError(f"{state}: {problem}")
     weights, _ = checkpoint.read_engine_state(state)
-    _, meta = load_weights(meta_from or run / "data" / "latent" / "model")
+    latent = run / "data" / "latent"
+    last = latent / "model_last" if (latent / "model_last").exists() else latent / "model"  # the trained-to-the-end one
+    _, meta = load_weights(meta_from or last)
     meta = {k: v for k, v in meta.items() if k not in ("files", "json_sha256")} | {"step": step}
-    shutil.rmtree(model, ignore_errors=True)
-    write_weights(model, weights, meta)
+    checkpoint.write_model(model, weights, meta)  # whole or not at all
 
 
 def scan_stage1(run: Path) -> list[dict]:
@@ -142,7 +148,11 @@ def scan_stage1(run: Path) -> list[dict]:
     rows = []
     for step, _ in checkpoint.complete_states(run / "data" / "latent" / "checkpoints"):
         with tempfile.TemporaryDirectory() as tmp:
-            state_model(run, step, Path(tmp) / "model")
+            try:
+                state_model(run, step, Path(tmp) / "model")
+            except ValueError as err:  # a state that is not intact (NaN, a digest mismatch): not a candidate
+                print(json.dumps({"step": step, "skipped": str(err)}), flush=True)
+                continue
             rows.append({
                 "step": step,
                 "validation": validation_check(Path(tmp) / "model", sample, params_file),
@@ -163,6 +173,8 @@ def select_stage1(out: Path) -> None:
     held-out tails of train clips, never the test sentences); the last weights move to latent/model_last.
     The checks of every state, test included for the record, go to OUT/stage1_selection.json."""
     rows = scan_stage1(out)
+    if not rows:
+        raise SystemExit(f"{out}: no intact stage-1 state to choose from")
     best = max(rows, key=validation_score)
     latent = out / "data" / "latent"
     if not (latent / "model_last").exists():
@@ -183,15 +195,29 @@ def from_stage1_state(run: Path, step: int, out: Path) -> None:
     for stage, folder in SHARED_STAGES.items():
         if not (run / f".done_{stage}").exists():  # not run yet there (the judges come last): run here
             continue
-        shutil.copytree(run / "data" / folder, out / "data" / folder, copy_function=os.link, dirs_exist_ok=True)
+        shutil.rmtree(out / "data" / folder, ignore_errors=True)  # a copy a killed earlier try left
+        shutil.copytree(run / "data" / folder, out / "data" / folder, copy_function=os.link)
         shutil.copy(run / f".done_{stage}", out / f".done_{stage}")
     (out / ".done_train_latent").write_text(json.dumps({"seconds": float("nan"), "from": str(run), "step": step}))
 
 
-def heldout_clips(sample: Path) -> list[dict]:
+def sample_records(sample: Path, split: str) -> list[dict]:
+    """The sample corpus's clip records (`<clip_id>.json`) of one split, by clip id."""
     index = json.loads((sample / "index.json").read_text())
     records = [json.loads((sample / f"{c['clip_id']}.json").read_text()) for c in index["clips"]]
-    return [r for r in records if r.get("split") == "test"]
+    return sorted((r for r in records if r.get("split") == split), key=lambda r: r["clip_id"])
+
+
+def first_per_speaker(records: list[dict]) -> list[dict]:
+    """The first record of every speaker, by speaker id."""
+    first: dict[str, dict] = {}
+    for record in records:
+        first.setdefault(record["speaker_id"], record)
+    return [first[speaker] for speaker in sorted(first)]
+
+
+def heldout_clips(sample: Path) -> list[dict]:
+    return sample_records(sample, "test")
 
 
 def reconstruction_check(
@@ -209,6 +235,7 @@ def reconstruction_check(
     from vasa.core.config import load_params
     from vasa.evaluation.independent import mouth_opening, track_enlarged
     from vasa.inference.portrait import pose_columns
+    from vasa.loaders.pairs import train_frames
     from vasa.models.face_latent import Canonical, load_face_latent
     from vasa.models.images import to_tensor, to_uint8
     from vasa.models.motion_encoder import shard_pose_to_model
@@ -221,8 +248,10 @@ def reconstruction_check(
     transform = face_mod.box_transform(landmarks[:1], params.preprocess.crop_size, params.preprocess.face.crop_scale,
                                        frames.shape[1:3])  # fmt: skip
     crops = np.stack([face_mod.crop_frame(f, transform, params.preprocess.crop_size) for f in frames])
-    if tail is not None:  # frame 0 (the source) stays first; the drivers are the held-out tail
-        keep = np.r_[0, np.arange(len(frames) - max(3, round(tail * len(frames))), len(frames))]
+    if tail is not None:  # frame 0 stays first as the source; the drivers are the held-out tail only
+        if not 0 < tail < 1:
+            raise SystemExit(f"held-out tail {tail}: stage 1 holds no frames out (train_latent.data.holdout_fraction)")
+        keep = np.r_[0, np.arange(train_frames(len(frames), tail), len(frames))]
         frames, crops, landmarks = frames[keep], crops[keep], landmarks[keep]
     side = model.preset.resolution
     small = np.stack([cv2.resize(c, (side, side), interpolation=cv2.INTER_AREA) for c in crops])
@@ -248,6 +277,8 @@ def reconstruction_check(
     recon = np.concatenate(out)
     real = mouth_opening(track_enlarged(crops, params.preprocess.face))  # tracked at >= 384 px, as evaluate does
     made = mouth_opening(track_enlarged(recon, params.preprocess.face))
+    if tail is not None:  # the source re-rendered as itself is not a driver
+        real, made = real[1:], made[1:]
     ok = np.isfinite(real) & np.isfinite(made)
     r = float(np.corrcoef(real[ok], made[ok])[0, 1]) if ok.sum() > 2 else float("nan")
     pick = np.linspace(0, len(crops) - 1, 8).round().astype(int)
@@ -263,15 +294,9 @@ def validation_check(latent: Path, sample: Path, params_file: Path) -> dict[str,
     from vasa.core.config import load_params
 
     tail = load_params(params_file).train_latent.data.holdout_fraction
-    index = json.loads((sample / "index.json").read_text())
-    records = [json.loads((sample / f"{c['clip_id']}.json").read_text()) for c in index["clips"]]
-    first: dict[str, dict] = {}
-    for record in sorted(records, key=lambda r: r["clip_id"]):
-        if record.get("split") == "train":
-            first.setdefault(record["speaker_id"], record)
     return {
-        speaker: reconstruction_check(latent, sample / record["file"], params_file, tail)[0]
-        for speaker, record in sorted(first.items())
+        record["speaker_id"]: reconstruction_check(latent, sample / record["file"], params_file, tail)[0]
+        for record in first_per_speaker(sample_records(sample, "train"))
     }
 
 
@@ -341,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             "train_latent": params["train_latent"]["train"]["steps"],
             "train_motion": params["train_motion"]["train"]["steps"],
         },  # fmt: skip
+        "stage1_model_step": json.loads((data / "latent" / "model" / "model.json").read_text())["step"],
         "stage1_reconstruction": recon,
         "stage1_validation": validation,
         "stage1_selection": json.loads(selection.read_text())

@@ -209,11 +209,9 @@ def write_mp4(
         frames.shape[2],
         frames.shape[1],
         fps,
-        crf,
-        preset,
         audio_rate=sample_rate if audio is not None else None,
         metadata=metadata,
-        codec_options={"crf": str(crf), "preset": preset, **MACHINE_INDEPENDENT_X264},
+        codec_options={"crf": str(crf), "preset": preset, **MACHINE_INDEPENDENT_X264},  # crf, preset: here only
     )
     try:
         for rgb in frames:

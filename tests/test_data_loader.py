@@ -22,7 +22,6 @@ from preprocessing.shards import Sample, write_shard
 from vasa.core.config import LatentDataConfig
 from vasa.core.errors import InputError
 from vasa.loaders.pairs import (
-    REST_SOURCE_PERCENTILE,
     Frame,
     PairStream,
     draw_rest_pair,
@@ -140,7 +139,7 @@ def test_sources_at_rest_have_the_mouth_closed_and_drivers_do_not(shards):
     shard_set = open_shards(shards)
     cfg = data_config(source_at_rest=1.0)
     limit = train_frames(FRAMES, cfg.holdout_fraction)
-    rest_limit = np.percentile(np.arange(limit), REST_SOURCE_PERCENTILE)  # mouth_open = 0.01 t in these clips
+    rest_limit = np.percentile(np.arange(limit), cfg.rest_percentile)  # mouth_open = 0.01 t in these clips
     sources, drivers = [], []
     for batch in take(pair_batches(shard_set, SIZE, cfg, batch_size=6, seed=0), 4):
         for b in range(6):
@@ -165,13 +164,13 @@ def test_sources_at_rest_have_the_mouth_closed_and_drivers_do_not(shards):
         for batch in take(pair_batches(shard_set, SIZE, strict, 6, seed=0), 4)
         for b in range(6)
     ]
-    assert max(closed) <= strict_limit < rest_limit
+    assert max(closed) <= strict_limit and len(set(closed)) < len(set(sources))  # fewer, more closed frames
 
 
 def test_rest_frames_ignore_unmeasured_frames_and_the_held_out_tail():
     opening = np.array([0.5, np.nan, 0.1, 0.2, 0.9, 0.0, 0.05])
-    assert rest_frames(opening, 5) == [2]  # finite head [0.5, 0.1, 0.2, 0.9]: 25th percentile 0.175
-    assert rest_frames(np.full(4, np.nan), 4) == []
+    assert rest_frames(opening, 5, 25.0) == [2]  # finite head [0.5, 0.1, 0.2, 0.9]: 25th percentile 0.175
+    assert rest_frames(np.full(4, np.nan), 4, 25.0) == []
     assert rest_frames(opening, 5, percentile=100.0) == [0, 2, 3, 4]
     assert draw_rest_pair(random.Random(0), [0], 2, 2) is None  # no driver 2 frames away
 

@@ -59,11 +59,10 @@ from vasa.models.images import to_tensor
 log = logging.getLogger(__name__)
 
 # A source "at rest" (LatentDataConfig.source_at_rest) has its mouth opening at or below a percentile of its
-# clip's train frames (LatentDataConfig.rest_percentile, default this one): closed, as most portraits are.
-# Generation renders the portrait's face opened by the expression field; pairs whose source talks teach the
-# rendering to close what the field opens (measured on the learning proof's long stage-1 runs; a 5th
-# percentile with every source at rest was worse: docs/BENCHMARKS.md).
-REST_SOURCE_PERCENTILE = 25.0
+# clip's train frames (LatentDataConfig.rest_percentile): closed, as most portraits are. Generation renders
+# the portrait's face opened by the expression field; pairs whose source talks teach the rendering to close
+# what the field opens (measured on the learning proof's long stage-1 runs; a 5th percentile with every
+# source at rest was worse: docs/BENCHMARKS.md).
 MOUTH_OPENING = schema.EXPRESSION_COLUMNS.index("mouth_open")
 
 
@@ -185,7 +184,7 @@ def draw_rest_pair(rng: random.Random, rest: list[int], hi: int, min_gap: int) -
             return i, j
 
 
-def rest_frames(opening: np.ndarray, hi: int, percentile: float = REST_SOURCE_PERCENTILE) -> list[int]:
+def rest_frames(opening: np.ndarray, hi: int, percentile: float) -> list[int]:
     """Train frames [0, hi) whose mouth opening is at or below the clip's `percentile` (NaN: not)."""
     head = opening[:hi]
     if not np.isfinite(head).any():
