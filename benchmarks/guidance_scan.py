@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     rate, fps = bundle.meta["audio"]["sample_rate"], bundle.meta["fps"]
     args.work.mkdir(parents=True, exist_ok=True)
     rows, real = [], []
-    train = first_per_speaker(sample_records(args.sample, "train"))
-    for clip in pick_clips(args.sample) if args.split == "test" else train:
+    clips = pick_clips(args.sample) if args.split == "test" else first_per_speaker(sample_records(args.sample, "train"))
+    for clip in clips:
         frames, speech, portrait, session = clip_session(bundle, params, args.sample / clip["file"], args.work)
         seen = measure_video(frames, speech, fps, frames[0], params.preprocess.face, sample_rate=rate)
         real.append({"clip": clip["clip_id"], **{key: float(seen[key]) for key in KEYS}})

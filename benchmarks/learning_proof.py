@@ -119,9 +119,9 @@ def run_chain(out: Path, params: Path, after: dict | None = None) -> dict[str, f
 SHARED_STAGES = {"sample": "sample", "ingest": "ingest", "preprocess": "shards", "train_judges": "judges"}
 
 
-def state_model(run: Path, step: int, model: Path, meta_from: Path | None = None) -> None:
+def state_model(run: Path, step: int, model: Path) -> None:
     """Write `run`'s stage-1 resumable state at `step` as a stage-1 model folder `model`: its EMA weights with
-    the model.json of `meta_from` (default `run`'s stage-1 model; step replaced)."""
+    the model.json of `run`'s last stage-1 weights (latent/model_last once a state was selected; step replaced)."""
     from vasa.core.weights import load_weights
     from vasa.training import checkpoint
 
@@ -131,8 +131,7 @@ def state_model(run: Path, step: int, model: Path, meta_from: Path | None = None
         raise ValueError(f"{state}: {problem}")
     weights, _ = checkpoint.read_engine_state(state)
     latent = run / "data" / "latent"
-    last = latent / "model_last" if (latent / "model_last").exists() else latent / "model"  # the trained-to-the-end one
-    _, meta = load_weights(meta_from or last)
+    _, meta = load_weights(latent / "model_last" if (latent / "model_last").exists() else latent / "model")
     meta = {k: v for k, v in meta.items() if k not in ("files", "json_sha256")} | {"step": step}
     checkpoint.write_model(model, weights, meta)  # whole or not at all
 
@@ -144,7 +143,7 @@ def scan_stage1(run: Path) -> list[dict]:
     from vasa.training import checkpoint
 
     params_file, sample = run / "params.yaml", run / "data" / "sample"
-    test_clip = sample / heldout_clips(sample)[0]["file"]
+    test_clip = sample / sample_records(sample, "test")[0]["file"]
     rows = []
     for step, _ in checkpoint.complete_states(run / "data" / "latent" / "checkpoints"):
         with tempfile.TemporaryDirectory() as tmp:
@@ -179,7 +178,7 @@ def select_stage1(out: Path) -> None:
     latent = out / "data" / "latent"
     if not (latent / "model_last").exists():
         (latent / "model").rename(latent / "model_last")
-    state_model(out, best["step"], latent / "model", meta_from=latent / "model_last")
+    state_model(out, best["step"], latent / "model")
     report = {"rule": "max over kept states of min over train speakers of validation mouth r", "selected": best["step"],
               "states": rows}  # fmt: skip
     (out / "stage1_selection.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
@@ -214,10 +213,6 @@ def first_per_speaker(records: list[dict]) -> list[dict]:
     for record in records:
         first.setdefault(record["speaker_id"], record)
     return [first[speaker] for speaker in sorted(first)]
-
-
-def heldout_clips(sample: Path) -> list[dict]:
-    return sample_records(sample, "test")
 
 
 def reconstruction_check(
@@ -347,12 +342,17 @@ def main(argv: list[str] | None = None) -> int:
     select = {} if args.from_run is not None or args.stage1 == "last" else {"train_latent": select_stage1}
     seconds = run_chain(args.out, params_file, after=select)
     data = args.out / "data"
-    clips = heldout_clips(data / "sample")
+    clips = sample_records(data / "sample", "test")
     if not clips:
         raise SystemExit("the sample corpus has no held-out clips (params sample.heldout_clips_per_identity)")
     recon, strip = reconstruction_check(data / "latent" / "model", data / "sample" / clips[0]["file"], params_file)
     Image.fromarray(strip).save(args.out / "reconstruction.png")
-    validation = validation_check(data / "latent" / "model", data / "sample", params_file)
+    selection_file = args.out / "stage1_selection.json"
+    selection = json.loads(selection_file.read_text()) if selection_file.exists() else None
+    if selection is not None:  # the chosen state's validation check was made when it was chosen
+        validation = next(row["validation"] for row in selection["states"] if row["step"] == selection["selected"])
+    else:
+        validation = validation_check(data / "latent" / "model", data / "sample", params_file)
     demo = json.loads((data / "demo" / "report.json").read_text())
     evaluate = json.loads((data / "evaluate" / "metrics.json").read_text())
     Image.fromarray(contact_sheet(data, clips)).save(args.out / "contact_sheet.png")
@@ -369,9 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         "stage1_model_step": json.loads((data / "latent" / "model" / "model.json").read_text())["step"],
         "stage1_reconstruction": recon,
         "stage1_validation": validation,
-        "stage1_selection": json.loads(selection.read_text())
-        if (selection := args.out / "stage1_selection.json").exists()
-        else None,
+        "stage1_selection": selection,
         "demo_independent": {name: video["independent"] for name, video in demo["videos"].items()},
         "evaluate": {
             "eval_set": evaluate["eval_set"]["name"],
